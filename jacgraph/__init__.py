@@ -1,0 +1,50 @@
+"""jacgraph: a graph compiler over ONNX that emits models computing derivative quantities.
+
+    import jacgraph
+    jvp_model = jacgraph.compile("model.onnx", emit="jvp")   # (x, x_dot) -> (y, y_dot)
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from .errors import JacgraphError
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_source_root = os.path.dirname(_here)
+if not os.path.isdir(os.path.join(_here, "passes")) and os.path.isfile(os.path.join(_source_root, "passes", "__init__.py")):
+    # a source checkout (pytest from the repo root): the top-level passes/ folder is jacgraph.passes
+    __path__.append(_source_root)
+
+# emit name -> pass module (under jacgraph.passes) that defines build(model, **options)
+EMITS = {
+    "jvp": "jvp",
+    "vjp": "vjp",
+    "jfb": "jfb",
+    "jacobian": "jacobian",
+    "recurjac": "recurjac",
+    "autolip": "lipschitz",
+}
+
+
+def pass_module(emit: str):
+    if emit not in EMITS:
+        raise JacgraphError(f"--emit {emit!r} is not known; choose one of {', '.join(EMITS)}.")
+    try:
+        return importlib.import_module(f"jacgraph.passes.{EMITS[emit]}")
+    except ModuleNotFoundError as e:
+        if e.name == f"jacgraph.passes.{EMITS[emit]}":
+            raise JacgraphError(f"--emit {emit} is not available in this version of jacgraph.") from None
+        raise
+
+
+def compile(model, emit: str = "jvp", **options):
+    """Compile an ONNX model (path, bytes or ModelProto) into a new model that computes `emit`.
+
+    Returns a ModelProto, or a dict of named ModelProtos for emits that write several graphs.
+    The input model is never modified.
+    """
+    return pass_module(emit).build(model, **options)
+
+
+__all__ = ["compile", "JacgraphError", "EMITS"]

@@ -1,0 +1,234 @@
+"""Read-only view of a source model: order, shapes, dtypes, attributes with defaults, constants."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference, version_converter
+
+from .errors import JacgraphError
+
+MIN_OPSET = 13  # older models are converted up first: axes-as-inputs and Split/Squeeze forms settle at 13
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+# Continuous piecewise-affine ops: the fast JVP freezes their state at x.
+CPA_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Clip", "HardSigmoid", "Abs", "Max", "Min", "MaxPool",
+    "GlobalMaxPool", "ReduceMax", "ReduceMin",
+}
+# Ops that are affine in their differentiable inputs (bias/additive inputs aside).
+AFFINE_OPS = {
+    "Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "AveragePool",
+    "GlobalAveragePool", "ReduceSum", "ReduceMean", "Add", "Sub", "Sum", "Mean", "Neg", "Concat",
+    "Split", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Pad", "Slice", "Gather",
+    "Resize", "Identity", "Dropout", "Expand", "Tile", "CumSum", "DepthToSpace", "SpaceToDepth",
+    "Trilu", "Einsum",
+}
+# Ops on integer/shape paths or constant producers; their outputs carry no tangent.
+CONSTANT_OPS = {
+    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
+    "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
+    "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf",
+}
+
+
+def load(model) -> onnx.ModelProto:
+    """A ModelProto from a path, bytes or ModelProto; a JacgraphError for anything that is not ONNX."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        data, where = bytes(model), "the given bytes"
+    else:
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise JacgraphError(f"{path}: no such file. Check the path; jacgraph reads .onnx model files.")
+        if os.path.isdir(path):
+            raise JacgraphError(f"{path} is a folder, not an ONNX file. Give the path of the .onnx file.")
+        with open(path, "rb") as f:
+            data, where = f.read(), path
+    if not data:
+        raise JacgraphError(f"{where} is empty. Re-export the model (e.g. torch.onnx.export) and try again.")
+    try:
+        proto = onnx.ModelProto.FromString(data)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise JacgraphError(
+            f"{where} is not an ONNX model or is truncated ({type(e).__name__}). "
+            "Re-export it, or check that the file was copied whole.") from None
+    if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
+        raise JacgraphError(f"{where} parsed but holds no ONNX graph. It is probably not an ONNX model file; re-export it.")
+    return proto
+
+
+def _opset_of(proto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return MIN_OPSET
+
+
+def _convert_up(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as e:
+        raise JacgraphError(
+            f"the model uses opset {_opset_of(proto)} and converting it to opset {MIN_OPSET} failed ({e}). "
+            f"Re-export it with opset_version >= {MIN_OPSET}.") from None
+
+
+def _shape_of(type_proto) -> tuple | None:
+    t = type_proto.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+
+
+class SourceModel:
+    """A source model, never mutated: nodes in topological order, value types, attributes, constants."""
+
+    def __init__(self, model):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(load(model))
+        if _opset_of(proto) < MIN_OPSET:
+            proto = _convert_up(proto)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0]
+            raise JacgraphError(f"the model is not valid ONNX: {first}. Re-export it or repair it with onnx.checker's hint.") from None
+        try:
+            proto = shape_inference.infer_shapes(proto, data_prop=True)
+        except Exception as e:
+            raise JacgraphError(f"ONNX shape inference failed on the model: {str(e).strip().splitlines()[0]}. "
+                                "Check the input shapes the model declares.") from None
+        self.proto = proto
+        self.graph = proto.graph
+        self.opset = _opset_of(proto)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.inputs = [i for i in self.graph.input if i.name not in self.initializers]
+        self.outputs = list(self.graph.output)
+        self._types = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            self._types[vi.name] = vi.type
+        for t in self.graph.initializer:
+            self._types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        self.producer = {out: node for node in self.graph.node for out in node.output if out}
+        self.nodes = self._topological_order()
+
+    def _topological_order(self):
+        g = nx.DiGraph()
+        nodes = list(self.graph.node)
+        g.add_nodes_from(range(len(nodes)))
+        index = {id(n): i for i, n in enumerate(nodes)}
+        for i, node in enumerate(nodes):
+            for name in node.input:
+                if name in self.producer:
+                    g.add_edge(index[id(self.producer[name])], i)
+        try:
+            order = list(nx.lexicographical_topological_sort(g))
+        except nx.NetworkXUnfeasible:
+            raise JacgraphError("the model's graph has a cycle. ONNX graphs must be acyclic; re-export the model.") from None
+        return [nodes[i] for i in order]
+
+    # ---- values -------------------------------------------------------------------------------
+    def shape(self, name) -> tuple | None:
+        """Static shape: ints for known dims, str/None for symbolic ones; None if even the rank is unknown."""
+        t = self._types.get(name)
+        return _shape_of(t) if t is not None and t.HasField("tensor_type") else None
+
+    def rank(self, name) -> int:
+        shape = self.shape(name)
+        if shape is None:
+            raise JacgraphError(f"the rank of tensor '{name}' is unknown after shape inference. "
+                                "Export the model with static input ranks.")
+        return len(shape)
+
+    def dtype(self, name) -> int:
+        t = self._types.get(name)
+        if t is None or not t.HasField("tensor_type"):
+            raise JacgraphError(f"the element type of tensor '{name}' is unknown after shape inference.")
+        return t.tensor_type.elem_type
+
+    def np_dtype(self, name):
+        return helper.tensor_dtype_to_np_dtype(self.dtype(name))
+
+    def is_float(self, name) -> bool:
+        t = self._types.get(name)
+        return t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type in FLOAT_TYPES
+
+    def const(self, name):
+        """The value of an initializer or Constant output as a numpy array, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            attr = node.attribute[0]
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+            return np.asarray(helper.get_attribute_value(attr))
+        return None
+
+    # ---- nodes --------------------------------------------------------------------------------
+    def attrs(self, node) -> dict:
+        """Node attributes with the operator schema's defaults filled in."""
+        out = {}
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opset, node.domain)
+            for name, attr in schema.attributes.items():
+                if attr.default_value.type != onnx.AttributeProto.UNDEFINED:
+                    out[name] = helper.get_attribute_value(attr.default_value)
+        except onnx.defs.SchemaError:
+            pass
+        for a in node.attribute:
+            out[a.name] = helper.get_attribute_value(a)
+        for k, v in out.items():
+            if isinstance(v, bytes):
+                out[k] = v.decode()
+        return out
+
+    def op_counts(self) -> Counter:
+        return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in self.nodes)
+
+    @cached_property
+    def is_cpa(self) -> bool:
+        """True when every op on a float path is affine, CPA, or a shape/constant op."""
+        return all(n.op_type in CPA_OPS | AFFINE_OPS | CONSTANT_OPS | {"Cast"} for n in self.nodes)
+
+    def active_nodes(self, wrt):
+        """Nodes whose float outputs depend on the names in `wrt` (forward reachability)."""
+        active, nodes = set(wrt), []
+        for node in self.nodes:
+            if any(i in active for i in node.input):
+                nodes.append(node)
+                active.update(o for o in node.output if o)
+        return nodes
+
+    def float_inputs(self):
+        return [i.name for i in self.inputs if self.is_float(i.name)]
+
+    def check_inputs(self, names):
+        """Validate user-chosen differentiable inputs: they exist and are floating point."""
+        known = [i.name for i in self.inputs]
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise JacgraphError(f"--inputs names {', '.join(map(repr, missing))}, which the model does not have. "
+                                f"Its inputs are: {', '.join(known)}.")
+        not_float = [n for n in names if not self.is_float(n)]
+        if not_float:
+            raise JacgraphError(f"input(s) {', '.join(map(repr, not_float))} are not floating point, so they have no "
+                                f"derivative. Choose float inputs with --inputs (float inputs: {', '.join(self.float_inputs()) or 'none'}).")
+        if not names:
+            raise JacgraphError("the model has no floating-point input to differentiate with respect to.")
+        return list(names)
+
+
+def unsupported_error(missing: Counter, what: str) -> JacgraphError:
+    listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
+    return JacgraphError(
+        f"{what} has no rule for {sum(missing.values())} node(s) of {len(missing)} op type(s): {listed}. "
+        "Run `jacgraph inspect MODEL` for the full op table; replace these ops when exporting, or file an issue "
+        "asking for the rules.")

@@ -1,0 +1,1 @@
+"""Rule tables, one per transformation, keyed by ONNX op_type."""

@@ -1,0 +1,836 @@
+"""Forward-mode rules: rule(b, node, *input_tangents) -> output tangents (None = symbolic zero).
+
+The primal node is already copied into the builder `b`, so rules read primal values by their source
+names (node.input / node.output). With `b.K` set, every tangent carries a leading axis of K
+directions; the helpers below fold it into the batch axis, shift axes, or rely on broadcasting.
+CPA ops freeze their state at x; additive inputs (biases, constants) never reach the tangent path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import helper
+
+from ..errors import JacgraphError
+
+JVP: dict = {}
+
+
+def rule(*op_types):
+    def register(fn):
+        for op in op_types:
+            JVP[op] = fn
+        return fn
+    return register
+
+
+# ---- stacked-tangent helpers ------------------------------------------------------------------
+
+def lead(b) -> int:
+    """Leading tangent axes: 0 for one tangent, 1 for K stacked tangents."""
+    return 0 if b.K is None else 1
+
+
+def fold(b, t):
+    """[K, N, ...] -> [K*N, ...] so batch-first ops (Conv, pooling, BN, Resize) take stacked tangents."""
+    if b.K is None:
+        return t
+    return b.Reshape(t, b.Concat(b.ints([-1]), b.shape(t, 2), axis=0))
+
+
+def unfold(b, t):
+    """[K*N, ...] -> [K, N, ...], the inverse of fold."""
+    if b.K is None:
+        return t
+    return b.Reshape(t, b.Concat(b.ints([b.K, -1]), b.shape(t, 1), axis=0))
+
+
+def batch_first(b, t, op_type, *inputs, **attrs):
+    """Apply a batch-first op to a (possibly stacked) tangent."""
+    return unfold(b, b.op(op_type, fold(b, t), *inputs, **attrs))
+
+
+def taxis(b, axis, rank):
+    """A source axis as an axis of the stacked tangent."""
+    return (axis + rank if axis < 0 else axis) + lead(b)
+
+
+def taxes_tensor(b, axes):
+    """Source axes held in a tensor, as tangent axes (negative axes need no shift)."""
+    if b.K is None:
+        return axes
+    zero, one = b.const(np.int64(0)), b.const(np.int64(1))
+    return b.Where(b.Less(axes, zero), axes, b.Add(axes, one))
+
+
+def full_shape(b, y):
+    """Shape of y's tangent: Shape(y), with K prepended when tangents are stacked."""
+    return b.Shape(y) if b.K is None else b.Concat(b.ints([b.K]), b.Shape(y), axis=0)
+
+
+def zeros_like(b, y):
+    return b.ConstantOfShape(full_shape(b, y), value=helper.make_tensor("value", b.src.dtype(y), [1], [0]))
+
+
+def align(b, t, name, out):
+    """Unsqueeze a stacked tangent of `name` so it broadcasts against tangents of `out` (K stays first)."""
+    if b.K is None or t is None:
+        return t
+    missing = b.src.rank(out) - b.src.rank(name)
+    return b.Unsqueeze(t, b.ints(range(1, 1 + missing))) if missing > 0 else t
+
+
+def static(shape):
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def to_output(b, t, name, out):
+    """Tangent of operand `name` broadcast to output `out`'s full shape (it may have been broadcast)."""
+    if t is None:
+        return None
+    t = align(b, t, name, out)
+    s_in, s_out = b.src.shape(name), b.src.shape(out)
+    if static(s_in) and s_in == s_out:
+        return t
+    return b.Expand(t, full_shape(b, out))
+
+
+def add_all(b, terms):
+    """Sum of tangent terms, None where all are None."""
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    out = terms[0]
+    for t in terms[1:]:
+        out = b.Add(out, t)
+    return out
+
+
+def times(b, t, factor):
+    return None if t is None else b.Mul(t, factor)
+
+
+def s(b, value, like):
+    return b.scalar(value, like)
+
+
+def reduce_axes(b, node, rank):
+    """Static reduce axes of a Reduce* node (attribute or constant input), or None for all axes."""
+    attrs = b.src.attrs(node)
+    if len(node.input) > 1 and node.input[1]:
+        axes = b.src.const(node.input[1])
+        if axes is None:
+            raise JacgraphError(f"{node.op_type} node '{node.name}' has computed axes; jacgraph needs constant axes.")
+        axes = [int(a) for a in axes.reshape(-1)]
+    else:
+        axes = attrs.get("axes")
+    if not axes:
+        return None if not attrs.get("noop_with_empty_axes", 0) else []
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def tangent_reduce(b, op_type, t, axes, rank, keepdims):
+    """A Reduce op over source `axes` (None = all) applied to a stacked tangent."""
+    if axes is None:
+        axes = list(range(rank))
+    return b.reduce(op_type, t, [a + lead(b) for a in axes], keepdims=keepdims)
+
+
+# ---- zero tangents: integer/shape paths, comparisons, piecewise-constant ops --------------------
+
+@rule("Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
+      "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
+      "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf")
+def zero(b, node, *tangents):
+    """Outputs are integer, boolean or piecewise constant: tangent 0 (sign'(x) = floor'(x) = 0 everywhere)."""
+    return [None] * len(node.output)
+
+
+# ---- structural and linear ops -----------------------------------------------------------------
+
+@rule("Identity")
+def identity(b, node, t):
+    """y = x: ẏ = ẋ."""
+    return [t]
+
+
+@rule("Dropout")
+def dropout(b, node, t, *_):
+    """Inference Dropout is the identity: ẏ = ẋ, mask has no tangent."""
+    return [t] + [None] * (len(node.output) - 1)
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape_like(b, node, t, *_):
+    """Shape-only ops keep element order: ẏ = reshape(ẋ, shape(y))."""
+    return [b.Reshape(t, full_shape(b, node.output[0]))]
+
+
+@rule("Transpose")
+def transpose(b, node, t):
+    """ẏ = transpose(ẋ, perm) (K axis stays first)."""
+    rank = b.src.rank(node.input[0])
+    perm = b.src.attrs(node).get("perm") or list(reversed(range(rank)))
+    return [b.Transpose(t, perm=[p + lead(b) for p in perm] if b.K else list(perm))]
+
+
+@rule("Concat")
+def concat(b, node, *ts):
+    """ẏ = concat(ẋ_i), zeros for inactive inputs."""
+    rank = b.src.rank(node.output[0])
+    parts = [t if t is not None else zeros_like(b, x) for x, t in zip(node.input, ts)]
+    return [b.Concat(*parts, axis=taxis(b, b.src.attrs(node)["axis"], rank))]
+
+
+@rule("Split")
+def split(b, node, t, *_):
+    """ẏ_i = split(ẋ)_i with the same sizes."""
+    attrs = b.src.attrs(node)
+    axis = taxis(b, attrs.get("axis", 0), b.src.rank(node.input[0]))
+    extra = {"num_outputs": attrs["num_outputs"]} if "num_outputs" in attrs and len(node.input) < 2 else {}
+    if "split" in attrs and attrs["split"]:
+        extra["split"] = attrs["split"]
+    outs = b.op("Split", t, *node.input[1:2], axis=axis, n_out=len(node.output), **extra)
+    return outs if isinstance(outs, list) else [outs]
+
+
+@rule("Slice")
+def slice_(b, node, t, *_):
+    """ẏ = ẋ[starts:ends:steps] on the same axes."""
+    starts, ends = node.input[1], node.input[2]
+    axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    steps = node.input[4] if len(node.input) > 4 and node.input[4] else None
+    if b.K is not None:
+        if axes is None:
+            axes = b.Range(b.const(np.int64(0)), b.Squeeze(b.Shape(starts), b.ints([0])), b.const(np.int64(1)))
+        axes = taxes_tensor(b, axes)
+    return [b.Slice(t, starts, ends, axes, steps)]
+
+
+@rule("Gather")
+def gather(b, node, t, _):
+    """ẏ = gather(ẋ, indices) along the same axis."""
+    axis = taxis(b, b.src.attrs(node)["axis"], b.src.rank(node.input[0]))
+    return [b.Gather(t, node.input[1], axis=axis)]
+
+
+@rule("GatherElements")
+def gather_elements(b, node, t, _):
+    """ẏ = gather_elements(ẋ, indices) along the same axis."""
+    axis = taxis(b, b.src.attrs(node)["axis"], b.src.rank(node.input[0]))
+    indices = node.input[1]
+    if b.K is not None:
+        indices = b.Expand(indices, b.Concat(b.ints([b.K]), b.Shape(indices), axis=0))
+    return [b.GatherElements(t, indices, axis=axis)]
+
+
+@rule("Pad")
+def pad(b, node, t, *_):
+    """ẏ = pad(ẋ) with the same mode and zero fill (the constant value is additive)."""
+    mode = b.src.attrs(node)["mode"]
+    pads = node.input[1]
+    axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    if b.K is not None:
+        if axes is not None:
+            axes = taxes_tensor(b, axes)
+        else:
+            begin, end = b.split(pads, [b.src.rank(node.input[0])] * 2)
+            zero = b.ints([0])
+            pads = b.Concat(zero, begin, zero, end, axis=0)
+    return [b.Pad(t, pads, None, axes, mode=mode)]
+
+
+@rule("Expand")
+def expand(b, node, t, _):
+    """ẏ = broadcast(ẋ) to y's shape."""
+    return [to_output(b, t, node.input[0], node.output[0])]
+
+
+@rule("Tile")
+def tile(b, node, t, _):
+    """ẏ = tile(ẋ, repeats)."""
+    repeats = node.input[1] if b.K is None else b.Concat(b.ints([1]), node.input[1], axis=0)
+    return [b.Tile(t, repeats)]
+
+
+@rule("Trilu")
+def trilu(b, node, t, *_):
+    """ẏ = trilu(ẋ, k): a mask on the last two axes."""
+    return [b.op("Trilu", t, *node.input[1:], upper=b.src.attrs(node)["upper"])]
+
+
+@rule("CumSum")
+def cumsum(b, node, t, axis):
+    """ẏ = cumsum(ẋ) along the same axis."""
+    attrs = b.src.attrs(node)
+    return [b.CumSum(t, taxes_tensor(b, node.input[1]), exclusive=attrs["exclusive"], reverse=attrs["reverse"])]
+
+
+@rule("DepthToSpace", "SpaceToDepth")
+def depth_space(b, node, t):
+    """ẏ = the same rearrangement of ẋ."""
+    return [batch_first(b, t, node.op_type, **b.src.attrs(node))]
+
+
+@rule("Resize")
+def resize(b, node, t, *_):
+    """ẏ = resize(ẋ): every mode interpolates with weights that do not depend on x."""
+    roi, scales, sizes = (list(node.input[1:]) + ["", "", ""])[:3]
+    if b.K is not None and sizes:
+        sizes = b.Concat(b.Mul(b.Slice(sizes, b.ints([0]), b.ints([1])), b.ints([b.K])),
+                         b.Slice(sizes, b.ints([1]), b.ints([2**62])), axis=0)
+    return [batch_first(b, t, "Resize", roi or None, scales or None, sizes or None, **b.src.attrs(node))]
+
+
+@rule("Neg")
+def neg(b, node, t):
+    """ẏ = -ẋ."""
+    return [b.Neg(t)]
+
+
+@rule("Add", "Sub")
+def add_sub(b, node, ta, tb):
+    """ẏ = ȧ ± ḃ (constants drop out), broadcast to y."""
+    a, c, y = node.input[0], node.input[1], node.output[0]
+    if tb is None:
+        return [to_output(b, ta, a, y)]
+    tb = b.Neg(tb) if node.op_type == "Sub" else tb
+    if ta is None:
+        return [to_output(b, tb, c, y)]
+    return [to_output(b, b.Add(align(b, ta, a, y), align(b, tb, c, y)), y, y)]
+
+
+@rule("Sum", "Mean")
+def sum_mean(b, node, *ts):
+    """ẏ = Σ ẋ_i (Mean: divided by the number of inputs)."""
+    y = node.output[0]
+    total = to_output(b, add_all(b, [align(b, t, x, y) for x, t in zip(node.input, ts)]), y, y)
+    if node.op_type == "Mean":
+        total = b.Mul(total, s(b, 1.0 / len(node.input), y))
+    return [total]
+
+
+@rule("Mul")
+def mul(b, node, ta, tb):
+    """ẏ = ȧ·b + a·ḃ."""
+    a, c, y = node.input[0], node.input[1], node.output[0]
+    return [to_output(b, add_all(b, [times(b, align(b, ta, a, y), c), times(b, align(b, tb, c, y), a)]), y, y)]
+
+
+@rule("Div")
+def div(b, node, ta, tb):
+    """ẏ = (ȧ - y·ḃ) / b."""
+    a, c, y = node.input[0], node.input[1], node.output[0]
+    num = add_all(b, [align(b, ta, a, y), None if tb is None else b.Neg(b.Mul(align(b, tb, c, y), y))])
+    return [to_output(b, b.Div(num, c), y, y)]
+
+
+def _matmul_tangent(b, a, c, y, ta, tc):
+    """Terms ȧ @ c and a @ ċ with the stacked axis kept in front (1-D operands included)."""
+    ra, rc = b.src.rank(a), b.src.rank(c)
+    terms = []
+    if ta is not None:
+        if b.K is not None and ra == 1 and rc > 2:  # [K, n] -> [K, 1.., 1, n] against c's batch axes
+            row = b.Unsqueeze(ta, b.ints(range(1, rc)))
+            terms.append(b.Squeeze(b.MatMul(row, c), b.ints([-2])))
+        else:
+            terms.append(b.MatMul(align(b, ta, a, y) if ra > 1 else ta, c))
+    if tc is not None:
+        if b.K is not None and rc == 1:  # [K, n] -> [K, 1.., n, 1] against a's batch axes
+            extra = max(ra - 2, 0)
+            col = b.Unsqueeze(tc, b.ints(list(range(1, 1 + extra)) + [2 + extra]))
+            terms.append(b.Squeeze(b.MatMul(a, col), b.ints([-1])))
+        else:
+            terms.append(b.MatMul(a, align(b, tc, c, y) if rc > 1 else tc))
+    return terms
+
+
+@rule("MatMul")
+def matmul(b, node, ta, tc):
+    """ẏ = ȧ @ c + a @ ċ."""
+    a, c, y = node.input[0], node.input[1], node.output[0]
+    return [add_all(b, _matmul_tangent(b, a, c, y, ta, tc))]
+
+
+@rule("Gemm")
+def gemm(b, node, ta, tb, tc=None):
+    """ẏ = α(op(ȧ) op(B) + op(A) op(ḃ)) + β ċ; the bias C is additive and drops out when constant."""
+    attrs = b.src.attrs(node)
+    A, B, y = node.input[0], node.input[1], node.output[0]
+    alpha, beta, trans_a, trans_b = attrs["alpha"], attrs["beta"], attrs["transA"], attrs["transB"]
+    if tb is None and not trans_a:
+        out = unfold(b, b.Gemm(fold(b, ta), B, alpha=alpha, transB=trans_b))
+    else:
+        def op(x, t, trans):
+            if t is None:
+                return None
+            return b.Transpose(t, perm=[0, 2, 1] if b.K else [1, 0]) if trans else t
+        A_ = b.Transpose(A, perm=[1, 0]) if trans_a else A
+        B_ = b.Transpose(B, perm=[1, 0]) if trans_b else B
+        terms = [None if ta is None else b.MatMul(op(A, ta, trans_a), B_),
+                 None if tb is None else b.MatMul(A_, op(B, tb, trans_b))]
+        out = add_all(b, terms)
+        if alpha != 1.0:
+            out = b.Mul(out, s(b, alpha, y))
+    if tc is not None:
+        tc = align(b, tc, node.input[2], y)
+        out = b.Add(out, tc if beta == 1.0 else b.Mul(tc, s(b, beta, y)))
+    return [to_output(b, out, y, y)]
+
+
+def _no_stacked_weight_tangent(b, node, *tangents):
+    if b.K is not None and any(t is not None for t in tangents):
+        raise JacgraphError(f"{node.op_type} '{node.name}': a tangent on the weights with --tangents K is not "
+                            "supported; differentiate with respect to the data input, or drop --tangents.")
+
+
+@rule("Conv", "ConvTranspose")
+def conv(b, node, tx, tw=None, tbias=None):
+    """ẏ = conv(ẋ, W) + conv(x, Ẇ) + ḃ; the bias is additive and drops out when constant."""
+    attrs = b.src.attrs(node)
+    _no_stacked_weight_tangent(b, node, tw, tbias)
+    terms = [None if tx is None else batch_first(b, tx, node.op_type, node.input[1], **attrs),
+             None if tw is None else b.op(node.op_type, node.input[0], tw, **attrs)]
+    out = add_all(b, terms)
+    if tbias is not None:
+        rank = b.src.rank(node.output[0])
+        out = b.Add(out, b.Unsqueeze(tbias, b.ints(range(1, rank - 1))))
+    return [out]
+
+
+@rule("BatchNormalization")
+def batch_norm(b, node, t, *params):
+    """Inference BN is affine per channel: ẏ = ẋ·scale/√(var+ε); mean and bias are additive."""
+    attrs = b.src.attrs(node)
+    if attrs.get("training_mode", 0):
+        raise JacgraphError(f"BatchNormalization '{node.name}' is in training mode; export the model in eval() mode.")
+    if any(p is not None for p in params):
+        raise JacgraphError(f"BatchNormalization '{node.name}': tangents on scale/bias/mean/var are not supported.")
+    x, scale, bias, mean, var = node.input[:5]
+    zero = b.Mul(bias, s(b, 0.0, x))
+    out = batch_first(b, t, "BatchNormalization", scale, zero, zero, var, epsilon=attrs["epsilon"])
+    return [out] + [None] * (len(node.output) - 1)
+
+
+@rule("AveragePool", "GlobalAveragePool")
+def average_pool(b, node, t):
+    """ẏ = avgpool(ẋ) with the same window (padding counted or not as in the source)."""
+    return [batch_first(b, t, node.op_type, **b.src.attrs(node))]
+
+
+@rule("ReduceSum", "ReduceMean")
+def reduce_linear(b, node, t, *_):
+    """ẏ = reduce(ẋ) over the same axes."""
+    rank, keepdims = b.src.rank(node.input[0]), b.src.attrs(node)["keepdims"]
+    axes = reduce_axes(b, node, rank)
+    if axes == []:
+        return [t]
+    return [tangent_reduce(b, node.op_type, t, axes, rank, keepdims)]
+
+
+@rule("Einsum")
+def einsum(b, node, *ts):
+    """ẏ = Σ_i einsum(..., ẋ_i, ...): multilinear in its operands."""
+    eq = b.src.attrs(node)["equation"].replace(" ", "")
+    lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
+    if rhs is None:
+        raise JacgraphError(f"Einsum '{node.name}': implicit-output equations are not supported; write '->'.")
+    subs = lhs.split(",")
+    k = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in eq)
+    terms = []
+    for i, t in enumerate(ts):
+        if t is None:
+            continue
+        inputs = list(node.input)
+        inputs[i] = t
+        if b.K is None:
+            terms.append(b.Einsum(*inputs, equation=eq))
+        else:
+            sub = list(subs)
+            sub[i] = k + sub[i]
+            terms.append(b.Einsum(*inputs, equation=",".join(sub) + "->" + k + rhs))
+    return [add_all(b, terms)]
+
+
+# ---- CPA ops: state frozen at x -----------------------------------------------------------------
+
+@rule("Relu")
+def relu(b, node, t):
+    """ẏ = ẋ·[x > 0]; relu'(0) = 0."""
+    x = node.input[0]
+    return [b.Where(b.Greater(x, s(b, 0.0, x)), t, s(b, 0.0, x))]
+
+
+@rule("LeakyRelu")
+def leaky_relu(b, node, t):
+    """ẏ = ẋ·(x > 0 ? 1 : α); at 0 the slope is α (the left slope, as PyTorch)."""
+    x = node.input[0]
+    slope = b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), s(b, b.src.attrs(node)["alpha"], x))
+    return [b.Mul(t, slope)]
+
+
+@rule("PRelu")
+def prelu(b, node, t, tslope):
+    """ẏ = (x > 0 ? ẋ : slope·ẋ + x·ṡlope); at 0 the slope is `slope`."""
+    x, slope, y = node.input[0], node.input[1], node.output[0]
+    positive = b.Greater(x, s(b, 0.0, x))
+    terms = [None if t is None else b.Mul(t, b.Where(positive, s(b, 1.0, x), slope)),
+             None if tslope is None else b.Where(positive, s(b, 0.0, x), b.Mul(align(b, tslope, slope, y), x))]
+    return [to_output(b, add_all(b, terms), y, y)]
+
+
+@rule("Clip")
+def clip(b, node, t, *_):
+    """ẏ = ẋ·[lo < x < hi]; at a bound the derivative is 0 (strict, like relu'(0) = 0 and ReLU6)."""
+    x = node.input[0]
+    lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    inside = None
+    for cond in ([b.Greater(x, lo)] if lo else []) + ([b.Less(x, hi)] if hi else []):
+        inside = cond if inside is None else b.And(inside, cond)
+    return [t if inside is None else b.Where(inside, t, s(b, 0.0, x))]
+
+
+@rule("HardSigmoid")
+def hard_sigmoid(b, node, t):
+    """ẏ = α·ẋ·[0 < αx+β < 1]; 0 at both kinks."""
+    x, attrs = node.input[0], b.src.attrs(node)
+    z = b.Add(b.Mul(x, s(b, attrs["alpha"], x)), s(b, attrs["beta"], x))
+    inside = b.And(b.Greater(z, s(b, 0.0, x)), b.Less(z, s(b, 1.0, x)))
+    return [b.Where(inside, b.Mul(t, s(b, attrs["alpha"], x)), s(b, 0.0, x))]
+
+
+@rule("Abs")
+def abs_(b, node, t):
+    """ẏ = ẋ·sign(x); abs'(0) = 0."""
+    return [b.Mul(t, b.Sign(node.input[0]))]
+
+
+@rule("Max", "Min")
+def max_min(b, node, *ts):
+    """ẏ = ẋ_w for the winning input w; on ties the first input wins (a frozen selection)."""
+    y = node.output[0]
+    better = b.Greater if node.op_type == "Max" else b.Less
+    best, out = node.input[0], align(b, ts[0], node.input[0], y)
+    for x, t in zip(node.input[1:], ts[1:]):
+        wins = better(x, best)
+        out = b.Where(wins, align(b, t, x, y) if t is not None else s(b, 0.0, y),
+                      out if out is not None else s(b, 0.0, y))
+        best = b.Max(best, x) if node.op_type == "Max" else b.Min(best, x)
+    return [to_output(b, out, y, y)]
+
+
+@rule("MaxPool")
+def max_pool(b, node, t):
+    """ẏ = ẋ[argmax] with the argmax onnxruntime reports (ties: the index it picks)."""
+    if b.src.attrs(node).get("storage_order", 0):
+        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
+    indices = b.extra_output(node, 1, f"{node.output[0]}_argmax")
+    flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
+    return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
+
+
+@rule("GlobalMaxPool")
+def global_max_pool(b, node, t):
+    """ẏ = ẋ at the spatial argmax per channel; ties: the first index."""
+    x, y = node.input[0], node.output[0]
+    flat_x = b.Reshape(x, b.Concat(b.shape(x, 0, 2), b.ints([-1]), axis=0))
+    idx = b.ArgMax(flat_x, axis=2, keepdims=1)
+    flat_t = b.Reshape(t, b.Concat(b.shape(t, 0, 2 + lead(b)), b.ints([-1]), axis=0))
+    if b.K is not None:
+        idx = b.Expand(idx, b.Concat(b.ints([b.K]), b.Shape(idx), axis=0))
+    picked = b.GatherElements(flat_t, idx, axis=2 + lead(b))
+    return [b.Reshape(picked, full_shape(b, y))]
+
+
+@rule("ReduceMax", "ReduceMin")
+def reduce_max_min(b, node, t, *_):
+    """ẏ = mean of ẋ over the positions attaining the extreme (ties share evenly, as PyTorch and JAX)."""
+    x, y = node.input[0], node.output[0]
+    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
+    axes = reduce_axes(b, node, rank)
+    if axes == []:
+        return [t]
+    y_kept = y if keepdims else b.reduce(node.op_type, x, axes, keepdims=1)
+    hit = b.Cast(b.Equal(x, y_kept), to=b.src.dtype(x))
+    picked = tangent_reduce(b, "ReduceSum", b.Mul(t, hit), axes, rank, keepdims)
+    count = b.reduce("ReduceSum", hit, axes, keepdims=keepdims)
+    return [b.Div(picked, count)]
+
+
+# ---- smooth elementwise ops: exact forward mode -------------------------------------------------
+
+def elementwise(derivative):
+    """Rule for y = f(x): ẏ = ẋ·f'(x), with derivative(b, x, y, attrs) -> f'(x)."""
+    def jvp_rule(b, node, t):
+        return [b.Mul(t, derivative(b, node.input[0], node.output[0], b.src.attrs(node)))]
+    jvp_rule.__doc__ = derivative.__doc__
+    return jvp_rule
+
+
+def _sigmoid_slope(b, x, y, attrs):
+    """ẏ = ẋ·y(1-y)."""
+    return b.Mul(y, b.Sub(s(b, 1.0, x), y))
+
+
+def _tanh_slope(b, x, y, attrs):
+    """ẏ = ẋ·(1-y²)."""
+    return b.Sub(s(b, 1.0, x), b.Mul(y, y))
+
+
+def _exp_slope(b, x, y, attrs):
+    """ẏ = ẋ·y."""
+    return y
+
+
+def _log_slope(b, x, y, attrs):
+    """ẏ = ẋ/x."""
+    return b.Reciprocal(x)
+
+
+def _sqrt_slope(b, x, y, attrs):
+    """ẏ = ẋ/(2y)."""
+    return b.Reciprocal(b.Mul(y, s(b, 2.0, x)))
+
+
+def _reciprocal_slope(b, x, y, attrs):
+    """ẏ = -ẋ·y²."""
+    return b.Neg(b.Mul(y, y))
+
+
+def _erf_slope(b, x, y, attrs):
+    """ẏ = ẋ·(2/√π)·exp(-x²)."""
+    return b.Mul(b.Exp(b.Neg(b.Mul(x, x))), s(b, 2.0 / math.sqrt(math.pi), x))
+
+
+def _sin_slope(b, x, y, attrs):
+    """ẏ = ẋ·cos(x)."""
+    return b.Cos(x)
+
+
+def _cos_slope(b, x, y, attrs):
+    """ẏ = -ẋ·sin(x)."""
+    return b.Neg(b.Sin(x))
+
+
+def _softplus_slope(b, x, y, attrs):
+    """ẏ = ẋ·sigmoid(x)."""
+    return b.Sigmoid(x)
+
+
+def _softsign_slope(b, x, y, attrs):
+    """ẏ = ẋ/(1+|x|)²."""
+    d = b.Add(s(b, 1.0, x), b.Abs(x))
+    return b.Reciprocal(b.Mul(d, d))
+
+
+def _elu_slope(b, x, y, attrs):
+    """ẏ = ẋ·(x > 0 ? 1 : y + α); at 0 the slope is α (as PyTorch)."""
+    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), b.Add(y, s(b, attrs["alpha"], x)))
+
+
+def _selu_slope(b, x, y, attrs):
+    """ẏ = ẋ·(x > 0 ? γ : y + αγ); at 0 the slope is αγ."""
+    gamma, alpha = attrs["gamma"], attrs["alpha"]
+    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, gamma, x), b.Add(y, s(b, alpha * gamma, x)))
+
+
+def _celu_slope(b, x, y, attrs):
+    """ẏ = ẋ·(x > 0 ? 1 : exp(x/α)); at 0 the slope is 1."""
+    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), b.Exp(b.Div(x, s(b, attrs["alpha"], x))))
+
+
+def _hard_swish_slope(b, x, y, attrs):
+    """ẏ = ẋ·(x < -3 ? 0 : x > 3 ? 1 : x/3 + 1/2); at ±3 the middle piece, as PyTorch."""
+    middle = b.Add(b.Mul(x, s(b, 1.0 / 3.0, x)), s(b, 0.5, x))
+    upper = b.Where(b.Greater(x, s(b, 3.0, x)), s(b, 1.0, x), middle)
+    return b.Where(b.Less(x, s(b, -3.0, x)), s(b, 0.0, x), upper)
+
+
+def _gelu_slope(b, x, y, attrs):
+    """ẏ = ẋ·(Φ(x) + x·φ(x)); tanh approximation: its exact derivative."""
+    if attrs.get("approximate", "none") == "tanh":
+        c, k = math.sqrt(2.0 / math.pi), 0.044715
+        x2 = b.Mul(x, x)
+        u = b.Mul(b.Mul(x, b.Add(s(b, 1.0, x), b.Mul(x2, s(b, k, x)))), s(b, c, x))
+        th = b.Tanh(u)
+        du = b.Mul(b.Add(s(b, 1.0, x), b.Mul(x2, s(b, 3 * k, x))), s(b, c, x))
+        sech2 = b.Sub(s(b, 1.0, x), b.Mul(th, th))
+        return b.Add(b.Mul(b.Add(s(b, 1.0, x), th), s(b, 0.5, x)), b.Mul(b.Mul(b.Mul(x, sech2), du), s(b, 0.5, x)))
+    cdf = b.Mul(b.Add(s(b, 1.0, x), b.Erf(b.Mul(x, s(b, 1.0 / math.sqrt(2.0), x)))), s(b, 0.5, x))
+    pdf = b.Mul(b.Exp(b.Mul(b.Mul(x, x), s(b, -0.5, x))), s(b, 1.0 / math.sqrt(2.0 * math.pi), x))
+    return b.Add(cdf, b.Mul(x, pdf))
+
+
+for _op, _slope in {"Sigmoid": _sigmoid_slope, "Tanh": _tanh_slope, "Exp": _exp_slope, "Log": _log_slope,
+                    "Sqrt": _sqrt_slope, "Reciprocal": _reciprocal_slope, "Erf": _erf_slope, "Sin": _sin_slope,
+                    "Cos": _cos_slope, "Softplus": _softplus_slope, "Softsign": _softsign_slope,
+                    "Elu": _elu_slope, "Selu": _selu_slope, "Celu": _celu_slope, "HardSwish": _hard_swish_slope,
+                    "Gelu": _gelu_slope}.items():
+    JVP[_op] = elementwise(_slope)
+
+
+@rule("Pow")
+def pow_(b, node, tx, tp):
+    """ẏ = ẋ·p·x^(p-1) + ṗ·y·log(x)."""
+    x, p, y = node.input[0], node.input[1], node.output[0]
+    terms = []
+    if tx is not None:
+        p_cast = p if b.src.dtype(p) == b.src.dtype(x) else b.Cast(p, to=b.src.dtype(x))
+        slope = b.Mul(p_cast, b.Pow(x, b.Sub(p_cast, s(b, 1.0, x))))
+        terms.append(b.Mul(align(b, tx, x, y), slope))
+    if tp is not None:
+        terms.append(b.Mul(align(b, tp, p, y), b.Mul(y, b.Log(x))))
+    return [to_output(b, add_all(b, terms), y, y)]
+
+
+def _softmax_axis(b, node):
+    rank = b.src.rank(node.input[0])
+    axis = b.src.attrs(node)["axis"]
+    return (axis + rank if axis < 0 else axis), rank
+
+
+@rule("Softmax")
+def softmax(b, node, t):
+    """ẏ = y·(ẋ - Σ_axis y·ẋ)."""
+    y = node.output[0]
+    axis, rank = _softmax_axis(b, node)
+    inner = tangent_reduce(b, "ReduceSum", b.Mul(t, y), [axis], rank, 1)
+    return [b.Mul(y, b.Sub(t, inner))]
+
+
+@rule("LogSoftmax")
+def log_softmax(b, node, t):
+    """ẏ = ẋ - Σ_axis softmax(x)·ẋ."""
+    axis, rank = _softmax_axis(b, node)
+    return [b.Sub(t, tangent_reduce(b, "ReduceSum", b.Mul(t, b.Exp(node.output[0])), [axis], rank, 1))]
+
+
+@rule("Where")
+def where(b, node, _, ta, tb):
+    """ẏ = where(c, ȧ, ḃ)."""
+    c, a, other, y = *node.input, node.output[0]
+    if ta is None and tb is None:
+        return [None]
+    ta = align(b, ta, a, y) if ta is not None else s(b, 0.0, y)
+    tb = align(b, tb, other, y) if tb is not None else s(b, 0.0, y)
+    return [to_output(b, b.Where(c, ta, tb), y, y)]
+
+
+@rule("Cast")
+def cast(b, node, t):
+    """ẏ = cast(ẋ) to a float type; casting to an integer type has tangent 0."""
+    to = b.src.attrs(node)["to"]
+    return [b.Cast(t, to=to) if b.src.is_float(node.output[0]) else None]
+
+
+@rule("LRN")
+def lrn(b, node, t):
+    """y = x·d^-β, d = bias + α/n·Σ_window x²: ẏ = ẋ·d^-β - 2αβ/n·x·d^(-β-1)·Σ_window x·ẋ."""
+    x, y = node.input[0], node.output[0]
+    attrs = b.src.attrs(node)
+    size, alpha, beta, bias = attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"]
+
+    def window_sum(z):  # sum over the channel window [c - (n-1)//2, c + n//2], batch-first
+        rank = b.src.rank(x)
+        pads = [0] * 2 * (rank - 1)
+        pads[0], pads[rank - 1] = (size - 1) // 2, size // 2
+        pooled = b.AveragePool(b.Unsqueeze(z, b.ints([1])), kernel_shape=[size] + [1] * (rank - 2),
+                               pads=pads, count_include_pad=1)
+        return b.Mul(b.Squeeze(pooled, b.ints([1])), s(b, float(size), x))
+
+    d = b.Add(b.Mul(window_sum(b.Mul(x, x)), s(b, alpha / size, x)), s(b, bias, x))
+    first = b.Mul(t, b.Pow(d, s(b, -beta, x)))
+    cross = unfold(b, window_sum(fold(b, b.Mul(t, x))))
+    second = b.Mul(cross, b.Mul(x, b.Mul(b.Pow(d, s(b, -beta - 1.0, x)), s(b, 2.0 * alpha * beta / size, x))))
+    return [b.Sub(first, second)]
+
+
+@rule("LayerNormalization")
+def layer_norm(b, node, t, tscale=None, tbias=None):
+    """x̂ = (x-μ)/σ: ẏ = γ/σ·(ẋ - mean(ẋ) - x̂·mean(x̂·ẋ)) + x̂·γ̇ + β̇ over the normalized axes."""
+    attrs = b.src.attrs(node)
+    x, scale, y = node.input[0], node.input[1], node.output[0]
+    rank = b.src.rank(x)
+    axes = list(range(attrs["axis"] % rank, rank))
+    mean = b.reduce("ReduceMean", x, axes)
+    centred = b.Sub(x, mean)
+    inv_std = b.Reciprocal(b.Sqrt(b.Add(b.reduce("ReduceMean", b.Mul(centred, centred), axes),
+                                        s(b, attrs["epsilon"], x))))
+    x_hat = b.Mul(centred, inv_std)
+    terms = []
+    if t is not None:
+        t_mean = tangent_reduce(b, "ReduceMean", t, axes, rank, 1)
+        proj = tangent_reduce(b, "ReduceMean", b.Mul(t, x_hat), axes, rank, 1)
+        terms.append(b.Mul(b.Sub(b.Sub(t, t_mean), b.Mul(x_hat, proj)), b.Mul(inv_std, scale)))
+    if tscale is not None:
+        terms.append(b.Mul(align(b, tscale, scale, y), x_hat))
+    if tbias is not None:
+        terms.append(align(b, tbias, node.input[2], y))
+    return [to_output(b, add_all(b, terms), y, y)] + [None] * (len(node.output) - 1)
+
+
+@rule("InstanceNormalization")
+def instance_norm(b, node, t, tscale=None, tbias=None):
+    """Per (sample, channel) over spatial axes: ẏ = γ/σ·(ẋ - mean(ẋ) - x̂·mean(x̂·ẋ))."""
+    if tscale is not None or tbias is not None:
+        raise JacgraphError(f"InstanceNormalization '{node.name}': tangents on scale/bias are not supported.")
+    x, scale = node.input[0], node.input[1]
+    rank = b.src.rank(x)
+    axes = list(range(2, rank))
+    mean = b.reduce("ReduceMean", x, axes)
+    centred = b.Sub(x, mean)
+    var = b.reduce("ReduceMean", b.Mul(centred, centred), axes)
+    inv_std = b.Reciprocal(b.Sqrt(b.Add(var, s(b, b.src.attrs(node)["epsilon"], x))))
+    x_hat = b.Mul(centred, inv_std)
+    t_mean = tangent_reduce(b, "ReduceMean", t, axes, rank, 1)
+    proj = tangent_reduce(b, "ReduceMean", b.Mul(t, x_hat), axes, rank, 1)
+    gamma = b.Unsqueeze(scale, b.ints(range(1, rank - 1)))
+    return [b.Mul(b.Sub(b.Sub(t, t_mean), b.Mul(x_hat, proj)), b.Mul(inv_std, gamma))]
+
+
+# ---- batched strategy: primal and tangent through one call of the linear op ----------------------
+
+def _batched_linear(b, node, tx, *inactive, bias_axis_from_end=None):
+    """Run the op once on concat(x, ẋ) along the batch axis; the bias is added to the primal half only."""
+    if tx is None or any(t is not None for t in inactive) or b.src.attrs(node).get("transA", 0):
+        return NotImplemented
+    x = node.input[0]
+    attrs = b.src.attrs(node)
+    stacked = b.Concat(x, fold(b, tx), axis=0)
+    n = b.shape(x, 0, 1)
+    rest = b.Sub(b.shape(stacked, 0, 1), n)
+    if node.op_type == "Gemm":
+        out = b.Gemm(stacked, node.input[1], alpha=attrs["alpha"], transB=attrs["transB"])
+        bias = b.Mul(node.input[2], s(b, attrs["beta"], x)) if len(node.input) > 2 and node.input[2] else None
+    elif node.op_type == "MatMul":
+        out, bias = b.MatMul(stacked, node.input[1]), None
+    else:
+        out = b.op(node.op_type, stacked, node.input[1], **attrs)
+        bias = (b.Unsqueeze(node.input[2], b.ints(range(1, b.src.rank(node.output[0]) - 1)))
+                if len(node.input) > 2 and node.input[2] else None)
+    primal, tangent = b.op("Split", out, b.Concat(n, rest, axis=0), axis=0, n_out=2)
+    y = node.output[0]
+    b.nodes.append(_named(b.Add(primal, bias) if bias is not None else primal, y, b))
+    return [unfold(b, tangent)]
+
+
+def _named(value, name, b):
+    """Identity that gives `value` the source name `name` (the primal output other nodes read)."""
+    return helper.make_node("Identity", [value], [name], name=b.fresh("jg_Identity"))
+
+
+BATCHED = {}
+for _op in ("Conv", "ConvTranspose", "Gemm"):
+    BATCHED[_op] = _batched_linear
+
+
+def _batched_matmul(b, node, ta, tc):
+    """MatMul x @ W with W constant and x batch-first: one MatMul over concat(x, ẋ)."""
+    if b.src.rank(node.input[1]) != 2 or b.src.rank(node.input[0]) < 2:
+        return NotImplemented
+    return _batched_linear(b, node, ta, tc)
+
+
+BATCHED["MatMul"] = _batched_matmul

@@ -1,0 +1,89 @@
+"""onnxruntime sessions: CUDA when it really loads, else CPU (said once); numpy in, numpy out."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import JacgraphError
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _probe_model(ir_version=None, opset=13):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if ir_version:
+        model.ir_version = ir_version
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """The highest ONNX IR version the installed onnxruntime accepts (onnx may write a newer one)."""
+    ort = _ort()
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        try:
+            ort.InferenceSession(_probe_model(ir), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:
+            continue
+    return 7
+
+
+@functools.lru_cache(maxsize=None)
+def providers() -> tuple:
+    """CUDA first when its provider library really loads (not merely listed), else CPU; said once."""
+    ort = _ort()
+    forced = os.environ.get("JACGRAPH_PROVIDER", "").lower()
+    if forced == "cpu" or "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("CPUExecutionProvider",)
+    ort.set_default_logger_severity(4)  # a failed CUDA load logs errors; we say it in one line instead
+    try:
+        sess = ort.InferenceSession(_probe_model(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        ok = sess.get_providers()[0] == "CUDAExecutionProvider"
+    except Exception:
+        ok = False
+    finally:
+        ort.set_default_logger_severity(3)
+    if ok:
+        print("jacgraph: running on onnxruntime's CUDA execution provider", file=sys.stderr)
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    print("jacgraph: CUDA provider listed but its libraries do not load (CUDA 13 / cuDNN 9 needed); running on CPU",
+          file=sys.stderr)
+    return ("CPUExecutionProvider",)
+
+
+def session(model, threads: int | None = None, optimize: bool = True, provider: str | None = None):
+    """An InferenceSession for a ModelProto or path, with full graph optimizations by default."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    chosen = (provider,) if provider else providers()
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=list(chosen))
+    except Exception as e:
+        raise JacgraphError(f"onnxruntime could not load the model: {str(e).strip().splitlines()[0]}") from None
+
+
+def run(model_or_session, feeds: dict, outputs=None) -> dict:
+    """Run once; returns {output name: numpy array}."""
+    sess = model_or_session if hasattr(model_or_session, "run") else session(model_or_session)
+    names = outputs or [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})))

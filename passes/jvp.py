@@ -1,0 +1,70 @@
+"""The JVP pass: (x, x_dot) -> (y, y_dot) with y_dot = J(x) x_dot, by the rules in jacgraph.rules.jvp."""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+from jacgraph.builder import Builder
+from jacgraph.errors import JacgraphError
+from jacgraph.model import SourceModel, unsupported_error
+from jacgraph.rules.jvp import BATCHED, JVP, zeros_like
+
+STRATEGIES = ("twopass", "batched")
+DEFAULT_STRATEGY = "twopass"
+
+
+def missing_rules(src: SourceModel, wrt, table) -> Counter:
+    """Ops on the differentiated path that have no rule, with counts (all of them at once)."""
+    return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                   for n in src.active_nodes(wrt) if n.domain not in ("", "ai.onnx") or n.op_type not in table)
+
+
+def tangent_name(b, name):
+    return b.fresh(f"{name}_dot")
+
+
+def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.ModelProto:
+    """Emit the JVP model: source inputs, then one `<x>_dot` per differentiated input; outputs y then `<y>_dot`."""
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    wrt = src.check_inputs(inputs if inputs else src.float_inputs())
+    if strategy not in STRATEGIES:
+        raise JacgraphError(f"--strategy {strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
+    if tangents is not None and (not isinstance(tangents, int) or tangents < 1):
+        raise JacgraphError(f"--tangents must be a positive integer, got {tangents!r}.")
+    missing = missing_rules(src, wrt, JVP)
+    if missing:
+        raise unsupported_error(missing, "the JVP pass")
+
+    b = Builder(src, K=tangents)
+    lead = [] if tangents is None else [tangents]
+    for inp in src.graph.input:
+        if inp.name not in src.initializers:
+            b.inputs.append(inp)
+    env = {}
+    for x in wrt:
+        env[x] = tangent_name(b, x)
+        b.add_input(env[x], src.dtype(x), lead + list(src.shape(x) or []))
+
+    for node in src.nodes:
+        tangents_in = [env.get(name) if name else None for name in node.input]
+        if all(t is None for t in tangents_in):
+            b.copy(node)
+            continue
+        outs = NotImplemented
+        if strategy == "batched" and node.op_type in BATCHED:
+            outs = BATCHED[node.op_type](b, node, *tangents_in)
+        if outs is NotImplemented:
+            b.copy(node)
+            outs = JVP[node.op_type](b, node, *tangents_in)
+        env.update((name, t) for name, t in zip(node.output, outs) if name)
+
+    b.outputs.extend(src.outputs)
+    for y in src.outputs:
+        t = env.get(y.name)
+        if t is None:
+            t = zeros_like(b, y.name)
+        name = b.fresh(f"{y.name}_dot")
+        b.nodes.append(onnx.helper.make_node("Identity", [t], [name], name=b.fresh("jg_output")))
+        b.add_output(name, src.dtype(y.name), lead + list(src.shape(y.name) or []))
+    return b.build(f"{src.graph.name}_jvp", doc=f"JVP of {src.graph.name} (jacgraph, strategy={strategy}, tangents={tangents})")
