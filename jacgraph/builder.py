@@ -123,7 +123,7 @@ class Builder:
     def add_output(self, name, elem_type, shape):
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def build(self, graph_name: str, doc: str = "") -> onnx.ModelProto:
+    def build(self, graph_name: str, doc: str = "", metadata: dict | None = None) -> onnx.ModelProto:
         from .runtime import max_ir_version
 
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers, doc_string=doc)
@@ -131,5 +131,6 @@ class Builder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="jacgraph")
         model.ir_version = min(onnx.IR_VERSION, max_ir_version())
         model.functions.extend(self.src.proto.functions)
+        helper.set_model_props(model, {k: str(v) for k, v in (metadata or {}).items()})
         onnx.checker.check_model(model, full_check=True)
         return model

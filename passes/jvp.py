@@ -1,6 +1,7 @@
 """The JVP pass: (x, x_dot) -> (y, y_dot) with y_dot = J(x) x_dot, by the rules in jacgraph.rules.jvp."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import onnx
@@ -41,7 +42,7 @@ def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.
     for inp in src.graph.input:
         if inp.name not in src.initializers:
             b.inputs.append(inp)
-    env = {}
+    env = {}  # source value name -> tangent name in the new graph (absent/None: symbolic zero)
     for x in wrt:
         env[x] = tangent_name(b, x)
         b.add_input(env[x], src.dtype(x), lead + list(src.shape(x) or []))
@@ -60,6 +61,7 @@ def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.
         env.update((name, t) for name, t in zip(node.output, outs) if name)
 
     b.outputs.extend(src.outputs)
+    out_pairs = []
     for y in src.outputs:
         t = env.get(y.name)
         if t is None:
@@ -67,4 +69,8 @@ def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.
         name = b.fresh(f"{y.name}_dot")
         b.nodes.append(onnx.helper.make_node("Identity", [t], [name], name=b.fresh("jg_output")))
         b.add_output(name, src.dtype(y.name), lead + list(src.shape(y.name) or []))
-    return b.build(f"{src.graph.name}_jvp", doc=f"JVP of {src.graph.name} (jacgraph, strategy={strategy}, tangents={tangents})")
+        out_pairs.append([y.name, name])
+    metadata = {"jacgraph.emit": "jvp", "jacgraph.strategy": strategy, "jacgraph.tangents": tangents or 0,
+                "jacgraph.tangent_inputs": json.dumps([[x, env[x]] for x in wrt]),
+                "jacgraph.tangent_outputs": json.dumps(out_pairs)}
+    return b.build(f"{src.graph.name}_jvp", doc=f"JVP of {src.graph.name} (jacgraph)", metadata=metadata)

@@ -1,0 +1,90 @@
+"""`jacgraph bench`: the emitted graph against the forward model, side by side in one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+
+from . import compile as compile_model
+from .model import SourceModel, load
+from .runtime import session
+from .testing import random_feeds
+
+# Peak memory is measured in a fresh process per model: onnxruntime's arena never shrinks, so
+# two sessions in one process would hide each other's peak.
+_MEMORY_PROBE = r"""
+import json, resource, sys, numpy as np
+from jacgraph.runtime import session
+path, feeds_path, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+feeds = dict(np.load(feeds_path))
+sess = session(path, threads=threads or None)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(runs):
+    sess.run(None, feeds)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"loaded_kb": loaded, "peak_kb": peak}))
+"""
+
+
+def feeds_for(model: onnx.ModelProto, seed=0) -> dict:
+    src = SourceModel(model)
+    rng = np.random.default_rng(seed)
+    return {k: v.astype(src.np_dtype(k)) if src.is_float(k) else v for k, v in random_feeds(src, rng).items()}
+
+
+def time_interleaved(sessions: list, feeds: list, runs: int, warmup: int = 5) -> list:
+    """Median seconds per run of each session, runs interleaved so machine noise hits all alike."""
+    for _ in range(warmup):
+        for s, f in zip(sessions, feeds):
+            s.run(None, f)
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[i].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
+
+def peak_memory(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 3) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, feeds_path = os.path.join(tmp, "m.onnx"), os.path.join(tmp, "feeds.npz")
+        onnx.save(model, path)
+        np.savez(feeds_path, **feeds)
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path, feeds_path, str(threads), str(runs)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(model_path, emit="jvp", runs=50, threads=0, tangents=None, strategy=None, memory=True) -> dict:
+    model = load(model_path)
+    options = {"tangents": tangents}
+    if strategy:
+        options["strategy"] = strategy
+    emitted = compile_model(model, emit=emit, **options)
+    props = {p.key: p.value for p in emitted.metadata_props}
+    fwd_feeds = feeds_for(model)
+    rng = np.random.default_rng(1)
+    jvp_feeds = dict(fwd_feeds)
+    for x, x_dot in json.loads(props["jacgraph.tangent_inputs"]):
+        shape = ((tangents,) if tangents else ()) + fwd_feeds[x].shape
+        jvp_feeds[x_dot] = rng.standard_normal(shape).astype(fwd_feeds[x].dtype)
+    fwd_sess, emitted_sess = session(model, threads=threads or None), session(emitted, threads=threads or None)
+    t_fwd, t_emit = time_interleaved([fwd_sess, emitted_sess], [fwd_feeds, jvp_feeds], runs)
+    result = {"strategy": props.get("jacgraph.strategy"), "tangents": tangents or 1, "threads": threads or "default",
+              "runs": runs, "forward_ms": 1e3 * t_fwd, "emitted_ms": 1e3 * t_emit, "ratio": t_emit / t_fwd}
+    if memory:
+        fwd_mem, emit_mem = peak_memory(model, fwd_feeds, threads), peak_memory(emitted, jvp_feeds, threads)
+        result.update({
+            "forward_peak_mb": fwd_mem["peak_kb"] / 1024, "emitted_peak_mb": emit_mem["peak_kb"] / 1024,
+            "memory_ratio": emit_mem["peak_kb"] / fwd_mem["peak_kb"],
+            "forward_growth_mb": (fwd_mem["peak_kb"] - fwd_mem["loaded_kb"]) / 1024,
+            "emitted_growth_mb": (emit_mem["peak_kb"] - emit_mem["loaded_kb"]) / 1024,
+        })
+    return result
