@@ -74,7 +74,7 @@ class Builder:
     def const(self, value, dtype=None, hint="const") -> str:
         """An initializer holding `value` (deduplicated by value, dtype and shape)."""
         arr = np.asarray(value, dtype=dtype)
-        if arr.dtype == np.float64 and dtype is None:
+        if dtype is None and not isinstance(value, np.ndarray) and arr.dtype == np.float64:
             raise TypeError("pass dtype for float constants: use b.scalar(v, like=name)")
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:

@@ -172,7 +172,7 @@ def transpose(b, node, t):
     """ẏ = transpose(ẋ, perm) (K axis stays first)."""
     rank = b.src.rank(node.input[0])
     perm = b.src.attrs(node).get("perm") or list(reversed(range(rank)))
-    return [b.Transpose(t, perm=[p + lead(b) for p in perm] if b.K else list(perm))]
+    return [b.Transpose(t, perm=[0] + [p + 1 for p in perm] if b.K else list(perm))]
 
 
 @rule("Concat")
@@ -389,13 +389,14 @@ def _no_stacked_weight_tangent(b, node, *tangents):
 def conv(b, node, tx, tw=None, tbias=None):
     """ẏ = conv(ẋ, W) + conv(x, Ẇ) + ḃ; the bias is additive and drops out when constant."""
     attrs = b.src.attrs(node)
-    _no_stacked_weight_tangent(b, node, tw, tbias)
+    _no_stacked_weight_tangent(b, node, tw)
     terms = [None if tx is None else batch_first(b, tx, node.op_type, node.input[1], **attrs),
              None if tw is None else b.op(node.op_type, node.input[0], tw, **attrs)]
     out = add_all(b, terms)
     if tbias is not None:
-        rank = b.src.rank(node.output[0])
-        out = b.Add(out, b.Unsqueeze(tbias, b.ints(range(1, rank - 1))))
+        rank, k = b.src.rank(node.output[0]), lead(b)
+        axes = [1] * k + list(range(1 + 2 * k, rank - 1 + 2 * k))  # [C] -> [C, 1..]; [K, C] -> [K, 1, C, 1..]
+        out = add_all(b, [out, b.Unsqueeze(tbias, b.ints(axes))])
     return [out]
 
 
@@ -636,11 +637,6 @@ def _selu_slope(b, x, y, attrs):
     return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, gamma, x), b.Add(y, s(b, alpha * gamma, x)))
 
 
-def _celu_slope(b, x, y, attrs):
-    """ẏ = ẋ·(x > 0 ? 1 : exp(x/α)); at 0 the slope is 1."""
-    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), b.Exp(b.Div(x, s(b, attrs["alpha"], x))))
-
-
 def _hard_swish_slope(b, x, y, attrs):
     """ẏ = ẋ·(x < -3 ? 0 : x > 3 ? 1 : x/3 + 1/2); at ±3 the middle piece, as PyTorch."""
     middle = b.Add(b.Mul(x, s(b, 1.0 / 3.0, x)), s(b, 0.5, x))
@@ -666,7 +662,7 @@ def _gelu_slope(b, x, y, attrs):
 for _op, _slope in {"Sigmoid": _sigmoid_slope, "Tanh": _tanh_slope, "Exp": _exp_slope, "Log": _log_slope,
                     "Sqrt": _sqrt_slope, "Reciprocal": _reciprocal_slope, "Erf": _erf_slope, "Sin": _sin_slope,
                     "Cos": _cos_slope, "Softplus": _softplus_slope, "Softsign": _softsign_slope,
-                    "Elu": _elu_slope, "Selu": _selu_slope, "Celu": _celu_slope, "HardSwish": _hard_swish_slope,
+                    "Elu": _elu_slope, "Selu": _selu_slope, "HardSwish": _hard_swish_slope,
                     "Gelu": _gelu_slope}.items():
     JVP[_op] = elementwise(_slope)
 

@@ -1,0 +1,284 @@
+"""Every JVP rule against float64 central differences, one or more cases per op (cases are data).
+
+Tolerance: central differences with h = 1e-6 in float64 have truncation error O(h²·f''') ~ 1e-12 and
+round-off ~ 1e-16/h ~ 1e-10 relative; inputs are sampled at least 0.05 away from every kink, far
+beyond the h·|v| ~ 1e-5 perturbation, so 1e-6 relative leaves two orders of margin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from jacgraph.passes import jvp
+from jacgraph.rules.jvp import JVP
+from jacgraph.testing import central_difference, reference_session, relative_error, run_reference
+
+TOL = 1e-6
+H = 1e-6
+
+
+@dataclass
+class Case:
+    op: str
+    inputs: dict                      # differentiated float inputs: name -> shape
+    args: list                        # node input names, in order ("" for an omitted optional input)
+    attrs: dict = field(default_factory=dict)
+    consts: dict = field(default_factory=dict)   # name -> numpy array (initializers)
+    n_out: int = 1
+    kinks: tuple = ()                 # sampled inputs stay 0.05 away from these values
+    positive: bool = False            # sample |x| + 0.5
+    opset: int = 18
+    id: str = ""
+    extra_nodes: list = field(default_factory=list)  # nodes run before the op (for multi-node cases)
+    covers: tuple = ()                # further op types this case exercises
+
+    def model(self):
+        outputs = [f"y{i}" for i in range(self.n_out)]
+        node = helper.make_node(self.op, self.args, outputs, **self.attrs)
+        inits = [numpy_helper.from_array(v, k) for k, v in self.consts.items()]
+        graph = helper.make_graph(
+            self.extra_nodes + [node], "case",
+            [helper.make_tensor_value_info(n, TensorProto.DOUBLE, s) for n, s in self.inputs.items()],
+            [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model = onnx.shape_inference.infer_shapes(model)
+        for out in model.graph.output:  # declare the output types shape inference found
+            for vi in model.graph.value_info:
+                if vi.name == out.name:
+                    out.CopyFrom(vi)
+        return model
+
+    def sample(self, rng, shape):
+        x = rng.standard_normal(shape)
+        if self.positive:
+            return np.abs(x) + 0.5
+        for _ in range(100):
+            near = np.zeros(shape, bool)
+            for k in self.kinks:
+                near |= np.abs(x - k) < 0.05
+            if not near.any():
+                break
+            x[near] = rng.standard_normal(int(near.sum()))
+        return x
+
+
+def f64(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+X = {"x": (2, 3, 4)}
+X4 = {"x": (2, 3, 5, 5)}
+AB = {"a": (2, 3), "b": (2, 3)}
+
+CASES = [
+    # --- zero tangents (integer paths, comparisons, piecewise constant) --------------------------
+    Case("Shape", X, ["x"]),
+    Case("Size", X, ["x"]),
+    Case("Equal", AB, ["a", "b"]), Case("Less", AB, ["a", "b"]), Case("Greater", AB, ["a", "b"]),
+    Case("LessOrEqual", AB, ["a", "b"]), Case("GreaterOrEqual", AB, ["a", "b"]),
+    Case("Not", X, ["m"], extra_nodes=[helper.make_node("Greater", ["x", "zero"], ["m"])], consts={"zero": np.array(0.0)}),
+    Case("And", X, ["m", "m"], extra_nodes=[helper.make_node("Greater", ["x", "zero"], ["m"])], consts={"zero": np.array(0.0)}),
+    Case("Or", X, ["m", "m"], extra_nodes=[helper.make_node("Greater", ["x", "zero"], ["m"])], consts={"zero": np.array(0.0)}),
+    Case("Xor", X, ["m", "m"], extra_nodes=[helper.make_node("Greater", ["x", "zero"], ["m"])], consts={"zero": np.array(0.0)}),
+    Case("ArgMax", X, ["x"], attrs={"axis": 1}), Case("ArgMin", X, ["x"], attrs={"axis": 2}),
+    Case("NonZero", X, ["m"], extra_nodes=[helper.make_node("Greater", ["x", "zero"], ["m"])], consts={"zero": np.array(0.0)}),
+    Case("Sign", X, ["x"], kinks=(0,)), Case("Floor", X, ["x"], kinks=(-2, -1, 0, 1, 2)),
+    Case("Ceil", X, ["x"], kinks=(-2, -1, 0, 1, 2)), Case("Round", X, ["x"], kinks=(-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)),
+    Case("IsNaN", X, ["x"]), Case("IsInf", X, ["x"]),
+    Case("ConstantOfShape", X, ["s"], attrs={"value": numpy_helper.from_array(np.array([2.0]))},
+         extra_nodes=[helper.make_node("Shape", ["x"], ["s"])]),
+    Case("Range", X, ["start", "limit", "delta"], consts={"start": np.array(0, np.int64), "delta": np.array(1, np.int64)},
+         extra_nodes=[helper.make_node("Size", ["x"], ["limit"])]),
+    Case("EyeLike", {"x": (3, 4)}, ["x"]),
+    Case("Constant", X, [], attrs={"value": numpy_helper.from_array(np.ones(3))}),
+    # --- structural and linear -------------------------------------------------------------------
+    Case("Identity", X, ["x"]),
+    Case("Dropout", X, ["x"], n_out=1),
+    Case("Dropout", X, ["x"], n_out=2, id="dropout-mask"),
+    Case("Reshape", X, ["x", "shape"], consts={"shape": i64(0, -1)}),
+    Case("Reshape", X, ["x", "shape"], consts={"shape": i64(4, 3, 2)}, id="reshape-full"),
+    Case("Flatten", X4, ["x"], attrs={"axis": 2}),
+    Case("Squeeze", {"x": (2, 1, 3)}, ["x", "axes"], consts={"axes": i64(1)}),
+    Case("Unsqueeze", X, ["x", "axes"], consts={"axes": i64(0, -1)}),
+    Case("Transpose", X, ["x"], attrs={"perm": [2, 0, 1]}),
+    Case("Transpose", X, ["x"], id="transpose-default"),
+    Case("Concat", {"a": (2, 3), "b": (2, 4)}, ["a", "b", "c"], attrs={"axis": -1}, consts={"c": f64(2, 2)}),
+    Case("Split", {"x": (2, 6)}, ["x", "split"], attrs={"axis": 1}, consts={"split": i64(2, 4)}, n_out=2),
+    Case("Split", {"x": (4, 3)}, ["x"], attrs={"axis": 0, "num_outputs": 2}, n_out=2, id="split-num-outputs"),
+    Case("Split", {"x": (2, 6)}, ["x"], attrs={"axis": 1, "split": [1, 5]}, n_out=2, opset=11, id="split-opset11-converted"),
+    Case("Slice", X, ["x", "starts", "ends", "axes", "steps"],
+         consts={"starts": i64(1, 0), "ends": i64(3, -1), "axes": i64(2, -2), "steps": i64(1, 2)}),
+    Case("Slice", X, ["x", "starts", "ends"], consts={"starts": i64(1, 1), "ends": i64(2, 3)}, id="slice-default-axes"),
+    Case("Gather", X, ["x", "idx"], attrs={"axis": 1}, consts={"idx": i64(2, 0, 0)}),
+    Case("Gather", X, ["x", "idx"], attrs={"axis": -1}, consts={"idx": np.array([[1, 3], [0, 0]], np.int64)}, id="gather-2d"),
+    Case("GatherElements", {"x": (3, 4)}, ["x", "idx"], attrs={"axis": 1},
+         consts={"idx": np.array([[0, 3], [1, 1], [2, 0]], np.int64)}),
+    Case("Pad", X4, ["x", "pads", "value"], attrs={"mode": "constant"},
+         consts={"pads": i64(0, 0, 1, 2, 0, 1, 0, 1), "value": np.array(3.0)}),
+    Case("Pad", X4, ["x", "pads"], attrs={"mode": "reflect"}, consts={"pads": i64(0, 0, 2, 1, 0, 0, 1, 2)}, id="pad-reflect"),
+    Case("Pad", X4, ["x", "pads"], attrs={"mode": "edge"}, consts={"pads": i64(0, 0, 2, 1, 0, 0, 1, 2)}, id="pad-edge"),
+    Case("Pad", X4, ["x", "pads", "", "axes"], attrs={"mode": "constant"}, consts={"pads": i64(1, 2, 0, 1), "axes": i64(2, -1)},
+         id="pad-axes"),
+    Case("Expand", {"x": (3, 1)}, ["x", "shape"], consts={"shape": i64(2, 3, 4)}),
+    Case("Tile", X, ["x", "rep"], consts={"rep": i64(1, 2, 2)}),
+    Case("Trilu", {"x": (2, 4, 4)}, ["x", "k"], attrs={"upper": 0}, consts={"k": np.array(1, np.int64)}),
+    Case("CumSum", X, ["x", "axis"], attrs={"reverse": 1}, consts={"axis": np.array(1, np.int64)}),
+    Case("DepthToSpace", {"x": (1, 8, 2, 3)}, ["x"], attrs={"blocksize": 2, "mode": "CRD"}),
+    Case("SpaceToDepth", {"x": (1, 2, 4, 6)}, ["x"], attrs={"blocksize": 2}),
+    Case("Resize", X4, ["x", "", "scales"], attrs={"mode": "linear"}, consts={"scales": np.array([1, 1, 2.0, 1.5], np.float32)}),
+    Case("Resize", X4, ["x", "", "scales"], attrs={"mode": "nearest"}, consts={"scales": np.array([1, 1, 2.0, 2.0], np.float32)},
+         id="resize-nearest"),
+    Case("Resize", X4, ["x", "", "", "sizes"], attrs={"mode": "cubic", "coordinate_transformation_mode": "align_corners"},
+         consts={"sizes": i64(2, 3, 7, 8)}, id="resize-cubic-sizes"),
+    Case("Resize", X4, ["x", "roi", "", "sizes"], attrs={"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"},
+         consts={"roi": np.array([0, 0, 0.1, 0.2, 1, 1, 0.9, 0.7]), "sizes": i64(2, 3, 4, 6)}, id="resize-crop"),
+    Case("Neg", X, ["x"]),
+    Case("Add", AB, ["a", "b"]),
+    Case("Add", {"a": (2, 3, 4), "b": (3, 1)}, ["a", "b"], id="add-broadcast"),
+    Case("Add", {"b": (4,)}, ["c", "b"], consts={"c": f64(2, 3, 4)}, id="add-const-broadcast-up"),
+    Case("Sub", {"a": (2, 3, 4), "b": (4,)}, ["a", "b"]),
+    Case("Sub", {"b": (3, 1)}, ["c", "b"], consts={"c": f64(2, 3, 4)}, id="sub-const-first"),
+    Case("Sum", {"a": (2, 3), "b": (3,)}, ["a", "b", "c"], consts={"c": f64(2, 3)}),
+    Case("Mean", {"a": (2, 3), "b": (1, 3)}, ["a", "b", "a"]),
+    Case("Mul", {"a": (2, 3, 4), "b": (3, 1)}, ["a", "b"]),
+    Case("Mul", {"a": (2, 3)}, ["a", "c"], consts={"c": f64(3)}, id="mul-const"),
+    Case("Div", {"a": (2, 3), "b": (3,)}, ["a", "b"], kinks=(0,)),
+    Case("Div", {"b": (2, 3)}, ["c", "b"], consts={"c": f64(2, 3)}, kinks=(0,), id="div-const-numerator"),
+    Case("MatMul", {"a": (2, 3, 4), "b": (4, 5)}, ["a", "b"]),
+    Case("MatMul", {"a": (4,), "b": (2, 4, 3)}, ["a", "b"], id="matmul-vector-batched"),
+    Case("MatMul", {"a": (2, 3, 4), "b": (4,)}, ["a", "b"], id="matmul-batched-vector"),
+    Case("MatMul", {"a": (3, 4), "b": (2, 4, 5)}, ["a", "b"], id="matmul-broadcast"),
+    Case("MatMul", {"a": (4,), "b": (4,)}, ["a", "b"], id="matmul-dot"),
+    Case("Gemm", {"a": (3, 4)}, ["a", "w", "c"], attrs={"transB": 1, "alpha": 0.7, "beta": 2.0},
+         consts={"w": f64(5, 4), "c": f64(5)}),
+    Case("Gemm", {"a": (4, 3), "w": (4, 5), "c": (3, 5)}, ["a", "w", "c"], attrs={"transA": 1, "alpha": 1.5, "beta": 0.5},
+         id="gemm-all-active"),
+    Case("Conv", X4, ["x", "w", "bias"], attrs={"pads": [1, 0, 2, 1], "strides": [2, 1], "dilations": [1, 2]},
+         consts={"w": f64(4, 3, 3, 2), "bias": f64(4)}),
+    Case("Conv", {"x": (1, 4, 6, 6)}, ["x", "w"], attrs={"group": 2, "auto_pad": "SAME_UPPER"}, consts={"w": f64(6, 2, 3, 3)},
+         id="conv-groups-same"),
+    Case("Conv", {"x": (1, 4, 6, 6)}, ["x", "w"], attrs={"group": 4, "pads": [1, 1, 1, 1]}, consts={"w": f64(4, 1, 3, 3)},
+         id="conv-depthwise"),
+    Case("Conv", {"x": (2, 2, 7), "bias": (3,)}, ["x", "w", "bias"], attrs={"pads": [1, 1]}, consts={"w": f64(3, 2, 3)},
+         id="conv-1d-bias-active"),
+    Case("ConvTranspose", X4, ["x", "w", "bias"], attrs={"strides": [2, 2], "output_padding": [1, 0], "pads": [1, 0, 0, 1]},
+         consts={"w": f64(3, 2, 3, 3), "bias": f64(2)}),
+    Case("BatchNormalization", X4, ["x", "scale", "bias", "mean", "var"], attrs={"epsilon": 1e-3},
+         consts={"scale": f64(3), "bias": f64(3), "mean": f64(3), "var": np.abs(f64(3)) + 0.5}),
+    Case("AveragePool", X4, ["x"], attrs={"kernel_shape": [3, 2], "pads": [1, 0, 1, 1], "strides": [2, 1],
+                                          "count_include_pad": 0}),
+    Case("AveragePool", X4, ["x"], attrs={"kernel_shape": [2, 2], "ceil_mode": 1, "strides": [2, 2]}, id="avgpool-ceil"),
+    Case("GlobalAveragePool", X4, ["x"]),
+    Case("ReduceSum", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(0, 2)}),
+    Case("ReduceSum", X, ["x"], id="reducesum-all"),
+    Case("ReduceMean", X, ["x", "axes"], consts={"axes": i64(-1)}),
+    Case("ReduceMean", X, ["x"], attrs={"axes": [1], "keepdims": 0}, opset=13, id="reducemean-opset13"),
+    Case("Einsum", {"a": (2, 3), "b": (3, 4)}, ["a", "b"], attrs={"equation": "ij,jk->ik"}),
+    Case("Einsum", {"a": (2, 3, 4)}, ["a", "w"], attrs={"equation": "bij,jk->bik"}, consts={"w": f64(4, 5)}, id="einsum-const"),
+    # --- CPA ops ----------------------------------------------------------------------------------
+    Case("Relu", X, ["x"], kinks=(0,)),
+    Case("LeakyRelu", X, ["x"], attrs={"alpha": 0.1}, kinks=(0,)),
+    Case("PRelu", X, ["x", "slope"], consts={"slope": f64(3, 1)}, kinks=(0,)),
+    Case("PRelu", {"x": (2, 3, 4), "slope": (4,)}, ["x", "slope"], kinks=(0,), id="prelu-slope-active"),
+    Case("Clip", X, ["x", "lo", "hi"], consts={"lo": np.array(-0.5), "hi": np.array(0.8)}, kinks=(-0.5, 0.8)),
+    Case("Clip", X, ["x", "", "hi"], consts={"hi": np.array(0.3)}, kinks=(0.3,), id="clip-max-only"),
+    Case("HardSigmoid", X, ["x"], attrs={"alpha": 0.4, "beta": 0.5}, kinks=(-1.25, 1.25)),
+    Case("Abs", X, ["x"], kinks=(0,)),
+    Case("Max", {"a": (2, 3), "b": (3,)}, ["a", "b", "c"], consts={"c": f64(2, 3)}),
+    Case("Min", {"a": (2, 3), "b": (2, 3)}, ["a", "b"]),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 2], "strides": [2, 1]}),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2], "ceil_mode": 1},
+         id="maxpool-pads-ceil"),
+    Case("MaxPool", {"x": (1, 2, 7, 7)}, ["x"], attrs={"kernel_shape": [2, 2], "dilations": [2, 2]}, id="maxpool-dilated"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 2]}, n_out=2, id="maxpool-with-indices"),
+    Case("GlobalMaxPool", X4, ["x"]),
+    Case("ReduceMax", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1, 2)}),
+    Case("ReduceMin", X, ["x"], attrs={"axes": [0], "keepdims": 1}, opset=13),
+    # --- smooth ops ---------------------------------------------------------------------------------
+    Case("Sigmoid", X, ["x"]), Case("Tanh", X, ["x"]), Case("Exp", X, ["x"]),
+    Case("Log", X, ["x"], positive=True), Case("Sqrt", X, ["x"], positive=True),
+    Case("Reciprocal", X, ["x"], positive=True), Case("Erf", X, ["x"]), Case("Sin", X, ["x"]), Case("Cos", X, ["x"]),
+    Case("Softplus", X, ["x"]), Case("Softsign", X, ["x"], kinks=(0,)),
+    Case("Elu", X, ["x"], attrs={"alpha": 0.7}, kinks=(0,)),
+    Case("Selu", X, ["x"], kinks=(0,)),
+    Case("HardSwish", {"x": (4, 50)}, ["x"], kinks=(-3, 3)),
+    Case("Gelu", X, ["x"], opset=20), Case("Gelu", X, ["x"], attrs={"approximate": "tanh"}, opset=20, id="gelu-tanh"),
+    Case("Pow", {"x": (2, 3)}, ["x", "p"], consts={"p": np.array(2.5)}, positive=True),
+    Case("Pow", {"x": (2, 3), "p": (3,)}, ["x", "p"], positive=True, id="pow-both-active"),
+    Case("Softmax", X, ["x"], attrs={"axis": 1}),
+    Case("LogSoftmax", X, ["x"], attrs={"axis": -1}),
+    Case("Where", AB, ["m", "a", "b"], extra_nodes=[helper.make_node("Greater", ["a", "b"], ["m"])]),
+    Case("Where", {"a": (2, 3)}, ["m", "a", "c"], consts={"c": f64(3)},
+         extra_nodes=[helper.make_node("Greater", ["a", "c"], ["m"])], id="where-one-branch"),
+    Case("Cast", X, ["x"], attrs={"to": TensorProto.DOUBLE}),
+    Case("Cast", X, ["x"], attrs={"to": TensorProto.INT64}, kinks=(-2, -1, 0, 1, 2), id="cast-int"),
+    Case("LRN", X4, ["x"], attrs={"size": 3, "alpha": 0.3, "beta": 0.75, "bias": 1.5}),
+    Case("LRN", {"x": (1, 6, 2, 2)}, ["x"], attrs={"size": 4}, id="lrn-even"),
+    Case("LayerNormalization", X, ["x", "scale", "bias"], attrs={"axis": -1, "epsilon": 1e-3},
+         consts={"scale": f64(4), "bias": f64(4)}),
+    Case("LayerNormalization", {"x": (2, 3, 4), "scale": (3, 4), "bias": (3, 4)}, ["x", "scale", "bias"], attrs={"axis": 1},
+         id="layernorm-all-active"),
+    Case("InstanceNormalization", X4, ["x", "scale", "bias"], consts={"scale": f64(3), "bias": f64(3)}),
+]
+
+
+def case_id(case):
+    return case.id or case.op
+
+
+def run_case(case, K, strategy="twopass"):
+    model = case.model()
+    emitted = jvp.build(model, tangents=K, strategy=strategy)
+    rng = np.random.default_rng(1)
+    feeds = {name: case.sample(rng, shape) for name, shape in case.inputs.items()}
+    directions = {name: rng.standard_normal(((K,) if K else ()) + shape) for name, shape in case.inputs.items()}
+    props = {p.key: p.value for p in emitted.metadata_props}
+    import json
+
+    dot_in = dict(json.loads(props["jacgraph.tangent_inputs"]))
+    dot_out = dict(json.loads(props["jacgraph.tangent_outputs"]))
+    out = run_reference(reference_session(emitted), {**feeds, **{dot_in[k]: v for k, v in directions.items()}})
+    src_sess = reference_session(model)
+    primal = run_reference(src_sess, feeds)
+    for y, value in primal.items():  # the primal outputs pass through unchanged
+        np.testing.assert_array_equal(out[y], value)
+    for k in range(K or 1):
+        v = {n: (d if K is None else d[k]) for n, d in directions.items()}
+        fd = central_difference(src_sess, feeds, v, H)
+        for y, y_dot in dot_out.items():
+            got = out[y_dot] if K is None else out[y_dot][k]
+            if y not in fd:  # integer or boolean output
+                assert not np.any(got), f"{y}: an integer output must have a zero tangent"
+                continue
+            assert got.shape == np.shape(fd[y])
+            err = relative_error(got, fd[y])
+            assert err < TOL, f"{case_id(case)} output {y} direction {k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("K", [None, 3], ids=["one-tangent", "K=3"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_jvp_rule(case, K):
+    run_case(case, K)
+
+
+BATCHED_CASES = [c for c in CASES if c.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+
+
+@pytest.mark.parametrize("K", [None, 2], ids=["one-tangent", "K=2"])
+@pytest.mark.parametrize("case", BATCHED_CASES, ids=case_id)
+def test_batched_strategy(case, K):
+    run_case(case, K, strategy="batched")
+
+
+def test_every_rule_has_a_case():
+    covered = {c.op for c in CASES} | {op for c in CASES for op in c.covers}
+    missing = sorted(set(JVP) - covered)
+    assert not missing, f"JVP rules without a test case: {missing}"
