@@ -62,7 +62,7 @@ def parse_shape(text):
 def cmd_compile(args) -> int:
     given = {k: getattr(args, k) for k in ("inputs", "tangents", "strategy", "wrt", "state", "tol", "max_iter",
                                           "fixed_iterations", "readout", "loss", "sparse", "norm", "input_shape")
-             if getattr(args, k) not in (None, False)}
+             if getattr(args, k) is not None and getattr(args, k) is not False}
     allowed = EMIT_OPTIONS[args.emit]
     stray = [k for k in given if k not in allowed]
     if stray:

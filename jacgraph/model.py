@@ -96,15 +96,15 @@ class SourceModel:
         if _opset_of(proto) < MIN_OPSET:
             proto = _convert_up(proto)
         try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0]
-            raise JacgraphError(f"the model is not valid ONNX: {first}. Re-export it or repair it with onnx.checker's hint.") from None
-        try:
             proto = shape_inference.infer_shapes(proto, data_prop=True)
         except Exception as e:
             raise JacgraphError(f"ONNX shape inference failed on the model: {str(e).strip().splitlines()[0]}. "
                                 "Check the input shapes the model declares.") from None
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0]
+            raise JacgraphError(f"the model is not valid ONNX: {first}. Re-export it or repair it with onnx.checker's hint.") from None
         self.proto = proto
         self.graph = proto.graph
         self.opset = _opset_of(proto)

@@ -74,7 +74,16 @@ def session(model, threads: int | None = None, optimize: bool = True, provider: 
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    if not isinstance(model, onnx.ModelProto):
+        from .model import load
+
+        model = load(model)
+    if model.ir_version > max_ir_version():  # onnx writes a newer IR than onnxruntime reads; the graph is the same
+        lowered = onnx.ModelProto()
+        lowered.CopyFrom(model)
+        lowered.ir_version = max_ir_version()
+        model = lowered
+    data = model.SerializeToString()
     chosen = (provider,) if provider else providers()
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=list(chosen))

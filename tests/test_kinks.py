@@ -1,0 +1,85 @@
+"""Kink and tie conventions, pinned exactly at the kinks (float32, onnxruntime, as users run them)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jacgraph import runtime
+from jacgraph.passes import jvp
+
+
+def one_node(op, shape, attrs=None, consts=None, n_inputs=1, out_types=(TensorProto.FLOAT,)):
+    consts = consts or {}
+    names = [f"x{i}" for i in range(n_inputs)] + list(consts)
+    outs = [f"y{i}" for i in range(len(out_types))]
+    graph = helper.make_graph(
+        [helper.make_node(op, names, outs, **(attrs or {}))], op,
+        [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, shape) for i in range(n_inputs)],
+        [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, out_types)],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def tangent(model, xs, vs):
+    emitted = jvp.build(model)
+    feeds = {f"x{i}": x for i, x in enumerate(xs)}
+    feeds.update({f"x{i}_dot": v for i, v in enumerate(vs)})
+    return runtime.run(runtime.session(emitted), feeds)["y0_dot"]
+
+
+X = np.array([-1.0, 0.0, 1.0, -0.0], np.float32)
+V = np.array([2.0, 3.0, 5.0, 7.0], np.float32)
+
+
+def test_relu_derivative_at_zero_is_zero():
+    np.testing.assert_array_equal(tangent(one_node("Relu", [4]), [X], [V]), [0, 0, 5, 0])
+
+
+def test_leaky_relu_takes_the_left_slope_at_zero():
+    got = tangent(one_node("LeakyRelu", [4], {"alpha": 0.25}), [X], [V])
+    np.testing.assert_array_equal(got, np.float32([0.5, 0.75, 5, 1.75]))
+
+
+def test_clip_derivative_is_zero_on_the_bounds():
+    model = one_node("Clip", [4], consts={"lo": -1.0, "hi": 1.0})
+    np.testing.assert_array_equal(tangent(model, [X], [V]), [0, 3, 0, 7])
+
+
+def test_abs_derivative_at_zero_is_zero():
+    np.testing.assert_array_equal(tangent(one_node("Abs", [4]), [X], [V]), [-2, 0, 5, 0])
+
+
+def test_max_ties_go_to_the_first_input():
+    a, b = np.float32([1, 2, 3]), np.float32([1, 0, 3])
+    got = tangent(one_node("Max", [3], n_inputs=2), [a, b], [np.float32([1, 1, 1]), np.float32([10, 10, 10])])
+    np.testing.assert_array_equal(got, [1, 1, 1])
+
+
+def test_reduce_max_ties_share_the_tangent_evenly():
+    model = one_node("ReduceMax", [1, 4], {"keepdims": 0})
+    got = tangent(model, [np.float32([[2, 2, 1, 2]])], [np.float32([[3, 6, 100, 9]])])
+    np.testing.assert_allclose(got, [6.0], rtol=0, atol=1e-6)
+
+
+def test_maxpool_ties_take_the_index_onnxruntime_reports():
+    x = np.zeros((1, 1, 4, 4), np.float32)  # every window is one big tie
+    v = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    attrs = {"kernel_shape": [2, 2], "strides": [1, 1]}
+    indices_model = one_node("MaxPool", [1, 1, 4, 4], attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
+    indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
+    got = tangent(one_node("MaxPool", [1, 1, 4, 4], attrs), [x], [v])
+    np.testing.assert_array_equal(got, v.reshape(-1)[indices])
+
+
+def test_hard_swish_uses_the_middle_piece_at_plus_minus_three():
+    x = np.float32([-3, 3])
+    got = tangent(one_node("HardSwish", [2]), [x], [np.float32([1, 1])])
+    np.testing.assert_allclose(got, [-0.5, 1.5], rtol=1e-6)
+
+
+def test_source_model_is_not_mutated():
+    model = one_node("Relu", [4])
+    before = model.SerializeToString()
+    jvp.build(model)
+    assert model.SerializeToString() == before
