@@ -456,18 +456,23 @@ def einsum(b, node, *ts):
 
 # ---- CPA ops: state frozen at x -----------------------------------------------------------------
 
+# The masks below read the activation's output y where it decides the state exactly as x does
+# (relu(x) > 0 <=> x > 0): then x feeds nothing but the activation, and onnxruntime can fuse
+# Conv+activation on the primal path as it does in the forward model.
+
 @rule("Relu")
 def relu(b, node, t):
-    """ẏ = ẋ·[x > 0]; relu'(0) = 0."""
-    x = node.input[0]
-    return [b.Where(b.Greater(x, s(b, 0.0, x)), t, s(b, 0.0, x))]
+    """ẏ = ẋ·[x > 0] = ẋ·[y > 0]; relu'(0) = 0."""
+    x, y = node.input[0], node.output[0]
+    return [b.Where(b.Greater(y, s(b, 0.0, x)), t, s(b, 0.0, x))]
 
 
 @rule("LeakyRelu")
 def leaky_relu(b, node, t):
     """ẏ = ẋ·(x > 0 ? 1 : α); at 0 the slope is α (the left slope, as PyTorch)."""
-    x = node.input[0]
-    slope = b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), s(b, b.src.attrs(node)["alpha"], x))
+    x, alpha = node.input[0], b.src.attrs(node)["alpha"]
+    state = node.output[0] if alpha > 0 else x  # y > 0 <=> x > 0 needs α > 0
+    slope = b.Where(b.Greater(state, s(b, 0.0, x)), s(b, 1.0, x), s(b, alpha, x))
     return [b.Mul(t, slope)]
 
 
@@ -483,22 +488,21 @@ def prelu(b, node, t, tslope):
 
 @rule("Clip")
 def clip(b, node, t, *_):
-    """ẏ = ẋ·[lo < x < hi]; at a bound the derivative is 0 (strict, like relu'(0) = 0 and ReLU6)."""
-    x = node.input[0]
+    """ẏ = ẋ·[lo < x < hi] = ẋ·[lo < y < hi]; at a bound the derivative is 0 (strict, like relu'(0) = 0)."""
+    x, y = node.input[0], node.output[0]
     lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
     hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
     inside = None
-    for cond in ([b.Greater(x, lo)] if lo else []) + ([b.Less(x, hi)] if hi else []):
+    for cond in ([b.Greater(y, lo)] if lo else []) + ([b.Less(y, hi)] if hi else []):
         inside = cond if inside is None else b.And(inside, cond)
     return [t if inside is None else b.Where(inside, t, s(b, 0.0, x))]
 
 
 @rule("HardSigmoid")
 def hard_sigmoid(b, node, t):
-    """ẏ = α·ẋ·[0 < αx+β < 1]; 0 at both kinks."""
-    x, attrs = node.input[0], b.src.attrs(node)
-    z = b.Add(b.Mul(x, s(b, attrs["alpha"], x)), s(b, attrs["beta"], x))
-    inside = b.And(b.Greater(z, s(b, 0.0, x)), b.Less(z, s(b, 1.0, x)))
+    """ẏ = α·ẋ·[0 < αx+β < 1] = α·ẋ·[0 < y < 1]; 0 at both kinks."""
+    x, y, attrs = node.input[0], node.output[0], b.src.attrs(node)
+    inside = b.And(b.Greater(y, s(b, 0.0, x)), b.Less(y, s(b, 1.0, x)))
     return [b.Where(inside, b.Mul(t, s(b, attrs["alpha"], x)), s(b, 0.0, x))]
 
 
