@@ -1,0 +1,754 @@
+"""Whole Jacobians from few probes: structural sparsity, colouring, and x -> (y, J) in one graph.
+
+1. `sparsity(model)`: the pattern of J(x), a boolean scipy.sparse matrix (rows: every element of every
+   output, in output order; columns: the elements of x), derived symbolically. Each value v of the
+   source graph carries D_v, a boolean matrix saying which elements of x each element of v can depend
+   on; one rule per op (table PATTERN) gives a connectivity matrix C from the node's output elements to
+   its inputs' elements, and D_out = C @ D_in. The pattern holds for every x: rules never look at x
+   (a ReLU or a max-pool keeps every entry its window could have), only at shapes and constants.
+2. `colouring(P)`: columns that share no row get one colour; one JVP probe per colour then measures
+   them all at once. Greedy 'largest_first' on the column-intersection graph (networkx), a direct
+   distance-2 greedy when that graph is too large, and the structured colouring by
+   (index mod R) on every axis of x, with R one more than the widest spread of a row along that
+   axis (optimal for convolution/pooling chains: R x R windows are cliques). The fewest wins.
+3. `build(model)`: the source's multi-tangent JVP with K = colours, the seed matrix as a constant
+   tangent, and in-graph decompression: J[i, j] = B[colour(j), i] on the pattern, 0 elsewhere.
+   Outputs: the source outputs, then `<y>_jac` with shape y.shape + x.shape (jacfwd's layout), or
+   with sparse=True `<y>_jac_values` [nnz] and `<y>_jac_indices` [nnz, 2] (row in y.ravel(),
+   column in x.ravel()).
+
+Row colouring (one VJP probe per row colour) waits on reverse mode (passes/vjp.py); `Colouring`
+reports how many row colours it would need.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import scipy.sparse as sp
+from onnx import helper, numpy_helper
+
+from jacgraph.builder import Builder
+from jacgraph.errors import JacgraphError
+from jacgraph.model import SourceModel, load, unsupported_error
+from jacgraph.rules.jvp import reduce_axes
+
+GRAPH_EDGE_LIMIT = 4_000_000  # above this many column-pair products, skip networkx and colour the pattern directly
+
+
+# ---- source model with a fixed input shape --------------------------------------------------------
+
+def fixed_source(model, inputs=None, input_shape=None):
+    """(SourceModel with static input shapes, name of x). Symbolic dims become 1 unless input_shape says."""
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    wrt = src.check_inputs(inputs if inputs else src.float_inputs())
+    if len(wrt) != 1:
+        raise JacgraphError(f"the model has {len(wrt)} float inputs ({', '.join(wrt)}); a Jacobian is taken with "
+                            "respect to one. Choose it with --inputs NAME (inputs=[NAME]).")
+    x = wrt[0]
+    proto = onnx.ModelProto()
+    proto.CopyFrom(src.proto)
+    for inp in proto.graph.input:
+        if inp.name in src.initializers:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == x and input_shape is not None:
+            if len(input_shape) != len(dims) or any(d.HasField("dim_value") and d.dim_value != s
+                                                    for d, s in zip(dims, input_shape)):
+                declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+                raise JacgraphError(f"x has shape {list(input_shape)} but the model's input '{x}' is declared "
+                                    f"{declared}. Give an x of the declared shape (symbolic dims may take any size).")
+            for d, s in zip(dims, input_shape):
+                d.Clear()
+                d.dim_value = int(s)
+        for d in dims:
+            if not d.HasField("dim_value"):
+                d.Clear()
+                d.dim_value = 1
+    del proto.graph.value_info[:]
+    fixed = SourceModel(proto)
+    for name in _active_values(fixed, x):
+        shape = fixed.shape(name)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            raise JacgraphError(f"the shape of '{name}' is not static after fixing the input shape to "
+                                f"{list(fixed.shape(x))}; the Jacobian pass needs static shapes. Re-export the "
+                                "model with static shapes (no data-dependent reshapes).")
+    return fixed, x
+
+
+def _active_values(src, x):
+    names = [x]
+    for node in src.active_nodes([x]):
+        names += [o for o in node.output if o and src.is_float(o)]
+    return names
+
+
+# ---- the pattern pass ----------------------------------------------------------------------------
+
+class Context:
+    """What pattern rules read: static shapes and the values of x-independent (integer) inputs."""
+
+    def __init__(self, src: SourceModel, x: str):
+        self.src, self.x = src, x
+        self.depends = set(_active_values(src, x)) | {o for n in src.active_nodes([x]) for o in n.output}
+        self._values = {}
+
+    def shape(self, name):
+        return tuple(self.src.shape(name))
+
+    def size(self, name):
+        return int(np.prod(self.shape(name), dtype=np.int64))
+
+    def value(self, name):
+        """Value of a tensor that does not depend on x's values (constants, shape arithmetic)."""
+        if name in self._values:
+            return self._values[name]
+        value = self.src.const(name)
+        if value is None:
+            node = self.src.producer.get(name)
+            if node is None:
+                raise JacgraphError(f"'{name}' is a model input that a shape or index computation needs; the "
+                                    "Jacobian pass needs it to be a constant (an initializer).")
+            if node.op_type == "Shape":
+                attrs = self.src.attrs(node)
+                value = np.array(self.shape(node.input[0])[attrs.get("start", 0):attrs.get("end")], np.int64)
+            elif node.op_type == "Size":
+                value = np.array(self.size(node.input[0]), np.int64)
+            elif node.input and any(i in self.depends and self.src.is_float(i) for i in node.input if i):
+                raise JacgraphError(f"'{name}' (from {node.op_type} '{node.name}') is computed from x's values and "
+                                    "used as an index or shape, so the sparsity of the Jacobian depends on x; the "
+                                    "Jacobian pass supports only structure fixed by the graph.")
+            else:
+                outs = run_node(self.src, node, {i: self.value(i) for i in node.input if i})
+                self._values.update(zip(node.output, outs))
+                value = self._values[name]
+        self._values[name] = value
+        return value
+
+
+def run_node(src, node, feeds):
+    """Run one node in onnx's reference evaluator (works on int64 index tensors, which is how index-moving
+    ops are traced here)."""
+    from onnx.reference import ReferenceEvaluator
+
+    ev = ReferenceEvaluator(node, opsets={"": src.opset})
+    return ev.run(None, {k: np.asarray(v) for k, v in feeds.items()})
+
+
+def _binary(m):
+    """Keep the pattern only: products count paths, and counts never cancel."""
+    m = sp.csr_matrix(m)
+    m.data = np.ones_like(m.data, dtype=np.float32)
+    return m
+
+
+def from_ids(out_size, *id_arrays):
+    """Connectivity from id arrays shaped like the output: element e reads stacked input ids[e] - 1 (0: none)."""
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for ids in id_arrays:
+        flat = np.asarray(ids, np.int64).reshape(-1)
+        assert flat.size == out_size, "an id array must cover the output"
+        keep = flat > 0
+        rows.append(np.nonzero(keep)[0])
+        cols.append(flat[keep] - 1)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+PATTERN: dict = {}
+
+
+def rule(*op_types):
+    def register(fn):
+        for op in op_types:
+            PATTERN[op] = fn
+        return fn
+    return register
+
+
+@rule("Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater", "LessOrEqual",
+      "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero", "EyeLike", "Sign", "Floor",
+      "Ceil", "Round", "IsNaN", "IsInf")
+def zero(ctx, node, ids):
+    """Integer, boolean or piecewise-constant outputs: no entry of J."""
+    return [None] * len(node.output)
+
+
+def _float_out(ctx, node, out_ids):
+    return [(from_ids(ctx.size(o), ids) if ctx.src.is_float(o) else None) if o else None
+            for o, ids in zip(node.output, out_ids)]
+
+
+@rule("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Gather",
+      "GatherElements", "Pad", "Expand", "Tile", "Trilu", "DepthToSpace", "SpaceToDepth")
+def index_moving(ctx, node, ids):
+    """y[e] = x[π(e)] (or 0): trace π by running the op itself on int64 ids (0 = no source, so Pad fills 0)."""
+    feeds = {}
+    for k, name in enumerate(node.input):
+        if not name:
+            continue
+        if ctx.src.is_float(name):
+            feeds[name] = ids[k]
+        else:
+            feeds[name] = ctx.value(name)
+    if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:
+        feeds[node.input[2]] = np.array(0, np.int64)
+    return _float_out(ctx, node, run_node(ctx.src, node, feeds))
+
+
+@rule("Dropout")
+def dropout(ctx, node, ids):
+    """Inference dropout: y = x."""
+    return [from_ids(ctx.size(node.output[0]), ids[0])] + [None] * (len(node.output) - 1)
+
+
+def broadcast_ids(ctx, ids, names, out):
+    """Each operand's ids broadcast to the output shape (numpy rules, as ONNX)."""
+    shape = ctx.shape(out)
+    return [np.broadcast_to(i, shape) for i, n in zip(ids, names) if n and ctx.src.is_float(n)]
+
+
+@rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Neg", "Relu", "LeakyRelu",
+      "Clip", "HardSigmoid", "Abs", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Sin", "Cos",
+      "Softplus", "Softsign", "Elu", "Selu", "HardSwish", "Gelu", "Cast")
+def elementwise(ctx, node, ids):
+    """y[e] = f(x1[e], x2[e], ...) with broadcasting: y[e] depends on each operand's element at e."""
+    y = node.output[0]
+    if not ctx.src.is_float(y):
+        return [None]
+    return [from_ids(ctx.size(y), *broadcast_ids(ctx, ids, node.input, y))]
+
+
+@rule("Where")
+def where(ctx, node, ids):
+    """y = where(c, a, b): y[e] depends on a[e] and b[e] (c has no derivative)."""
+    y = node.output[0]
+    return [from_ids(ctx.size(y), *broadcast_ids(ctx, ids[1:], node.input[1:], y))]
+
+
+@rule("BatchNormalization", "LpNormalization")
+def per_channel(ctx, node, ids):
+    """Inference BN is affine per element of x (scale, bias, mean, var constant)."""
+    _constant_params(ctx, node, node.input[1:])
+    return [from_ids(ctx.size(node.output[0]), ids[0])] + [None] * (len(node.output) - 1)
+
+
+def _constant_params(ctx, node, names):
+    bad = [n for n in names if n and n in ctx.depends]
+    if bad:
+        raise JacgraphError(f"{node.op_type} '{node.name}': its parameter(s) {', '.join(bad)} depend on x; the "
+                            "Jacobian pass supports x-dependent data inputs only.")
+
+
+def group_of(shape, axes):
+    """For each element of a tensor of `shape`, its index in the tensor reduced over `axes` (keepdims)."""
+    kept = [1 if a in axes else d for a, d in enumerate(shape)]
+    return np.broadcast_to(np.arange(int(np.prod(kept))).reshape(kept), shape).reshape(-1)
+
+
+def reduce_connect(in_shape, axes, ids):
+    """Reduced element g reads every input element of its group."""
+    groups = group_of(in_shape, axes)
+    flat = np.asarray(ids).reshape(-1)
+    keep = flat > 0
+    return groups[keep], flat[keep] - 1
+
+
+@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+      "ReduceSumSquare", "ReduceProd")
+def reduce(ctx, node, ids):
+    """y[g] depends on every element of x reduced into g."""
+    shape = ctx.shape(node.input[0])
+    axes = reduce_axes(ctx, node, len(shape))
+    if axes == []:
+        return [from_ids(ctx.size(node.output[0]), ids[0])]
+    return [reduce_connect(shape, range(len(shape)) if axes is None else axes, ids[0])]
+
+
+@rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def global_pool(ctx, node, ids):
+    """y[n, c] depends on all of x[n, c, ...]."""
+    shape = ctx.shape(node.input[0])
+    return [reduce_connect(shape, range(2, len(shape)), ids[0])]
+
+
+def _within_groups(ctx, node, shape, axes, ids):
+    """y[e] depends on every element of e's group (softmax, normalisation): C = Gᵀ G."""
+    groups = group_of(shape, axes)
+    flat = np.asarray(ids).reshape(-1)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    member = sp.csr_matrix((np.ones(flat.size, np.float32), (groups, np.arange(flat.size))),
+                           shape=(n_groups, flat.size))
+    rows, cols = (member.T @ member).nonzero()
+    keep = flat[cols] > 0
+    return rows[keep], flat[cols[keep]] - 1
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(ctx, node, ids):
+    """y[e] depends on every element of x along the softmax axis through e."""
+    if node.op_type == "Hardmax":
+        return [None]
+    shape = ctx.shape(node.input[0])
+    axis = ctx.src.attrs(node)["axis"] % len(shape)
+    return [_within_groups(ctx, node, shape, [axis], ids[0])]
+
+
+@rule("LayerNormalization")
+def layer_norm(ctx, node, ids):
+    """y[e] depends on every element of x in e's normalised group (axis..end)."""
+    _constant_params(ctx, node, node.input[1:])
+    shape = ctx.shape(node.input[0])
+    axis = ctx.src.attrs(node)["axis"] % len(shape)
+    return [_within_groups(ctx, node, shape, range(axis, len(shape)), ids[0])] + [None] * (len(node.output) - 1)
+
+
+@rule("InstanceNormalization")
+def instance_norm(ctx, node, ids):
+    """y[n, c, ...] depends on every element of x[n, c, ...]."""
+    _constant_params(ctx, node, node.input[1:])
+    shape = ctx.shape(node.input[0])
+    return [_within_groups(ctx, node, shape, range(2, len(shape)), ids[0])]
+
+
+@rule("CumSum")
+def cumsum(ctx, node, ids):
+    """y[.., k, ..] depends on x[.., l, ..] for l <= k (l >= k reversed; strict when exclusive)."""
+    attrs = ctx.src.attrs(node)
+    axis = int(np.asarray(ctx.value(node.input[1])).reshape(-1)[0]) % len(ctx.shape(node.input[0]))
+    x = np.moveaxis(ids[0], axis, -1)
+    L = x.shape[-1]
+    out = np.moveaxis(np.arange(ctx.size(node.output[0])).reshape(ctx.shape(node.output[0])), axis, -1)
+    k, l = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    take = (l >= k) if attrs["reverse"] else (l <= k)
+    if attrs["exclusive"]:
+        take &= l != k
+    k, l = k[take], l[take]
+    rows, cols = out[..., k].reshape(-1), x[..., l].reshape(-1)
+    keep = cols > 0
+    return [(rows[keep], cols[keep] - 1)]
+
+
+def _matmul_connect(out_shape, a_ids, b_ids):
+    """y[..., i, j] = Σ_k a[..., i, k] b[..., k, j]: dense over the contracted axis k (numpy matmul shapes)."""
+    a1, b1 = a_ids.ndim == 1, b_ids.ndim == 1
+    a = a_ids[None, :] if a1 else a_ids
+    b = b_ids[:, None] if b1 else b_ids
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    out = np.arange(int(np.prod(out_shape, dtype=np.int64))).reshape(batch + (M, N))
+    rows = np.broadcast_to(out[..., :, :, None], batch + (M, N, K))
+    from_a = np.broadcast_to(np.broadcast_to(a, batch + (M, K))[..., :, None, :], batch + (M, N, K))
+    from_b = np.broadcast_to(np.swapaxes(np.broadcast_to(b, batch + (K, N)), -1, -2)[..., None, :, :],
+                             batch + (M, N, K))
+    rows = np.concatenate([rows.reshape(-1), rows.reshape(-1)])
+    cols = np.concatenate([from_a.reshape(-1), from_b.reshape(-1)])
+    keep = cols > 0
+    return rows[keep], cols[keep] - 1
+
+
+@rule("MatMul")
+def matmul(ctx, node, ids):
+    """y = a @ b: y[..., i, j] depends on row i of a and column j of b."""
+    return [_matmul_connect(ctx.shape(node.output[0]), ids[0], ids[1])]
+
+
+@rule("Gemm")
+def gemm(ctx, node, ids):
+    """y = α op(A) op(B) + β C: rows of A, columns of B, and C broadcast."""
+    attrs = ctx.src.attrs(node)
+    a = ids[0].T if attrs["transA"] else ids[0]
+    b = ids[1].T if attrs["transB"] else ids[1]
+    rows, cols = _matmul_connect(ctx.shape(node.output[0]), a, b)
+    if len(node.input) > 2 and node.input[2]:
+        extra_rows, extra_cols = from_ids(ctx.size(node.output[0]), np.broadcast_to(ids[2], ctx.shape(node.output[0])))
+        rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])
+    return [(rows, cols)]
+
+
+def _pads_begin(attrs, in_spatial, out_spatial, kernel, strides, dilations, transpose=False):
+    """Leading padding per spatial axis, resolving auto_pad from the (inferred) output shape."""
+    auto = attrs.get("auto_pad", "NOTSET")
+    r = len(kernel)
+    if auto in ("NOTSET", "VALID") or not auto:
+        pads = attrs.get("pads") or [0] * 2 * r
+        return [0] * r if auto == "VALID" else list(pads[:r])
+    begin = []
+    for i, o, k, s, d in zip(in_spatial, out_spatial, kernel, strides, dilations):
+        if transpose:
+            total = max(s * (i - 1) + (k - 1) * d + 1 - o, 0)
+            begin.append(total - total // 2 if auto == "SAME_UPPER" else total // 2)
+        else:
+            total = max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+            begin.append(total // 2 if auto == "SAME_UPPER" else total - total // 2)
+    return begin
+
+
+def window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids, transpose=False):
+    """Sliding windows on (N, C, *spatial): y[n, co, o] reads x[n, ci, o·s - p + k·d] for every kernel offset
+    k and every ci with channel_map[co, ci] (the transposed relation for ConvTranspose)."""
+    N, spatial_in, spatial_out = in_shape[0], in_shape[2:], out_shape[2:]
+    src_sp, dst_sp = (spatial_out, spatial_in) if transpose else (spatial_in, spatial_out)
+    # per axis: for each (dst position, kernel offset) the src position, or -1 outside
+    per_axis = []
+    for a, (k, s, d, p) in enumerate(zip(kernel, strides, dilations, pb)):
+        # conv: input = out·s - p + k·d; transposed: output = in·s - p + k·d (dst is then the input)
+        pos = np.arange(dst_sp[a])[:, None] * s - p + np.arange(k)[None, :] * d
+        per_axis.append(np.where((pos >= 0) & (pos < src_sp[a]), pos, -1))
+    # combine axes: dst flat index x kernel flat index -> src flat index
+    grids_dst = np.indices(dst_sp).reshape(len(dst_sp), -1)
+    grids_k = np.indices(kernel).reshape(len(kernel), -1)
+    src_flat = np.zeros((grids_dst.shape[1], grids_k.shape[1]), np.int64)
+    valid = np.ones_like(src_flat, bool)
+    for a in range(len(kernel)):
+        pos = per_axis[a][grids_dst[a][:, None], grids_k[a][None, :]]
+        valid &= pos >= 0
+        src_flat = src_flat * src_sp[a] + np.where(pos >= 0, pos, 0)
+    d_idx, s_idx = np.nonzero(valid)[0], src_flat[valid]
+    co, ci = np.nonzero(channel_map)  # channel pairs (output channel, input channel)
+    n_sp_in, n_sp_out = int(np.prod(spatial_in)), int(np.prod(spatial_out))
+    C_out, C_in = channel_map.shape
+    n = np.arange(N)[:, None, None]
+    if transpose:  # d indexes input positions, s output positions
+        rows = (n * C_out + co[None, :, None]) * n_sp_out + s_idx[None, None, :]
+        cols_pos = (n * C_in + ci[None, :, None]) * n_sp_in + d_idx[None, None, :]
+    else:
+        rows = (n * C_out + co[None, :, None]) * n_sp_out + d_idx[None, None, :]
+        cols_pos = (n * C_in + ci[None, :, None]) * n_sp_in + s_idx[None, None, :]
+    cols = np.asarray(ids).reshape(-1)[cols_pos.reshape(-1)]
+    rows = rows.reshape(-1)
+    keep = cols > 0
+    return rows[keep], cols[keep] - 1
+
+
+def _group_map(c_out, c_in, groups):
+    """channel_map[co, ci]: ci feeds co iff they lie in the same group."""
+    return (np.arange(c_out)[:, None] // (c_out // groups)) == (np.arange(c_in)[None, :] // (c_in // groups))
+
+
+@rule("Conv", "ConvTranspose")
+def conv(ctx, node, ids):
+    """Receptive fields: y[n, co, o] depends on x in the kernel window at o, over co's channel group
+    (weights taken as dense: the pattern holds for every weight value)."""
+    _constant_params(ctx, node, node.input[1:])
+    attrs = ctx.src.attrs(node)
+    in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    w_shape = ctx.shape(node.input[1])
+    r = len(in_shape) - 2
+    kernel = attrs.get("kernel_shape") or list(w_shape[2:])
+    strides, dilations = attrs.get("strides") or [1] * r, attrs.get("dilations") or [1] * r
+    transpose = node.op_type == "ConvTranspose"
+    pb = _pads_begin(attrs, in_shape[2:], out_shape[2:], kernel, strides, dilations, transpose)
+    channel_map = _group_map(out_shape[1], in_shape[1], attrs.get("group", 1))
+    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids[0], transpose)]
+
+
+@rule("MaxPool", "AveragePool", "LpPool")
+def pool(ctx, node, ids):
+    """y[n, c, o] depends on x[n, c, window(o)] (max-pool: every element its window could pick)."""
+    attrs = ctx.src.attrs(node)
+    if node.op_type == "MaxPool" and attrs.get("storage_order", 0):
+        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order.")
+    in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    kernel = attrs["kernel_shape"]
+    r = len(kernel)
+    strides, dilations = attrs.get("strides") or [1] * r, attrs.get("dilations") or [1] * r
+    pb = _pads_begin(attrs, in_shape[2:], out_shape[2:], kernel, strides, dilations)
+    channel_map = np.eye(in_shape[1], dtype=bool)
+    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids[0])] + \
+        [None] * (len(node.output) - 1)
+
+
+@rule("LRN")
+def lrn(ctx, node, ids):
+    """y[n, c, ...] depends on x[n, c', ...] for c' in the channel window [c - (size-1)//2, c + size//2]."""
+    size = ctx.src.attrs(node)["size"]
+    shape = ctx.shape(node.input[0])
+    x = np.moveaxis(ids[0], 1, -1)
+    out = np.moveaxis(np.arange(ctx.size(node.output[0])).reshape(shape), 1, -1)
+    C = shape[1]
+    rows, cols = [], []
+    for shift in range(-((size - 1) // 2), size // 2 + 1):
+        c = np.arange(C)
+        ok = (c + shift >= 0) & (c + shift < C)
+        rows.append(out[..., c[ok]].reshape(-1))
+        cols.append(x[..., c[ok] + shift].reshape(-1))
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    keep = cols > 0
+    return [(rows[keep], cols[keep] - 1)]
+
+
+@dataclass
+class Pattern:
+    """The structural pattern of J(x): `matrix` (m x n, bool CSR), the outputs' row blocks, x's name and shape."""
+    matrix: sp.csr_matrix
+    x: str
+    x_shape: tuple
+    outputs: list = field(default_factory=list)  # [(name, shape, first row, last row + 1)]
+
+
+def sparsity(model, inputs=None, input_shape=None) -> Pattern:
+    """The structural sparsity pattern of the Jacobian of every float output with respect to x."""
+    src, x = fixed_source(model, inputs, input_shape)
+    return _pattern(src, x)
+
+
+def _pattern(src, x) -> Pattern:
+    active = src.active_nodes([x])
+    missing = {}
+    for node in active:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        if op not in PATTERN:
+            missing[op] = missing.get(op, 0) + 1
+    if missing:
+        from collections import Counter
+
+        raise unsupported_error(Counter(missing), "the Jacobian sparsity pass")
+    ctx = Context(src, x)
+    n = ctx.size(x)
+    env = {x: sp.identity(n, dtype=np.float32, format="csr")}
+    last_use = {}
+    for k, node in enumerate(active):
+        for name in node.input:
+            last_use[name] = k
+    for k, node in enumerate(active):
+        deps = [env.get(name) if name else None for name in node.input]
+        if all(d is None for d in deps):
+            continue
+        ids, stacked, offset = [], [], 0
+        for name, d in zip(node.input, deps):
+            if d is None:
+                shape = ctx.shape(name) if name and src.shape(name) is not None else ()
+                ids.append(np.zeros(shape, np.int64))
+            else:
+                ids.append(offset + 1 + np.arange(d.shape[0], dtype=np.int64).reshape(ctx.shape(name)))
+                stacked.append(d)
+                offset += d.shape[0]
+        D_in = sp.vstack(stacked, format="csr") if len(stacked) > 1 else stacked[0]
+        for name, conn in zip(node.output, PATTERN[node.op_type](ctx, node, ids)):
+            if not name or conn is None or not src.is_float(name):
+                continue
+            rows, cols = conn
+            C = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(ctx.size(name), offset))
+            env[name] = _binary(C @ D_in)
+        for name in node.input:  # free patterns no later node reads
+            if last_use.get(name) == k and name != x and name not in {o.name for o in src.outputs}:
+                env.pop(name, None)
+    blocks, outputs, row = [], [], 0
+    for y in src.outputs:
+        shape = tuple(src.shape(y.name) or ())
+        m = int(np.prod(shape, dtype=np.int64))
+        D = env.get(y.name) if src.is_float(y.name) else None
+        blocks.append(D if D is not None else sp.csr_matrix((m, n), dtype=np.float32))
+        outputs.append((y.name, shape, row, row + m))
+        row += m
+    P = sp.vstack(blocks, format="csr").astype(bool)
+    P.sort_indices()
+    return Pattern(P, x, tuple(src.shape(x)), outputs)
+
+
+# ---- colouring -------------------------------------------------------------------------------------
+
+@dataclass
+class Colouring:
+    """colours[j] for every column; `count` colours (probes); the method that won; and for comparison the
+    clique lower bound (densest row) and the other methods' counts (row colouring included)."""
+    colours: np.ndarray
+    count: int
+    method: str
+    lower_bound: int
+    counts: dict
+
+
+def is_valid(P, colours) -> bool:
+    """No row holds two columns of one colour."""
+    P = sp.csr_matrix(P)
+    row_of = np.repeat(np.arange(P.shape[0]), np.diff(P.indptr))
+    pairs = row_of.astype(np.int64) * (int(colours.max(initial=0)) + 1) + colours[P.indices]
+    return np.unique(pairs).size == pairs.size
+
+
+def structured_colouring(P, shape):
+    """colour(j) = (j_a mod R_a) over every axis a of x, R_a = 1 + the widest spread along a within one row.
+    Valid by construction: two columns of one colour differ by a multiple of R_a >= spread + 1 on some
+    axis (or not at all), so no row holds both."""
+    P = sp.csr_matrix(P)
+    coords = np.unravel_index(np.arange(P.shape[1]), shape)
+    nonempty = np.diff(P.indptr) > 0
+    starts = P.indptr[:-1][nonempty]
+    R = []
+    for a, d in enumerate(shape):
+        if P.nnz == 0:
+            R.append(1)
+            continue
+        c = coords[a][P.indices]
+        spread = np.maximum.reduceat(c, starts) - np.minimum.reduceat(c, starts)
+        R.append(int(min(d, spread.max() + 1)))
+    colours = np.zeros(P.shape[1], np.int64)
+    for a, r in enumerate(R):
+        colours = colours * r + coords[a] % r
+    _, colours = np.unique(colours, return_inverse=True)
+    return colours.astype(np.int64)
+
+
+def greedy_colouring(P):
+    """networkx greedy 'largest_first' on the column-intersection graph (columns adjacent when they share a row)."""
+    import networkx as nx
+
+    P = sp.csr_matrix(P, dtype=np.float32)
+    G = (P.T @ P).tocoo()
+    graph = nx.Graph()
+    graph.add_nodes_from(range(P.shape[1]))
+    off = G.row < G.col
+    graph.add_edges_from(zip(G.row[off].tolist(), G.col[off].tolist()))
+    colour = nx.greedy_color(graph, strategy="largest_first")
+    return np.array([colour[j] for j in range(P.shape[1])], np.int64)
+
+
+def distance2_colouring(P):
+    """Greedy distance-2 colouring straight on the pattern, columns in decreasing order of their row lengths'
+    sum (an upper bound on the degree); never builds the intersection graph."""
+    P = sp.csr_matrix(P, dtype=np.float32)
+    Pc = P.tocsc()
+    row_len = np.diff(P.indptr)
+    weight = np.asarray(Pc.multiply(row_len[:, None]).sum(axis=0)).ravel() if P.nnz else np.zeros(P.shape[1])
+    colours = np.full(P.shape[1], -1, np.int64)
+    for j in np.argsort(-weight, kind="stable"):
+        rows = Pc.indices[Pc.indptr[j]:Pc.indptr[j + 1]]
+        if rows.size:
+            neighbours = np.concatenate([P.indices[P.indptr[r]:P.indptr[r + 1]] for r in rows])
+            used = colours[neighbours]
+            taken = np.zeros(neighbours.size + 1, bool)
+            taken[used[(used >= 0) & (used <= neighbours.size)]] = True
+            colours[j] = int(np.argmin(taken))
+        else:
+            colours[j] = 0
+    return colours
+
+
+def _count(colours):
+    return int(colours.max()) + 1 if colours.size else 0
+
+
+def colouring(P, shape=None, method="auto") -> Colouring:
+    """Colour the columns of pattern P (m x n). method: auto (fewest of the below), structured, greedy,
+    distance2. `counts` also holds 'rows': the colours a row colouring (VJP probes) would need."""
+    P = sp.csr_matrix(P, dtype=bool)
+    methods = ("structured", "greedy", "distance2") if method == "auto" else (method,)
+    if method not in ("auto", "structured", "greedy", "distance2"):
+        raise JacgraphError(f"colouring method {method!r} is not known; use auto, structured, greedy or distance2.")
+    row_len = np.diff(P.indptr)
+    pair_products = int((row_len.astype(np.int64) ** 2).sum())
+    found = {}
+    for m in methods:
+        if m == "structured" and shape is not None:
+            found[m] = structured_colouring(P, shape)
+        elif m == "greedy" and (pair_products <= GRAPH_EDGE_LIMIT or method == "greedy"):
+            found[m] = greedy_colouring(P)
+        elif m == "distance2" and (method == "distance2" or pair_products > GRAPH_EDGE_LIMIT):
+            found[m] = distance2_colouring(P)
+    if not found:
+        found["distance2"] = distance2_colouring(P)
+    best = min(found, key=lambda m: _count(found[m]))
+    counts = {m: _count(c) for m, c in found.items()}
+    Pt = P.T.tocsr()
+    counts["rows"] = _count(structured_colouring(Pt, (P.shape[0],)) if P.shape[0] == 0 else
+                            (greedy_colouring(Pt) if int((np.diff(Pt.indptr).astype(np.int64) ** 2).sum())
+                             <= GRAPH_EDGE_LIMIT else distance2_colouring(Pt)))
+    colours = found[best]
+    assert is_valid(P, colours), "a colouring put two columns of one row in one colour"
+    return Colouring(colours, _count(colours), best, int(row_len.max(initial=0)), counts)
+
+
+def seed_matrix(colours, count, shape, dtype=np.float32):
+    """S[k] = indicator of colour k, shaped like x: the K tangents of the compressed JVP."""
+    n = colours.size
+    S = np.zeros((count, n), dtype)
+    S[colours, np.arange(n)] = 1
+    return S.reshape((count,) + tuple(shape))
+
+
+# ---- the emitted graph -----------------------------------------------------------------------------
+
+def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto") -> onnx.ModelProto:
+    """x -> (y, J): one multi-tangent JVP with a constant tangent per colour, decompressed in-graph."""
+    from jacgraph.passes import jvp
+
+    src, x = fixed_source(load(model) if not isinstance(model, SourceModel) else model, inputs, input_shape)
+    pat = _pattern(src, x)
+    col = colouring(pat.matrix, pat.x_shape, colouring_method)
+    K = max(col.count, 1)
+    jvp_model = jvp.build(src, inputs=[x], tangents=K)
+    meta = {p.key: p.value for p in jvp_model.metadata_props}
+    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
+    y_dots = dict(json.loads(meta["jacgraph.tangent_outputs"]))
+
+    inner = SourceModel(jvp_model)
+    b = Builder(inner)
+    b.inputs.extend(i for i in inner.inputs if i.name != x_dot)
+    dtype = src.np_dtype(x)
+    b.initializers.append(numpy_helper.from_array(seed_matrix(col.colours, K, pat.x_shape, dtype), x_dot))
+    for node in inner.nodes:
+        b.copy(node)
+    b.outputs.extend(src.outputs)
+    n = pat.matrix.shape[1]
+    elem = src.dtype(x)
+    for y, shape, r0, r1 in pat.outputs:
+        m = r1 - r0
+        block = pat.matrix[r0:r1]
+        compressed = b.Transpose(b.Reshape(y_dots[y], b.ints([K, m])), perm=[1, 0])  # [m, K]: B[colour, row]ᵀ
+        if sparse:
+            coo = block.tocoo()
+            flat = b.Reshape(compressed, b.ints([-1]))
+            where = b.const((coo.row.astype(np.int64) * K + col.colours[coo.col]), hint=f"{y}_jac_gather")
+            values, indices = b.fresh(f"{y}_jac_values"), b.fresh(f"{y}_jac_indices")
+            b.nodes.append(helper.make_node("Gather", [flat, where], [values], name=b.fresh("jg_Gather"), axis=0))
+            pairs = np.stack([coo.row, coo.col], axis=1).astype(np.int64)
+            b.nodes.append(helper.make_node("Identity", [b.const(pairs, hint=f"{y}_pattern")], [indices],
+                                            name=b.fresh("jg_Identity")))
+            b.add_output(values, elem, [int(coo.nnz)])
+            b.add_output(indices, onnx.TensorProto.INT64, [int(coo.nnz), 2])
+        else:
+            spread = b.Gather(compressed, b.const(col.colours, hint="colour_of_column"), axis=1)  # [m, n]
+            mask = b.const(block.toarray(), hint=f"{y}_pattern")
+            dense = b.Where(mask, spread, b.const(np.zeros((), dtype)))
+            name = b.fresh(f"{y}_jac")
+            b.nodes.append(helper.make_node("Reshape", [dense, b.ints(list(shape) + list(pat.x_shape))], [name],
+                                            name=b.fresh("jg_Reshape")))
+            b.add_output(name, elem, list(shape) + list(pat.x_shape))
+    metadata = {"jacgraph.emit": "jacobian", "jacgraph.colours": K, "jacgraph.colouring": col.method,
+                "jacgraph.input": x, "jacgraph.input_shape": json.dumps(list(pat.x_shape)),
+                "jacgraph.sparse": int(bool(sparse)), "jacgraph.nnz": int(pat.matrix.nnz),
+                "jacgraph.columns": n, "jacgraph.rows": json.dumps([[y, r1 - r0] for y, _, r0, r1 in pat.outputs])}
+    return b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed JVP "
+                   f"probes (jacgraph)", metadata=metadata)
+
+
+# ---- Python API ------------------------------------------------------------------------------------
+
+def jacobian(model, x, sparse=False, inputs=None):
+    """J(x) of every float output (rows stacked in output order) w.r.t. x: an (m, n) numpy array, or with
+    sparse=True a scipy.sparse CSR matrix; computed by the emitted graph in onnxruntime."""
+    from jacgraph import runtime
+
+    x = np.asarray(x)
+    emitted = build(model, sparse=sparse, inputs=inputs, input_shape=x.shape)
+    props = {p.key: p.value for p in emitted.metadata_props}
+    rows = json.loads(props["jacgraph.rows"])
+    sess = runtime.session(emitted)
+    x_type = helper.tensor_dtype_to_np_dtype(emitted.graph.input[0].type.tensor_type.elem_type)
+    others = [i.name for i in sess.get_inputs() if i.name != props["jacgraph.input"]]
+    if others:
+        raise JacgraphError(f"the model has other inputs ({', '.join(others)}); jacobian() feeds only x. Make them "
+                            "initializers of the model, or compile with --emit jacobian and feed them yourself.")
+    out = runtime.run(sess, {props["jacgraph.input"]: x.astype(x_type)})
+    n = int(x.size)
+    jac = [o.name for o in emitted.graph.output][len(rows):]
+    if not sparse:
+        return np.concatenate([out[name].reshape(-1, n) for name in jac], axis=0)
+    blocks = []
+    for (_, m), values, indices in zip(rows, jac[0::2], jac[1::2]):
+        idx = out[indices]
+        blocks.append(sp.csr_matrix((out[values], (idx[:, 0], idx[:, 1])), shape=(m, n)))
+    return sp.vstack(blocks, format="csr")
