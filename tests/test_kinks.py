@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from jacgraph import runtime
@@ -62,10 +63,11 @@ def test_reduce_max_ties_share_the_tangent_evenly():
     np.testing.assert_allclose(got, [6.0], rtol=0, atol=1e-6)
 
 
-def test_maxpool_ties_take_the_index_onnxruntime_reports():
+@pytest.mark.parametrize("strides", [[1, 1], [2, 2]], ids=["overlapping", "non-overlapping"])
+def test_maxpool_ties_take_the_index_onnxruntime_reports(strides):
     x = np.zeros((1, 1, 4, 4), np.float32)  # every window is one big tie
     v = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
-    attrs = {"kernel_shape": [2, 2], "strides": [1, 1]}
+    attrs = {"kernel_shape": [2, 2], "strides": strides}
     indices_model = one_node("MaxPool", [1, 1, 4, 4], attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
     indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
     got = tangent(one_node("MaxPool", [1, 1, 4, 4], attrs), [x], [v])

@@ -35,6 +35,7 @@ class Case:
     id: str = ""
     extra_nodes: list = field(default_factory=list)  # nodes run before the op (for multi-node cases)
     covers: tuple = ()                # further op types this case exercises
+    declare: dict = field(default_factory=dict)  # declared input shapes where they differ (symbolic dims)
 
     def model(self):
         outputs = [f"y{i}" for i in range(self.n_out)]
@@ -42,7 +43,7 @@ class Case:
         inits = [numpy_helper.from_array(v, k) for k, v in self.consts.items()]
         graph = helper.make_graph(
             self.extra_nodes + [node], "case",
-            [helper.make_tensor_value_info(n, TensorProto.DOUBLE, s) for n, s in self.inputs.items()],
+            [helper.make_tensor_value_info(n, TensorProto.DOUBLE, self.declare.get(n, s)) for n, s in self.inputs.items()],
             [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model = onnx.shape_inference.infer_shapes(model)
@@ -199,6 +200,14 @@ CASES = [
          id="maxpool-pads-ceil"),
     Case("MaxPool", {"x": (1, 2, 7, 7)}, ["x"], attrs={"kernel_shape": [2, 2], "dilations": [2, 2]}, id="maxpool-dilated"),
     Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 2]}, n_out=2, id="maxpool-with-indices"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]},
+         declare={"x": ("n", 3, "h", "w")}, id="maxpool-dynamic-shape"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 3], "auto_pad": "SAME_LOWER", "strides": [2, 2]},
+         id="maxpool-same-lower"),
+    Case("MaxPool", {"x": (2, 3, 9)}, ["x"], attrs={"kernel_shape": [3], "strides": [2], "ceil_mode": 1}, id="maxpool-1d-ceil"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, id="maxpool-unfold"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [2, 2], "strides": [2, 3], "pads": [1, 0, 0, 1], "ceil_mode": 1},
+         id="maxpool-unfold-padded-ceil"),
     Case("GlobalMaxPool", X4, ["x"]),
     Case("ReduceMax", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1, 2)}),
     Case("ReduceMin", X, ["x"], attrs={"axes": [0], "keepdims": 1}, opset=13),

@@ -526,14 +526,72 @@ def max_min(b, node, *ts):
     return [to_output(b, out, y, y)]
 
 
+def _pool_geometry(b, node):
+    """Static kernel, strides, dilations and explicit (begin, end) pads of a pool, auto_pad and ceil_mode resolved."""
+    attrs = b.src.attrs(node)
+    x, y = node.input[0], node.output[0]
+    in_shape, out_shape = b.src.shape(x), b.src.shape(y)
+    if not (static(in_shape) and static(out_shape)):
+        return None
+    kernel = list(attrs["kernel_shape"])
+    d = len(kernel)
+    strides = list(attrs.get("strides") or [1] * d)
+    dilations = list(attrs.get("dilations") or [1] * d)
+    pads = list(attrs.get("pads") or [0] * 2 * d)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    begin, end = pads[:d], pads[d:]
+    for i in range(d):
+        span = dilations[i] * (kernel[i] - 1) + 1
+        size = in_shape[2 + i]
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max(0, (out_shape[2 + i] - 1) * strides[i] + span - size)
+            small = total // 2
+            begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+        elif auto_pad == "VALID":
+            begin[i] = end[i] = 0
+        # ceil_mode: the last window may reach past the end padding; pad it too (those cells never win)
+        end[i] += max(0, (out_shape[2 + i] - 1) * strides[i] + span - (size + begin[i] + end[i]))
+    return kernel, strides, dilations, begin + end
+
+
 @rule("MaxPool")
 def max_pool(b, node, t):
-    """ẏ = ẋ[argmax] with the argmax onnxruntime reports (ties: the index it picks)."""
+    """ẏ = ẋ[argmax]; ties take the first maximum in row-major window order, the index onnxruntime reports.
+
+    onnxruntime's MaxPool with an Indices output runs a generic kernel 8-30x slower than its plain
+    one. Where windows do not overlap, they are unfolded instead by a Conv with one-hot filters
+    (exact: one product by 1, the rest by 0) and the argmax taken over them (padded cells set to
+    -inf never win); overlapping windows would be unfolded k² times over, and there the Indices
+    output is the cheaper way (measured, examples/bench_jvp.py).
+    """
     if b.src.attrs(node).get("storage_order", 0):
         raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
-    indices = b.extra_output(node, 1, f"{node.output[0]}_argmax")
-    flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
-    return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
+    geometry = _pool_geometry(b, node)
+    x, y = node.input[0], node.output[0]
+    overlapping = geometry is None or any(st < dil * (k - 1) + 1 for k, st, dil in zip(*geometry[:3]))
+    if overlapping:  # (or a dynamic spatial shape) onnxruntime's own argmax
+        indices = b.extra_output(node, 1, f"{y}_argmax")
+        flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
+        return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
+    kernel, strides, dilations, pads = geometry
+    taps = int(np.prod(kernel))
+    onehot = np.eye(taps).reshape([taps, 1] + kernel).astype(b.src.np_dtype(x))
+    weight = b.const(onehot, hint="window_taps")
+    spatial = list(b.src.shape(x)[2:])
+
+    def unfold_windows(v):  # [..., *spatial] -> [M, taps, *out_spatial]
+        flat = b.Reshape(v, b.ints([-1, 1] + spatial))
+        return b.Conv(flat, weight, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads)
+
+    windows = unfold_windows(x)
+    if any(pads):
+        valid = unfold_windows(b.const(np.ones([1, 1] + spatial, b.src.np_dtype(x)), hint="ones"))
+        windows = b.Where(b.Greater(valid, s(b, 0.5, x)), windows, s(b, -np.inf, x))
+    argmax = b.ArgMax(windows, axis=1, keepdims=1, select_last_index=0)
+    if b.K is not None:
+        argmax = b.Tile(argmax, b.ints([b.K, 1] + [1] * len(kernel)))
+    picked = b.GatherElements(unfold_windows(t), argmax, axis=1)
+    return [b.Reshape(picked, full_shape(b, y)), None][:len(node.output)]
 
 
 @rule("GlobalMaxPool")
