@@ -527,12 +527,12 @@ def max_min(b, node, *ts):
 
 
 def _pool_geometry(b, node):
-    """Static kernel, strides, dilations and explicit (begin, end) pads of a pool, auto_pad and ceil_mode resolved."""
+    """Static kernel, strides, dilations and explicit (begin, end) pads of a pool (auto_pad resolved), or None."""
     attrs = b.src.attrs(node)
     x, y = node.input[0], node.output[0]
     in_shape, out_shape = b.src.shape(x), b.src.shape(y)
-    if not (static(in_shape) and static(out_shape)):
-        return None
+    if not (static(in_shape) and static(out_shape)) or attrs.get("ceil_mode", 0):
+        return None  # ceil_mode: onnxruntime and ONNX shape inference disagree on when the last window is dropped
     kernel = list(attrs["kernel_shape"])
     d = len(kernel)
     strides = list(attrs.get("strides") or [1] * d)
@@ -549,8 +549,6 @@ def _pool_geometry(b, node):
             begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
         elif auto_pad == "VALID":
             begin[i] = end[i] = 0
-        # ceil_mode: the last window may reach past the end padding; pad it too (those cells never win)
-        end[i] += max(0, (out_shape[2 + i] - 1) * strides[i] + span - (size + begin[i] + end[i]))
     return kernel, strides, dilations, begin + end
 
 
