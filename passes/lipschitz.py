@@ -1,0 +1,498 @@
+"""AutoLip and SeqLip (Scaman & Virmaux, NeurIPS 2018): global l2 Lipschitz upper bounds.
+
+A feed-forward model is lowered (jacgraph.layers) into stages x -> act(A x + b). Its Lipschitz
+constant is at most
+  AutoLip: prod_i ||A_i||_2 * max|act_i'|                       (per-layer operator norms)
+  SeqLip:  prod_i max_{s in box_i} ||S~_{i+1} V_{i+1}^T diag(s) U_i S~_i||  * max|act_last'|
+           with A_i = U_i S_i V_i^T, S~ = S for the first and last layer and sqrt(S) between,
+           box_i the range of act_i' ({0,1} for ReLU); the norm is convex in s, so its max over
+           the box is at a vertex: exact search over 2^n vertices for n <= exact_limit units,
+           greedy search on the top-k singular directions beyond (an estimate, not a bound).
+
+`--emit autolip` (`build`) writes, per linear stage i, three ONNX graphs (a dict {suffix: model},
+written as OUT.layer<i>.<op|adj|power>.onnx):
+  layer<i>.op     u -> A u        (Gemm/MatMul: MatMul by A^T; Conv: Conv without bias)
+  layer<i>.adj    v -> A^T v      (MatMul by A; Conv: ConvTranspose, same kernel, with the
+                                   output_padding that gives back the input size)
+  layer<i>.power  (u0, iterations, tol) -> (sigma, u, sigma_history): an ONNX Loop of power
+                  iteration on A^T A, stopping when ||A^T A u|| changes by less than tol relative.
+The input shape is fixed at compile time: a Conv's operator norm depends on it. Graphs are float64
+when every stage is dense, float32 when a stage is a Conv (onnxruntime has no float64 Conv kernel;
+pass dtype="float64" to get float64 graphs for onnx.reference).
+
+Power iteration approaches ||A|| from below: its result is printed as "norm (estimate)". The bound
+is certified: Gram iteration (Delattre et al., ICML 2023) on the dense matrix, whose iterates
+||G_t||_F^(1/2^t) decrease to ||A|| from above, and for a Conv also the norm of the circular
+stride-1 convolution on the padded grid (the zero-padded, strided operator is a restriction of it),
+computed exactly frequency by frequency; the smaller of the two is used.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from jacgraph.builder import Builder
+from jacgraph.errors import JacgraphError
+from jacgraph.model import SourceModel
+
+DENSE_LIMIT = 1 << 24       # entries of a layer matrix we materialise (128 MiB in float64)
+EXACT_LIMIT = 16            # SeqLip searches all 2^n activation patterns up to this many units
+EXACT_CAP = 24              # beyond this the exact search would take hours
+TOP_K = 10                  # singular directions kept by the greedy SeqLip search
+EPS = np.finfo(np.float64).eps
+
+
+# ---- activations: the range of their derivative ---------------------------------------------------
+def slope_box(activation, attrs=None) -> tuple:
+    """(lo, hi): every derivative of the activation lies in [lo, hi] (kinks included)."""
+    attrs = attrs or {}
+    if activation is None:
+        return (1.0, 1.0)
+    if activation in ("relu", "clip"):
+        return (0.0, 1.0)
+    if activation == "leaky_relu":
+        a = float(attrs.get("alpha", 0.01))
+        return (min(a, 1.0), max(a, 1.0))
+    if activation == "tanh":
+        return (0.0, 1.0)
+    if activation == "sigmoid":
+        return (0.0, 0.25)
+    if activation == "hardsigmoid":
+        a = float(attrs.get("alpha", 0.2))
+        return (min(a, 0.0), max(a, 0.0))
+    raise JacgraphError(f"activation {activation!r} has no known slope range; the Lipschitz pass supports "
+                        "relu, leaky_relu, tanh, sigmoid, hardsigmoid and clip.")
+
+
+def max_slope(activation, attrs=None) -> float:
+    lo, hi = slope_box(activation, attrs)
+    return max(abs(lo), abs(hi))
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def lower(model, input_shape=None):
+    """The model's stages (jacgraph.layers), each with a fixed per-sample input shape."""
+    from jacgraph import layers
+
+    stages = layers.lower(model, input_shape=tuple(input_shape) if input_shape else None)
+    if not stages:
+        raise JacgraphError("the model has no linear layer, so it has no Lipschitz bound to compute.")
+    return stages
+
+
+def matrix(stage) -> np.ndarray:
+    m = stage.matrix() if callable(getattr(stage, "matrix", None)) else stage.weight
+    return np.asarray(m, dtype=np.float64)
+
+
+def size(stage) -> int:
+    return int(np.prod(stage.in_shape)) * int(np.prod(stage.out_shape))
+
+
+def conv_geometry(conv, in_shape) -> dict:
+    """Explicit Conv attributes (auto_pad resolved) for a per-sample input shape (C, *spatial)."""
+    W = np.asarray(conv["W"])
+    attrs = conv["attrs"]
+    k = list(attrs.get("kernel_shape") or W.shape[2:])
+    nd = len(k)
+    strides = list(attrs.get("strides") or [1] * nd)
+    dilations = list(attrs.get("dilations") or [1] * nd)
+    n = list(in_shape[1:])
+    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(nd):
+            out = -(-n[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 - n[i])
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        pads = begin + end
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    else:
+        pads = list(attrs.get("pads") or [0] * (2 * nd))
+    # ConvTranspose gives back size s*(out-1) + d*(k-1) + 1 - pads + output_padding; make it n
+    extent = [n[i] + pads[i] + pads[i + nd] - dilations[i] * (k[i] - 1) - 1 for i in range(nd)]
+    return {"W": W, "kernel_shape": k, "strides": strides, "dilations": dilations, "pads": pads,
+            "group": int(attrs.get("group", 1)), "output_padding": [e % s for e, s in zip(extent, strides)]}
+
+
+# ---- certified per-layer bounds -----------------------------------------------------------------
+def gram_bound(W, max_steps=40) -> float:
+    """Upper bound on ||W||_2 by Gram iteration: H_1 = W W^T, H_{t+1} = H_t^2 have ||H_t||_2 = ||W||^(2^t)
+    and ||W|| <= ||H_t||_F^(1/2^t), a sequence that decreases to ||W||. Rescaled each step (the scale is
+    kept as a log) so nothing overflows."""
+    W = np.asarray(W, dtype=np.float64)
+    scale = float(np.max(np.abs(W))) if W.size else 0.0
+    if scale == 0.0:
+        return 0.0
+    W = W / scale
+    best = float(np.linalg.norm(W))  # t = 0: the Frobenius norm
+    G = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+    log_scale = 0.0
+    for t in range(1, max_steps):
+        f = float(np.linalg.norm(G))
+        bound = math.exp((log_scale + math.log(f)) / 2 ** t)
+        if bound >= best * (1 - 4 * EPS):
+            best = min(best, bound)
+            break
+        best = bound
+        G = G / f
+        log_scale = 2 * (log_scale + math.log(f))
+        G = G @ G  # G is symmetric from t = 1 on: G^T G = G G
+    # float64 rounding: the first product's relative error is at most n*eps (Higham, Thm 3.5);
+    # errors of later products are divided by 2^t when the root is taken
+    return best * scale * (1 + 4 * max(W.shape) * EPS)
+
+
+def conv_fft_bound(geometry, in_shape) -> float:
+    """Upper bound on a Conv's operator norm: the norm of the stride-1 circular convolution on the padded
+    grid N = n + pads (no wrap-around reaches a kept output, so the zero-padded strided Conv is an
+    isometric embedding, this circular Conv, and a coordinate selection), which is exactly the largest
+    singular value over frequencies of the kernel's Fourier transform, an [M, C] matrix per frequency."""
+    W, g = geometry["W"].astype(np.float64), geometry["group"]
+    nd = len(geometry["kernel_shape"])
+    grid = [in_shape[1 + i] + geometry["pads"][i] + geometry["pads"][i + nd] for i in range(nd)]
+    M, Cg = W.shape[:2]
+    padded = np.zeros((M, Cg, *grid))
+    taps = tuple(slice(0, (k - 1) * d + 1, d) for k, d in zip(geometry["kernel_shape"], geometry["dilations"]))
+    padded[(slice(None), slice(None), *taps)] = W
+    spectrum = np.fft.fftn(padded, axes=tuple(range(2, 2 + nd)))
+    spectrum = spectrum.reshape(g, M // g, Cg, -1).transpose(0, 3, 1, 2).reshape(-1, M // g, Cg)
+    best = float(np.linalg.norm(spectrum, ord=2, axis=(1, 2)).max())
+    # the FFT's rounding is O(eps log N) relative per entry; a generous allowance keeps it an upper bound
+    return best * (1 + 16 * (Cg + M + sum(grid)) * EPS)
+
+
+def certified_bound(stage) -> tuple:
+    """(bound, how): Gram iteration on the dense matrix when it fits, the Fourier bound for big Convs."""
+    found = []
+    if size(stage) <= DENSE_LIMIT:
+        found.append((gram_bound(matrix(stage)), "gram"))
+    if getattr(stage, "conv", None) is not None:
+        found.append((conv_fft_bound(conv_geometry(stage.conv, stage.in_shape), stage.in_shape), "fourier"))
+    if not found:
+        raise JacgraphError(f"a layer of {size(stage)} matrix entries is too large to bound (limit {DENSE_LIMIT}) "
+                            "and is not a Conv; reduce the model or file an issue.")
+    return min(found)
+
+
+# ---- emitted graphs: A, A^T and power iteration ----------------------------------------------------
+def _apply(b: Builder, stage, x: str, adjoint: bool, dtype) -> str:
+    """Emit A x (or A^T x) for a batch-1 tensor x of the stage's input (output) shape; no bias."""
+    shape_in, shape_out = (stage.out_shape, stage.in_shape) if adjoint else (stage.in_shape, stage.out_shape)
+    conv = getattr(stage, "conv", None)
+    if conv is not None:
+        g = conv_geometry(conv, stage.in_shape)
+        common = dict(kernel_shape=g["kernel_shape"], strides=g["strides"], dilations=g["dilations"],
+                      pads=g["pads"], group=g["group"])
+        w = b.const(g["W"].astype(dtype), hint="kernel")
+        if adjoint:
+            return b.op("ConvTranspose", x, w, output_padding=g["output_padding"], **common)
+        return b.op("Conv", x, w, **common)
+    A = matrix(stage)
+    flat = b.Reshape(x, b.ints([1, int(np.prod(shape_in))]))
+    y = b.MatMul(flat, b.const(np.ascontiguousarray(A if adjoint else A.T).astype(dtype), hint="matrix"))
+    return b.Reshape(y, b.ints([1, *shape_out]))
+
+
+def _builder(src) -> Builder:
+    b = Builder(src)
+    b.initializers = []  # these graphs carry only their own layer's weights
+    return b
+
+
+def _norm(b, x):
+    return b.Sqrt(b.reduce("ReduceSum", b.Mul(x, x), None, keepdims=0))
+
+
+def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.ModelProto:
+    b = _builder(src)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    shape_in, shape_out = (stage.out_shape, stage.in_shape) if adjoint else (stage.in_shape, stage.out_shape)
+    x = b.fresh("v" if adjoint else "u")
+    b.add_input(x, elem, [1, *shape_in])
+    y = b.Identity(_apply(b, stage, x, adjoint, dtype))
+    b.add_output(y, elem, [1, *shape_out])
+    what = "A^T v" if adjoint else "A u"
+    return b.build(f"layer{index}_{'adj' if adjoint else 'op'}", doc=f"layer {index}: {what} (no bias)")
+
+
+def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
+    """(u0, iterations, tol) -> (sigma, u, sigma_history): power iteration on A^T A in an ONNX Loop.
+    sigma = sqrt(||A^T A u||) for the last unit u: a lower estimate of ||A||_2."""
+    b = _builder(src)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    shape = [1, *stage.in_shape]
+    u0, iters, tol = b.fresh("u0"), b.fresh("iterations"), b.fresh("tol")
+    b.add_input(u0, elem, shape)
+    b.add_input(iters, TensorProto.INT64, [])
+    b.add_input(tol, elem, [])
+    u = b.Div(u0, _norm(b, u0))
+    tiny = b.const(np.asarray(np.finfo(dtype).tiny, dtype=dtype), hint="tiny")
+
+    # the body is emitted through the same builder (fresh names stay unique across scopes), then moved
+    start = len(b.nodes)
+    i_in, c_in, u_in, lam_in = b.fresh("i"), b.fresh("cond_in"), b.fresh("u_in"), b.fresh("lam_in")
+    w = _apply(b, stage, _apply(b, stage, u_in, False, dtype), True, dtype)
+    lam = _norm(b, w)
+    u_out = b.Div(w, b.Max(lam, tiny))
+    c_out = b.Greater(b.Abs(b.Sub(lam, lam_in)), b.Mul(tol, lam))
+    lam_scan = b.Identity(lam)
+    body_nodes = b.nodes[start:]
+    del b.nodes[start:]
+    vi = helper.make_tensor_value_info
+    body = helper.make_graph(
+        body_nodes, f"layer{index}_power_step",
+        [vi(i_in, TensorProto.INT64, []), vi(c_in, TensorProto.BOOL, []), vi(u_in, elem, shape), vi(lam_in, elem, [])],
+        [vi(c_out, TensorProto.BOOL, []), vi(u_out, elem, shape), vi(lam, elem, []), vi(lam_scan, elem, [])])
+
+    true = b.const(np.asarray(True), hint="true")
+    lam0 = b.const(np.asarray(0, dtype=dtype), hint="zero")
+    u_fin, lam_fin, history = b.op("Loop", iters, true, u, lam0, n_out=3, body=body)
+    sigma, u_last, sigma_hist = b.Sqrt(lam_fin), b.Identity(u_fin), b.Sqrt(history)
+    b.add_output(sigma, elem, [])
+    b.add_output(u_last, elem, shape)
+    b.add_output(sigma_hist, elem, [None])
+    return b.build(f"layer{index}_power", doc=f"layer {index}: power iteration on A^T A (an estimate of ||A||_2 from below)")
+
+
+def _dtype_for(stages, dtype):
+    if dtype is not None:
+        return np.dtype(dtype)
+    has_conv = any(getattr(s, "conv", None) is not None for s in stages)
+    return np.dtype(np.float32 if has_conv else np.float64)
+
+
+def build(model, input_shape=None, dtype=None) -> dict:
+    """`--emit autolip`: {"layer<i>.op" | "layer<i>.adj" | "layer<i>.power": ModelProto} for every linear stage."""
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    stages = lower(src, input_shape)
+    dt = _dtype_for(stages, dtype)
+    out = {}
+    for i, stage in enumerate(stages):
+        out[f"layer{i}.op"] = operator_graph(src, stage, i, False, dt)
+        out[f"layer{i}.adj"] = operator_graph(src, stage, i, True, dt)
+        out[f"layer{i}.power"] = power_graph(src, stage, i, dt)
+    return out
+
+
+def _session(model):
+    """onnxruntime where it has the kernels; onnx.reference for float64 Conv graphs."""
+    is_f64 = model.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    if is_f64 and any(n.op_type in ("Conv", "ConvTranspose") for n in _all_nodes(model.graph)):
+        from jacgraph.testing import reference_session
+
+        sess = reference_session(model)
+        return lambda feeds: sess.run(None, feeds)
+    from jacgraph.runtime import session
+
+    sess = session(model)
+    return lambda feeds: sess.run(None, feeds)
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+
+
+def power_norm(graph, stage, iterations=1000, tol=None, seed=0):
+    """Run the emitted power-iteration graph: (sigma estimate, iterations run, final unit vector)."""
+    dtype = helper.tensor_dtype_to_np_dtype(graph.graph.input[0].type.tensor_type.elem_type)
+    if tol is None:  # stop once changes are at rounding level
+        tol = 1e-13 if dtype == np.float64 else 1e-7
+    u0 = np.random.default_rng(seed).standard_normal((1, *stage.in_shape)).astype(dtype)
+    sigma, u, history = _session(graph)({graph.graph.input[0].name: u0, graph.graph.input[1].name: np.asarray(iterations, np.int64),
+                                         graph.graph.input[2].name: np.asarray(tol, dtype)})
+    return float(sigma), len(history), u
+
+
+# ---- SeqLip -------------------------------------------------------------------------------------
+def _pair_exact(A, B, lo, hi, chunk=4096) -> float:
+    """max over s in {lo, hi}^n of ||A diag(s) B||_2, by enumerating every vertex."""
+    n = A.shape[1]
+    base = lo * (A @ B)
+    outer = (hi - lo) * np.einsum("rj,js->jrs", A, B)
+    best = 0.0
+    for start in range(0, 1 << n, chunk):
+        codes = np.arange(start, min(start + chunk, 1 << n))
+        bits = ((codes[:, None] >> np.arange(n)) & 1).astype(np.float64)
+        M = base + np.tensordot(bits, outer, axes=1)
+        best = max(best, float(np.linalg.norm(M, ord=2, axis=(1, 2)).max()))
+    return best
+
+
+def _pair_greedy(A, B, lo, hi, top_k=TOP_K) -> float:
+    """A vertex s found by local search on the top-k singular directions (start: the rank-1 optimum),
+    and ||A diag(s) B||_2 there: a lower estimate of the pair's maximum, not a bound."""
+    n = A.shape[1]
+    Ak, Bk = A[:top_k], B[:, :top_k]
+    c = Ak[0] * Bk[:, 0]
+    starts = [np.where(c > 0, hi, lo), np.where(c < 0, hi, lo)]
+    s = max(starts, key=lambda v: abs(float(v @ c)))
+    outer = np.einsum("rj,js->jrs", Ak, Bk)
+    M = np.einsum("rj,j,js->rs", Ak, s, Bk)
+    value = np.linalg.norm(M, 2)
+    for _ in range(4 * n):
+        flips = np.where(s == hi, lo - hi, hi - lo)
+        candidates = M[None] + flips[:, None, None] * outer
+        norms = np.linalg.norm(candidates, ord=2, axis=(1, 2))
+        j = int(np.argmax(norms))
+        if norms[j] <= value * (1 + 1e-12):
+            break
+        s[j] += flips[j]
+        M, value = candidates[j], norms[j]
+    return float(np.linalg.norm((A * s) @ B, 2))
+
+
+def seqlip(mats, boxes, last_slope=1.0, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> dict:
+    """SeqLip over dense layer matrices; boxes[i] is the slope range of the activation after layer i."""
+    if exact_limit > EXACT_CAP:
+        raise JacgraphError(f"--exact-limit {exact_limit} would search 2^{exact_limit} patterns per pair; "
+                            f"the most that finishes is {EXACT_CAP}.")
+    svd = [np.linalg.svd(W, full_matrices=False) for W in mats]
+    k = len(mats)
+    pairs, value, exact = [], last_slope, True
+    if k == 1:
+        return {"value": last_slope * float(svd[0][1][0]) if svd[0][1].size else 0.0, "exact": True, "pairs": []}
+    for i in range(k - 1):
+        t0 = time.perf_counter()
+        U1, S1, _ = svd[i]
+        _, S2, V2t = svd[i + 1]
+        B = U1 * (S1 if i == 0 else np.sqrt(S1))
+        A = (S2 if i + 1 == k - 1 else np.sqrt(S2))[:, None] * V2t
+        lo, hi = boxes[i]
+        n = A.shape[1]
+        if lo == hi:
+            v, how = abs(lo) * float(np.linalg.norm(A @ B, 2)), "linear"
+        elif n <= exact_limit:
+            v, how = _pair_exact(A, B, lo, hi), "exact"
+        else:
+            v, how = _pair_greedy(A, B, lo, hi, top_k), f"greedy top-{top_k} (estimate)"
+            exact = False
+        pairs.append({"pair": [i, i + 1], "units": n, "value": v, "method": how, "seconds": time.perf_counter() - t0})
+        value *= v
+    return {"value": value, "exact": exact, "pairs": pairs}
+
+
+# ---- the analysis ---------------------------------------------------------------------------------
+@dataclass
+class Report:
+    layers: list = field(default_factory=list)
+    autolip: dict | None = None
+    seqlip: dict | None = None
+
+    def as_dict(self):
+        return {"layers": self.layers, "autolip": self.autolip, "seqlip": self.seqlip}
+
+
+def describe(stage) -> str:
+    kind = "Conv" if getattr(stage, "conv", None) is not None else "dense"
+    ops = "+".join(n.op_type for n in getattr(stage, "nodes", [])) or kind
+    return ops
+
+
+def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, exact_limit=EXACT_LIMIT,
+            top_k=TOP_K, seed=0, dtype=None) -> Report:
+    if method not in ("autolip", "seqlip", "all"):
+        raise JacgraphError(f"--method {method!r} is not known; use autolip, seqlip or all.")
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    stages = lower(src, input_shape)
+    report = Report()
+    slopes = [max_slope(s.activation, s.act_attrs) for s in stages]
+    if method in ("autolip", "all"):
+        dt = _dtype_for(stages, dtype)
+        bound, estimate = 1.0, 1.0
+        for i, stage in enumerate(stages):
+            t0 = time.perf_counter()
+            sigma, its, u = power_norm(power_graph(src, stage, i, dt), stage, iterations, tol, seed)
+            if dt != np.float64 and size(stage) <= DENSE_LIMIT:
+                # float32 iterates, float64 Rayleigh quotient: its error is quadratic in u's
+                u = u.astype(np.float64).ravel()
+                sigma = float(np.linalg.norm(matrix(stage) @ u) / np.linalg.norm(u))
+            t1 = time.perf_counter()
+            cert, how = certified_bound(stage)
+            t2 = time.perf_counter()
+            if cert < sigma * (1 - 1e-4 if dt == np.float32 else 1 - 1e-9):
+                raise AssertionError(f"layer {i}: certified bound {cert} below the power-iteration norm {sigma}")
+            report.layers.append({"layer": i, "op": describe(stage), "in": list(stage.in_shape), "out": list(stage.out_shape),
+                                  "activation": stage.activation, "norm_estimate": sigma, "iterations": its,
+                                  "bound": cert, "bound_method": how, "power_seconds": t1 - t0, "bound_seconds": t2 - t1})
+            bound *= cert * slopes[i]
+            estimate *= sigma * slopes[i]
+        report.autolip = {"bound": bound, "estimate": estimate,
+                          "seconds": sum(r["power_seconds"] + r["bound_seconds"] for r in report.layers)}
+    if method in ("seqlip", "all"):
+        t0 = time.perf_counter()
+        too_big = [i for i, s in enumerate(stages) if size(s) > DENSE_LIMIT]
+        if too_big:
+            raise JacgraphError(f"SeqLip needs each layer's dense matrix; layer(s) {too_big} exceed {DENSE_LIMIT} entries. "
+                                "Use --method autolip for this model, or a smaller --input-shape.")
+        mats = [matrix(s) for s in stages]
+        boxes = [slope_box(s.activation, s.act_attrs) for s in stages]
+        result = seqlip(mats, boxes, slopes[-1], exact_limit, top_k)
+        result["seconds"] = time.perf_counter() - t0
+        report.seqlip = result
+    return report
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def _print(report: Report):
+    if report.layers:
+        print(f"{'layer':>5} {'op':16s} {'in -> out':24s} {'act':11s} {'norm (estimate)':>16s} {'bound':>13s} {'via':8s} {'time s':>8s}")
+        for r in report.layers:
+            shapes = f"{'x'.join(map(str, r['in']))} -> {'x'.join(map(str, r['out']))}"
+            print(f"{r['layer']:>5} {r['op'][:16]:16s} {shapes:24s} {str(r['activation']):11s} {r['norm_estimate']:16.8g} "
+                  f"{r['bound']:13.8g} {r['bound_method']:8s} {r['power_seconds'] + r['bound_seconds']:8.3f}")
+    if report.seqlip and report.seqlip["pairs"]:
+        print(f"\n{'pair':>7} {'units':>6} {'factor':>13s}  {'search':28s} {'time s':>8s}")
+        for p in report.seqlip["pairs"]:
+            print(f"{p['pair'][0]:>3}-{p['pair'][1]:<3} {p['units']:6d} {p['value']:13.8g}  {p['method']:28s} {p['seconds']:8.3f}")
+    print()
+    if report.autolip:
+        a = report.autolip
+        print(f"AutoLip bound     {a['bound']:.6g}   (guaranteed; {a['seconds']:.2f} s)")
+        print(f"AutoLip estimate  {a['estimate']:.6g}   (estimate: power-iteration norms)")
+    if report.seqlip:
+        s = report.seqlip
+        label = "bound   " if s["exact"] else "estimate"
+        note = "guaranteed: exact search over activation patterns" if s["exact"] else \
+            "estimate: greedy search, not a guaranteed bound"
+        print(f"SeqLip {label}   {s['value']:.6g}   ({note}; {s['seconds']:.2f} s)")
+
+
+def cmd_lipschitz(args) -> int:
+    from jacgraph.cli import parse_shape
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    report = analyze(args.model, method=args.method, input_shape=shape, iterations=args.iterations,
+                     exact_limit=args.exact_limit, top_k=args.top_k, seed=args.seed)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print(report)
+    return 0
+
+
+def add_command(subparsers):
+    p = subparsers.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip)")
+    p.add_argument("model")
+    p.add_argument("--method", choices=["autolip", "seqlip", "all"], default="all")
+    p.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32 (needed for Conv models without one)")
+    p.add_argument("--iterations", type=int, default=1000, help="power-iteration cap per layer")
+    p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
+                   help=f"SeqLip: exact search over 2^n patterns up to n units (default {EXACT_LIMIT}, at most {EXACT_CAP})")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="SeqLip greedy search: singular directions kept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lipschitz)
