@@ -195,8 +195,21 @@ class SourceModel:
 
     @cached_property
     def is_cpa(self) -> bool:
-        """True when every op on a float path is affine, CPA, or a shape/constant op."""
-        return all(n.op_type in CPA_OPS | AFFINE_OPS | CONSTANT_OPS | {"Cast"} for n in self.nodes)
+        """True when every op depending on the float inputs is affine in them, CPA, or a shape op.
+
+        Mul/Div by a value that does not depend on the inputs, and Where on a constant condition, count as affine.
+        """
+        active = set(self.float_inputs())
+        for node in self.nodes:
+            live = [bool(i) and i in active for i in node.input]
+            if not any(live):
+                continue
+            active.update(o for o in node.output if o)
+            affine_here = ((node.op_type == "Mul" and sum(live) == 1) or (node.op_type == "Div" and not live[1])
+                           or (node.op_type == "Where" and not live[0]) or node.op_type in ("Cast", "GatherElements"))
+            if not (affine_here or node.op_type in CPA_OPS | AFFINE_OPS | CONSTANT_OPS):
+                return False
+        return True
 
     def active_nodes(self, wrt):
         """Nodes whose float outputs depend on the names in `wrt` (forward reachability)."""
