@@ -1,0 +1,796 @@
+"""Reverse-mode rules: rule(b, node, *output_cotangents) -> input cotangents (None = symbolic zero).
+
+The whole primal graph is already copied into the builder `b`, so rules read primal values by their
+source names. `need(b, name)` says whether an input wants a cotangent (it depends on a differentiated
+input or parameter); rules skip the work for the others. Linear ops get their transpose (Conv <->
+ConvTranspose, Gemm with swapped transposes, broadcasting <-> ReduceSum); nonlinear ops multiply by
+the same derivative the JVP rules use, with the same kink conventions. Elementwise ops with a
+symmetric Jacobian (diagonal, or Softmax) reuse the JVP rule itself: Jᵀḡ = Jḡ.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import JacgraphError
+from .jvp import JVP, reduce_axes, s, static, zeros_like
+
+VJP: dict = {}
+
+
+def rule(*op_types):
+    def register(fn):
+        for op in op_types:
+            VJP[op] = fn
+        return fn
+    return register
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def need(b, name) -> bool:
+    """True if source value `name` wants a cotangent (float and on a differentiated path)."""
+    return bool(name) and name in b.active and b.src.is_float(name)
+
+
+def shape_of(b, x):
+    """x's shape as a constant when static, else Shape(x)."""
+    sx = b.src.shape(x)
+    return b.ints(sx) if static(sx) else b.Shape(x)
+
+
+def sum_to(b, g, g_shape, x):
+    """Transpose of broadcasting x to g_shape: ReduceSum over the broadcast axes, Reshape to x's shape."""
+    if g is None or not need(b, x):
+        return None
+    xs = b.src.shape(x)
+    if g_shape is None or xs is None:
+        raise JacgraphError(f"the shape of '{x}' is unknown after shape inference; export with static ranks.")
+    k = len(g_shape) - len(xs)
+    axes, dynamic = list(range(k)), False
+    for i, d in enumerate(xs):
+        e = g_shape[k + i]
+        if d == 1 and e != 1:
+            axes.append(k + i)
+        elif not (d == e and d is not None) and not (isinstance(d, int) and d > 1):
+            dynamic = True  # symbolic dims that may or may not be broadcast
+    if dynamic:  # sum over the leading axes, then over every axis where x has size 1 (harmless where g does too)
+        if k:
+            g = b.reduce("ReduceSum", g, list(range(k)), keepdims=0)
+        ones = b.Reshape(b.NonZero(b.Equal(b.Shape(x), b.ints([1]))), b.ints([-1]))
+        g = b.op("ReduceSum", g, ones, keepdims=1, noop_with_empty_axes=1)
+        return b.Reshape(g, b.Shape(x))
+    if not axes:
+        return g
+    return b.Reshape(b.reduce("ReduceSum", g, axes, keepdims=1), shape_of(b, x))
+
+
+def out_shape(b, node, i=0):
+    return b.src.shape(node.output[i])
+
+
+def positions(b, x):
+    """The flat index of every element of x, shaped like x (an index map for gathers and scatters)."""
+    size = b.Size(x)
+    return b.Reshape(b.Range(b.const(np.int64(0)), size, b.const(np.int64(1))), b.Shape(x))
+
+
+def scatter_add(b, x, where, g, unique=False):
+    """x-shaped tensor with g added at flat positions `where` (the transpose of a gather)."""
+    flat = b.ConstantOfShape(b.Reshape(b.Size(x), b.ints([1])),
+                             value=helper.make_tensor("value", b.src.dtype(x), [1], [0]))
+    idx, vals = b.Reshape(where, b.ints([-1])), b.Reshape(g, b.ints([-1]))
+    if unique:
+        out = b.ScatterElements(flat, idx, vals, axis=0)
+    elif b.opset >= 16:
+        out = b.ScatterElements(flat, idx, vals, axis=0, reduction="add")
+    else:
+        raise JacgraphError(f"the reverse pass needs ScatterElements with reduction='add' (opset 16) to sum "
+                            f"cotangents of repeated indices; the model has opset {b.opset}. Re-export with "
+                            "opset_version >= 16.")
+    return b.Reshape(out, b.Shape(x))
+
+
+def keep_axes(b, g, axes, rank, keepdims):
+    """Reinsert reduced axes into a cotangent (None axes = all)."""
+    if keepdims:
+        return g
+    return b.Unsqueeze(g, b.ints(list(range(rank)) if axes is None else axes))
+
+
+def pad_none(outs, node):
+    return list(outs) + [None] * (len(node.input) - len(outs))
+
+
+# ---- zero cotangents --------------------------------------------------------------------------
+
+@rule("Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
+      "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
+      "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf")
+def zero(b, node, *cts):
+    """Integer, boolean or piecewise-constant outputs: no cotangent reaches the inputs."""
+    return [None] * len(node.input)
+
+
+# ---- self-adjoint elementwise ops: Jᵀḡ = Jḡ, the JVP rule applied to ḡ ---------------------------
+
+def self_adjoint(b, node, g, *_):
+    """Symmetric Jacobian (diagonal f'(x), or Softmax's diag(y) - yyᵀ): x̄ = J ḡ by the JVP rule, same kinks."""
+    if g is None:
+        return [None] * len(node.input)
+    return pad_none(JVP[node.op_type](b, node, g, *[None] * (len(node.input) - 1))[:1], node)
+
+
+for _op in ("Identity", "Neg", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "Abs", "Sigmoid", "Tanh", "Exp", "Log",
+            "Sqrt", "Reciprocal", "Erf", "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu", "HardSwish", "Gelu",
+            "Softmax", "Trilu"):
+    VJP[_op] = self_adjoint
+
+
+@rule("Dropout")
+def dropout(b, node, g, *_):
+    """Inference Dropout is the identity: x̄ = ḡ (ratio and training_mode get none)."""
+    return pad_none([g], node)
+
+
+# ---- structural ops ---------------------------------------------------------------------------
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape_like(b, node, g, *_):
+    """x̄ = reshape(ḡ, shape(x))."""
+    return pad_none([b.Reshape(g, shape_of(b, node.input[0]))], node)
+
+
+@rule("Transpose")
+def transpose(b, node, g):
+    """x̄ = transpose(ḡ, perm⁻¹)."""
+    rank = b.src.rank(node.input[0])
+    perm = b.src.attrs(node).get("perm") or list(reversed(range(rank)))
+    return [b.Transpose(g, perm=[int(i) for i in np.argsort(perm)])]
+
+
+@rule("Concat")
+def concat(b, node, g):
+    """x̄_i = the slice of ḡ that x_i filled."""
+    rank = b.src.rank(node.output[0])
+    axis = b.src.attrs(node)["axis"] % rank
+    dims = [(b.src.shape(x) or [None] * rank)[axis] for x in node.input]
+    sizes = (b.ints(dims) if all(isinstance(d, int) for d in dims)
+             else b.Concat(*[b.shape(x, axis, axis + 1) for x in node.input], axis=0))
+    parts = b.op("Split", g, sizes, axis=axis, n_out=len(node.input))
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if need(b, x) else None for p, x in zip(parts, node.input)]
+
+
+@rule("Split")
+def split(b, node, *gs):
+    """x̄ = concat(ḡ_i) along the split axis (zeros for outputs without a cotangent)."""
+    axis = b.src.attrs(node).get("axis", 0) % b.src.rank(node.input[0])
+    parts = [g if g is not None else zeros_like(b, y) for y, g in zip(node.output, gs)]
+    return pad_none([b.Concat(*parts, axis=axis)], node)
+
+
+@rule("Slice")
+def slice_(b, node, g, *_):
+    """x̄ = ḡ scattered back to the sliced positions (distinct positions, so no sums)."""
+    x = node.input[0]
+    where = b.Slice(positions(b, x), *node.input[1:])
+    return pad_none([scatter_add(b, x, where, g, unique=True)], node)
+
+
+@rule("Gather")
+def gather(b, node, g):
+    """x̄ = scatter-add of ḡ at the gathered positions (repeated indices sum)."""
+    x = node.input[0]
+    where = b.Gather(positions(b, x), node.input[1], axis=b.src.attrs(node)["axis"])
+    return [scatter_add(b, x, where, g), None]
+
+
+@rule("GatherElements")
+def gather_elements(b, node, g):
+    """x̄ = scatter-add of ḡ at the gathered positions."""
+    x = node.input[0]
+    where = b.GatherElements(positions(b, x), node.input[1], axis=b.src.attrs(node)["axis"])
+    return [scatter_add(b, x, where, g), None]
+
+
+@rule("Pad")
+def pad(b, node, g):
+    """x̄ = ḡ at the positions x was copied to: constant mode drops the fill, reflect/edge sum the copies."""
+    x, pads = node.input[0], node.input[1]
+    axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    mode = b.src.attrs(node)["mode"]
+    if mode != "constant":
+        return pad_none([scatter_add(b, x, b.Pad(positions(b, x), pads, None, axes, mode=mode), g)], node)
+    # fill cells (and cells cropped by negative pads) point at a spare slot past the end, dropped after the scatter
+    size = b.Size(x)
+    where = b.Pad(positions(b, x), pads, b.const(np.int64(-1)), axes, mode="constant")
+    where = b.Reshape(b.Where(b.Less(where, b.const(np.int64(0))), size, where), b.ints([-1]))
+    spare = b.ConstantOfShape(b.Reshape(b.Add(size, b.const(np.int64(1))), b.ints([1])),
+                              value=helper.make_tensor("value", b.src.dtype(x), [1], [0]))
+    flat = b.ScatterElements(spare, where, b.Reshape(g, b.ints([-1])), axis=0)
+    return pad_none([b.Reshape(b.Slice(flat, b.ints([0]), b.Reshape(size, b.ints([1]))), b.Shape(x))], node)
+
+
+@rule("Expand")
+def expand(b, node, g):
+    """x̄ = ḡ summed over the broadcast axes."""
+    return [sum_to(b, g, out_shape(b, node), node.input[0]), None]
+
+
+@rule("Tile")
+def tile(b, node, g):
+    """x̄ = Σ over the tiles: reshape ḡ to [r0, d0, r1, d1, ...] and sum the repeat axes."""
+    x = node.input[0]
+    xs, reps = b.src.shape(x), b.src.const(node.input[1])
+    if not static(xs) or reps is None:
+        raise JacgraphError(f"Tile '{node.name}': the reverse pass needs a static input shape and constant repeats.")
+    split = [v for r, d in zip(reps.tolist(), xs) for v in (r, d)]
+    summed = b.reduce("ReduceSum", b.Reshape(g, b.ints(split)), list(range(0, 2 * len(xs), 2)), keepdims=0)
+    return [summed, None]
+
+
+@rule("CumSum")
+def cumsum(b, node, g):
+    """x̄ = cumsum(ḡ) in the opposite direction (exclusive stays exclusive)."""
+    attrs = b.src.attrs(node)
+    return [b.CumSum(g, node.input[1], exclusive=attrs["exclusive"], reverse=1 - attrs["reverse"]), None]
+
+
+@rule("Resize")
+def resize(b, node, g, *_):
+    """Resize is separable and linear in x: x̄ = Π_axes Aᵢᵀ ḡ with each axis's interpolation matrix Aᵢ.
+
+    Aᵢ is read off the op itself at compile time (the same Resize applied to the identity along one
+    axis, onnx's reference evaluator in float64), so every mode and coordinate transform is covered.
+    """
+    x = node.input[0]
+    for axis, matrix in _resize_matrices(b, node):
+        rank = b.src.rank(x)
+        a = b.const(matrix.astype(b.src.np_dtype(x)), hint="resize_matrix")  # [m, n]
+        if axis == rank - 1:
+            g = b.MatMul(g, a)
+        else:
+            perm = [i for i in range(rank) if i != axis] + [axis]
+            g = b.Transpose(b.MatMul(b.Transpose(g, perm=perm), a), perm=[int(i) for i in np.argsort(perm)])
+    return pad_none([g], node)
+
+
+def _resize_matrices(b, node):
+    """[(axis, A [out, in])] for every axis the Resize changes."""
+    from ..testing import reference_session
+
+    x, y = node.input[0], node.output[0]
+    xs, ys = b.src.shape(x), b.src.shape(y)
+    attrs = b.src.attrs(node)
+    inputs = (list(node.input[1:]) + ["", "", ""])[:3]
+    consts = [b.src.const(n) if n else None for n in inputs]
+    if not (static(xs) and static(ys)) or any(n and c is None for n, c in zip(inputs, consts)):
+        raise JacgraphError(f"Resize '{node.name}': the reverse pass needs static shapes and constant roi/scales/sizes.")
+    if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise JacgraphError(f"Resize '{node.name}': keep_aspect_ratio_policy other than 'stretch' is not supported.")
+    rank = len(xs)
+    axes = list(attrs.get("axes") or range(rank))
+    roi, scales, sizes = consts
+    full_roi, full_scales = [0.0] * rank + [1.0] * rank, [1.0] * rank
+    for k, a in enumerate(axes):
+        if roi is not None and roi.size:
+            full_roi[a], full_roi[rank + a] = float(roi[k]), float(roi[len(axes) + k])
+        if scales is not None and scales.size:
+            full_scales[a] = float(scales[k])
+    crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+    changed = [a for a in range(rank) if xs[a] != ys[a] or full_scales[a] != 1.0
+               or (crop and (full_roi[a], full_roi[rank + a]) != (0.0, 1.0))]
+    probe_attrs = {k: v for k, v in attrs.items() if k != "axes"}
+    out = []
+    for a in changed:
+        basis = next((j for j in range(rank) if j not in changed), None)
+        if basis is None:
+            raise JacgraphError(f"Resize '{node.name}' changes every axis; the reverse pass needs one it leaves alone.")
+        n, m = xs[a], ys[a]
+        shape = [1] * rank
+        shape[a] = shape[basis] = n
+        eye = np.eye(n).reshape([n if i in (a, basis) else 1 for i in range(rank)])  # x[basis=h, a] = e_h
+        probe_in = [""] * 3
+        feeds, inits = {"x": eye}, []
+        if crop:
+            r = [0.0] * rank + [1.0] * rank
+            r[a], r[rank + a] = full_roi[a], full_roi[rank + a]
+            inits.append(onnx.numpy_helper.from_array(np.array(r, np.float64), "roi"))
+            probe_in[0] = "roi"
+        if scales is not None and scales.size:
+            sc = [1.0] * rank
+            sc[a] = full_scales[a]
+            inits.append(onnx.numpy_helper.from_array(np.array(sc, np.float32), "scales"))
+            probe_in[1] = "scales"
+        else:
+            sz = [1] * rank
+            sz[a], sz[basis] = m, n
+            inits.append(onnx.numpy_helper.from_array(np.array(sz, np.int64), "sizes"))
+            probe_in[2] = "sizes"
+        probe_node = helper.make_node("Resize", ["x"] + probe_in, ["y"], **probe_attrs)
+        graph = helper.make_graph([probe_node], "probe", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, shape)],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
+        result = np.asarray(reference_session(model).run(None, feeds)[0])
+        result = np.moveaxis(result, (basis, a), (0, 1)).reshape(n, -1)  # [basis h, out o] = A[o, h]
+        if result.shape[1] != m:
+            raise JacgraphError(f"Resize '{node.name}': probing axis {a} gave {result.shape[1]} outputs, "
+                                f"shape inference says {m}.")
+        out.append((a, result.T.copy()))
+    return out
+
+
+# ---- linear algebra ---------------------------------------------------------------------------
+
+@rule("Add", "Sub")
+def add_sub(b, node, g):
+    """ā = ḡ, b̄ = ±ḡ, each summed over its broadcast axes."""
+    a, c = node.input
+    ys = out_shape(b, node)
+    gb = None if not need(b, c) else (b.Neg(g) if node.op_type == "Sub" else g)
+    return [sum_to(b, g, ys, a), sum_to(b, gb, ys, c)]
+
+
+@rule("Sum", "Mean")
+def sum_mean(b, node, g):
+    """x̄_i = ḡ (Mean: ḡ/n) summed over x_i's broadcast axes."""
+    ys = out_shape(b, node)
+    if node.op_type == "Mean":
+        g = b.Mul(g, s(b, 1.0 / len(node.input), node.output[0]))
+    return [sum_to(b, g, ys, x) for x in node.input]
+
+
+@rule("Mul")
+def mul(b, node, g):
+    """ā = ḡ·c, c̄ = ḡ·a (summed over broadcast axes)."""
+    a, c = node.input
+    ys = out_shape(b, node)
+    return [sum_to(b, b.Mul(g, c), ys, a) if need(b, a) else None,
+            sum_to(b, b.Mul(g, a), ys, c) if need(b, c) else None]
+
+
+@rule("Div")
+def div(b, node, g):
+    """ā = ḡ/c, c̄ = -ḡ·y/c."""
+    a, c, y = *node.input, node.output[0]
+    ys = out_shape(b, node)
+    return [sum_to(b, b.Div(g, c), ys, a) if need(b, a) else None,
+            sum_to(b, b.Neg(b.Div(b.Mul(g, y), c)), ys, c) if need(b, c) else None]
+
+
+@rule("Pow")
+def pow_(b, node, g):
+    """x̄ = ḡ·p·x^(p-1), p̄ = ḡ·y·log(x)."""
+    x, p, y = *node.input, node.output[0]
+    ys = out_shape(b, node)
+    xb = pb = None
+    if need(b, x):
+        p_cast = p if b.src.dtype(p) == b.src.dtype(x) else b.Cast(p, to=b.src.dtype(x))
+        xb = sum_to(b, b.Mul(g, b.Mul(p_cast, b.Pow(x, b.Sub(p_cast, s(b, 1.0, x))))), ys, x)
+    if need(b, p):
+        pb = sum_to(b, b.Mul(g, b.Mul(y, b.Log(x))), ys, p)
+    return [xb, pb]
+
+
+@rule("MatMul")
+def matmul(b, node, g):
+    """ā = ḡ @ cᵀ, c̄ = aᵀ @ ḡ, with 1-D operands promoted and broadcast batch axes summed."""
+    a, c, y = *node.input, node.output[0]
+    sa, sc, sy = b.src.shape(a), b.src.shape(c), b.src.shape(y)
+    if sa is None or sc is None or sy is None:
+        raise JacgraphError(f"MatMul '{node.name}': operand ranks are unknown; export with static ranks.")
+    g2 = g
+    if len(sa) == 1:
+        g2 = b.Unsqueeze(g2, b.ints([-2] if len(sc) > 1 else [0]))
+    if len(sc) == 1:
+        g2 = b.Unsqueeze(g2, b.ints([-1]))
+    a2 = a if len(sa) > 1 else b.Unsqueeze(a, b.ints([0]))
+    c2 = c if len(sc) > 1 else b.Unsqueeze(c, b.ints([1]))
+    batch = list(sy[:len(sy) - (len(sa) > 1) - (len(sc) > 1)])
+    m, n = (sa[-2] if len(sa) > 1 else 1), (sc[-1] if len(sc) > 1 else 1)
+    swap = lambda t, r: b.Transpose(t, perm=list(range(r - 2)) + [r - 1, r - 2])  # noqa: E731
+    ab = cb = None
+    if need(b, a):
+        full = b.MatMul(g2, swap(c2, max(len(sc), 2)))  # [batch, m, k]
+        if len(sa) == 1:
+            full = b.Squeeze(full, b.ints([-2]))
+        ab = sum_to(b, full, batch + ([m] if len(sa) > 1 else []) + [sa[-1]], a)
+    if need(b, c):
+        full = b.MatMul(swap(a2, max(len(sa), 2)), g2)  # [batch, k, n]
+        if len(sc) == 1:
+            full = b.Squeeze(full, b.ints([-1]))
+        cb = sum_to(b, full, batch + [sc[0] if len(sc) == 1 else sc[-2]] + ([n] if len(sc) > 1 else []), c)
+    return [ab, cb]
+
+
+@rule("Gemm")
+def gemm(b, node, g):
+    """y = α op(A) op(B) + βC: Ā = α ḡ op(B)ᵀ (transposed back if transA), B̄ likewise, C̄ = β ḡ summed to C."""
+    attrs = b.src.attrs(node)
+    A, B = node.input[:2]
+    C = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    alpha, beta, ta, tb = attrs["alpha"], attrs["beta"], attrs["transA"], attrs["transB"]
+    outs = [None, None, None]
+    if need(b, A):
+        outs[0] = (b.Gemm(B, g, alpha=alpha, transA=tb, transB=1) if ta else
+                   b.Gemm(g, B, alpha=alpha, transB=1 - tb))
+    if need(b, B):
+        outs[1] = (b.Gemm(g, A, alpha=alpha, transA=1, transB=ta) if tb else
+                   b.Gemm(A, g, alpha=alpha, transA=1 - ta))
+    if C is not None and need(b, C):
+        gc = g if beta == 1.0 else b.Mul(g, s(b, beta, node.output[0]))
+        outs[2] = sum_to(b, gc, out_shape(b, node), C)
+    return outs[:len(node.input)]
+
+
+@rule("Einsum")
+def einsum(b, node, g):
+    """x̄_i = einsum(other operands, ḡ -> subscripts of x_i) (no repeated or operand-only subscripts)."""
+    eq = b.src.attrs(node)["equation"].replace(" ", "")
+    if "->" not in eq or "." in eq:
+        raise JacgraphError(f"Einsum '{node.name}': the reverse pass needs an explicit '->' and no ellipsis.")
+    lhs, rhs = eq.split("->")
+    subs = lhs.split(",")
+    outs = []
+    for i, x in enumerate(node.input):
+        if not need(b, x):
+            outs.append(None)
+            continue
+        others = [sub for j, sub in enumerate(subs) if j != i] + [rhs]
+        if len(set(subs[i])) != len(subs[i]) or not set(subs[i]) <= set("".join(others)):
+            raise JacgraphError(f"Einsum '{node.name}': operand {i} has repeated or operand-only subscripts; "
+                                "the reverse pass does not support them.")
+        names = [n for j, n in enumerate(node.input) if j != i] + [g]
+        outs.append(b.Einsum(*names, equation=",".join(others) + "->" + subs[i]))
+    return outs
+
+
+# ---- convolution and pooling --------------------------------------------------------------------
+
+def _geometry(b, node, kernel):
+    """Strides, dilations and explicit (begin, end) pads of a Conv or pool, auto_pad resolved (static spatial shape)."""
+    attrs = b.src.attrs(node)
+    d = len(kernel)
+    strides = list(attrs.get("strides") or [1] * d)
+    dilations = list(attrs.get("dilations") or [1] * d)
+    pads = list(attrs.get("pads") or [0] * 2 * d)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    xs, ys = b.src.shape(node.input[0]), b.src.shape(node.output[0])
+    if xs is None or ys is None or not (static(xs[2:]) and static(ys[2:])):
+        raise JacgraphError(f"{node.op_type} '{node.name}': the reverse pass needs static spatial shapes; "
+                            "export with a fixed input size.")
+    begin, end = pads[:d], pads[d:]
+    for i in range(d):
+        span = dilations[i] * (kernel[i] - 1) + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            total = max(0, (ys[2 + i] - 1) * strides[i] + span - xs[2 + i])
+            small = total // 2
+            begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+        elif auto_pad == "VALID":
+            begin[i] = end[i] = 0
+    return strides, dilations, begin, end, list(xs[2:]), list(ys[2:])
+
+
+def _transpose_windows(b, g, weight, kernel, geometry, group=1):
+    """Transpose of a strided window op (Conv-like, zero padding) as a ConvTranspose landing exactly on x's shape.
+
+    The last window may stop short of x's end (floor) or run past its end pad (ceil_mode): the end pad
+    is set to where the last window really ends, and a shortfall becomes output_padding (< stride).
+    """
+    strides, dilations, begin, end, xs, ys = geometry
+    pads_end, output_padding = [], []
+    for i, k in enumerate(kernel):
+        reach = (ys[i] - 1) * strides[i] + dilations[i] * (k - 1) + 1 - xs[i] - begin[i]
+        pads_end.append(max(reach, 0))
+        output_padding.append(max(-reach, 0))
+    return b.ConvTranspose(g, weight, kernel_shape=kernel, strides=strides, dilations=dilations,
+                           pads=begin + pads_end, output_padding=output_padding, group=group)
+
+
+def _weight_grad(b, data, cot, kernel, geometry, group, data_channels):
+    """W̄[m, c, k] = Σ_{n,o} cot[n, m, o]·data_pad[n, g(m)·C/G + c, o·s + k·d]: a Conv of data by cot over the batch.
+
+    Channels become the batch and the batch becomes channels (groups stacked along it); strides and
+    dilations swap roles. Returns [channels of cot, data_channels/G, *kernel].
+    """
+    strides, dilations, begin, end = geometry[:4]
+    d = len(kernel)
+    spatial = list(range(2, 2 + d))
+    if group == 1:
+        X = b.Transpose(data, perm=[1, 0] + spatial)
+        W = b.Transpose(cot, perm=[1, 0] + spatial)
+    else:
+        cg = data_channels // group
+        X = b.Reshape(data, b.Concat(b.shape(data, 0, 1), b.ints([group, cg]), b.shape(data, 2), axis=0))
+        X = b.Transpose(X, perm=[2, 1, 0] + [i + 1 for i in spatial])
+        X = b.Reshape(X, b.Concat(b.ints([cg, -1]), b.shape(data, 2), axis=0))
+        W = b.Reshape(cot, b.Concat(b.shape(cot, 0, 1), b.ints([group, -1]), b.shape(cot, 2), axis=0))
+        W = b.Transpose(W, perm=[1, 2, 0] + [i + 1 for i in spatial])
+        W = b.Reshape(W, b.Concat(b.ints([-1]), b.shape(W, 2), axis=0))
+    full = b.Conv(X, W, strides=dilations, dilations=strides, pads=begin + end, group=group)
+    crop = b.Slice(full, b.ints([0] * d), b.ints(kernel), b.ints(spatial))
+    return b.Transpose(crop, perm=[1, 0] + spatial)
+
+
+def _bias_grad(b, node, g):
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is None or not need(b, bias):
+        return None
+    rank = b.src.rank(node.output[0])
+    return b.reduce("ReduceSum", g, [0] + list(range(2, rank)), keepdims=0)
+
+
+def _kernel(b, node):
+    attrs = b.src.attrs(node)
+    kernel = attrs.get("kernel_shape") or list((b.src.shape(node.input[1]) or [])[2:])
+    if not static(kernel) or not kernel:
+        raise JacgraphError(f"{node.op_type} '{node.name}': the kernel shape is unknown; give kernel_shape.")
+    return list(kernel)
+
+
+@rule("Conv")
+def conv(b, node, g):
+    """x̄ = ConvTranspose(ḡ, W) with the output_padding that lands on x's shape; W̄ = conv of x by ḡ; b̄ = Σ ḡ."""
+    x, w = node.input[:2]
+    kernel, group = _kernel(b, node), b.src.attrs(node)["group"]
+    geometry = _geometry(b, node, kernel)
+    xb = _transpose_windows(b, g, w, kernel, geometry, group) if need(b, x) else None
+    wb = None
+    if need(b, w):
+        wb = _weight_grad(b, x, g, kernel, geometry, group, b.src.shape(w)[1] * group)
+    return [xb, wb, _bias_grad(b, node, g)][:len(node.input)]
+
+
+@rule("ConvTranspose")
+def conv_transpose(b, node, g):
+    """x̄ = Conv(ḡ, W) with the same strides, pads, dilations, groups; W̄ = conv of ḡ by x; b̄ = Σ ḡ."""
+    attrs = b.src.attrs(node)
+    x, w = node.input[:2]
+    if attrs.get("auto_pad", "NOTSET") != "NOTSET" or attrs.get("output_shape"):
+        raise JacgraphError(f"ConvTranspose '{node.name}': the reverse pass needs explicit pads (no auto_pad or "
+                            "output_shape); re-export with explicit padding.")
+    kernel, group = _kernel(b, node), attrs["group"]
+    d = len(kernel)
+    strides = list(attrs.get("strides") or [1] * d)
+    dilations = list(attrs.get("dilations") or [1] * d)
+    pads = list(attrs.get("pads") or [0] * 2 * d)
+    xb = wb = None
+    if need(b, x):
+        xb = b.Conv(g, w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
+    if need(b, w):
+        ws = b.src.shape(w)
+        wb = _weight_grad(b, g, x, kernel, (strides, dilations, pads[:d], pads[d:]), group, ws[1] * group)
+    return [xb, wb, _bias_grad(b, node, g)][:len(node.input)]
+
+
+@rule("BatchNormalization")
+def batch_norm(b, node, g, *_):
+    """y = γ(x-μ)r + β, r = 1/√(σ²+ε): x̄ = ḡγr, γ̄ = Σḡ(x-μ)r, β̄ = Σḡ, μ̄ = -Σḡγr, σ̄² = -½Σḡγ(x-μ)r³."""
+    attrs = b.src.attrs(node)
+    if attrs.get("training_mode", 0):
+        raise JacgraphError(f"BatchNormalization '{node.name}' is in training mode; export the model in eval() mode.")
+    x, scale, bias, mean, var = node.input[:5]
+    rank = b.src.rank(x)
+    chan = lambda v: b.Unsqueeze(v, b.ints(list(range(1, rank - 1)))) if rank > 2 else v  # noqa: E731  [C] -> [C, 1, ..]
+    others = [0] + list(range(2, rank))
+    total = lambda v: b.reduce("ReduceSum", v, others, keepdims=0)  # noqa: E731
+    r = b.Reciprocal(b.Sqrt(b.Add(var, s(b, attrs["epsilon"], x))))
+    centred = b.Sub(x, chan(mean)) if any(need(b, v) for v in (scale, var)) else None
+    gr = b.Mul(g, chan(b.Mul(scale, r)))
+    outs = [gr if need(b, x) else None,
+            total(b.Mul(b.Mul(g, centred), chan(r))) if need(b, scale) else None,
+            total(g) if need(b, bias) else None,
+            b.Neg(total(gr)) if need(b, mean) else None,
+            b.Mul(total(b.Mul(gr, centred)), b.Mul(b.Mul(r, r), s(b, -0.5, x))) if need(b, var) else None]
+    return outs
+
+
+@rule("AveragePool")
+def average_pool(b, node, g):
+    """x̄ = ConvTranspose of ḡ/D by a window of ones, D the divisor the pool used at each output.
+
+    D comes from the op itself: AveragePool(ones) = n_valid/D, with n_valid the in-bounds window cells
+    (counted here), so both count_include_pad settings and ceil_mode follow the runtime's own forward.
+    """
+    x = node.input[0]
+    kernel = list(b.src.attrs(node)["kernel_shape"])
+    geometry = _geometry(b, node, kernel)
+    strides, dilations, begin, _, xs, ys = geometry
+    n_valid = np.ones([1, 1])
+    for i, k in enumerate(kernel):
+        starts = np.arange(ys[i]) * strides[i] - begin[i]
+        cells = starts[:, None] + np.arange(k)[None, :] * dilations[i]
+        count = ((cells >= 0) & (cells < xs[i])).sum(axis=1)
+        n_valid = np.multiply.outer(n_valid, count).reshape([1, 1] + ys[:i + 1])
+    dtype = b.src.np_dtype(x)
+    ones = b.const(np.ones([1, 1] + xs, dtype), hint="ones")
+    pooled_ones = b.op("AveragePool", ones, **b.src.attrs(node))
+    inv_divisor = b.Div(pooled_ones, b.const(n_valid.astype(dtype), hint="window_count"))
+    flat = b.Reshape(b.Mul(g, inv_divisor), b.ints([-1, 1] + ys))
+    window = b.const(np.ones([1, 1] + kernel, dtype), hint="window_ones")
+    return [b.Reshape(_transpose_windows(b, flat, window, kernel, geometry), shape_of(b, x))]
+
+
+@rule("GlobalAveragePool")
+def global_average_pool(b, node, g):
+    """x̄ = ḡ/(H·W) broadcast over the spatial axes."""
+    x = node.input[0]
+    xs = b.src.shape(x)
+    if static(xs[2:]):
+        n = s(b, float(np.prod(xs[2:])), x)
+    else:
+        n = b.Cast(b.ReduceProd(b.shape(x, 2), keepdims=0), to=b.src.dtype(x))
+    return [b.Expand(b.Div(g, n), b.Shape(x))]
+
+
+@rule("MaxPool")
+def max_pool(b, node, g, *_):
+    """x̄ = ḡ scatter-added at the argmax MaxPool reports (ties: the first maximum, as the JVP rule)."""
+    x = node.input[0]
+    if b.src.attrs(node).get("storage_order", 0):
+        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
+    indices = b.extra_output(node, 1, f"{node.output[0]}_argmax")
+    return [scatter_add(b, x, indices, g, unique=_windows_disjoint(b, node))]
+
+
+def _windows_disjoint(b, node):
+    attrs = b.src.attrs(node)
+    kernel = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides") or [1] * len(kernel))
+    dilations = list(attrs.get("dilations") or [1] * len(kernel))
+    return all(st >= dil * (k - 1) + 1 for k, st, dil in zip(kernel, strides, dilations))
+
+
+@rule("GlobalMaxPool")
+def global_max_pool(b, node, g):
+    """x̄ = ḡ at the spatial argmax of each channel (ties: the first index), zero elsewhere."""
+    x = node.input[0]
+    flat_x = b.Reshape(x, b.Concat(b.shape(x, 0, 2), b.ints([-1]), axis=0))
+    idx = b.ArgMax(flat_x, axis=2, keepdims=1)
+    zeros = b.Mul(flat_x, s(b, 0.0, x))
+    picked = b.ScatterElements(zeros, idx, b.Reshape(g, b.Concat(b.shape(x, 0, 2), b.ints([1]), axis=0)), axis=2)
+    return [b.Reshape(picked, b.Shape(x))]
+
+
+@rule("ReduceSum", "ReduceMean")
+def reduce_linear(b, node, g, *_):
+    """x̄ = ḡ broadcast back over the reduced axes (ReduceMean: divided by their size)."""
+    x = node.input[0]
+    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
+    axes = reduce_axes(b, node, rank)
+    if axes == []:
+        return pad_none([g], node)
+    g = keep_axes(b, g, axes, rank, keepdims)
+    if node.op_type == "ReduceMean":
+        g = b.Div(g, b.Cast(b.Div(b.Size(x), b.Size(g)), to=b.src.dtype(x)))
+    return pad_none([b.Expand(g, b.Shape(x))], node)
+
+
+@rule("ReduceMax", "ReduceMin")
+def reduce_max_min(b, node, g, *_):
+    """x̄ = ḡ shared evenly among the positions attaining the extreme (as the JVP rule, PyTorch and JAX)."""
+    x, y = node.input[0], node.output[0]
+    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
+    axes = reduce_axes(b, node, rank)
+    if axes == []:
+        return pad_none([g], node)
+    y_kept = y if keepdims else b.reduce(node.op_type, x, axes, keepdims=1)
+    hit = b.Cast(b.Equal(x, y_kept), to=b.src.dtype(x))
+    count = b.reduce("ReduceSum", hit, axes, keepdims=1)
+    return pad_none([b.Mul(hit, b.Div(keep_axes(b, g, axes, rank, keepdims), count))], node)
+
+
+# ---- CPA ops with several inputs -----------------------------------------------------------------
+
+@rule("PRelu")
+def prelu(b, node, g):
+    """x̄ = ḡ·(x > 0 ? 1 : slope), slopē = Σ ḡ·(x > 0 ? 0 : x); at 0 the slope is `slope` (as the JVP rule)."""
+    x, slope = node.input
+    positive = b.Greater(x, s(b, 0.0, x))
+    ys = out_shape(b, node)
+    return [sum_to(b, b.Mul(g, b.Where(positive, s(b, 1.0, x), slope)), ys, x) if need(b, x) else None,
+            sum_to(b, b.Where(positive, s(b, 0.0, x), b.Mul(g, x)), ys, slope) if need(b, slope) else None]
+
+
+@rule("Max", "Min")
+def max_min(b, node, g):
+    """x̄_w = ḡ for the winning input w, 0 for the others; on ties the first input wins (as the JVP rule)."""
+    better = b.Greater if node.op_type == "Max" else b.Less
+    best, winner = node.input[0], b.const(np.int64(0))
+    for i, x in enumerate(node.input[1:], 1):
+        winner = b.Where(better(x, best), b.const(np.int64(i)), winner)
+        best = b.Max(best, x) if node.op_type == "Max" else b.Min(best, x)
+    ys, zero = out_shape(b, node), s(b, 0.0, node.output[0])
+    return [sum_to(b, b.Where(b.Equal(winner, b.const(np.int64(i))), g, zero), ys, x) if need(b, x) else None
+            for i, x in enumerate(node.input)]
+
+
+# ---- smooth ops with a non-symmetric Jacobian ----------------------------------------------------
+
+@rule("LogSoftmax")
+def log_softmax(b, node, g):
+    """x̄ = ḡ - softmax(x)·Σ_axis ḡ."""
+    rank = b.src.rank(node.input[0])
+    axis = b.src.attrs(node)["axis"] % rank
+    return [b.Sub(g, b.Mul(b.Exp(node.output[0]), b.reduce("ReduceSum", g, [axis], keepdims=1)))]
+
+
+def _normalize_vjp(b, x, gs, axes, epsilon):
+    """x̂ = (x-μ)r over `axes`: x̄ = r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) for ĝ = ḡ·γ; also returns x̂."""
+    mean = b.reduce("ReduceMean", x, axes)
+    centred = b.Sub(x, mean)
+    r = b.Reciprocal(b.Sqrt(b.Add(b.reduce("ReduceMean", b.Mul(centred, centred), axes), s(b, epsilon, x))))
+    x_hat = b.Mul(centred, r)
+    if gs is None:
+        return None, x_hat
+    inner = b.Sub(b.Sub(gs, b.reduce("ReduceMean", gs, axes)), b.Mul(x_hat, b.reduce("ReduceMean", b.Mul(gs, x_hat), axes)))
+    return b.Mul(inner, r), x_hat
+
+
+@rule("LayerNormalization")
+def layer_norm(b, node, g, *extra):
+    """y = γx̂ + β over axes [axis, rank): x̄ as _normalize_vjp with ĝ = ḡγ, γ̄ = Σ ḡx̂, β̄ = Σ ḡ."""
+    if any(e is not None for e in extra):
+        raise JacgraphError(f"LayerNormalization '{node.name}': its Mean/InvStdDev outputs feed the differentiated "
+                            "path; the reverse pass does not support that.")
+    attrs = b.src.attrs(node)
+    x, scale = node.input[:2]
+    rank = b.src.rank(x)
+    axes = list(range(attrs["axis"] % rank, rank))
+    xb, x_hat = _normalize_vjp(b, x, b.Mul(g, scale) if need(b, x) else None, axes, attrs["epsilon"])
+    ys = out_shape(b, node)
+    outs = [xb, sum_to(b, b.Mul(g, x_hat), ys, scale) if need(b, scale) else None]
+    if len(node.input) > 2:
+        outs.append(sum_to(b, g, ys, node.input[2]))
+    return outs
+
+
+@rule("InstanceNormalization")
+def instance_norm(b, node, g):
+    """Per (sample, channel) over spatial axes: x̄ as _normalize_vjp with ĝ = ḡγ, γ̄ = Σ ḡx̂, β̄ = Σ ḡ."""
+    x, scale, bias = node.input
+    rank = b.src.rank(x)
+    axes = list(range(2, rank))
+    gamma = b.Unsqueeze(scale, b.ints(list(range(1, rank - 1))))
+    xb, x_hat = _normalize_vjp(b, x, b.Mul(g, gamma) if need(b, x) else None, axes, b.src.attrs(node)["epsilon"])
+    others = [0] + axes
+    return [xb, b.reduce("ReduceSum", b.Mul(g, x_hat), others, keepdims=0) if need(b, scale) else None,
+            b.reduce("ReduceSum", g, others, keepdims=0) if need(b, bias) else None]
+
+
+@rule("Where")
+def where(b, node, g):
+    """ā = where(c, ḡ, 0), b̄ = where(c, 0, ḡ), each summed to its operand's shape."""
+    c, a, other = node.input
+    ys, zero = out_shape(b, node), s(b, 0.0, node.output[0])
+    return [None, sum_to(b, b.Where(c, g, zero), ys, a) if need(b, a) else None,
+            sum_to(b, b.Where(c, zero, g), ys, other) if need(b, other) else None]
+
+
+@rule("Cast")
+def cast(b, node, g):
+    """x̄ = cast(ḡ) back to x's float type (an integer x gets none)."""
+    x = node.input[0]
+    return [b.Cast(g, to=b.src.dtype(x)) if need(b, x) else None]
+
+
+@rule("DepthToSpace", "SpaceToDepth")
+def depth_space(b, node, g):
+    """Reshape-transpose-reshape: x̄ = ḡ through the inverse transpose (static shapes)."""
+    x, y = node.input[0], node.output[0]
+    xs, ys = b.src.shape(x), b.src.shape(y)
+    attrs = b.src.attrs(node)
+    if not (static(xs) and static(ys)):
+        raise JacgraphError(f"{node.op_type} '{node.name}': the reverse pass needs static shapes.")
+    k, (n, c, h, w) = attrs["blocksize"], xs
+    if node.op_type == "SpaceToDepth":
+        split, perm = [n, c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4]
+    elif attrs.get("mode", "DCR") == "DCR":
+        split, perm = [n, k, k, c // (k * k), h, w], [0, 3, 4, 1, 5, 2]
+    else:
+        split, perm = [n, c // (k * k), k, k, h, w], [0, 1, 4, 2, 5, 3]
+    moved = [split[p] for p in perm]  # the shape between the forward transpose and the final reshape
+    back = b.Transpose(b.Reshape(g, b.ints(moved)), perm=[int(i) for i in np.argsort(perm)])
+    return [b.Reshape(back, b.ints(xs))]
