@@ -279,7 +279,8 @@ def lower(model, input_shape=None) -> list[Stage]:
     if current != src.outputs[0].name:
         raise JacgraphError(f"the model's output '{src.outputs[0].name}' is not at the end of the chain from "
                             f"'{x}'. Export a plain feed-forward network.")
-    if low.pieces or low.nodes or not low.stages:
+    # trailing Identity / Flatten / Reshape change no flat feature: no identity stage for them
+    if low.pieces or np.any(low.bias != 0) or not low.stages:
         low.close(None, {}, None)
     return low.stages
 

@@ -1,0 +1,247 @@
+"""jacgraph.layers: lowering feed-forward ONNX models into (affine map, activation) stages.
+
+The helpers at the top (chain_model, random_mlp, random_cnn, numpy_forward) are shared with
+test_bounds.py and test_recurjac.py.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from jacgraph.errors import JacgraphError
+from jacgraph.layers import lower
+from jacgraph.testing import reference_session, run_reference, to_float64
+
+
+# ---- model builders shared by the bound tests --------------------------------------------------
+
+def chain_model(layers, in_shape, dtype=np.float32, opset=17, batch="N"):
+    """A single-chain ONNX model from a list of (kind, *params) layers, input 'x', output 'y'."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes, inits, cur = [], [], "x"
+    counter = iter(range(10**6))
+
+    def const(value):
+        name = f"c{next(counter)}"
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def emit(op, *inputs, **attrs):
+        nonlocal cur
+        out = f"v{next(counter)}"
+        nodes.append(helper.make_node(op, [cur, *inputs], [out], name=f"n_{out}", **attrs))
+        cur = out
+
+    for kind, *p in layers:
+        if kind == "gemm":
+            emit("Gemm", const(p[0]), const(p[1]), transB=1)  # torch Linear: W [out, in]
+        elif kind == "matmul":
+            emit("MatMul", const(p[0].T))
+        elif kind == "conv":
+            emit("Conv", const(p[0]), const(p[1]), **(p[2] if len(p) > 2 else {}))
+        elif kind == "bn":
+            emit("BatchNormalization", *[const(v) for v in p[:4]], epsilon=1e-5)
+        elif kind == "flatten":
+            emit("Flatten", axis=1)
+        elif kind == "reshape":
+            emit("Reshape", inits.append(numpy_helper.from_array(np.asarray(p[0], np.int64), "shp")) or "shp")
+        elif kind == "relu":
+            emit("Relu")
+        elif kind == "leaky":
+            emit("LeakyRelu", alpha=p[0])
+        elif kind == "tanh":
+            emit("Tanh")
+        elif kind == "sigmoid":
+            emit("Sigmoid")
+        elif kind == "hardsigmoid":
+            emit("HardSigmoid", alpha=p[0], beta=p[1])
+        elif kind == "clip":
+            emit("Clip", const(p[0]), const(p[1]))
+        elif kind in ("add", "sub", "mul", "div"):
+            emit(kind.capitalize(), const(p[0]))
+        elif kind in ("maxpool", "softmax", "averagepool"):
+            emit({"maxpool": "MaxPool", "softmax": "Softmax", "averagepool": "AveragePool"}[kind],
+                 **({"kernel_shape": [2, 2]} if kind != "softmax" else {}))
+        else:
+            raise ValueError(kind)
+    nodes.append(helper.make_node("Identity", [cur], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", elem, [batch, *in_shape])],
+                              [helper.make_tensor_value_info("y", elem, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    return model
+
+
+def random_mlp(sizes, rng, act="relu", scale=1.0, act_params=()):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(("gemm", rng.standard_normal((b, a)) * scale / np.sqrt(a), rng.standard_normal(b) * 0.3))
+        if i < len(sizes) - 2:
+            layers.append((act, *act_params))
+    return chain_model(layers, (sizes[0],))
+
+
+def random_cnn(rng, act="relu"):
+    """Conv(stride 2, pad 1) + BN + act [4,3,3], Conv(groups 2) + act [4,1,1], Flatten, Gemm + act, Gemm."""
+    w1 = rng.standard_normal((4, 2, 3, 3)) / 4
+    w2 = rng.standard_normal((4, 2, 3, 3)) / 4
+    layers = [("conv", w1, rng.standard_normal(4) * 0.1, {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+              ("bn", rng.uniform(0.5, 1.5, 4), rng.standard_normal(4) * 0.1, rng.standard_normal(4) * 0.1,
+               rng.uniform(0.5, 2, 4)),
+              (act,),
+              ("conv", w2, rng.standard_normal(4) * 0.1, {"group": 2}),
+              (act,),
+              ("flatten",),
+              ("gemm", rng.standard_normal((12, 4 * 1 * 1)) / 2, rng.standard_normal(12) * 0.1),
+              (act,),
+              ("gemm", rng.standard_normal((3, 12)) / 3, rng.standard_normal(3) * 0.1)]
+    return chain_model(layers, (2, 6, 6))
+
+
+def act_numpy(name, attrs, z):
+    if name is None:
+        return z
+    if name == "relu":
+        return np.maximum(z, 0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, attrs["alpha"] * z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "sigmoid":
+        return 1 / (1 + np.exp(-z))
+    if name == "hardsigmoid":
+        return np.clip(attrs["alpha"] * z + attrs["beta"], 0, 1)
+    if name == "clip":
+        return np.clip(z, attrs["min"], attrs["max"])
+    raise ValueError(name)
+
+
+def numpy_forward(stages, x):
+    """Forward pass of the lowered stages on flat inputs [N, n0]."""
+    h = x
+    for s in stages:
+        h = act_numpy(s.activation, s.act_attrs, s.affine(h))
+    return h
+
+
+def reference_output(model, x):
+    m64 = to_float64(model)
+    return run_reference(reference_session(m64), {"x": x})["y"]
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+# Both sides run in float64 on float32-valued weights; 1e-10 leaves room for summation order only.
+TOL = 1e-10
+
+
+@pytest.mark.parametrize("act,params", [("relu", ()), ("leaky", (0.1,)), ("tanh", ()), ("sigmoid", ()),
+                                        ("hardsigmoid", (0.2, 0.5)), ("clip", (-0.5, 0.7))])
+def test_mlp_lowering_matches_model(act, params):
+    rng = np.random.default_rng(0)
+    model = random_mlp([5, 7, 6, 3], rng, act=act, act_params=params)
+    stages = lower(model)
+    assert [s.activation is not None for s in stages] == [True, True, False]
+    assert [s.matrix().shape for s in stages] == [(7, 5), (6, 7), (3, 6)]
+    x = rng.standard_normal((4, 5))
+    np.testing.assert_allclose(numpy_forward(stages, x), reference_output(model, x), rtol=TOL, atol=TOL)
+
+
+def test_cnn_lowering_conv_bn_flatten():
+    rng = np.random.default_rng(1)
+    model = random_cnn(rng)
+    stages = lower(model)
+    assert [s.out_shape for s in stages] == [(4, 3, 3), (4, 1, 1), (12,), (3,)]
+    assert stages[0].conv is not None and stages[0].conv["W"].shape == (4, 2, 3, 3)  # BN folded into the kernel
+    assert stages[1].conv["attrs"]["group"] == 2
+    x = rng.standard_normal((3, 2, 6, 6))
+    np.testing.assert_allclose(numpy_forward(stages, x.reshape(3, -1)), reference_output(model, x), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("attrs", [{"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+                                   {"dilations": [2, 1], "pads": [2, 0, 1, 1]}, {"auto_pad": "VALID"}])
+def test_conv_variants_match_model(attrs):
+    rng = np.random.default_rng(2)
+    model = chain_model([("conv", rng.standard_normal((3, 2, 3, 2)), rng.standard_normal(3), attrs), ("relu",),
+                         ("flatten",)], (2, 5, 7))
+    stages = lower(model)
+    x = rng.standard_normal((2, 2, 5, 7))
+    np.testing.assert_allclose(numpy_forward(stages, x.reshape(2, -1)), reference_output(model, x).reshape(2, -1),
+                               rtol=TOL, atol=TOL)
+
+
+def test_constant_affine_ops_fold_and_matmul():
+    rng = np.random.default_rng(3)
+    layers = [("sub", rng.standard_normal(4)), ("div", rng.uniform(1, 2, 4)), ("matmul", rng.standard_normal((6, 4))),
+              ("add", rng.standard_normal(6)), ("mul", rng.uniform(-1, 1, 6)), ("tanh",),
+              ("gemm", rng.standard_normal((2, 6)), rng.standard_normal(2)), ("gemm", rng.standard_normal((3, 2)),
+                                                                              rng.standard_normal(3))]
+    model = chain_model(layers, (4,))
+    stages = lower(model)
+    assert len(stages) == 2 and stages[1].matrix().shape == (3, 6)  # two Gemms with no activation compose
+    x = rng.standard_normal((5, 4))
+    np.testing.assert_allclose(numpy_forward(stages, x), reference_output(model, x), rtol=TOL, atol=TOL)
+
+
+def test_model_ending_in_activation_and_consecutive_activations():
+    rng = np.random.default_rng(4)
+    model = chain_model([("gemm", rng.standard_normal((4, 3)), rng.standard_normal(4)), ("relu",), ("tanh",)], (3,))
+    stages = lower(model)
+    assert [s.activation for s in stages] == ["relu", "tanh"]
+    np.testing.assert_array_equal(stages[1].matrix(), np.eye(4))
+    x = rng.standard_normal((3, 3))
+    np.testing.assert_allclose(numpy_forward(stages, x), reference_output(model, x), rtol=TOL, atol=TOL)
+
+
+def test_unsupported_ops_listed_in_one_error():
+    rng = np.random.default_rng(5)
+    # 1x6x6 -> Conv 3x3 -> 2x4x4 -> MaxPool 2x2 (stride 1) -> 2x3x3 -> Flatten 18
+    model = chain_model([("conv", rng.standard_normal((2, 1, 3, 3)), np.zeros(2)), ("relu",), ("maxpool",),
+                         ("flatten",), ("gemm", rng.standard_normal((3, 2 * 3 * 3)), np.zeros(3)), ("softmax",)], (1, 6, 6))
+    with pytest.raises(JacgraphError) as e:
+        lower(model)
+    assert "MaxPool (x1)" in str(e.value) and "Softmax (x1)" in str(e.value)
+
+
+def test_residual_connection_is_an_error():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "res", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(JacgraphError, match="two computed tensors"):
+        lower(model)
+
+
+def test_conv_without_fixed_shape_needs_input_shape():
+    rng = np.random.default_rng(6)
+    model = chain_model([("conv", rng.standard_normal((2, 1, 3, 3)), np.zeros(2)), ("relu",), ("flatten",)],
+                        (1, "H", "W"))
+    with pytest.raises(JacgraphError, match="--input-shape"):
+        lower(model)
+    stages = lower(model, input_shape=(1, 1, 5, 5))
+    assert stages[0].in_shape == (1, 5, 5) and stages[0].out_shape == (2, 3, 3)
+    x = rng.standard_normal((1, 1, 5, 5))
+    np.testing.assert_allclose(numpy_forward(stages, x.reshape(1, -1)), reference_output(model, x).reshape(1, -1),
+                               rtol=TOL, atol=TOL)
+
+
+def test_torch_exported_cnn_lowers():
+    torch = pytest.importorskip("torch")
+    import io
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.LeakyReLU(0.2),
+                              torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 4), torch.nn.Sigmoid(),
+                              torch.nn.Linear(4, 2)).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    f = io.BytesIO()
+    x = torch.randn(2, 1, 5, 5)
+    torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, training=torch.onnx.TrainingMode.PRESERVE,
+                      input_names=["x"], output_names=["y"])
+    model = onnx.load_from_string(f.getvalue())
+    stages = lower(model)
+    assert [s.activation for s in stages] == ["leaky_relu", "sigmoid", None]
+    with torch.no_grad():
+        expected = net(x.double()).numpy() if False else net.double()(x.double()).numpy()
+    np.testing.assert_allclose(numpy_forward(stages, x.double().numpy().reshape(2, -1)), expected, rtol=1e-9, atol=1e-9)
