@@ -29,20 +29,44 @@ FD_TOL = 1e-6
 H = 1e-6
 
 
-def reference(model):
-    """The float64 reference evaluator, with ConvTranspose run group by group (onnx 1.23's reference
-    implementation mixes up channels when group > 1 and a group has several input channels)."""
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.ops.op_conv_transpose import ConvTranspose as Base
+class _FastConvTranspose:
+    """ConvTranspose in float64 numpy, one kernel tap at a time (onnx 1.23's reference implementation
+    is slow on the architectures and mixes up channels when group > 1 and a group has several input
+    channels). Explicit pads only: that is what the reverse pass emits."""
 
-    class ConvTranspose(Base):
-        def _run(self, X, W, B=None, group=None, **attrs):
-            if not group or group == 1:
-                return super()._run(X, W, B, group=1, **attrs)
-            xs, ws = np.split(X, group, axis=1), np.split(W, group, axis=0)
-            bs = np.split(B, group) if B is not None else [None] * group
-            return (np.concatenate([super(ConvTranspose, self)._run(x, w, b_, group=1, **attrs)[0]
-                                    for x, w, b_ in zip(xs, ws, bs)], axis=1),)
+    @staticmethod
+    def run(X, W, B=None, dilations=None, group=1, output_padding=None, pads=None, strides=None, **_):
+        d = X.ndim - 2
+        strides, dilations = strides or [1] * d, dilations or [1] * d
+        pads, output_padding = pads or [0] * 2 * d, output_padding or [0] * d
+        k = W.shape[2:]
+        spatial = X.shape[2:]
+        full_len = [(spatial[i] - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 for i in range(d)]
+        out_len = [full_len[i] + output_padding[i] - pads[i] - pads[d + i] for i in range(d)]
+        cin, cout_g = W.shape[0], W.shape[1]
+        full = np.zeros((X.shape[0], cout_g * group, *[max(f, pads[i] + out_len[i]) for i, f in enumerate(full_len)]))
+        for gi in range(group):
+            xg = X[:, gi * (cin // group):(gi + 1) * (cin // group)]
+            wg = W[gi * (cin // group):(gi + 1) * (cin // group)]
+            for tap in np.ndindex(*k):
+                where = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (spatial[i] - 1) * strides[i] + 1,
+                                    strides[i]) for i in range(d))
+                full[(slice(None), slice(gi * cout_g, (gi + 1) * cout_g)) + where] += np.einsum(
+                    "nc...,cm->nm...", xg, wg[(slice(None), slice(None)) + tap])
+        out = full[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + out_len[i]) for i in range(d))]
+        if B is not None:
+            out = out + B.reshape([1, -1] + [1] * d)
+        return (out.astype(X.dtype),)
+
+
+def reference(model):
+    """The float64 reference evaluator, with the fast exact ConvTranspose above."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class ConvTranspose(OpRun):
+        def _run(self, X, W, B=None, **attrs):
+            return _FastConvTranspose.run(X, W, B, **attrs)
 
     return ReferenceEvaluator(model, new_ops=_exact_reference_ops() + [ConvTranspose])
 
@@ -68,6 +92,8 @@ EXTRA = [
          id="conv-3d"),
     Case("Conv", {"x": (2, 4, 6, 6), "w": (4, 1, 3, 3)}, ["x", "w"], attrs={"group": 4, "auto_pad": "SAME_LOWER",
                                                                             "strides": [2, 2]}, id="conv-depthwise-weights"),
+    Case("Conv", {"x": (2, 3, 7, 6)}, ["x", "w"], attrs={"strides": [2, 2], "pads": [1, 0, 0, 0]},
+         consts={"w": f64(2, 3, 3, 3)}, declare={"x": ("n", 3, "h", "w")}, id="conv-dynamic-shape"),
     Case("ConvTranspose", {"x": (2, 4, 3, 4), "w": (4, 3, 3, 2), "bias": (6,)}, ["x", "w", "bias"],
          attrs={"group": 2, "strides": [2, 3], "dilations": [2, 1], "pads": [1, 0, 0, 1], "output_padding": [1, 2]},
          id="convtranspose-weights-groups"),

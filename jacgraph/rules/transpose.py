@@ -450,7 +450,8 @@ def einsum(b, node, g):
 # ---- convolution and pooling --------------------------------------------------------------------
 
 def _geometry(b, node, kernel):
-    """Strides, dilations and explicit (begin, end) pads of a Conv or pool, auto_pad resolved (static spatial shape)."""
+    """Strides, dilations, explicit (begin, end) pads (auto_pad resolved), and the spatial shapes of x and y
+    (None where not static)."""
     attrs = b.src.attrs(node)
     d = len(kernel)
     strides = list(attrs.get("strides") or [1] * d)
@@ -458,35 +459,45 @@ def _geometry(b, node, kernel):
     pads = list(attrs.get("pads") or [0] * 2 * d)
     auto_pad = attrs.get("auto_pad", "NOTSET")
     xs, ys = b.src.shape(node.input[0]), b.src.shape(node.output[0])
-    if xs is None or ys is None or not (static(xs[2:]) and static(ys[2:])):
-        raise JacgraphError(f"{node.op_type} '{node.name}': the reverse pass needs static spatial shapes; "
-                            "export with a fixed input size.")
+    xs = list(xs[2:]) if xs is not None and static(xs[2:]) else None
+    ys = list(ys[2:]) if ys is not None and static(ys[2:]) else None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and (xs is None or ys is None):
+        raise JacgraphError(f"{node.op_type} '{node.name}' uses auto_pad={auto_pad} on a spatial shape unknown at "
+                            "compile time; export with a fixed input size or explicit pads.")
     begin, end = pads[:d], pads[d:]
     for i in range(d):
         span = dilations[i] * (kernel[i] - 1) + 1
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            total = max(0, (ys[2 + i] - 1) * strides[i] + span - xs[2 + i])
+            total = max(0, (ys[i] - 1) * strides[i] + span - xs[i])
             small = total // 2
             begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
         elif auto_pad == "VALID":
             begin[i] = end[i] = 0
-    return strides, dilations, begin, end, list(xs[2:]), list(ys[2:])
+    return strides, dilations, begin, end, xs, ys
 
 
-def _transpose_windows(b, g, weight, kernel, geometry, group=1):
+def _transpose_windows(b, g, weight, kernel, geometry, group=1, x=None):
     """Transpose of a strided window op (Conv-like, zero padding) as a ConvTranspose landing exactly on x's shape.
 
     The last window may stop short of x's end (floor) or run past its end pad (ceil_mode): the end pad
     is set to where the last window really ends, and a shortfall becomes output_padding (< stride).
+    With spatial shapes unknown at compile time, the end is cut or zero-filled to Shape(x) at run time.
     """
     strides, dilations, begin, end, xs, ys = geometry
+    d = len(kernel)
+    attrs = dict(kernel_shape=kernel, strides=strides, dilations=dilations, group=group)
+    if xs is None or ys is None:
+        full = b.ConvTranspose(g, weight, pads=begin + [0] * d, **attrs)
+        target = b.shape(x, 2)
+        short = b.Max(b.Sub(target, b.shape(full, 2)), b.ints([0] * d))
+        filled = b.Pad(full, b.Concat(b.ints([0] * (d + 4)), short, axis=0))
+        return b.Slice(filled, b.ints([0] * d), target, b.ints(list(range(2, 2 + d))))
     pads_end, output_padding = [], []
     for i, k in enumerate(kernel):
         reach = (ys[i] - 1) * strides[i] + dilations[i] * (k - 1) + 1 - xs[i] - begin[i]
         pads_end.append(max(reach, 0))
         output_padding.append(max(-reach, 0))
-    return b.ConvTranspose(g, weight, kernel_shape=kernel, strides=strides, dilations=dilations,
-                           pads=begin + pads_end, output_padding=output_padding, group=group)
+    return b.ConvTranspose(g, weight, pads=begin + pads_end, output_padding=output_padding, **attrs)
 
 
 def _weight_grad(b, data, cot, kernel, geometry, group, data_channels):
@@ -536,7 +547,7 @@ def conv(b, node, g):
     x, w = node.input[:2]
     kernel, group = _kernel(b, node), b.src.attrs(node)["group"]
     geometry = _geometry(b, node, kernel)
-    xb = _transpose_windows(b, g, w, kernel, geometry, group) if need(b, x) else None
+    xb = _transpose_windows(b, g, w, kernel, geometry, group, x) if need(b, x) else None
     wb = None
     if need(b, w):
         wb = _weight_grad(b, x, g, kernel, geometry, group, b.src.shape(w)[1] * group)
@@ -598,6 +609,9 @@ def average_pool(b, node, g):
     kernel = list(b.src.attrs(node)["kernel_shape"])
     geometry = _geometry(b, node, kernel)
     strides, dilations, begin, _, xs, ys = geometry
+    if xs is None or ys is None:
+        raise JacgraphError(f"AveragePool '{node.name}': the reverse pass needs static spatial shapes; "
+                            "export with a fixed input size.")
     n_valid = np.ones([1, 1])
     for i, k in enumerate(kernel):
         starts = np.arange(ys[i]) * strides[i] - begin[i]
