@@ -78,8 +78,11 @@ def cmd_compile(args) -> int:
     result = compile_model(args.model, emit=args.emit, **given)
     paths = output_paths(args.output, result)
     write_atomic(paths)
-    for path in paths:
+    for path, model in paths.items():
         print(f"wrote {path}")
+        summary = {p.key: p.value for p in model.metadata_props}.get("jacgraph.summary")
+        if summary:  # a pass's one-line report (e.g. the Jacobian's colour count)
+            print(summary)
     return 0
 
 
