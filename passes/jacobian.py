@@ -23,6 +23,7 @@ reports how many row colours it would need.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ from jacgraph.model import SourceModel, load, unsupported_error
 from jacgraph.rules.jvp import reduce_axes
 
 GRAPH_EDGE_LIMIT = 4_000_000  # above this many column-pair products, skip networkx and colour the pattern directly
+NNZ_LIMIT = 60_000_000  # entries of one dependency matrix (~0.5 GB in CSR) before the pass gives up with an error
 
 
 # ---- source model with a fixed input shape --------------------------------------------------------
@@ -68,7 +70,7 @@ def fixed_source(model, inputs=None, input_shape=None):
                 d.Clear()
                 d.dim_value = 1
     del proto.graph.value_info[:]
-    fixed = SourceModel(proto)
+    fixed = _fold_constants(SourceModel(proto))
     for name in _active_values(fixed, x):
         shape = fixed.shape(name)
         if shape is None or not all(isinstance(d, int) for d in shape):
@@ -76,6 +78,42 @@ def fixed_source(model, inputs=None, input_shape=None):
                                 f"{list(fixed.shape(x))}; the Jacobian pass needs static shapes. Re-export the "
                                 "model with static shapes (no data-dependent reshapes).")
     return fixed, x
+
+
+def _fold_constants(src: SourceModel) -> SourceModel:
+    """Replace every node whose value is fixed once the input shapes are (shape arithmetic, constant
+    subgraphs such as exported F.pad's pads) by an initializer, so shape inference sees static shapes."""
+    values = {name: src.const(name) for name in src.initializers}
+    keep, outputs = [], {o.name for o in src.outputs}
+    for node in src.nodes:
+        shape = src.shape(node.input[0]) if node.input and node.op_type in ("Shape", "Size") else None
+        static = shape is not None and all(isinstance(d, int) for d in shape)
+        if node.op_type == "Shape" and static:
+            attrs = src.attrs(node)
+            outs = [np.array(shape[attrs.get("start", 0):attrs.get("end")], np.int64)]
+        elif node.op_type == "Size" and static:
+            outs = [np.array(int(np.prod(shape)), np.int64)]
+        elif node.op_type == "Constant" or (node.input and all(not i or i in values for i in node.input)
+                                            and node.domain in ("", "ai.onnx") and "Random" not in node.op_type):
+            outs = run_node(src, node, {i: values[i] for i in node.input if i})
+        else:
+            keep.append(node)
+            continue
+        if any(o in outputs for o in node.output):
+            keep.append(node)
+            continue
+        values.update((o, np.asarray(v)) for o, v in zip(node.output, outs) if o)
+    if len(keep) == len(src.nodes):
+        return src
+    used = {i for node in keep for i in node.input} | outputs
+    proto = onnx.ModelProto()
+    proto.CopyFrom(src.proto)
+    del proto.graph.node[:], proto.graph.initializer[:], proto.graph.value_info[:]
+    proto.graph.node.extend(keep)
+    proto.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in values.items() if name in used)
+    for inp in [i for i in proto.graph.input if i.name in src.initializers and i.name not in used]:
+        proto.graph.input.remove(inp)
+    return SourceModel(proto)
 
 
 def _active_values(src, x):
@@ -488,72 +526,135 @@ class Pattern:
     outputs: list = field(default_factory=list)  # [(name, shape, first row, last row + 1)]
 
 
-def sparsity(model, inputs=None, input_shape=None) -> Pattern:
-    """The structural sparsity pattern of the Jacobian of every float output with respect to x."""
+def sparsity(model, inputs=None, input_shape=None, direction=None) -> Pattern:
+    """The structural sparsity pattern of the Jacobian of every float output with respect to x.
+
+    direction: 'forward' (input dependencies per value element), 'reverse' (output dependencies), or
+    None for the cheaper one (reverse when J has fewer rows than columns). Both give the same pattern."""
     src, x = fixed_source(model, inputs, input_shape)
-    return _pattern(src, x)
+    return _pattern(src, x, direction)
 
 
-def _pattern(src, x) -> Pattern:
+def _pattern(src, x, direction=None) -> Pattern:
     active = src.active_nodes([x])
-    missing = {}
-    for node in active:
-        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if op not in PATTERN:
-            missing[op] = missing.get(op, 0) + 1
+    missing = Counter(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+                      for node in active if node.domain not in ("", "ai.onnx") or node.op_type not in PATTERN)
     if missing:
-        from collections import Counter
-
-        raise unsupported_error(Counter(missing), "the Jacobian sparsity pass")
+        raise unsupported_error(missing, "the Jacobian sparsity pass")
     ctx = Context(src, x)
     n = ctx.size(x)
-    env = {x: sp.identity(n, dtype=np.float32, format="csr")}
-    last_use = {}
-    for k, node in enumerate(active):
-        for name in node.input:
-            last_use[name] = k
-    for k, node in enumerate(active):
-        deps = [env.get(name) if name else None for name in node.input]
-        if all(d is None for d in deps):
-            continue
-        ids, stacked, offset = [], [], 0
-        for name, d in zip(node.input, deps):
-            if d is None:
-                shape = ctx.shape(name) if name and src.shape(name) is not None else ()
-                ids.append(np.zeros(shape, np.int64))
-            else:
-                ids.append(offset + 1 + np.arange(d.shape[0], dtype=np.int64).reshape(ctx.shape(name)))
-                stacked.append(d)
-                offset += d.shape[0]
-        D_in = sp.vstack(stacked, format="csr") if len(stacked) > 1 else stacked[0]
-        for name, conn in zip(node.output, PATTERN[node.op_type](ctx, node, ids)):
-            if not name or conn is None or not src.is_float(name):
-                continue
-            rows, cols = conn
-            C = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(ctx.size(name), offset))
-            env[name] = _binary(C @ D_in)
-        for name in node.input:  # free patterns no later node reads
-            if last_use.get(name) == k and name != x and name not in {o.name for o in src.outputs}:
-                env.pop(name, None)
-    blocks, outputs, row = [], [], 0
-    for y in src.outputs:
-        shape = tuple(src.shape(y.name) or ())
-        m = int(np.prod(shape, dtype=np.int64))
-        D = env.get(y.name) if src.is_float(y.name) else None
-        blocks.append(D if D is not None else sp.csr_matrix((m, n), dtype=np.float32))
-        outputs.append((y.name, shape, row, row + m))
-        row += m
-    P = sp.vstack(blocks, format="csr").astype(bool)
+    floats = [y.name for y in src.outputs if src.is_float(y.name)]
+    if not floats:
+        raise JacgraphError("the model has no floating-point output, so its Jacobian is empty. Export the model "
+                            "with its float outputs.")
+    m = sum(ctx.size(y) for y in floats)
+    # The same connectivity matrices serve both directions; propagate along the narrower side of J
+    # (forward: one n-wide dependency row per value element; reverse: one m-wide row), which keeps
+    # deep CNNs with few outputs cheap.
+    reachable = _reaching(src, active, set(floats))
+    if direction not in (None, "forward", "reverse"):
+        raise JacgraphError(f"direction {direction!r} is not known; use forward, reverse or None (automatic).")
+    if direction == "reverse" or (direction is None and m < n):
+        rows = _reverse(ctx, [nd for nd in active if id(nd) in reachable], floats, m)
+        P = rows.T.tocsr()
+    else:
+        P = _forward(ctx, [nd for nd in active if id(nd) in reachable], floats, n)
+    P = P.astype(bool)
     P.sort_indices()
+    outputs, row = [], 0
+    for y in floats:
+        outputs.append((y, ctx.shape(y), row, row + ctx.size(y)))
+        row += ctx.size(y)
     return Pattern(P, x, tuple(src.shape(x)), outputs)
+
+
+def _reaching(src, nodes, targets):
+    """ids of the nodes in `nodes` from which some name in `targets` can be reached."""
+    wanted, keep = set(targets), set()
+    for node in reversed(nodes):
+        if any(o in wanted for o in node.output if o):
+            keep.add(id(node))
+            wanted.update(i for i in node.input if i)
+    return keep
+
+
+def _connections(ctx, node, live):
+    """[(input name, offset, size)] for the node's x-dependent inputs and [(output, C)] with C the
+    connectivity from each output element to the stacked input elements."""
+    ids, blocks, offset = [], [], 0
+    for name in node.input:
+        if name and name in live:
+            size = ctx.size(name)
+            ids.append(offset + 1 + np.arange(size, dtype=np.int64).reshape(ctx.shape(name)))
+            blocks.append((name, offset, size))
+            offset += size
+        else:
+            shape = ctx.shape(name) if name and ctx.src.shape(name) is not None else ()
+            ids.append(np.zeros(shape, np.int64))
+    conns = []
+    for name, conn in zip(node.output, PATTERN[node.op_type](ctx, node, ids)):
+        if name and conn is not None and ctx.src.is_float(name):
+            r, c = conn
+            conns.append((name, sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(ctx.size(name), offset))))
+    return blocks, conns
+
+
+def _guard(D, name):
+    if D.nnz > NNZ_LIMIT:
+        raise JacgraphError(f"the dependency pattern at '{name}' has {D.nnz:,} entries (limit {NNZ_LIMIT:,}): "
+                            "this Jacobian is too large to hold. Take it on a smaller input or a sub-model "
+                            "(onnx.utils.extract_model), or use `jacgraph compile --emit jvp --tangents K`.")
+    return D
+
+
+def _forward(ctx, nodes, floats, n):
+    """D_v (size(v) x n): which elements of x each element of v depends on; D_out = C @ D_in."""
+    env = {ctx.x: sp.identity(n, dtype=np.float32, format="csr")}
+    last_use = {name: k for k, node in enumerate(nodes) for name in node.input}
+    for k, node in enumerate(nodes):
+        blocks, conns = _connections(ctx, node, env)
+        if not blocks:
+            continue
+        D_in = sp.vstack([env[name] for name, _, _ in blocks], format="csr")
+        for name, C in conns:
+            env[name] = _guard(_binary(C @ D_in), name)
+        for name in node.input:  # free patterns no later node reads
+            if last_use.get(name) == k and name != ctx.x and name not in floats:
+                env.pop(name, None)
+    return sp.vstack([env.get(y, sp.csr_matrix((ctx.size(y), n), dtype=np.float32)) for y in floats], format="csr")
+
+
+def _reverse(ctx, nodes, floats, m):
+    """R_v (size(v) x m): which output elements depend on each element of v; R_in += Cᵀ @ R_out."""
+    live = {ctx.x} | {o for node in nodes for o in node.output if o and ctx.src.is_float(o)}
+    R, row = {}, 0
+    for y in floats:
+        R[y] = sp.identity(m, dtype=np.float32, format="csr")[row:row + ctx.size(y)]
+        row += ctx.size(y)
+    for node in reversed(nodes):
+        R_out = {o: R[o] for o in node.output if o in R}
+        for o in R_out:
+            if o not in floats:  # every consumer has been seen
+                del R[o]
+        if not R_out:
+            continue
+        blocks, conns = _connections(ctx, node, live)
+        terms = [C.T.tocsr() @ R_out[name] for name, C in conns if name in R_out]
+        if not blocks or not terms:
+            continue
+        grad = sp.csr_matrix(sum(terms[1:], terms[0]))
+        for name, offset, size in blocks:
+            part = grad[offset:offset + size]
+            R[name] = _guard(_binary(part if name not in R else R[name] + part), name)
+    return R.get(ctx.x, sp.csr_matrix((ctx.size(ctx.x), m), dtype=np.float32))
 
 
 # ---- colouring -------------------------------------------------------------------------------------
 
 @dataclass
 class Colouring:
-    """colours[j] for every column; `count` colours (probes); the method that won; and for comparison the
-    clique lower bound (densest row) and the other methods' counts (row colouring included)."""
+    """colours[j] for every column; `count` colours (probes); the method that won; the clique lower bound
+    (the longest row: no colouring has fewer colours); and the count of every method tried."""
     colours: np.ndarray
     count: int
     method: str
@@ -631,34 +732,43 @@ def _count(colours):
     return int(colours.max()) + 1 if colours.size else 0
 
 
+METHODS = ("auto", "structured", "greedy", "distance2")
+
+
 def colouring(P, shape=None, method="auto") -> Colouring:
-    """Colour the columns of pattern P (m x n). method: auto (fewest of the below), structured, greedy,
-    distance2. `counts` also holds 'rows': the colours a row colouring (VJP probes) would need."""
+    """Colour the columns of pattern P (m x n); `shape` is x's shape (for the structured colouring).
+
+    auto: the structured colouring first; if it does not reach the clique lower bound (the longest
+    row), networkx greedy largest_first, or distance-2 greedy when the intersection graph is too big;
+    the fewest colours win. Any other method runs alone."""
+    if method not in METHODS:
+        raise JacgraphError(f"colouring method {method!r} is not known; use one of {', '.join(METHODS)}.")
     P = sp.csr_matrix(P, dtype=bool)
-    methods = ("structured", "greedy", "distance2") if method == "auto" else (method,)
-    if method not in ("auto", "structured", "greedy", "distance2"):
-        raise JacgraphError(f"colouring method {method!r} is not known; use auto, structured, greedy or distance2.")
     row_len = np.diff(P.indptr)
-    pair_products = int((row_len.astype(np.int64) ** 2).sum())
+    lower = int(row_len.max(initial=0))
+    small = int((row_len.astype(np.int64) ** 2).sum()) <= GRAPH_EDGE_LIMIT
     found = {}
-    for m in methods:
+    for m in (("structured", "greedy", "distance2") if method == "auto" else (method,)):
+        if method == "auto" and found and min(map(_count, found.values())) <= lower:
+            break  # optimal: no colouring beats the longest row
         if m == "structured" and shape is not None:
             found[m] = structured_colouring(P, shape)
-        elif m == "greedy" and (pair_products <= GRAPH_EDGE_LIMIT or method == "greedy"):
+        elif m == "greedy" and (small or method == "greedy"):
             found[m] = greedy_colouring(P)
-        elif m == "distance2" and (method == "distance2" or pair_products > GRAPH_EDGE_LIMIT):
+        elif m == "distance2" and (method == "distance2" or "greedy" not in found):
             found[m] = distance2_colouring(P)
     if not found:
         found["distance2"] = distance2_colouring(P)
     best = min(found, key=lambda m: _count(found[m]))
-    counts = {m: _count(c) for m, c in found.items()}
-    Pt = P.T.tocsr()
-    counts["rows"] = _count(structured_colouring(Pt, (P.shape[0],)) if P.shape[0] == 0 else
-                            (greedy_colouring(Pt) if int((np.diff(Pt.indptr).astype(np.int64) ** 2).sum())
-                             <= GRAPH_EDGE_LIMIT else distance2_colouring(Pt)))
     colours = found[best]
     assert is_valid(P, colours), "a colouring put two columns of one row in one colour"
-    return Colouring(colours, _count(colours), best, int(row_len.max(initial=0)), counts)
+    return Colouring(colours, _count(colours), best, lower, {m: _count(c) for m, c in found.items()})
+
+
+def row_colouring(pattern, method="auto") -> Colouring:
+    """Colours of the rows of J (one VJP probe per colour): the column colouring of Jᵀ."""
+    shape = pattern.outputs[0][1] if len(pattern.outputs) == 1 else (pattern.matrix.shape[0],)
+    return colouring(pattern.matrix.T.tocsr(), shape, method)
 
 
 def seed_matrix(colours, count, shape, dtype=np.float32):
@@ -671,13 +781,42 @@ def seed_matrix(colours, count, shape, dtype=np.float32):
 
 # ---- the emitted graph -----------------------------------------------------------------------------
 
+@dataclass
+class Plan:
+    """Everything decided before emitting: the pattern, the column colouring (JVP probes, used) and the
+    row colouring (VJP probes: reported for comparison; reverse-mode probes are not emitted yet)."""
+    source: SourceModel
+    pattern: Pattern
+    columns: Colouring
+    rows: Colouring
+
+    def summary(self) -> str:
+        P = self.pattern.matrix
+        return (f"Jacobian {P.shape[0]} x {P.shape[1]}, {P.nnz} structural nonzeros; {self.columns.count} column "
+                f"colours ({self.columns.method}; lower bound {self.columns.lower_bound}) = {self.columns.count} JVP "
+                f"probes instead of {P.shape[1]}; a row colouring would need {self.rows.count} (VJP probes, not used)")
+
+
+def plan(model, inputs=None, input_shape=None, colouring_method="auto") -> Plan:
+    """Pattern and colourings of the model's Jacobian with respect to x (one float input)."""
+    from jacgraph.rules.jvp import JVP
+
+    src, x = fixed_source(model, inputs, input_shape)
+    missing = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                      for n in src.active_nodes([x])
+                      if n.domain not in ("", "ai.onnx") or n.op_type not in JVP or n.op_type not in PATTERN)
+    if missing:  # one error for both tables (JVP rules and pattern rules), before any work
+        raise unsupported_error(missing, "the Jacobian pass")
+    pat = _pattern(src, x)
+    return Plan(src, pat, colouring(pat.matrix, pat.x_shape, colouring_method), row_colouring(pat))
+
+
 def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto") -> onnx.ModelProto:
     """x -> (y, J): one multi-tangent JVP with a constant tangent per colour, decompressed in-graph."""
     from jacgraph.passes import jvp
 
-    src, x = fixed_source(load(model) if not isinstance(model, SourceModel) else model, inputs, input_shape)
-    pat = _pattern(src, x)
-    col = colouring(pat.matrix, pat.x_shape, colouring_method)
+    p = model if isinstance(model, Plan) else plan(model, inputs, input_shape, colouring_method)
+    src, pat, col, x = p.source, p.pattern, p.columns, p.pattern.x
     K = max(col.count, 1)
     jvp_model = jvp.build(src, inputs=[x], tangents=K)
     meta = {p.key: p.value for p in jvp_model.metadata_props}
@@ -694,6 +833,7 @@ def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="
     b.outputs.extend(src.outputs)
     n = pat.matrix.shape[1]
     elem = src.dtype(x)
+    jac_outputs = []
     for y, shape, r0, r1 in pat.outputs:
         m = r1 - r0
         block = pat.matrix[r0:r1]
@@ -709,6 +849,7 @@ def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="
                                             name=b.fresh("jg_Identity")))
             b.add_output(values, elem, [int(coo.nnz)])
             b.add_output(indices, onnx.TensorProto.INT64, [int(coo.nnz), 2])
+            jac_outputs.append([y, values, indices])
         else:
             spread = b.Gather(compressed, b.const(col.colours, hint="colour_of_column"), axis=1)  # [m, n]
             mask = b.const(block.toarray(), hint=f"{y}_pattern")
@@ -717,10 +858,13 @@ def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="
             b.nodes.append(helper.make_node("Reshape", [dense, b.ints(list(shape) + list(pat.x_shape))], [name],
                                             name=b.fresh("jg_Reshape")))
             b.add_output(name, elem, list(shape) + list(pat.x_shape))
+            jac_outputs.append([y, name])
     metadata = {"jacgraph.emit": "jacobian", "jacgraph.colours": K, "jacgraph.colouring": col.method,
+                "jacgraph.row_colours": p.rows.count, "jacgraph.summary": p.summary(),
                 "jacgraph.input": x, "jacgraph.input_shape": json.dumps(list(pat.x_shape)),
                 "jacgraph.sparse": int(bool(sparse)), "jacgraph.nnz": int(pat.matrix.nnz),
-                "jacgraph.columns": n, "jacgraph.rows": json.dumps([[y, r1 - r0] for y, _, r0, r1 in pat.outputs])}
+                "jacgraph.columns": n, "jacgraph.rows": json.dumps([[y, r1 - r0] for y, _, r0, r1 in pat.outputs]),
+                "jacgraph.jacobian_outputs": json.dumps(jac_outputs)}
     return b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed JVP "
                    f"probes (jacgraph)", metadata=metadata)
 
@@ -735,20 +879,20 @@ def jacobian(model, x, sparse=False, inputs=None):
     x = np.asarray(x)
     emitted = build(model, sparse=sparse, inputs=inputs, input_shape=x.shape)
     props = {p.key: p.value for p in emitted.metadata_props}
-    rows = json.loads(props["jacgraph.rows"])
+    name = props["jacgraph.input"]
     sess = runtime.session(emitted)
-    x_type = helper.tensor_dtype_to_np_dtype(emitted.graph.input[0].type.tensor_type.elem_type)
-    others = [i.name for i in sess.get_inputs() if i.name != props["jacgraph.input"]]
+    others = [i.name for i in sess.get_inputs() if i.name != name]
     if others:
         raise JacgraphError(f"the model has other inputs ({', '.join(others)}); jacobian() feeds only x. Make them "
                             "initializers of the model, or compile with --emit jacobian and feed them yourself.")
-    out = runtime.run(sess, {props["jacgraph.input"]: x.astype(x_type)})
-    n = int(x.size)
-    jac = [o.name for o in emitted.graph.output][len(rows):]
-    if not sparse:
-        return np.concatenate([out[name].reshape(-1, n) for name in jac], axis=0)
+    x_type = {i.name: i for i in emitted.graph.input}[name].type.tensor_type.elem_type
+    out = runtime.run(sess, {name: x.astype(helper.tensor_dtype_to_np_dtype(x_type))})
+    n, rows = int(x.size), dict(json.loads(props["jacgraph.rows"]))
     blocks = []
-    for (_, m), values, indices in zip(rows, jac[0::2], jac[1::2]):
-        idx = out[indices]
-        blocks.append(sp.csr_matrix((out[values], (idx[:, 0], idx[:, 1])), shape=(m, n)))
-    return sp.vstack(blocks, format="csr")
+    for y, *names in json.loads(props["jacgraph.jacobian_outputs"]):
+        if not sparse:
+            blocks.append(out[names[0]].reshape(rows[y], n))
+        else:
+            values, idx = out[names[0]], out[names[1]]
+            blocks.append(sp.csr_matrix((values, (idx[:, 0], idx[:, 1])), shape=(rows[y], n)))
+    return np.concatenate(blocks, axis=0) if not sparse else sp.vstack(blocks, format="csr")
