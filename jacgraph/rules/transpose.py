@@ -500,29 +500,25 @@ def _transpose_windows(b, g, weight, kernel, geometry, group=1, x=None):
     return b.ConvTranspose(g, weight, pads=begin + pads_end, output_padding=output_padding, **attrs)
 
 
-def _weight_grad(b, data, cot, kernel, geometry, group, data_channels):
-    """W̄[m, c, k] = Σ_{n,o} cot[n, m, o]·data_pad[n, g(m)·C/G + c, o·s + k·d]: a Conv of data by cot over the batch.
+def _weight_grad(b, data, cot, kernel, geometry, group, data_channels, cot_channels, like):
+    """W̄[m, c, k] = Σ_{n,o} cot[n, m, o]·data_pad[n, g(m)·C/G + c, o·s + k·d]: unfold data, then one MatMul.
 
-    Channels become the batch and the batch becomes channels (groups stacked along it); strides and
-    dilations swap roles. Returns [channels of cot, data_channels/G, *kernel].
+    The windows of data are unfolded by a Conv with one-hot filters (each channel on its own, as a
+    batch of one-channel images), giving [N, G, C/G·taps, L] patches against cot's [N, G, M/G, L].
+    (A Conv of data by cot over the batch computes the same thing, but with cot's whole spatial extent as
+    its kernel: measured 3-5x slower in onnxruntime on the example architectures.) Returns [M, C/G, *kernel].
     """
     strides, dilations, begin, end = geometry[:4]
-    d = len(kernel)
-    spatial = list(range(2, 2 + d))
-    if group == 1:
-        X = b.Transpose(data, perm=[1, 0] + spatial)
-        W = b.Transpose(cot, perm=[1, 0] + spatial)
-    else:
-        cg = data_channels // group
-        X = b.Reshape(data, b.Concat(b.shape(data, 0, 1), b.ints([group, cg]), b.shape(data, 2), axis=0))
-        X = b.Transpose(X, perm=[2, 1, 0] + [i + 1 for i in spatial])
-        X = b.Reshape(X, b.Concat(b.ints([cg, -1]), b.shape(data, 2), axis=0))
-        W = b.Reshape(cot, b.Concat(b.shape(cot, 0, 1), b.ints([group, -1]), b.shape(cot, 2), axis=0))
-        W = b.Transpose(W, perm=[1, 2, 0] + [i + 1 for i in spatial])
-        W = b.Reshape(W, b.Concat(b.ints([-1]), b.shape(W, 2), axis=0))
-    full = b.Conv(X, W, strides=dilations, dilations=strides, pads=begin + end, group=group)
-    crop = b.Slice(full, b.ints([0] * d), b.ints(kernel), b.ints(spatial))
-    return b.Transpose(crop, perm=[1, 0] + spatial)
+    taps = int(np.prod(kernel))
+    onehot = b.const(np.eye(taps).reshape([taps, 1] + kernel).astype(b.src.np_dtype(like)), hint="window_taps")
+    single = b.Reshape(data, b.Concat(b.ints([-1, 1]), b.shape(data, 2), axis=0))
+    windows = b.Conv(single, onehot, kernel_shape=kernel, strides=strides, dilations=dilations, pads=begin + end)
+    batch = b.shape(data, 0, 1)
+    patches = b.Reshape(windows, b.Concat(batch, b.ints([group, data_channels // group * taps, -1]), axis=0))
+    cots = b.Reshape(cot, b.Concat(batch, b.ints([group, cot_channels // group, -1]), axis=0))
+    per_sample = b.MatMul(cots, b.Transpose(patches, perm=[0, 1, 3, 2]))  # [N, G, M/G, C/G·taps]
+    total = b.reduce("ReduceSum", per_sample, [0], keepdims=0)
+    return b.Reshape(total, b.ints([cot_channels, data_channels // group] + kernel))
 
 
 def _bias_grad(b, node, g):
@@ -550,7 +546,8 @@ def conv(b, node, g):
     xb = _transpose_windows(b, g, w, kernel, geometry, group, x) if need(b, x) else None
     wb = None
     if need(b, w):
-        wb = _weight_grad(b, x, g, kernel, geometry, group, b.src.shape(w)[1] * group)
+        ws = b.src.shape(w)
+        wb = _weight_grad(b, x, g, kernel, geometry, group, ws[1] * group, ws[0], x)
     return [xb, wb, _bias_grad(b, node, g)][:len(node.input)]
 
 
@@ -572,7 +569,7 @@ def conv_transpose(b, node, g):
         xb = b.Conv(g, w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
     if need(b, w):
         ws = b.src.shape(w)
-        wb = _weight_grad(b, g, x, kernel, (strides, dilations, pads[:d], pads[d:]), group, ws[1] * group)
+        wb = _weight_grad(b, g, x, kernel, (strides, dilations, pads[:d], pads[d:]), group, ws[1] * group, ws[0], x)
     return [xb, wb, _bias_grad(b, node, g)][:len(node.input)]
 
 
