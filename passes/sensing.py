@@ -1,0 +1,300 @@
+"""Jacobian sensing of a black box: J(x0) from forward calls only (Choromanski & Sindhwani, 2017).
+
+The model is only ever called forward (onnxruntime), never differentiated. Every call evaluates
+f(x0 + h·d_p) with a colour-structured random perturbation d_p[j] = g_p[colour(j)], g_p ~ N(0, I_K):
+one random value per colour of the column colouring of J's pattern. Row i of J then satisfies
+
+    f_i(x0 + h·d_p) = f_i(x0) + h · Σ_{j in S_i} J[i, j] g_p[colour(j)]        (S_i: row i's support)
+
+and, because the columns of S_i have distinct colours, the regressors of each row are independent
+Gaussians: |S_i| + 1 unknowns (f_i(x0) is one of them, so no call is special and any call may be
+corrupted), recovered from N calls by least squares, or with `robust` by L1 regression (a HiGHS
+linear program) followed by a least-squares refit on the calls it did not flag as outliers. L1
+regression recovers the row exactly when a small fraction of calls is arbitrarily corrupted; least
+squares spreads every corrupted call over every coefficient.
+
+The pattern is the structural one (derived from the graph by passes/jacobian.py, no calls) or, for a
+true black box, dense (every output may depend on every input: n colours). The fewest calls that can
+work are colours + 1. Forward differences are exact for affine maps at any step; otherwise the step
+trades truncation (O(h)) against float32 rounding (~1e-7·|f|/h).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from jacgraph import runtime
+from jacgraph.errors import JacgraphError
+from jacgraph.model import SourceModel, load
+
+PATTERNS = ("structural", "dense")
+OUTLIER_CUT = 5.0  # residuals beyond 5 robust standard deviations (1.4826·MAD) are flagged as corrupted
+
+
+@dataclass
+class Sensed:
+    """J (scipy.sparse CSR on the structural pattern, a numpy array for the dense one; rows: the float
+    outputs' elements in output order, columns: x's elements), and how it was obtained."""
+    J: object
+    calls: int
+    colours: int
+    min_calls: int
+    pattern: str
+    robust: bool
+    step: float
+    estimated_error: float | None  # relative, from the residuals of the calls kept: an estimate, not a bound
+    flagged_calls: int  # calls the robust fit flagged as corrupted in at least half of the rows
+
+
+# ---- the black box ----------------------------------------------------------------------------------
+
+def _load_x0(x0):
+    if isinstance(x0, (str, os.PathLike)):
+        path = os.fspath(x0)
+        if not os.path.isfile(path):
+            raise JacgraphError(f"--x0 {path}: no such file. Save the point with numpy.save('x.npy', x).")
+        try:
+            x0 = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise JacgraphError(f"--x0 {path} is not a .npy array ({type(e).__name__}). Save it with "
+                                "numpy.save('x.npy', x).") from None
+    x0 = np.asarray(x0)
+    if not np.issubdtype(x0.dtype, np.number):
+        raise JacgraphError(f"x0 has dtype {x0.dtype}; it must be a numeric array.")
+    if not np.all(np.isfinite(x0)):
+        raise JacgraphError("x0 holds NaN or infinite values; give a finite point.")
+    return x0
+
+
+def _choose_input(src: SourceModel, x0, inputs):
+    floats = src.float_inputs()
+    if not floats:
+        names = ", ".join(f"{i.name} ({np.dtype(src.np_dtype(i.name)).name})" for i in src.inputs) or "none"
+        raise JacgraphError(f"the model has no floating-point input (inputs: {names}), so it has no Jacobian to "
+                            "sense. Sense a model whose input x is float (e.g. feed embeddings, not token ids).")
+    wanted = inputs if inputs else floats
+    src.check_inputs(wanted)
+    if len(wanted) != 1 or len(src.inputs) != 1:
+        raise JacgraphError(f"the model has inputs {', '.join(i.name for i in src.inputs)}; sensing perturbs one "
+                            "float input and feeds nothing else. Make the other inputs initializers (constants) of "
+                            "the model, or extract a one-input sub-model with onnx.utils.extract_model.")
+    x = wanted[0]
+    declared = src.shape(x) or ()
+    if len(declared) != x0.ndim or any(isinstance(d, int) and d != s for d, s in zip(declared, x0.shape)):
+        shown = [d if isinstance(d, int) else (d or "?") for d in declared]
+        raise JacgraphError(f"--x0 has shape {list(x0.shape)} but the model's input '{x}' is declared {shown}. "
+                            "Save an x0 of the declared shape (symbolic dimensions may take any size).")
+    return x
+
+
+def black_box(model, x_name, dtype):
+    """f(x) -> all float outputs, flattened and concatenated (float64), through one onnxruntime session."""
+    sess = runtime.session(model)
+    names = [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")]
+
+    def f(x):
+        outs = sess.run(names, {x_name: np.asarray(x, dtype)})
+        return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outs])
+    return f
+
+
+# ---- patterns and probes ----------------------------------------------------------------------------
+
+def support(model, x0, pattern="structural", inputs=None):
+    """The structural pattern (CSR bool, m x n), the colour of every column, and the number of colours."""
+    from jacgraph.passes import jacobian
+
+    pat = jacobian.sparsity(model, inputs=inputs, input_shape=x0.shape)
+    col = jacobian.colouring(pat.matrix, pat.x_shape)
+    return pat.matrix, col.colours, col.count
+
+
+def _fit_ls(A, y):
+    z, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return z, np.ones(len(y), bool)
+
+
+def _fit_l1(A, y):
+    """min ‖A z - y‖₁ (HiGHS), then least squares on the calls whose residual is not an outlier."""
+    from scipy.optimize import linprog
+
+    N, s = A.shape
+    centre = np.median(y)  # keeps the LP's absolute tolerances small next to the signal
+    c = np.concatenate([np.zeros(s), np.ones(N)])
+    A_ub = np.block([[A, -np.eye(N)], [-A, -np.eye(N)]])
+    b_ub = np.concatenate([y - centre, centre - y])
+    res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * s + [(0, None)] * N, method="highs")
+    if res.status != 0:
+        raise JacgraphError(f"the L1 regression did not solve ({res.message}). Increase --budget.")
+    z = res.x[:s]
+    z[-1] += centre  # the last column is the intercept f_i(x0)
+    r = np.abs(A @ z - y)
+    scale = 1.4826 * np.median(r)
+    keep = r <= OUTLIER_CUT * max(scale, 1e-12 * max(np.abs(y).max(), 1e-300))
+    if keep.sum() > s:
+        z, _ = _fit_ls(A[keep], y[keep])
+    return z, keep
+
+
+def sense(model, x0, budget=None, robust=False, pattern="structural", step=None, seed=0, inputs=None,
+          corrupt=None, progress=True) -> Sensed:
+    """Recover J(x0) from `budget` forward calls (default 2·(colours + 1), or 4·colours with robust).
+
+    corrupt(call_index, y) -> y, if given, replaces what the black box returned (to simulate noisy or
+    faulty calls in tests and examples).
+    """
+    if pattern not in PATTERNS:
+        raise JacgraphError(f"--pattern {pattern!r} is not known; use structural (from the graph) or dense.")
+    proto = load(model)
+    src = SourceModel(proto)
+    x0 = _load_x0(x0)
+    x = _choose_input(src, x0, inputs)
+    dtype = src.np_dtype(x)
+    f = black_box(proto, x, dtype)
+    x0 = x0.astype(dtype)
+    if pattern == "dense":  # the rows are known once the first call returns
+        P, colours, K = None, np.arange(x0.size), int(x0.size)
+    else:
+        P, colours, K = support(proto, x0, pattern, [x])
+    min_calls = K + 1
+    if budget is None:
+        budget = 4 * K if robust else 2 * min_calls
+    if budget < min_calls:
+        raise JacgraphError(f"--budget {budget} is below the minimum of {min_calls} calls for this pattern "
+                            f"({K} colours + 1, since f(x0) is unknown too). Give --budget {min_calls} or more "
+                            f"(about {4 * K} with --robust).")
+    rng = np.random.default_rng(seed)
+    if step is None:
+        step = 1e-3 * max(1.0, float(np.sqrt(np.mean(np.asarray(x0, np.float64) ** 2))))
+    G = rng.standard_normal((budget, K))
+    from tqdm import tqdm
+
+    Y = []
+    for p in tqdm(range(budget), desc="jacgraph sense: forward calls", unit="call", file=sys.stderr, leave=False,
+                  disable=None if progress is None else not progress):
+        d = G[p][colours]
+        y = f(x0 + (step * d).reshape(x0.shape).astype(dtype))
+        if corrupt is not None:
+            y = np.asarray(corrupt(p, y), np.float64)
+        Y.append(y)
+    Y = np.stack(Y)
+    m = Y.shape[1]
+    if P is None:
+        P = sp.csr_matrix(np.ones((m, K), bool))
+    if P.shape[0] != m:
+        raise JacgraphError(f"the model returned {m} output values but its pattern has {P.shape[0]} rows; the "
+                            "declared output shapes do not match what onnxruntime computes. Use --pattern dense.")
+    return _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls)
+
+
+def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls) -> Sensed:
+    """Per-row regression. Rows with the same colour sequence share their design matrix [G[:, colours], 1],
+    so least squares solves each such group at once."""
+    P = sp.csr_matrix(P)
+    m, n = P.shape
+    groups = {}
+    for i in range(m):
+        key = colours[P.indices[P.indptr[i]:P.indptr[i + 1]]].tobytes()
+        groups.setdefault(key, []).append(i)
+    values = np.zeros(P.nnz)
+    variance, flagged = 0.0, np.zeros(budget)
+    for rows in groups.values():
+        cols = colours[P.indices[P.indptr[rows[0]]:P.indptr[rows[0] + 1]]]
+        A = np.hstack([G[:, cols], np.ones((budget, 1))])
+        if robust:
+            fits = [_fit_l1(A, Y[:, i]) for i in rows]
+            Z, keeps = np.stack([z for z, _ in fits], axis=1), [k for _, k in fits]
+        else:
+            Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
+            keeps = [np.ones(budget, bool)] * len(rows)
+        for i, z, keep in zip(rows, Z.T, keeps):
+            values[P.indptr[i]:P.indptr[i + 1]] = z[:-1] / step
+            flagged += ~keep
+            dof = int(keep.sum()) - A.shape[1]
+            if dof <= 0 or variance is None:
+                variance = None
+                continue
+            r = A[keep] @ z - Y[keep, i]
+            trace = _cov_trace(A, keep)
+            variance += float(r @ r) / dof * trace / step ** 2
+    J = sp.csr_matrix((values, P.indices.copy(), P.indptr.copy()), shape=(m, n))
+    norm = float(np.linalg.norm(values))
+    estimate = None if variance is None else float(np.sqrt(variance) / max(norm, 1e-300))
+    return Sensed(J if pattern == "structural" else J.toarray(), budget, K, min_calls, pattern, robust, step,
+                  estimate, int((flagged >= m / 2).sum()))
+
+
+_TRACES: dict = {}
+
+
+def _cov_trace(A, keep):
+    """tr((AᵀA)⁻¹) over the slope coefficients (the intercept left out), for the calls kept."""
+    key = (A.tobytes(), keep.tobytes())
+    if key not in _TRACES:
+        if len(_TRACES) > 4096:
+            _TRACES.clear()
+        gram = A[keep].T @ A[keep]
+        try:
+            inverse = np.linalg.inv(gram)
+        except np.linalg.LinAlgError:
+            inverse = np.linalg.pinv(gram)
+        _TRACES[key] = float(np.trace(inverse[:-1, :-1]))
+    return _TRACES[key]
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+def save_npz_atomic(path, J):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another --out path.")
+    fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=".npz", dir=folder)
+    os.close(fd)
+    try:
+        sp.save_npz(tmp, sp.csr_matrix(J))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def cmd_sense(args) -> int:
+    inputs = [n.strip() for n in args.inputs.split(",")] if args.inputs else None
+    res = sense(args.model, args.x0, budget=args.budget, robust=args.robust, pattern=args.pattern, step=args.step,
+                seed=args.seed, inputs=inputs, progress=False if args.no_progress else None)
+    m, n = res.J.shape
+    print(f"{args.model}: {m} x {n} Jacobian, {args.pattern} pattern, {res.colours} colours "
+          f"(minimum {res.min_calls} calls)")
+    method = "L1 regression (HiGHS) + least-squares refit on the calls kept" if res.robust else "least squares"
+    print(f"forward calls used: {res.calls}; recovery: {method}; step {res.step:g}")
+    if res.robust:
+        print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}")
+    if res.estimated_error is None:
+        print("estimated relative error: n/a (no redundant calls; raise --budget above the minimum)")
+    else:
+        print(f"estimated relative error (from residuals; an estimate, not a bound): {res.estimated_error:.2e}")
+    if args.out:
+        save_npz_atomic(args.out, res.J)
+        print(f"wrote {args.out} (scipy.sparse.load_npz; rows: output elements, columns: x elements)")
+    return 0
+
+
+def add_command(subparsers):
+    p = subparsers.add_parser("sense", help="recover J(x0) of a black box from forward calls (Jacobian sensing)")
+    p.add_argument("model")
+    p.add_argument("--x0", required=True, help="the point, a .npy file of the input's shape")
+    p.add_argument("--budget", type=int, help="forward calls (default 2*(colours+1), 4*colours with --robust)")
+    p.add_argument("--robust", action="store_true", help="L1 regression: tolerates a fraction of corrupted calls")
+    p.add_argument("--pattern", choices=PATTERNS, default="structural",
+                   help="structural: from the graph (no calls); dense: assume nothing (n colours)")
+    p.add_argument("--step", type=float, help="perturbation size h (default 1e-3*max(1, rms(x0)))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inputs", help="the float input to perturb (default: the only one)")
+    p.add_argument("--out", help="write J as a scipy.sparse .npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sense)

@@ -1,0 +1,144 @@
+"""`jacgraph sense`: Jacobians of a black box from forward calls, robust to corrupted calls.
+
+Oracle: the exact Jacobian from float64 torch.func.jacfwd on the same weights.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from jacgraph.cli import main
+from jacgraph.passes import sensing
+
+SHAPE = (1, 2, 10, 10)
+
+
+@pytest.fixture(scope="module")
+def conv_layer():
+    """A conv layer (2 -> 3 channels, 3x3, padding 1): 18 colours for 200 inputs; returns (model, x0, J)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(2, 3, 3, padding=1).eval()
+    f = io.BytesIO()
+    torch.onnx.export(layer, torch.randn(*SHAPE), f, input_names=["x"], output_names=["y"], dynamo=False)
+    x0 = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    J = torch.func.jacfwd(layer.double())(torch.from_numpy(x0).double()).detach().numpy().reshape(300, 200)
+    return onnx.load_from_string(f.getvalue()), x0, J
+
+
+def corrupted(budget, fraction, seed):
+    """A corrupt hook: `fraction` of the calls return arbitrary values (uniform in ±1000), the rest are exact."""
+    rng = np.random.default_rng(seed)
+    bad = set(rng.choice(budget, int(round(fraction * budget)), replace=False).tolist())
+
+    def corrupt(p, y):
+        return rng.uniform(-1e3, 1e3, y.shape) if p in bad else y
+    return corrupt, bad
+
+
+def rel(a, b):
+    a = a.toarray() if sp.issparse(a) else a
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_robust_recovers_conv_layer_despite_corrupted_calls_least_squares_does_not(conv_layer):
+    model, x0, J = conv_layer
+    colours = 18
+    budget = 4 * colours
+    # A conv layer is affine, so forward differences are exact at any step; step 1 puts the signal h·J·d well
+    # above float32 rounding of f (~6e-8 relative), which is what limits the recovered J.
+    for seed in range(3):
+        corrupt, bad = corrupted(budget, 0.10, seed)
+        robust = sensing.sense(model, x0, budget=budget, robust=True, step=1.0, seed=seed, corrupt=corrupt,
+                               progress=False)
+        corrupt, _ = corrupted(budget, 0.10, seed)  # the same calls corrupted the same way
+        ls = sensing.sense(model, x0, budget=budget, robust=False, step=1.0, seed=seed, corrupt=corrupt,
+                           progress=False)
+        assert robust.colours == colours and robust.calls == ls.calls == budget <= 4 * robust.colours
+        assert rel(robust.J, J) < 1e-6
+        assert rel(ls.J, J) > 1e-1  # one corrupted call spreads over every coefficient of every row
+        assert robust.flagged_calls == len(bad) == 7
+        assert robust.estimated_error < 1e-6 and ls.estimated_error > 1e-1  # the estimate tells them apart
+
+
+def test_least_squares_is_fine_on_clean_calls_and_errors_follow_the_estimate(conv_layer):
+    model, x0, J = conv_layer
+    clean = sensing.sense(model, x0, budget=19, step=1.0, progress=False)
+    assert clean.min_calls == 19 and rel(clean.J, J) < 1e-5  # exactly determined: no redundancy, no estimate
+    assert clean.estimated_error is None
+    rng = np.random.default_rng(0)
+    noisy = sensing.sense(model, x0, budget=80, step=0.1, progress=False,
+                          corrupt=lambda p, y: y + 1e-3 * rng.standard_normal(y.shape))
+    error = rel(noisy.J, J)
+    # the residual-based estimate is a statistical estimate: within a factor 3 of the truth here
+    assert noisy.estimated_error / 3 < error < 3 * noisy.estimated_error
+    assert 1e-5 < error < 1e-1
+
+
+def test_dense_pattern_needs_n_plus_one_calls(conv_layer):
+    model, x0, J = conv_layer
+    res = sensing.sense(model, x0, budget=240, pattern="dense", step=1.0, progress=False)
+    assert isinstance(res.J, np.ndarray) and res.colours == 200 and res.min_calls == 201
+    assert rel(res.J, J) < 1e-4  # 201 unknowns per row from 240 float32 calls: conditioning costs digits
+
+
+def test_progress_bar_over_calls(conv_layer, capsys):
+    model, x0, _ = conv_layer
+    sensing.sense(model, x0, budget=20, step=1.0, progress=True)
+    assert "forward calls" in capsys.readouterr().err
+
+
+def test_cli_sense_writes_npz(conv_layer, tmp_path, capsys):
+    model, x0, J = conv_layer
+    path, xpath, out = tmp_path / "conv.onnx", tmp_path / "x.npy", tmp_path / "J.npz"
+    onnx.save(model, path)
+    np.save(xpath, x0)
+    assert main(["sense", str(path), "--x0", str(xpath), "--budget", "72", "--robust", "--step", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "forward calls used: 72" in text and "estimated relative error" in text and "18 colours" in text
+    assert rel(sp.load_npz(out), J) < 1e-6
+
+
+def no_float_input_model(path):
+    table = numpy_helper.from_array(np.ones((5, 3), np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("wrong_shape", "declared [1, 2, 10, 10]"),
+    ("low_budget", "minimum of 19 calls"),
+    ("no_float_input", "no floating-point input"),
+    ("missing_x0", "no such file"),
+    ("nan_x0", "NaN"),
+])
+def test_cli_errors_exit_2_and_write_nothing(case, needle, conv_layer, tmp_path, capsys):
+    model, x0, _ = conv_layer
+    path, xpath, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "J.npz"
+    onnx.save(model, path)
+    np.save(xpath, x0)
+    args = ["sense", str(path), "--x0", str(xpath), "--out", str(out), "--no-progress"]
+    if case == "wrong_shape":
+        np.save(xpath, x0[:, :, :9])
+    elif case == "low_budget":
+        args += ["--budget", "18"]
+    elif case == "no_float_input":
+        no_float_input_model(path)
+        np.save(xpath, np.zeros(2, np.int64))
+    elif case == "missing_x0":
+        args[3] = str(tmp_path / "nothing.npy")
+    elif case == "nan_x0":
+        np.save(xpath, np.full(SHAPE, np.nan, np.float32))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "jacgraph: error:" in err
+    assert not out.exists()
