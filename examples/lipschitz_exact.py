@@ -109,3 +109,16 @@ def exact_lipschitz(ws, bs):
         return float(np.linalg.norm(ws[0], 2)), [(ws[0], np.zeros(d))]
     descend(0, G0, h0, np.zeros(d), np.eye(d), np.zeros(d), ws[0], bs[0], [])
     return max(float(np.linalg.norm(J, 2)) for J, _ in regions), regions
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        print("usage: python examples/lipschitz_exact.py OUT.onnx [SEED]   (writes a tiny ReLU MLP, prints its exact constant)")
+        sys.exit(1)
+    ws, bs = random_mlp(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    onnx.save(mlp_onnx(ws, bs), sys.argv[1])
+    L, regions = exact_lipschitz(ws, bs)
+    print(f"wrote {sys.argv[1]}: layers {[ws[0].shape[1]] + [w.shape[0] for w in ws]}, {len(regions)} linear regions, "
+          f"exact l2 Lipschitz constant {L:.6g}")

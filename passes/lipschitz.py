@@ -227,13 +227,20 @@ def _norm(b, x):
     return b.Sqrt(b.reduce("ReduceSum", b.Mul(x, x), None, keepdims=0))
 
 
+def _named(b, x, name):
+    """x under a readable graph-output name (fresh, so no source name is reused)."""
+    out = b.fresh(name)
+    b.nodes.append(helper.make_node("Identity", [x], [out], name=b.fresh(f"jg_{name}")))
+    return out
+
+
 def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.ModelProto:
     b = _builder(src)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     shape_in, shape_out = (stage.out_shape, stage.in_shape) if adjoint else (stage.in_shape, stage.out_shape)
     x = b.fresh("v" if adjoint else "u")
     b.add_input(x, elem, [1, *shape_in])
-    y = b.Identity(_apply(b, stage, x, adjoint, dtype))
+    y = _named(b, _apply(b, stage, x, adjoint, dtype), "ATv" if adjoint else "Au")
     b.add_output(y, elem, [1, *shape_out])
     what = "A^T v" if adjoint else "A u"
     return b.build(f"layer{index}_{'adj' if adjoint else 'op'}", doc=f"layer {index}: {what} (no bias)")
@@ -271,7 +278,8 @@ def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
     true = b.const(np.asarray(True), hint="true")
     lam0 = b.const(np.asarray(0, dtype=dtype), hint="zero")
     u_fin, lam_fin, history = b.op("Loop", iters, true, u, lam0, n_out=3, body=body)
-    sigma, u_last, sigma_hist = b.Sqrt(lam_fin), b.Identity(u_fin), b.Sqrt(history)
+    sigma, u_last = _named(b, b.Sqrt(lam_fin), "sigma"), _named(b, u_fin, "u")
+    sigma_hist = _named(b, b.Sqrt(history), "sigma_history")
     b.add_output(sigma, elem, [])
     b.add_output(u_last, elem, shape)
     b.add_output(sigma_hist, elem, [None])

@@ -352,6 +352,8 @@ def test_cli_emit_autolip_and_lipschitz_json(tmp_path, capsys):
     assert written == sorted(f"lip.layer{i}.{k}.onnx" for i in range(4) for k in ("op", "adj", "power"))
     power = onnx.load(tmp_path / "lip.layer1.power.onnx")
     assert any(n.op_type == "Loop" for n in power.graph.node)
+    assert [i.name for i in power.graph.input] == ["u0", "iterations", "tol"]
+    assert [o.name for o in power.graph.output] == ["sigma", "u", "sigma_history"]
     capsys.readouterr()
     assert main(["lipschitz", str(path), "--input-shape", "1,2,8,8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
