@@ -114,5 +114,7 @@ def build(model, inputs=None, wrt=None) -> onnx.ModelProto:
         grads.append([name, out])
     metadata = {"jacgraph.emit": "vjp", "jacgraph.inputs": json.dumps(xs), "jacgraph.wrt": json.dumps(params),
                 "jacgraph.cotangent_inputs": json.dumps(bar_inputs),
-                "jacgraph.gradient_outputs": json.dumps(grads)}
+                "jacgraph.gradient_outputs": json.dumps(grads),
+                "jacgraph.summary": f"vjp: gradients for {len(xs)} input(s) and {len(params)} parameter(s), "
+                                    f"cotangent inputs {', '.join(bar for _, bar in bar_inputs) or '(none)'}"}
     return b.build(f"{src.graph.name}_vjp", doc=f"VJP of {src.graph.name} (jacgraph)", metadata=metadata)
