@@ -18,7 +18,7 @@ EMIT_OPTIONS = {
     "jvp": ("inputs", "tangents", "strategy"),
     "vjp": ("inputs", "wrt"),
     "jfb": ("state", "tol", "max_iter", "fixed_iterations", "readout", "loss", "wrt"),
-    "jacobian": ("inputs", "sparse"),
+    "jacobian": ("inputs", "sparse", "probes"),
     "recurjac": ("norm", "input_shape"),
     "autolip": ("input_shape",),
 }
@@ -61,7 +61,7 @@ def parse_shape(text):
 
 def cmd_compile(args) -> int:
     given = {k: getattr(args, k) for k in ("inputs", "tangents", "strategy", "wrt", "state", "tol", "max_iter",
-                                          "fixed_iterations", "readout", "loss", "sparse", "norm", "input_shape")
+                                          "fixed_iterations", "readout", "loss", "sparse", "probes", "norm", "input_shape")
              if getattr(args, k) is not None and getattr(args, k) is not False}
     allowed = EMIT_OPTIONS[args.emit]
     stray = [k for k in given if k not in allowed]
@@ -194,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--readout", help="jfb: readout model R(z*)")
     c.add_argument("--loss", choices=["cross_entropy", "mse"], help="jfb: loss for the readout graph")
     c.add_argument("--sparse", action="store_true", help="jacobian: emit indices + values")
+    c.add_argument("--probes", choices=["auto", "columns", "rows"], help="jacobian: JVP (columns) or VJP (rows) probes")
     c.add_argument("--norm", choices=["inf", "2"], help="recurjac: the input ball's norm")
     c.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32")
     c.set_defaults(func=cmd_compile)
