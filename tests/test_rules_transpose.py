@@ -185,9 +185,10 @@ def to_float32(model):
     return m
 
 
-# onnxruntime and ONNX shape inference disagree on this ceil-mode pool's output size, so the y_bar shape
-# the case declares (from shape inference) is not the one onnxruntime produces: a harness limit, not a rule's.
-ORT_CASES = [c for c in DOT_CASES if c.id != "maxpool-unfold-padded-ceil"]
+# maxpool-unfold-padded-ceil: onnxruntime and ONNX shape inference disagree on this ceil-mode pool's output
+# size, so the y_bar shape the case declares (from shape inference) is not the one onnxruntime produces;
+# lrn-even: onnxruntime refuses LRN with an even size (the forward model does not load either).
+ORT_CASES = [c for c in DOT_CASES if c.id not in ("maxpool-unfold-padded-ceil", "lrn-even")]
 
 
 @pytest.mark.parametrize("case", ORT_CASES, ids=case_id)
@@ -288,12 +289,12 @@ def test_wrt_list_and_errors():
 
 def test_unsupported_ops_listed_together():
     graph = helper.make_graph(
-        [helper.make_node("LRN", ["x"], ["a"], size=3), helper.make_node("LRN", ["a"], ["b"], size=3),
+        [helper.make_node("LpNormalization", ["x"], ["a"]), helper.make_node("LpNormalization", ["a"], ["b"]),
          helper.make_node("Hardmax", ["b"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    with pytest.raises(JacgraphError, match=r"Hardmax \(x1\), LRN \(x2\)"):
+    with pytest.raises(JacgraphError, match=r"Hardmax \(x1\), LpNormalization \(x2\)"):
         vjp.build(model)
 
 

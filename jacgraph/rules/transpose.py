@@ -771,6 +771,28 @@ def instance_norm(b, node, g):
             b.reduce("ReduceSum", g, others, keepdims=0) if need(b, bias) else None]
 
 
+@rule("LRN")
+def lrn(b, node, g):
+    """y = x·d^-β, d = bias + α/n·S(x²), S the channel-window sum: x̄ = ḡ·d^-β - 2αβ/n·x·Sᵀ(ḡ·x·d^(-β-1))."""
+    x, y = node.input[0], node.output[0]
+    attrs = b.src.attrs(node)
+    size, alpha, beta, bias = attrs["size"], attrs["alpha"], attrs["beta"], attrs["bias"]
+    rank = b.src.rank(x)
+
+    def window_sum(z, before, after):  # Σ over channels [c - before, c + after]
+        pads = [0] * 2 * (rank - 1)
+        pads[0], pads[rank - 1] = before, after
+        pooled = b.AveragePool(b.Unsqueeze(z, b.ints([1])), kernel_shape=[size] + [1] * (rank - 2),
+                               pads=pads, count_include_pad=1)
+        return b.Mul(b.Squeeze(pooled, b.ints([1])), s(b, float(size), x))
+
+    # S sums [c - (n-1)//2, c + n//2]; its transpose sums [c - n//2, c + (n-1)//2] (they differ for even n)
+    d = b.Add(b.Mul(window_sum(b.Mul(x, x), (size - 1) // 2, size // 2), s(b, alpha / size, x)), s(b, bias, x))
+    inner = b.Mul(b.Mul(g, x), b.Pow(d, s(b, -beta - 1.0, x)))
+    cross = b.Mul(window_sum(inner, size // 2, (size - 1) // 2), b.Mul(x, s(b, 2.0 * alpha * beta / size, x)))
+    return [b.Sub(b.Mul(g, b.Pow(d, s(b, -beta, x))), cross)]
+
+
 @rule("Where")
 def where(b, node, g):
     """ā = where(c, ḡ, 0), b̄ = where(c, 0, ḡ), each summed to its operand's shape."""
