@@ -783,18 +783,20 @@ def seed_matrix(colours, count, shape, dtype=np.float32):
 
 @dataclass
 class Plan:
-    """Everything decided before emitting: the pattern, the column colouring (JVP probes, used) and the
-    row colouring (VJP probes: reported for comparison; reverse-mode probes are not emitted yet)."""
+    """Everything decided before emitting: the pattern, the column colouring (one JVP probe per colour)
+    and the row colouring (one VJP probe per colour)."""
     source: SourceModel
     pattern: Pattern
     columns: Colouring
     rows: Colouring
 
-    def summary(self) -> str:
+    def summary(self, probes="columns") -> str:
         P = self.pattern.matrix
+        used = (f"{self.columns.count} JVP probes instead of {P.shape[1]}" if probes == "columns"
+                else f"{self.rows.count} VJP probes instead of {P.shape[0]}")
         return (f"Jacobian {P.shape[0]} x {P.shape[1]}, {P.nnz} structural nonzeros; {self.columns.count} column "
-                f"colours ({self.columns.method}; lower bound {self.columns.lower_bound}) = {self.columns.count} JVP "
-                f"probes instead of {P.shape[1]}; a row colouring would need {self.rows.count} (VJP probes, not used)")
+                f"colours ({self.columns.method}; lower bound {self.columns.lower_bound}), {self.rows.count} row "
+                f"colours ({self.rows.method}; lower bound {self.rows.lower_bound}); using {used}")
 
 
 def plan(model, inputs=None, input_shape=None, colouring_method="auto") -> Plan:
@@ -811,39 +813,57 @@ def plan(model, inputs=None, input_shape=None, colouring_method="auto") -> Plan:
     return Plan(src, pat, colouring(pat.matrix, pat.x_shape, colouring_method), row_colouring(pat))
 
 
-def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto") -> onnx.ModelProto:
-    """x -> (y, J): one multi-tangent JVP with a constant tangent per colour, decompressed in-graph."""
-    from jacgraph.passes import jvp
+PROBES = ("auto", "columns", "rows")
+ROW_PROBE_COST = 2  # one VJP probe (a reverse sweep, run once per loop iteration) ~ two batched JVP tangents
 
+
+def choose_probes(p: Plan, probes="auto") -> str:
+    """columns (JVP probes), or rows (VJP probes) when reverse mode covers the model and they are cheaper."""
+    if probes not in PROBES:
+        raise JacgraphError(f"--probes {probes!r} is not known; use auto, columns or rows.")
+    if probes == "columns":
+        return probes
+    missing = _vjp_missing(p)
+    if probes == "rows" and missing:
+        raise JacgraphError(f"row probes need reverse mode, which has no rule for {', '.join(sorted(missing))}. "
+                            "Use --probes columns (JVP probes).")
+    if probes == "rows":
+        return probes
+    return "rows" if not missing and ROW_PROBE_COST * p.rows.count < p.columns.count else "columns"
+
+
+def _vjp_missing(p: Plan):
+    try:
+        from jacgraph.passes.vjp import missing_rules
+        from jacgraph.rules.transpose import VJP
+    except ImportError:  # reverse mode not installed: column probes only
+        return {"(reverse mode)": 1}
+    return missing_rules(p.source, [p.pattern.x], VJP)
+
+
+def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto", probes="auto") -> onnx.ModelProto:
+    """x -> (y, J) from compressed probes, decompressed in-graph: one multi-tangent JVP with a constant
+    tangent per column colour, or (rows, when cheaper) an ONNX Loop of one VJP per row colour."""
     p = model if isinstance(model, Plan) else plan(model, inputs, input_shape, colouring_method)
-    src, pat, col, x = p.source, p.pattern, p.columns, p.pattern.x
-    K = max(col.count, 1)
-    jvp_model = jvp.build(src, inputs=[x], tangents=K)
-    meta = {p.key: p.value for p in jvp_model.metadata_props}
-    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
-    y_dots = dict(json.loads(meta["jacgraph.tangent_outputs"]))
-
-    inner = SourceModel(jvp_model)
-    b = Builder(inner)
-    b.inputs.extend(i for i in inner.inputs if i.name != x_dot)
-    dtype = src.np_dtype(x)
-    b.initializers.append(numpy_helper.from_array(seed_matrix(col.colours, K, pat.x_shape, dtype), x_dot))
-    for node in inner.nodes:
-        b.copy(node)
+    kind = choose_probes(p, probes)
+    src, pat, x = p.source, p.pattern, p.pattern.x
+    b, tables = _column_probes(p) if kind == "columns" else _row_probes(p)
+    col, K = (p.columns, p.columns.count) if kind == "columns" else (p.rows, p.rows.count)
     b.outputs.extend(src.outputs)
     n = pat.matrix.shape[1]
-    elem = src.dtype(x)
+    elem, dtype = src.dtype(x), src.np_dtype(x)
     jac_outputs = []
     for y, shape, r0, r1 in pat.outputs:
-        m = r1 - r0
         block = pat.matrix[r0:r1]
-        compressed = b.Transpose(b.Reshape(y_dots[y], b.ints([K, m])), perm=[1, 0])  # [m, K]: B[colour, row]ᵀ
+        table = tables[y]  # columns: [m, K], entry (row, colour of column); rows: [K, n], (colour of row, column)
         if sparse:
             coo = block.tocoo()
-            flat = b.Reshape(compressed, b.ints([-1]))
-            where = b.const((coo.row.astype(np.int64) * K + col.colours[coo.col]), hint=f"{y}_jac_gather")
+            flat = b.Reshape(table, b.ints([-1]))
+            at = (coo.row.astype(np.int64) * K + col.colours[coo.col] if kind == "columns"
+                  else col.colours[r0 + coo.row] * n + coo.col.astype(np.int64))
             values, indices = b.fresh(f"{y}_jac_values"), b.fresh(f"{y}_jac_indices")
-            b.nodes.append(helper.make_node("Gather", [flat, where], [values], name=b.fresh("jg_Gather"), axis=0))
+            b.nodes.append(helper.make_node("Gather", [flat, b.const(at, hint=f"{y}_jac_gather")], [values],
+                                            name=b.fresh("jg_Gather"), axis=0))
             pairs = np.stack([coo.row, coo.col], axis=1).astype(np.int64)
             b.nodes.append(helper.make_node("Identity", [b.const(pairs, hint=f"{y}_pattern")], [indices],
                                             name=b.fresh("jg_Identity")))
@@ -851,33 +871,99 @@ def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="
             b.add_output(indices, onnx.TensorProto.INT64, [int(coo.nnz), 2])
             jac_outputs.append([y, values, indices])
         else:
-            spread = b.Gather(compressed, b.const(col.colours, hint="colour_of_column"), axis=1)  # [m, n]
-            mask = b.const(block.toarray(), hint=f"{y}_pattern")
-            dense = b.Where(mask, spread, b.const(np.zeros((), dtype)))
+            if kind == "columns":
+                spread = b.Gather(table, b.const(col.colours, hint="colour_of_column"), axis=1)  # [m, n]
+            else:
+                spread = b.Gather(table, b.const(col.colours[r0:r1], hint="colour_of_row"), axis=0)  # [m, n]
+            dense = b.Where(b.const(block.toarray(), hint=f"{y}_pattern"), spread, b.const(np.zeros((), dtype)))
             name = b.fresh(f"{y}_jac")
             b.nodes.append(helper.make_node("Reshape", [dense, b.ints(list(shape) + list(pat.x_shape))], [name],
                                             name=b.fresh("jg_Reshape")))
             b.add_output(name, elem, list(shape) + list(pat.x_shape))
             jac_outputs.append([y, name])
-    metadata = {"jacgraph.emit": "jacobian", "jacgraph.colours": K, "jacgraph.colouring": col.method,
-                "jacgraph.row_colours": p.rows.count, "jacgraph.summary": p.summary(),
+    metadata = {"jacgraph.emit": "jacobian", "jacgraph.probes": kind, "jacgraph.colours": K,
+                "jacgraph.colouring": col.method, "jacgraph.column_colours": p.columns.count,
+                "jacgraph.row_colours": p.rows.count, "jacgraph.summary": p.summary(kind),
                 "jacgraph.input": x, "jacgraph.input_shape": json.dumps(list(pat.x_shape)),
                 "jacgraph.sparse": int(bool(sparse)), "jacgraph.nnz": int(pat.matrix.nnz),
                 "jacgraph.columns": n, "jacgraph.rows": json.dumps([[y, r1 - r0] for y, _, r0, r1 in pat.outputs]),
                 "jacgraph.jacobian_outputs": json.dumps(jac_outputs)}
-    return b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed JVP "
+    what = "JVP" if kind == "columns" else "VJP"
+    return b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed {what} "
                    f"probes (jacgraph)", metadata=metadata)
+
+
+def _column_probes(p: Plan):
+    """The source's JVP with K = column colours and the seed matrix as a constant tangent: y_dot[k] = J S[k]."""
+    from jacgraph.passes import jvp
+
+    src, pat, col, x = p.source, p.pattern, p.columns, p.pattern.x
+    K = max(col.count, 1)
+    jvp_model = jvp.build(src, inputs=[x], tangents=K)
+    meta = {q.key: q.value for q in jvp_model.metadata_props}
+    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
+    y_dots = dict(json.loads(meta["jacgraph.tangent_outputs"]))
+    inner = SourceModel(jvp_model)
+    b = Builder(inner)
+    b.inputs.extend(i for i in inner.inputs if i.name != x_dot)
+    b.initializers.append(numpy_helper.from_array(seed_matrix(col.colours, K, pat.x_shape, src.np_dtype(x)), x_dot))
+    for node in inner.nodes:
+        b.copy(node)
+    tables = {y: b.Transpose(b.Reshape(y_dots[y], b.ints([K, r1 - r0])), perm=[1, 0])
+              for y, _, r0, r1 in pat.outputs}
+    return b, tables
+
+
+def _row_probes(p: Plan):
+    """The primal once, then an ONNX Loop over row colours whose body is the VJP's reverse sweep (reading
+    the primal values from the outer graph) with y_bar = the colour's indicator: x_bar[k] = Jᵀ S[k]."""
+    from jacgraph.passes import vjp
+
+    src, pat, col, x = p.source, p.pattern, p.rows, p.pattern.x
+    K = max(col.count, 1)
+    vjp_model = vjp.build(src, inputs=[x])
+    meta = {q.key: q.value for q in vjp_model.metadata_props}
+    y_bars = dict(json.loads(meta["jacgraph.cotangent_inputs"]))
+    x_bar = dict(json.loads(meta["jacgraph.gradient_outputs"]))[x]
+    inner = SourceModel(vjp_model)
+    b = Builder(inner)
+    b.inputs.extend(i for i in inner.inputs if i.name not in y_bars.values())
+    primal_names = set(src.producer) | set(src.initializers)
+    body = []
+    for node in inner.nodes:  # copies of source nodes (maybe with extra outputs) run once, outside the loop
+        if any(o in primal_names for o in node.output):
+            b.copy(node)
+        else:
+            body.append(node)
+    it, cond = b.fresh("row_colour"), b.fresh("cond")
+    seeds = []
+    for y, shape, r0, r1 in pat.outputs:
+        S = np.zeros((K, r1 - r0), src.np_dtype(y))
+        S[col.colours[r0:r1], np.arange(r1 - r0)] = 1
+        table = b.const(S.reshape((K,) + tuple(shape)), hint=f"{y}_row_seeds")
+        seeds.append(helper.make_node("Gather", [table, it], [y_bars[y]], name=b.fresh("jg_Gather"), axis=0))
+    cond_out = b.fresh("cond_out")
+    graph = helper.make_graph(
+        seeds + body + [helper.make_node("Identity", [cond], [cond_out], name=b.fresh("jg_Identity"))],
+        "row_probes",
+        [helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info(x_bar, src.dtype(x), list(pat.x_shape))])
+    stacked = b.op("Loop", b.const(np.array(K, np.int64), hint="row_colours"), "", body=graph)  # [K, *x.shape]
+    table = b.Reshape(stacked, b.ints([K, pat.matrix.shape[1]]))
+    return b, {y: table for y, *_ in pat.outputs}
 
 
 # ---- Python API ------------------------------------------------------------------------------------
 
-def jacobian(model, x, sparse=False, inputs=None):
+def jacobian(model, x, sparse=False, inputs=None, probes="auto"):
     """J(x) of every float output (rows stacked in output order) w.r.t. x: an (m, n) numpy array, or with
     sparse=True a scipy.sparse CSR matrix; computed by the emitted graph in onnxruntime."""
     from jacgraph import runtime
 
     x = np.asarray(x)
-    emitted = build(model, sparse=sparse, inputs=inputs, input_shape=x.shape)
+    emitted = build(model, sparse=sparse, inputs=inputs, input_shape=x.shape, probes=probes)
     props = {p.key: p.value for p in emitted.metadata_props}
     name = props["jacgraph.input"]
     sess = runtime.session(emitted)
