@@ -1,0 +1,80 @@
+"""Benchmark the emitted VJP graphs (input gradient, and all parameter gradients) against PyTorch's backward.
+
+    python examples/bench_vjp.py [--threads 1] [--runs 50] [--only mlp,lenet]
+
+onnxruntime forward, `--emit vjp`, `--emit vjp --wrt params` and PyTorch forward+backward are timed
+interleaved in one process (median of --runs), so machine noise hits all alike.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples import architectures  # noqa: E402
+from jacgraph.passes import vjp  # noqa: E402
+from jacgraph.runtime import session  # noqa: E402
+
+DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "unet"]
+
+
+def bench_one(name, folder, threads, runs):
+    path = os.path.join(folder, name + ".onnx")
+    architectures.export(name, path, batch=1)
+    src, x = onnx.load(path), architectures.example_input(name, batch=1).numpy()
+    forward = session(src, threads=threads)
+    y = forward.run(None, {"x": x})[0]
+    u = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
+    grad_x = session(vjp.build(src), threads=threads)
+    grad_all = session(vjp.build(src, wrt="params"), threads=threads)
+    model, xt, ut = architectures.build(name), torch.from_numpy(x), torch.from_numpy(u)
+
+    def torch_step():
+        xx = xt.clone().requires_grad_(True)
+        model.zero_grad()
+        model(xx).backward(ut)
+
+    calls = {"forward": lambda: forward.run(None, {"x": x}),
+             "vjp_x": lambda: grad_x.run(None, {"x": x, "y_bar": u}),
+             "vjp_params": lambda: grad_all.run(None, {"x": x, "y_bar": u}),
+             "torch_fwd_bwd": torch_step}
+    for _ in range(3):
+        for call in calls.values():
+            call()
+    times = {k: [] for k in calls}
+    for _ in range(runs):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--only", help="comma-separated architecture names")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.only.split(",") if args.only else DEFAULT
+    print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio | PyTorch fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            t = bench_one(name, folder, args.threads, args.runs)
+            print(f"| {name} | {t['forward']:.3f} | {t['vjp_x']:.3f} | {t['vjp_x'] / t['forward']:.2f} | "
+                  f"{t['vjp_params']:.3f} | {t['vjp_params'] / t['forward']:.2f} | {t['torch_fwd_bwd']:.3f} |",
+                  flush=True)
+    print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs")
+
+
+if __name__ == "__main__":
+    main()
