@@ -271,6 +271,7 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
 
     shape = b.Concat(b.shape(x, 0, 1), b.ints([m, n0]), axis=0)
     lo, hi = (b.Expand(t, shape) for t in G[-1])  # an affine network's bounds carry no batch axis yet
+    lo, hi = b.min(lo, hi), b.max(lo, hi)  # where both sides are exact they can cross by round-off
     b.nodes.append(helper.make_node("Identity", [lo], ["J_lower"]))
     b.nodes.append(helper.make_node("Identity", [hi], ["J_upper"]))
     b.add_output("J_lower", elem, ["batch", m, n0])
