@@ -2,6 +2,7 @@
 the ball (corners, interior, and points aimed at flipping unstable units), exactness at eps = 0 and on
 affine networks, monotonicity in eps, RecurJac against the interval chain, and `jacgraph bound`.
 """
+import copy
 import functools
 import io
 import json
@@ -157,7 +158,7 @@ def export(net, example):
 
 
 def torch_function(net):
-    net64 = net.double()
+    net64 = copy.deepcopy(net).double()
     return lambda x: net64(x[None])[0]
 
 
