@@ -79,6 +79,14 @@ def test_least_squares_is_fine_on_clean_calls_and_errors_follow_the_estimate(con
     # the residual-based estimate is a statistical estimate: within a factor 3 of the truth here
     assert noisy.estimated_error / 3 < error < 3 * noisy.estimated_error
     assert 1e-5 < error < 1e-1
+    # with only Gaussian noise the robust fit keeps (nearly) every call and matches least squares on them
+    for budget in (36, 80):
+        calls = [np.random.default_rng(budget), np.random.default_rng(budget)]
+        fits = [sensing.sense(model, x0, budget=budget, robust=robust, step=0.1, progress=False,
+                              corrupt=lambda p, y, g=g: y + 1e-3 * g.standard_normal(y.shape))
+                for robust, g in zip((False, True), calls)]
+        assert fits[1].estimated_error is not None and fits[1].flagged_calls == 0
+        assert rel(fits[1].J, J) < 1.2 * rel(fits[0].J, J)
 
 
 def test_dense_pattern_needs_n_plus_one_calls(conv_layer):
