@@ -151,11 +151,15 @@ class Backsub:
 
         full_shape = b.shape(b.Add(b.Add(r.aU, r.aL), b.Add(r.cU, r.cL)))
         aU, aL, cU, cL = (gathered(b.Expand(t, full_shape)) for t in (r.aU, r.aL, r.cU, r.cL))
-        A1, A2 = b.Concat(aU, aL, axis=2), b.Concat(aL, aU, axis=2)
-        C1, C2 = b.Concat(cU, cL, axis=2), b.Concat(cL, cU, axis=2)
-        pos, neg = b.Relu(lam), b.min(lam, zero)
-        X = b.Add(b.Mul(pos, A1), b.Mul(neg, A2))  # [b, i, 2, row, k]
-        C = b.Add(C, b.reduce("ReduceSum", b.Add(b.Mul(pos, C1), b.Mul(neg, C2)), [4], keepdims=0))
+        # Lambda+ a1 + Lambda- a2 = Lambda (a1 + a2)/2 + |Lambda| (a1 - a2)/2: one Abs, slots differ in sign only
+        half = b.c(0.5)
+        a_mid, c_mid = b.Mul(b.Add(aU, aL), half), b.Mul(b.Add(cU, cL), half)
+        a_rad, c_rad = b.Mul(b.Sub(aU, aL), half), b.Mul(b.Sub(cU, cL), half)
+        a_rad, c_rad = b.Concat(a_rad, b.Neg(a_rad), axis=2), b.Concat(c_rad, b.Neg(c_rad), axis=2)
+        mag = b.Abs(lam)
+        X = b.Add(b.Mul(lam, a_mid), b.Mul(mag, a_rad))  # [b, i, 2, row, k]
+        col = lambda t: b.Transpose(t, perm=[0, 1, 2, 4, 3])  # noqa: E731  [.., 1, k] -> [.., k, 1]
+        C = b.Add(C, b.Squeeze(b.Add(b.MatMul(lam, col(c_mid)), b.MatMul(mag, col(c_rad))), b.ints([4])))
         d = b.Unsqueeze(d0, b.ints([2]))  # [b, unit, 1]
         terms = [(Xt, b.Mul(Yt, d), None) for Xt, Yt, _ in coef.terms]
         return Coef(b.Mul(coef.S, d), True, terms + [(X, None, idx)], C)
@@ -189,8 +193,12 @@ class _Weights:
         return self._cache[key]
 
 
-def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurjac") -> onnx.ModelProto:
-    """A graph (x0 [batch, *input], eps [batch]) -> (J_lower, J_upper) [batch, outputs, inputs]."""
+def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurjac",
+          preactivation_bounds=False) -> onnx.ModelProto:
+    """A graph (x0 [batch, *input], eps [batch]) -> (J_lower, J_upper) [batch, outputs, inputs].
+
+    preactivation_bounds=True adds outputs z<s>_lower, z<s>_upper [batch, units] for every stage s
+    that ends in an activation (the CROWN bounds the derivative intervals come from)."""
     norm = str(norm)
     if norm not in NORMS:
         raise JacgraphError(f"--norm {norm!r} is not supported; choose inf (an l_inf ball) or 2 (an l_2 ball).")
@@ -276,6 +284,11 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     b.nodes.append(helper.make_node("Identity", [hi], ["J_upper"]))
     b.add_output("J_lower", elem, ["batch", m, n0])
     b.add_output("J_upper", elem, ["batch", m, n0])
+    if preactivation_bounds:
+        for s, (lo_s, hi_s) in enumerate(pre):
+            for name, t in ((f"z{s}_lower", lo_s), (f"z{s}_upper", hi_s)):
+                b.nodes.append(helper.make_node("Identity", [t], [name]))
+                b.add_output(name, elem, ["batch", stages[s].out_features])
     meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
             "jacgraph.input_shape": json.dumps(list(stages[0].in_shape)), "jacgraph.outputs": m}
     return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)

@@ -355,3 +355,19 @@ def test_api_rejects_bad_points():
         recurjac.bound(model, np.zeros((2, 2)), 0.1)
     with pytest.raises(JacgraphError, match="--norm"):
         recurjac.build(model, norm="1")
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_preactivation_bounds_hold(norm):
+    rng = np.random.default_rng(17)
+    model = random_mlp([5, 16, 16, 16, 3], rng, scale=1.5)
+    stages = lower(model)
+    sess = session(recurjac.build(model, norm=norm, preactivation_bounds=True), provider="CPUExecutionProvider")
+    _, pre = stage_function(stages)
+    x0 = rng.standard_normal(5)
+    for eps in (0.0, 0.1, 1.0):
+        out = sess.run(None, {"x0": x0[None], "eps": np.array([eps])})
+        Z = torch.func.vmap(lambda x: torch.cat(pre(x)[1][:3]))(
+            torch.tensor(sample_ball(x0, eps, norm, stages, rng, n=1000))).detach().numpy()
+        lo, hi = np.concatenate(out[2::2], axis=1), np.concatenate(out[3::2], axis=1)
+        assert np.all(Z >= lo - TOL) and np.all(Z <= hi + TOL)
