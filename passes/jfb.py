@@ -55,6 +55,8 @@ def _check_T(src: SourceModel, state, inputs):
     if inputs is None:
         return [n for n in others if src.is_float(n)]
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not inputs:  # no input gradient wanted (training): the graph computes parameter gradients only
+        return []
     if state in inputs:
         raise JacgraphError(f"--inputs names the state {state!r}; JFB holds z* constant, so only the other inputs "
                             f"({', '.join(others) or 'none'}) get gradients.")
