@@ -129,6 +129,15 @@ def test_random_mlp_bounds_are_sound(act, params, norm):
     assert widths[-1] > 0  # the test covers regions where units change state
 
 
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_consecutive_activations_and_an_activation_at_the_output(norm):
+    rng = np.random.default_rng(18)
+    model = chain_model([("gemm", rng.standard_normal((6, 4)), rng.standard_normal(6)), ("relu",), ("tanh",),
+                         ("gemm", rng.standard_normal((3, 6)), rng.standard_normal(3)), ("sigmoid",)], (4,))
+    assert [s.activation for s in lower(model)] == ["relu", "tanh", "sigmoid"]
+    assert_sound(model, norm, rng)
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_digits_mlp():
     from sklearn.datasets import load_digits
