@@ -346,3 +346,28 @@ def test_cli_errors_exit_2_and_write_nothing(case, expect, tmp_path, cases, caps
     assert main(["compile", path, "--emit", "jfb", *args, "-o", str(out)]) == 2
     assert expect in capsys.readouterr().err
     assert not glob.glob(str(tmp_path / "OUT*")) and not glob.glob(str(tmp_path / ".jacgraph-*"))
+
+
+def test_digits_example_ort_pipeline_tracks_pytorch_jfb(tmp_path):
+    """examples/jfb_digits.py: three onnxruntime calls + numpy Adam per step follow PyTorch JFB + torch Adam.
+
+    Both start from the same weights and see the same batches. They differ only in where the readout
+    sees z (z* here, T(z*) in PyTorch), which tol = 1e-6 bounds by ~1e-6 relative, and float32 round-off
+    (observed: 2e-8 relative in the weights after 5 steps); 1e-5 leaves room for a solve that stops one
+    iteration apart near tol (z* then moves by <= 1e-6 relative).
+    """
+    from examples import jfb_digits as ex
+
+    Xtr, _, ytr, _ = ex.digits()
+    weights = ex.init_weights(32)
+    paths = ex.compile_graphs(weights, str(tmp_path), tol=1e-6, max_iter=300)
+    ort_p = ex.OrtPipeline(paths, weights, lr=1e-3, threads=1)
+    torch_p = ex.TorchPipeline(weights, lr=1e-3, mode="jfb", tol=1e-6, max_iter=300)
+    for i in range(5):
+        batch = slice(16 * i, 16 * (i + 1))
+        loss_ort, loss_torch = ort_p.step(Xtr[batch], ytr[batch]), torch_p.step(Xtr[batch], ytr[batch])
+        assert abs(loss_ort - loss_torch) <= 1e-5 * abs(loss_torch)
+    assert max(abs(a - b) for a, b in zip(ort_p.iterations, torch_p.iterations)) <= 1
+    for name, p in list(torch_p.T.named_parameters()) + list(torch_p.R.named_parameters()):
+        assert relative_error(ort_p.w[name], p.detach().numpy()) < 1e-5, name
+        assert relative_error(ort_p.w[name], weights[name]) > 1e-3, name  # the weights did move
