@@ -9,7 +9,7 @@ Three pipelines, same initial weights, same batches in the same order, same Adam
   torch_bp   PyTorch backprop through every fixed-point iteration
 
     python examples/jfb_digits.py            # 40 epochs, timings, peak memory at 10 vs 100 iterations
-    python examples/jfb_digits.py --quick    # 5 epochs, fewer memory runs
+    python examples/jfb_digits.py --quick    # 5 epochs (same memory probes)
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def compile_graphs(weights, folder, tol, max_iter, fixed_iterations=None):
                           opset_version=17, input_names=["z", "x"], output_names=["z_next"],
                           dynamic_axes={"z": {0: "batch"}, "x": {0: "batch"}, "z_next": {0: "batch"}})
         torch.onnx.export(R, (torch.zeros(2, hidden),), f"{folder}/R.onnx", dynamo=False, opset_version=17,
-                          input_names=["h"], output_names=["logits"], dynamic_axes={"h": {0: "batch"}, "logits": {0: "batch"}})
+                          input_names=["h"], output_names=["logits"],
+                          dynamic_axes={"h": {0: "batch"}, "logits": {0: "batch"}})
     models = jacgraph.compile(f"{folder}/T.onnx", emit="jfb", state="z", inputs=[], tol=tol, max_iter=max_iter,
                               fixed_iterations=fixed_iterations, readout=f"{folder}/R.onnx", loss="cross_entropy")
     paths = {k: f"{folder}/jfb.{k}.onnx" for k in models}
@@ -127,7 +128,8 @@ class OrtPipeline:
         from jacgraph import runtime
 
         onnxruntime.set_default_logger_severity(3)  # parameters as inputs with defaults is the point, not a mistake
-        self.fp, self.ro, self.gr = (runtime.session(paths[k], threads=threads) for k in ("fixed_point", "readout", "jfb_grad"))
+        self.fp, self.ro, self.gr = (runtime.session(paths[k], threads=threads)
+                                     for k in ("fixed_point", "readout", "jfb_grad"))
         self.w = {k: v.copy() for k, v in weights.items()}
         self.opt = Adam(self.w, lr)
         self.grad_names = [o.name for o in self.gr.get_outputs()]
@@ -146,9 +148,10 @@ class OrtPipeline:
 
     def step(self, x, labels):
         z = self.fixed_point(x)
-        loss, z_bar, V_bar, c_bar, _ = self.ro.run(self.ro_names, {"z_star": z, "labels": labels, "V": self.w["V"], "c": self.w["c"]})
-        grads = dict(zip(self.grad_names, self.gr.run(self.grad_names, {"z_star": z, "x": x, "z_bar": z_bar, "W": self.w["W"],
-                                                                      "U": self.w["U"], "b": self.w["b"]})))
+        w = self.w
+        loss, z_bar, V_bar, c_bar, _ = self.ro.run(self.ro_names, {"z_star": z, "labels": labels, "V": w["V"], "c": w["c"]})
+        feeds = {"z_star": z, "x": x, "z_bar": z_bar, "W": w["W"], "U": w["U"], "b": w["b"]}
+        grads = dict(zip(self.grad_names, self.gr.run(self.grad_names, feeds)))
         self.opt.step(self.w, {"W": grads["W_bar"], "U": grads["U_bar"], "b": grads["b_bar"], "V": V_bar, "c": c_bar})
         cap_norm_np(self.w["W"])
         return float(loss)

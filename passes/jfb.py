@@ -172,20 +172,19 @@ def _zeros(b, src, state, others):
     return b.op("ConstantOfShape", b.Concat(*dims, axis=0), value=zero)
 
 
-def _residual(b, z, z_next, rank):
+def _residual(b, z, z_next, rank, dtype):
     """max over samples of ||z_next - z|| / (||z|| + eps), norms over every axis but the first."""
     axes = list(range(1, rank)) if rank >= 2 else None
     diff = b.reduce("ReduceL2", b.Sub(z_next, z), axes, keepdims=0)
     norm = b.reduce("ReduceL2", z, axes, keepdims=0)
-    ratio = b.Div(diff, b.Add(norm, b.const(np.asarray(EPS, b.z_dtype), hint="eps")))
+    ratio = b.Div(diff, b.Add(norm, b.const(np.asarray(EPS, dtype), hint="eps")))
     return b.reduce("ReduceMax", ratio, None, keepdims=0)
 
 
 def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iterations=None, z0=None):
     others = [i.name for i in src.inputs if i.name != state]
     b = Builder(src)
-    b.z_dtype = src.np_dtype(state)
-    elem = src.dtype(state)
+    dtype, elem = src.np_dtype(state), src.dtype(state)
     zshape = list(src.shape(state))
     rank = len(zshape)
     for inp in src.inputs:
@@ -203,15 +202,15 @@ def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iteratio
         z = start
         for _ in range(fixed_iterations):
             prev, z = z, _inline_T(b, src, state, z)
-        z_star, res = z, _residual(b, prev, z, rank)
+        z_star, res = z, _residual(b, prev, z, rank, dtype)
         iters = b.const(np.asarray(fixed_iterations, np.int64), hint="iterations_const")
     else:
         outer = b.nodes
         b.nodes = []
         it, cond, z_in, res_in, k_in = (b.fresh(n) for n in ("iter", "cond_in", f"{state}_k", "res_in", "k_in"))
         z_next = _inline_T(b, src, state, z_in)
-        res = _residual(b, z_in, z_next, rank)
-        go_on = b.Greater(res, b.const(np.asarray(tol, b.z_dtype), hint="tol"))
+        res = _residual(b, z_in, z_next, rank, dtype)
+        go_on = b.Greater(res, b.const(np.asarray(tol, dtype), hint="tol"))
         k_out = b.Add(it, b.const(np.asarray(1, np.int64), hint="one"))
         outs = [b.Identity(go_on), b.Identity(z_next), b.Identity(res), b.Identity(k_out)]
         body = helper.make_graph(
@@ -228,7 +227,7 @@ def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iteratio
         b.nodes = outer
         z_star, res, iters = b.op(
             "Loop", b.const(np.asarray(max_iter, np.int64), hint="max_iter"), b.const(np.asarray(True), hint="true"),
-            start, b.const(np.asarray(np.inf, b.z_dtype), hint="inf"), b.const(np.asarray(0, np.int64), hint="zero"),
+            start, b.const(np.asarray(np.inf, dtype), hint="inf"), b.const(np.asarray(0, np.int64), hint="zero"),
             n_out=3, body=body)
 
     names = {}
@@ -238,12 +237,14 @@ def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iteratio
         b.nodes.append(helper.make_node("Identity", [value], [names[key]], name=b.fresh("jg_output")))
         b.add_output(names[key], typ, shape)
     n = fixed_iterations if fixed_iterations is not None else max_iter
-    form = f"{fixed_iterations} unrolled steps" if fixed_iterations is not None else f"Loop to tol {tol:g} or {max_iter} steps"
+    form = (f"{fixed_iterations} unrolled steps" if fixed_iterations is not None
+            else f"Loop to tol {tol:g} or {max_iter} steps")
     metadata = {"jacgraph.emit": "jfb", "jacgraph.jfb.graph": "fixed_point", "jacgraph.state": state,
                 "jacgraph.tol": tol, "jacgraph.max_iter": n, "jacgraph.fixed_iterations": fixed_iterations or 0,
                 "jacgraph.wrt": json.dumps(params), "jacgraph.outputs": json.dumps(list(names.values())),
                 "jacgraph.summary": f"jfb fixed_point: {form}; outputs {', '.join(names.values())}"}
-    return b.build(f"{src.graph.name}_fixed_point", doc=f"fixed point of {src.graph.name} (jacgraph)", metadata=metadata)
+    return b.build(f"{src.graph.name}_fixed_point", doc=f"fixed point of {src.graph.name} (jacgraph)",
+                   metadata=metadata)
 
 
 # ---- JFB gradient -------------------------------------------------------------------------------
@@ -309,7 +310,8 @@ def build_readout(readout, loss, state, zshape, star, bar):
                             f"inputs {[i.name for i in rsrc.inputs]} and outputs {[o.name for o in rsrc.outputs]}.")
     r_in, logits = rsrc.inputs[0].name, rsrc.outputs[0].name
     rshape = rsrc.shape(r_in) or []
-    if len(rshape) != len(zshape) or any(isinstance(a, int) and isinstance(c, int) and a != c for a, c in zip(rshape, zshape)):
+    if len(rshape) != len(zshape) or any(isinstance(a, int) and isinstance(c, int) and a != c
+                                         for a, c in zip(rshape, zshape)):
         raise JacgraphError(f"the readout's input {r_in!r} has shape {list(rshape)} but T's state has shape {list(zshape)}; "
                             "the readout must take z* as it is.")
     with_loss, labels, loss_name = _with_loss(rsrc, loss)
@@ -323,7 +325,8 @@ def build_readout(readout, loss, state, zshape, star, bar):
     kept = [i for i in g.input if i.name != loss_bar]
     del g.input[:]
     g.input.extend(kept)
-    g.initializer.append(numpy_helper.from_array(np.asarray(1, helper.tensor_dtype_to_np_dtype(rsrc.dtype(logits))), loss_bar))
+    one = np.asarray(1, helper.tensor_dtype_to_np_dtype(rsrc.dtype(logits)))
+    g.initializer.append(numpy_helper.from_array(one, loss_bar))
     g.output.append(helper.make_tensor_value_info(logits, rsrc.dtype(logits), list(rsrc.shape(logits) or [])))
     mapping = {r_in: star, grads[r_in]: bar}
     _rename(grad, mapping)

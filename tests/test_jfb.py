@@ -233,7 +233,7 @@ def test_jfb_versus_exact_implicit_gradient(cases, record_property):
     w = np.linalg.solve((np.eye(n) - J).T, z_bar.ravel()).reshape(zshape)
 
     g64 = reference(to_float64(models["jfb_grad"]))
-    feeds = {"z_star": z_star.astype(np.float64), "x": x.astype(np.float64)} | {k: v.astype(np.float64) for k, v in weights.items()}
+    feeds = {k: v.astype(np.float64) for k, v in ({"z_star": z_star, "x": x} | weights).items()}
     jfb_g = emitted_grads(models["jfb_grad"], run_reference(g64, feeds | {"z_bar": z_bar}))
     exact = emitted_grads(models["jfb_grad"], run_reference(g64, feeds | {"z_bar": w}))
 
