@@ -139,18 +139,16 @@ class Backsub:
             assert Y is not None, "two relaxations in a row: a linear map goes between them"
             Yk = b.GatherND(Y, idx3, batch_dims=1)  # [b, k, k_t]
             lam = b.Add(lam, b.MatMul(X, b.Unsqueeze(b.Transpose(Yk, perm=[0, 2, 1]), b.ints([1, 2]))))
-        shape_bik = None
+        full_shape = b.shape(b.Add(b.Add(r.aU, r.aL), b.Add(r.cU, r.cL)))  # [b, i, unit]
+        index = b.Expand(b.Unsqueeze(idx, b.ints([1])), b.Concat(b.Slice(full_shape, b.ints([0]), b.ints([2])),
+                                                                 b.shape(idx, 1, 2), axis=0))  # [b, i, k]
+        keep = b.Unsqueeze(sel, b.ints([1]))
 
-        def gathered(t):
-            nonlocal shape_bik
-            t = b.where(b.Unsqueeze(sel, b.ints([1])), t, zero)  # unselected padding contributes nothing
-            if shape_bik is None:
-                shape_bik = b.Concat(b.shape(t, 0, 2), b.shape(idx, 1, 2), axis=0)
-            g = b.GatherElements(t, b.Expand(b.Unsqueeze(idx, b.ints([1])), shape_bik), axis=2)
-            return b.Unsqueeze(g, b.ints([2, 3]))  # [b, i, 1, 1, k]
+        def gathered(t):  # [b, i, unit] -> the selected units [b, i, 1, 1, k]; padding contributes nothing
+            g = b.GatherElements(b.where(keep, b.Expand(t, full_shape), zero), index, axis=2)
+            return b.Unsqueeze(g, b.ints([2, 3]))
 
-        full_shape = b.shape(b.Add(b.Add(r.aU, r.aL), b.Add(r.cU, r.cL)))
-        aU, aL, cU, cL = (gathered(b.Expand(t, full_shape)) for t in (r.aU, r.aL, r.cU, r.cL))
+        aU, aL, cU, cL = (gathered(t) for t in (r.aU, r.aL, r.cU, r.cL))
         # Lambda+ a1 + Lambda- a2 = Lambda (a1 + a2)/2 + |Lambda| (a1 - a2)/2: one Abs, slots differ in sign only
         half = b.c(0.5)
         a_mid, c_mid = b.Mul(b.Add(aU, aL), half), b.Mul(b.Add(cU, cL), half)
