@@ -1,24 +1,25 @@
 """Whole Jacobians from few probes: structural sparsity, colouring, and x -> (y, J) in one graph.
 
 1. `sparsity(model)`: the pattern of J(x), a boolean scipy.sparse matrix (rows: every element of every
-   output, in output order; columns: the elements of x), derived symbolically. Each value v of the
-   source graph carries D_v, a boolean matrix saying which elements of x each element of v can depend
-   on; one rule per op (table PATTERN) gives a connectivity matrix C from the node's output elements to
-   its inputs' elements, and D_out = C @ D_in. The pattern holds for every x: rules never look at x
-   (a ReLU or a max-pool keeps every entry its window could have), only at shapes and constants.
+   float output, in output order; columns: the elements of x), derived symbolically. One rule per op
+   (table PATTERN) gives a connectivity matrix C from the node's output elements to its inputs'
+   elements (index-moving ops are traced by running the op itself on integer ids). Forward:
+   D_out = C @ D_in, D_v saying which elements of x each element of v depends on; reverse:
+   R_in += Cᵀ @ R_out, which output elements depend on each element of v. The pass runs the narrower
+   one (reverse when J has fewer rows than columns). The pattern holds for every x: rules never look
+   at x (a ReLU or a max-pool keeps every entry its window could have), only at shapes and constants.
 2. `colouring(P)`: columns that share no row get one colour; one JVP probe per colour then measures
-   them all at once. Greedy 'largest_first' on the column-intersection graph (networkx), a direct
-   distance-2 greedy when that graph is too large, and the structured colouring by
-   (index mod R) on every axis of x, with R one more than the widest spread of a row along that
-   axis (optimal for convolution/pooling chains: R x R windows are cliques). The fewest wins.
-3. `build(model)`: the source's multi-tangent JVP with K = colours, the seed matrix as a constant
-   tangent, and in-graph decompression: J[i, j] = B[colour(j), i] on the pattern, 0 elsewhere.
-   Outputs: the source outputs, then `<y>_jac` with shape y.shape + x.shape (jacfwd's layout), or
-   with sparse=True `<y>_jac_values` [nnz] and `<y>_jac_indices` [nnz, 2] (row in y.ravel(),
-   column in x.ravel()).
-
-Row colouring (one VJP probe per row colour) waits on reverse mode (passes/vjp.py); `Colouring`
-reports how many row colours it would need.
+   them all at once. The structured colouring by (index mod R) on every axis of x, with R one more
+   than the widest spread of a row along that axis (optimal for convolution/pooling chains: the
+   receptive-field windows are cliques), then, unless it already meets the clique bound (the longest
+   row), networkx greedy 'largest_first' on the column-intersection graph, or a direct distance-2
+   greedy on the pattern when that graph is too large. The fewest wins. `row_colouring` colours Jᵀ.
+3. `build(model)`: probes, then in-graph decompression (J[i, j] read from the one probe that holds it,
+   0 off the pattern). Columns: the source's multi-tangent JVP with K = column colours and the seed
+   matrix as a constant tangent. Rows (when 4·row colours < column colours, or probes="rows"): the
+   primal once and an ONNX Loop over row colours running the VJP's reverse sweep. Outputs: the source
+   outputs, then `<y>_jac` with shape y.shape + x.shape (jacfwd's layout), or with sparse=True
+   `<y>_jac_values` [nnz] and `<y>_jac_indices` [nnz, 2] (row in y.ravel(), column in x.ravel()).
 """
 from __future__ import annotations
 
@@ -498,6 +499,50 @@ def pool(ctx, node, ids):
         [None] * (len(node.output) - 1)
 
 
+@rule("Resize", "Upsample")
+def resize(ctx, node, ids):
+    """Separable and linear in x for fixed scales: y[o] depends on x[i] iff every axis' 1-D weight
+    w_a(o_a, i_a) is nonzero. The weights are the op's own, read off by resizing an identity matrix along
+    that axis (the other axis kept at scale 1, where every mode is the identity); they never depend on x."""
+    attrs = ctx.src.attrs(node)
+    in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        raise JacgraphError(f"Resize '{node.name}' uses tf_crop_and_resize, which the Jacobian pass does not "
+                            "support; re-export with another coordinate_transformation_mode.")
+    keep = {k: v for k, v in attrs.items() if k in ("mode", "coordinate_transformation_mode", "nearest_mode",
+                                                    "cubic_coeff_a", "exclude_outside", "antialias")}
+    scales = None
+    if node.op_type == "Resize" and len(node.input) > 2 and node.input[2]:
+        scales = np.asarray(ctx.value(node.input[2]), np.float64).reshape(-1)
+    elif node.op_type == "Upsample":
+        scales = np.asarray(ctx.value(node.input[1]), np.float64).reshape(-1)
+    if scales is not None and scales.size and attrs.get("axes"):  # opset 18: scales for the listed axes only
+        full = np.ones(len(in_shape))
+        full[[a % len(in_shape) for a in attrs["axes"]]] = scales
+        scales = full
+    per_axis = []
+    for a, (d_in, d_out) in enumerate(zip(in_shape, out_shape)):
+        if scales is not None and scales.size:
+            extra = {"scales": np.array([1.0, scales[a]], np.float32)}
+            inputs = ["X", "", "scales"]
+        else:
+            extra = {"sizes": np.array([d_in, d_out], np.int64)}
+            inputs = ["X", "", "", "sizes"]
+        probe = helper.make_node("Resize", inputs, ["Y"], **keep)
+        W = run_node(ctx.src, probe, {"X": np.eye(d_in), **extra})[0]  # [d_in, d_out]: W[i, o] = w_a(o, i)
+        if W.shape != (d_in, d_out):
+            raise JacgraphError(f"Resize '{node.name}': could not reproduce its axis-{a} sampling "
+                                f"({W.shape} instead of {(d_in, d_out)}).")
+        per_axis.append(sp.csr_matrix(W.T != 0))  # [d_out, d_in]
+    C = per_axis[0]
+    for W in per_axis[1:]:
+        C = sp.kron(C, W, format="csr")
+    C = C.tocoo()
+    flat = np.asarray(ids[0]).reshape(-1)[C.col]
+    keep_entries = flat > 0
+    return [(C.row[keep_entries], flat[keep_entries] - 1)]
+
+
 @rule("LRN")
 def lrn(ctx, node, ids):
     """y[n, c, ...] depends on x[n, c', ...] for c' in the channel window [c - (size-1)//2, c + size//2]."""
@@ -814,7 +859,10 @@ def plan(model, inputs=None, input_shape=None, colouring_method="auto") -> Plan:
 
 
 PROBES = ("auto", "columns", "rows")
-ROW_PROBE_COST = 2  # one VJP probe (a reverse sweep, run once per loop iteration) ~ two batched JVP tangents
+# One VJP probe (a reverse sweep, one Loop iteration each) against one tangent of the batched JVP: measured
+# 1.3-2.2x on conv stacks and CNN heads, up to 7x on tiny models where the Loop's per-iteration overhead
+# dominates (examples/jacobian_probes.py, onnxruntime CPU); rows win only when clearly fewer.
+ROW_PROBE_COST = 4
 
 
 def choose_probes(p: Plan, probes="auto") -> str:
@@ -843,7 +891,8 @@ def _vjp_missing(p: Plan):
 
 def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto", probes="auto") -> onnx.ModelProto:
     """x -> (y, J) from compressed probes, decompressed in-graph: one multi-tangent JVP with a constant
-    tangent per column colour, or (rows, when cheaper) an ONNX Loop of one VJP per row colour."""
+    tangent per column colour, or (rows, when 4·row colours < column colours) an ONNX Loop of one VJP per
+    row colour."""
     p = model if isinstance(model, Plan) else plan(model, inputs, input_shape, colouring_method)
     kind = choose_probes(p, probes)
     src, pat, x = p.source, p.pattern, p.pattern.x
