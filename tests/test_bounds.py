@@ -95,7 +95,8 @@ def points_in(l, u, attrs, act, rng, n=40):
     return np.concatenate(cands)
 
 
-def test_every_activation_has_every_rule():
+def test_every_activation_has_every_rule_and_a_test_case():
+    assert set(ACTS) == set(ACTIVATIONS.values())
     for act in ACTIVATIONS.values():
         assert act in DERIV and act in RELAX and act in RANGE, act
 
