@@ -371,3 +371,24 @@ def test_digits_example_ort_pipeline_tracks_pytorch_jfb(tmp_path):
     for name, p in list(torch_p.T.named_parameters()) + list(torch_p.R.named_parameters()):
         assert relative_error(ort_p.w[name], p.detach().numpy()) < 1e-5, name
         assert relative_error(ort_p.w[name], weights[name]) > 1e-3, name  # the weights did move
+
+
+def test_wrt_subset_keeps_other_parameters_constant(cases):
+    module, path, _, zshape, xshape = cases("residual")
+    models = jfb.build(path, state="z", wrt="U.bias")  # the CLI's --wrt string form
+    assert [i.name for i in models["fixed_point"].graph.input] == ["x", "U.bias"]
+    assert [o.name for o in models["jfb_grad"].graph.output] == ["x_bar", "U.bias_bar"]
+    rng = np.random.default_rng(8)
+    x, z_bar = rng.standard_normal(xshape).astype(np.float32), rng.standard_normal(zshape).astype(np.float32)
+    shifted = module.U.bias.detach().numpy() + 0.5  # a fed parameter value must replace the default
+    z_star = runtime.run(models["fixed_point"], {"x": x, "U.bias": shifted})["z_star"]
+    with torch.no_grad():
+        module.U.bias += 0.5
+        step = module(torch.tensor(z_star), torch.tensor(x)).numpy()
+    assert relative_error(step, z_star) < 1e-3  # z* is the fixed point for the fed bias (tol 1e-4 per sample)
+    expected = torch_jfb(module, z_star, x, z_bar)
+    with torch.no_grad():
+        module.U.bias -= 0.5
+    out = runtime.run(models["jfb_grad"], {"z_star": z_star, "x": x, "U.bias": shifted, "z_bar": z_bar})
+    assert relative_error(out["U.bias_bar"], expected["U.bias"]) < TOL
+    assert relative_error(out["x_bar"], expected["x"]) < TOL
