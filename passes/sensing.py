@@ -161,7 +161,11 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     if pattern == "dense":  # the rows are known once the first call returns
         P, colours, K = None, np.arange(x0.size), int(x0.size)
     else:
-        P, colours, K = support(proto, x0, pattern, [x])
+        try:
+            P, colours, K = support(proto, x0, pattern, [x])
+        except JacgraphError as e:
+            raise JacgraphError(f"{e} For a model whose structure jacgraph cannot read, use --pattern dense "
+                                "(no structure assumed; needs more calls).") from None
     min_calls = K + 1
     if budget is None:
         budget = 4 * K if robust else 2 * min_calls

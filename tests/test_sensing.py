@@ -128,6 +128,7 @@ def no_float_input_model(path):
     ("no_float_input", "no floating-point input"),
     ("missing_x0", "no such file"),
     ("nan_x0", "NaN"),
+    ("unreadable_structure", "--pattern dense"),
 ])
 def test_cli_errors_exit_2_and_write_nothing(case, needle, conv_layer, tmp_path, capsys):
     model, x0, _ = conv_layer
@@ -146,7 +147,30 @@ def test_cli_errors_exit_2_and_write_nothing(case, needle, conv_layer, tmp_path,
         args[3] = str(tmp_path / "nothing.npy")
     elif case == "nan_x0":
         np.save(xpath, np.full(SHAPE, np.nan, np.float32))
+    elif case == "unreadable_structure":  # TopK has no pattern rule: the structural pattern is unknown
+        k = numpy_helper.from_array(np.array([2], np.int64), "k")
+        graph = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["y", "i"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+                                   helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])], [k])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        np.save(xpath, np.arange(5, dtype=np.float32).reshape(1, 5))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert needle in err and "jacgraph: error:" in err
     assert not out.exists()
+
+
+def test_dense_pattern_senses_what_the_structure_pass_cannot_read(tmp_path):
+    """TopK (no pattern rule) as a black box: y = the two largest of x, so J selects them."""
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    graph = helper.make_graph([helper.make_node("TopK", ["x", "k"], ["y", "i"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+                               helper.make_tensor_value_info("i", TensorProto.INT64, [1, 2])], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x0 = np.array([[0.0, 3.0, 1.0, 5.0, 2.0]], np.float32)
+    res = sensing.sense(model, x0, budget=12, pattern="dense", step=1e-2, progress=False)
+    expected = np.zeros((2, 5))
+    expected[0, 3] = expected[1, 1] = 1  # y = (x[3], x[1]); steps of 1e-2 never reorder values 1 apart
+    np.testing.assert_allclose(res.J, expected, atol=1e-4)  # float32 rounding of x0 + h·d over h = 1e-2
