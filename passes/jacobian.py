@@ -424,9 +424,9 @@ def _pads_begin(attrs, in_spatial, out_spatial, kernel, strides, dilations, tran
     return begin
 
 
-def window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids, transpose=False):
+def window_connect(in_shape, out_shape, kernel, strides, dilations, pb, groups, ids, transpose=False):
     """Sliding windows on (N, C, *spatial): y[n, co, o] reads x[n, ci, o·s - p + k·d] for every kernel offset
-    k and every ci with channel_map[co, ci] (the transposed relation for ConvTranspose)."""
+    k and every ci in co's channel group (the transposed relation for ConvTranspose)."""
     N, spatial_in, spatial_out = in_shape[0], in_shape[2:], out_shape[2:]
     src_sp, dst_sp = (spatial_out, spatial_in) if transpose else (spatial_in, spatial_out)
     # per axis: for each (dst position, kernel offset) the src position, or -1 outside
@@ -445,25 +445,28 @@ def window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_
         valid &= pos >= 0
         src_flat = src_flat * src_sp[a] + np.where(pos >= 0, pos, 0)
     d_idx, s_idx = np.nonzero(valid)[0], src_flat[valid]
-    co, ci = np.nonzero(channel_map)  # channel pairs (output channel, input channel)
+    # C[(n, co, o), (n, ci, i)] = same_group(co, ci) · window(o, i), kept factored as (broadcast to the
+    # group's output channels) · (window, per group) · (sum over the group's input channels): the
+    # product has C's pattern, but the factors stay small where C (C_out · C_in · window entries) would not.
+    C_out, C_in = out_shape[1], in_shape[1]
     n_sp_in, n_sp_out = int(np.prod(spatial_in)), int(np.prod(spatial_out))
-    C_out, C_in = channel_map.shape
-    n = np.arange(N)[:, None, None]
-    if transpose:  # d indexes input positions, s output positions
-        rows = (n * C_out + co[None, :, None]) * n_sp_out + s_idx[None, None, :]
-        cols_pos = (n * C_in + ci[None, :, None]) * n_sp_in + d_idx[None, None, :]
-    else:
-        rows = (n * C_out + co[None, :, None]) * n_sp_out + d_idx[None, None, :]
-        cols_pos = (n * C_in + ci[None, :, None]) * n_sp_in + s_idx[None, None, :]
-    cols = np.asarray(ids).reshape(-1)[cols_pos.reshape(-1)]
-    rows = rows.reshape(-1)
-    keep = cols > 0
-    return rows[keep], cols[keep] - 1
+    rows, cols = (s_idx, d_idx) if transpose else (d_idx, s_idx)
+    window = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_sp_out, n_sp_in))
+    per_group = sp.kron(sp.identity(N * groups, dtype=np.float32, format="csr"), window, format="csr")
+    n, c, o = np.indices((N, C_out, n_sp_out)).reshape(3, -1)
+    broadcast = sp.csr_matrix((np.ones(n.size, np.float32), (np.arange(n.size), (n * groups + c // (C_out // groups))
+                                                               * n_sp_out + o)), shape=(n.size, N * groups * n_sp_out))
+    n, c, i = np.indices((N, C_in, n_sp_in)).reshape(3, -1)
+    flat = np.asarray(ids).reshape(-1)
+    keep = flat > 0
+    group_rows = ((n * groups + c // (C_in // groups)) * n_sp_in + i)[keep]
+    gather = sp.csr_matrix((np.ones(group_rows.size, np.float32), (group_rows, flat[keep] - 1)),
+                           shape=(N * groups * n_sp_in, int(flat.max(initial=0))))
+    return Chain([broadcast, per_group, gather])
 
 
-def _group_map(c_out, c_in, groups):
-    """channel_map[co, ci]: ci feeds co iff they lie in the same group."""
-    return (np.arange(c_out)[:, None] // (c_out // groups)) == (np.arange(c_in)[None, :] // (c_in // groups))
+class Chain(list):
+    """A connectivity kept as a product of factors, C = F[0] @ F[1] @ ..., the last on the stacked inputs."""
 
 
 @rule("Conv", "ConvTranspose")
@@ -479,8 +482,8 @@ def conv(ctx, node, ids):
     strides, dilations = attrs.get("strides") or [1] * r, attrs.get("dilations") or [1] * r
     transpose = node.op_type == "ConvTranspose"
     pb = _pads_begin(attrs, in_shape[2:], out_shape[2:], kernel, strides, dilations, transpose)
-    channel_map = _group_map(out_shape[1], in_shape[1], attrs.get("group", 1))
-    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids[0], transpose)]
+    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, attrs.get("group", 1), ids[0],
+                           transpose)]
 
 
 @rule("MaxPool", "AveragePool", "LpPool")
@@ -494,8 +497,7 @@ def pool(ctx, node, ids):
     r = len(kernel)
     strides, dilations = attrs.get("strides") or [1] * r, attrs.get("dilations") or [1] * r
     pb = _pads_begin(attrs, in_shape[2:], out_shape[2:], kernel, strides, dilations)
-    channel_map = np.eye(in_shape[1], dtype=bool)
-    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, channel_map, ids[0])] + \
+    return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, in_shape[1], ids[0])] + \
         [None] * (len(node.output) - 1)
 
 
@@ -624,8 +626,8 @@ def _reaching(src, nodes, targets):
 
 
 def _connections(ctx, node, live):
-    """[(input name, offset, size)] for the node's x-dependent inputs and [(output, C)] with C the
-    connectivity from each output element to the stacked input elements."""
+    """[(input name, offset, size)] for the node's x-dependent inputs and [(output, [F...])] with
+    C = F[0] @ F[1] @ ... the connectivity from each output element to the stacked input elements."""
     ids, blocks, offset = [], [], 0
     for name in node.input:
         if name and name in live:
@@ -639,8 +641,12 @@ def _connections(ctx, node, live):
     conns = []
     for name, conn in zip(node.output, PATTERN[node.op_type](ctx, node, ids)):
         if name and conn is not None and ctx.src.is_float(name):
-            r, c = conn
-            conns.append((name, sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(ctx.size(name), offset))))
+            if isinstance(conn, Chain):
+                conn[-1].resize((conn[-1].shape[0], offset))
+            else:
+                r, c = conn
+                conn = [sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(ctx.size(name), offset))]
+            conns.append((name, conn))
     return blocks, conns
 
 
@@ -661,8 +667,11 @@ def _forward(ctx, nodes, floats, n):
         if not blocks:
             continue
         D_in = sp.vstack([env[name] for name, _, _ in blocks], format="csr")
-        for name, C in conns:
-            env[name] = _guard(_binary(C @ D_in), name)
+        for name, chain in conns:
+            D = D_in
+            for F in reversed(chain):
+                D = _guard(_binary(F @ D), name)
+            env[name] = D
         for name in node.input:  # free patterns no later node reads
             if last_use.get(name) == k and name != ctx.x and name not in floats:
                 env.pop(name, None)
@@ -684,7 +693,13 @@ def _reverse(ctx, nodes, floats, m):
         if not R_out:
             continue
         blocks, conns = _connections(ctx, node, live)
-        terms = [C.T.tocsr() @ R_out[name] for name, C in conns if name in R_out]
+        terms = []
+        for name, chain in conns:
+            if name in R_out:
+                T = R_out[name]
+                for F in chain:
+                    T = _guard(_binary(F.T.tocsr() @ T), name)
+                terms.append(T)
         if not blocks or not terms:
             continue
         grad = sp.csr_matrix(sum(terms[1:], terms[0]))
