@@ -1,6 +1,6 @@
 """Whole Jacobians from few probes: colours vs input size, and the compressed graph against dense ways.
 
-    python examples/jacobian_probes.py [--threads 1] [--runs 20] [--sizes 8,16,28,56]
+    python examples/jacobian_probes.py [--threads 1] [--runs 20] [--sizes 8,16,28,56] [--architectures]
 
 1. Colours vs input dimension: the structural pattern and its colourings for a stack of three 3x3
    convs (1 channel) at several image sizes, and for a few other models.
@@ -10,6 +10,8 @@
      or, with --sparse, to values + indices), with column (JVP) probes and, where fewer, row (VJP) probes,
    - the dense one-hot JVP graph (`--emit jvp --tangents n`, fed the identity),
    - torch.func.jacfwd and torch.func.jacrev (float32, CPU).
+3. With --architectures: each of the 14 example architectures compiled with auto probes and checked
+   against torch.func.jacrev.
 All graphs run in onnxruntime on CPU (no GPU in this setup).
 """
 from __future__ import annotations
@@ -128,15 +130,46 @@ def timing(name, module, shape, threads, runs):
         print(f"| {label} | {ms:.2f} | {base / ms:.1f}x |")
 
 
+def architectures_table():
+    """Every example architecture: --emit jacobian with auto probes against torch.func.jacrev."""
+    import tempfile
+
+    from examples import architectures
+
+    print("\n### The example architectures (auto probes)\n")
+    print("| architecture | probes | build s | relative error vs torch.func.jacrev |")
+    print("|---|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in architectures.ARCHITECTURES:
+            path = os.path.join(folder, f"{name}.onnx")
+            architectures.export(name, path)
+            t0 = time.perf_counter()
+            try:
+                graph = jacobian.build(path)
+            except Exception as e:  # a JacgraphError: say it in the table
+                print(f"| {name} | error: {str(e)[:90]}... | | |")
+                continue
+            seconds = time.perf_counter() - t0
+            props = {p.key: p.value for p in graph.metadata_props}
+            x = architectures.example_input(name).numpy()
+            J = runtime.run(graph, {graph.graph.input[0].name: x})[graph.graph.output[-1].name].reshape(-1, x.size)
+            Jt = torch.func.jacrev(architectures.build(name))(torch.from_numpy(x)).detach().numpy().reshape(J.shape)
+            err = np.linalg.norm(J - Jt) / np.linalg.norm(Jt)
+            print(f"| {name} | {props['jacgraph.colours']} {props['jacgraph.probes']} | {seconds:.1f} | {err:.1e} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--sizes", default="8,16,28,56")
+    ap.add_argument("--architectures", action="store_true", help="also compile the 14 example architectures")
     args = ap.parse_args()
     colour_table([int(s) for s in args.sizes.split(",")])
     timing("Three 3x3 convs (1 channel, ReLU between)", conv_stack(), (1, 1, 28, 28), args.threads, args.runs)
     timing("MLP 784-256-256-10", mlp(), (1, 1, 28, 28), args.threads, args.runs)
+    if args.architectures:
+        architectures_table()
 
 
 if __name__ == "__main__":
