@@ -49,6 +49,7 @@ class Sensed:
     step: float
     estimated_error: float | None  # relative, from the residuals of the calls kept: an estimate, not a bound
     flagged_calls: int  # calls the robust fit flagged as corrupted in at least half of the rows
+    nonfinite_calls: int = 0  # calls that returned NaN/inf, left out of every fit
 
 
 # ---- the black box ----------------------------------------------------------------------------------
@@ -176,6 +177,8 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     rng = np.random.default_rng(seed)
     if step is None:
         step = 1e-3 * max(1.0, float(np.sqrt(np.mean(np.asarray(x0, np.float64) ** 2))))
+    if not (np.isfinite(step) and step > 0):
+        raise JacgraphError(f"--step {step} is not a positive number; give the perturbation size, e.g. --step 1e-3.")
     G = rng.standard_normal((budget, K))
     from tqdm import tqdm
 
@@ -188,13 +191,20 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
             y = np.asarray(corrupt(p, y), np.float64)
         Y.append(y)
     Y = np.stack(Y)
+    finite = np.all(np.isfinite(Y), axis=1)  # a call that returned NaN/inf says nothing: leave it out
+    if finite.sum() < min_calls:
+        raise JacgraphError(f"only {int(finite.sum())} of {budget} calls returned finite values, fewer than the "
+                            f"{min_calls} needed. Check the model at x0, or raise --budget.")
+    G, Y = G[finite], Y[finite]
     m = Y.shape[1]
     if P is None:
         P = sp.csr_matrix(np.ones((m, K), bool))
     if P.shape[0] != m:
         raise JacgraphError(f"the model returned {m} output values but its pattern has {P.shape[0]} rows; the "
                             "declared output shapes do not match what onnxruntime computes. Use --pattern dense.")
-    return _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls)
+    res = _recover(P, colours, G, Y, step, robust, pattern, len(Y), K, min_calls)
+    res.calls, res.nonfinite_calls = budget, int((~finite).sum())
+    return res
 
 
 def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls) -> Sensed:
@@ -277,6 +287,8 @@ def cmd_sense(args) -> int:
           f"(minimum {res.min_calls} calls)")
     method = "L1 regression (HiGHS) + least-squares refit on the calls kept" if res.robust else "least squares"
     print(f"forward calls used: {res.calls}; recovery: {method}; step {res.step:g}")
+    if res.nonfinite_calls:
+        print(f"calls that returned NaN/inf (left out): {res.nonfinite_calls}")
     if res.robust:
         print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}")
     if res.estimated_error is None:

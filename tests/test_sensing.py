@@ -67,6 +67,13 @@ def test_robust_recovers_conv_layer_despite_corrupted_calls_least_squares_does_n
         assert robust.estimated_error < 1e-6 and ls.estimated_error > 1e-1  # the estimate tells them apart
 
 
+def test_calls_returning_nan_are_left_out(conv_layer):
+    model, x0, J = conv_layer
+    res = sensing.sense(model, x0, budget=40, step=1.0, progress=False,
+                        corrupt=lambda p, y: np.full_like(y, np.nan) if p % 10 == 3 else y)
+    assert res.calls == 40 and res.nonfinite_calls == 4 and rel(res.J, J) < 1e-6
+
+
 def test_least_squares_is_fine_on_clean_calls_and_errors_follow_the_estimate(conv_layer):
     model, x0, J = conv_layer
     clean = sensing.sense(model, x0, budget=19, step=1.0, progress=False)
@@ -129,6 +136,7 @@ def no_float_input_model(path):
     ("missing_x0", "no such file"),
     ("nan_x0", "NaN"),
     ("unreadable_structure", "--pattern dense"),
+    ("bad_step", "not a positive number"),
 ])
 def test_cli_errors_exit_2_and_write_nothing(case, needle, conv_layer, tmp_path, capsys):
     model, x0, _ = conv_layer
@@ -140,6 +148,8 @@ def test_cli_errors_exit_2_and_write_nothing(case, needle, conv_layer, tmp_path,
         np.save(xpath, x0[:, :, :9])
     elif case == "low_budget":
         args += ["--budget", "18"]
+    elif case == "bad_step":
+        args += ["--step", "0"]
     elif case == "no_float_input":
         no_float_input_model(path)
         np.save(xpath, np.zeros(2, np.int64))
