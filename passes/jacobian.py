@@ -96,7 +96,11 @@ def _fold_constants(src: SourceModel) -> SourceModel:
             outs = [np.array(int(np.prod(shape)), np.int64)]
         elif node.op_type == "Constant" or (node.input and all(not i or i in values for i in node.input)
                                             and node.domain in ("", "ai.onnx") and "Random" not in node.op_type):
-            outs = run_node(src, node, {i: values[i] for i in node.input if i})
+            try:
+                outs = run_node(src, node, {i: values[i] for i in node.input if i})
+            except Exception:  # an op the reference evaluator cannot run stays in the graph, unfolded
+                keep.append(node)
+                continue
         else:
             keep.append(node)
             continue
