@@ -63,14 +63,22 @@ def test_reduce_max_ties_share_the_tangent_evenly():
     np.testing.assert_allclose(got, [6.0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("strides", [[1, 1], [2, 2]], ids=["overlapping", "non-overlapping"])
-def test_maxpool_ties_take_the_index_onnxruntime_reports(strides):
-    x = np.zeros((1, 1, 4, 4), np.float32)  # every window is one big tie
-    v = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
-    attrs = {"kernel_shape": [2, 2], "strides": strides}
-    indices_model = one_node("MaxPool", [1, 1, 4, 4], attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
+MAXPOOL_GEOMETRIES = {
+    "overlapping": {"kernel_shape": [2, 2], "strides": [1, 1]},
+    "non-overlapping": {"kernel_shape": [2, 2], "strides": [2, 2]},
+    "padded-ceil": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1},
+    "dilated": {"kernel_shape": [2, 3], "dilations": [2, 1]},
+}
+
+
+@pytest.mark.parametrize("attrs", MAXPOOL_GEOMETRIES.values(), ids=MAXPOOL_GEOMETRIES.keys())
+def test_maxpool_ties_take_the_index_onnxruntime_reports(attrs):
+    shape = [1, 2, 8, 7]
+    x = np.random.default_rng(0).integers(-1, 2, shape).astype(np.float32)  # ties in most windows
+    v = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    indices_model = one_node("MaxPool", shape, attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
     indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
-    got = tangent(one_node("MaxPool", [1, 1, 4, 4], attrs), [x], [v])
+    got = tangent(one_node("MaxPool", shape, attrs), [x], [v])
     np.testing.assert_array_equal(got, v.reshape(-1)[indices])
 
 
