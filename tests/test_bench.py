@@ -1,0 +1,26 @@
+"""`jacgraph.bench.peak_memory` sees the memory a run itself allocates (in its own fresh process)."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from jacgraph.bench import peak_memory
+
+
+def expand_then_sum(n):
+    """y = ReduceSum(Expand(x, [n, n])): the run materialises an n x n float32 intermediate."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [n, n])
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_peak_memory_grows_with_what_the_run_allocates():
+    feeds = {"x": np.ones((1, 1), np.float32)}
+    small = peak_memory(expand_then_sum(16), feeds, threads=1, runs=1)
+    big = peak_memory(expand_then_sum(4096), feeds, threads=1, runs=1)  # a 64 MiB intermediate
+    growth_mb = lambda m: (m["peak_kb"] - m["loaded_kb"]) / 1024  # noqa: E731
+    assert growth_mb(small) < 16
+    assert growth_mb(big) > 48  # 64 MiB allocated; RSS counts what is touched, all of it here
