@@ -69,15 +69,17 @@ def bench_one(name, folder, threads, runs, batch):
 
 def table(rows):
     lines = ["| architecture | ORT forward ms | JVP twopass ms | JVP batched ms | twopass / forward | batched / forward "
-             "| torch.func.jvp ms | torch.func.jvp / JVP | peak RSS JVP / forward |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| torch.func.jvp ms | torch.func.jvp / JVP | peak RSS MB forward, JVP | peak RSS JVP / forward "
+             "| run growth MB forward, JVP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['forward_ms']:.3f} | {r['twopass_ms']:.3f} | {r['batched_ms']:.3f} | "
                      f"{r['twopass_ratio']:.2f} | {r['batched_ratio']:.2f} | {r['torch_jvp_ms']:.3f} | "
-                     f"{r['torch_over_twopass']:.2f} | {r['memory_ratio']:.2f} |")
+                     f"{r['torch_over_twopass']:.2f} | {r['forward_peak_mb']:.0f}, {r['jvp_peak_mb']:.0f} | "
+                     f"{r['memory_ratio']:.2f} | {r['forward_growth_mb']:.1f}, {r['jvp_growth_mb']:.1f} |")
     med = lambda k: float(np.median([r[k] for r in rows]))  # noqa: E731
     lines.append(f"| **median** | | | | {med('twopass_ratio'):.2f} | {med('batched_ratio'):.2f} | | "
-                 f"{med('torch_over_twopass'):.2f} | {med('memory_ratio'):.2f} |")
+                 f"{med('torch_over_twopass'):.2f} | | {med('memory_ratio'):.2f} | |")
     return "\n".join(lines)
 
 
