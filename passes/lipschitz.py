@@ -11,6 +11,9 @@ constant is at most
            estimate, not a bound). The guaranteed SeqLip bound uses, beyond the limit, the
            midpoint bound |m| ||A B|| + |r| min(||A|| ||B||, sum_j ||a_j|| ||b_j||) with
            s = m + r t, |t| <= 1; it never exceeds AutoLip.
+  LipSDP:  sqrt(min rho s.t. M(rho, T) <= 0), LipSDP-Neuron (Fazlyab et al., NeurIPS 2019), in
+           passes/lipsdp.py: an SDP (cvxpy + Clarabel) for small dense models, its solution checked in
+           float64 so that the printed bound is guaranteed.
 
 `--emit autolip` (`build`) writes, per linear stage i, three ONNX graphs (a dict {suffix: model},
 written as OUT.layer<i>.<op|adj|power>.onnx):
@@ -449,9 +452,10 @@ class Report:
     layers: list = field(default_factory=list)
     autolip: dict | None = None
     seqlip: dict | None = None
+    lipsdp: dict | None = None
 
     def as_dict(self):
-        return {"layers": self.layers, "autolip": self.autolip, "seqlip": self.seqlip}
+        return {"layers": self.layers, "autolip": self.autolip, "seqlip": self.seqlip, "lipsdp": self.lipsdp}
 
 
 def describe(stage) -> str:
@@ -462,8 +466,8 @@ def describe(stage) -> str:
 
 def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, exact_limit=EXACT_LIMIT,
             top_k=TOP_K, seed=0, dtype=None) -> Report:
-    if method not in ("autolip", "seqlip", "all"):
-        raise JacgraphError(f"--method {method!r} is not known; use autolip, seqlip or all.")
+    if method not in ("autolip", "seqlip", "lipsdp", "all"):
+        raise JacgraphError(f"--method {method!r} is not known; use autolip, seqlip, lipsdp or all.")
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     stages = lower(src, input_shape)
     report = Report()
@@ -502,7 +506,40 @@ def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, ex
         result["seconds"] = time.perf_counter() - t0
         result["exact_limit"] = exact_limit
         report.seqlip = result
+    if method in ("lipsdp", "all"):
+        report.lipsdp = run_lipsdp(stages, slopes[-1], explicit=method == "lipsdp")
     return report
+
+
+def run_lipsdp(stages, last_slope, explicit=True) -> dict:
+    """LipSDP-Neuron on the stages' dense matrices; with explicit=False (--method all) a model it does not fit
+    gets {"skipped": why} instead of an error."""
+    from jacgraph.passes import lipsdp
+
+    big = [i for i, s in enumerate(stages) if size(s) > DENSE_LIMIT]
+    why = (f"layer(s) {big} exceed {DENSE_LIMIT} matrix entries" if big else
+           lipsdp.too_big([stages[0].in_features] + [s.out_features for s in stages[:-1]]))
+    if why:
+        if explicit:
+            raise JacgraphError(f"{why}: too large for the LipSDP semidefinite program. Use --method seqlip or "
+                                "--method autolip for this model.")
+        return {"skipped": f"{why}: too large for LipSDP; the limits are in passes/lipsdp.py"}
+    try:
+        import clarabel  # noqa: F401
+        import cvxpy  # noqa: F401
+    except ImportError as e:
+        why = f"LipSDP needs cvxpy and clarabel ({e}); install them with: pip install cvxpy clarabel"
+        if explicit:
+            raise JacgraphError(why + ".") from None
+        return {"skipped": why}
+    mats = [matrix(s) for s in stages]
+    boxes = [slope_box(s.activation, s.act_attrs) for s in stages]
+    try:
+        return lipsdp.lipsdp(mats, boxes, last_slope)
+    except JacgraphError as e:  # no solver found a solution
+        if explicit:
+            raise
+        return {"skipped": str(e)}
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
@@ -532,6 +569,17 @@ def _print(report: Report):
             print(f"SeqLip estimate   {s['value']:.6g}   (estimate: greedy search beyond {s['exact_limit']} units, "
                   f"not a bound; {s['seconds']:.2f} s)")
             print(f"SeqLip bound      {s['bound']:.6g}   (guaranteed: exact pairs, midpoint bound on the others)")
+    d = report.lipsdp
+    if d and "skipped" in d:
+        print(f"LipSDP skipped    ({d['skipped']})")
+    elif d:
+        how = f"{d['solver']} SDP, {d['rows']} rows" if d["solver"] else d["status"]
+        if d["guaranteed"]:
+            print(f"LipSDP bound      {d['bound']:.6g}   (guaranteed: the solver's T checked in float64; {how}; "
+                  f"{d['seconds']:.2f} s)")
+        else:
+            print(f"LipSDP bound      none   (the solver's T failed the float64 check; {how})")
+        print(f"LipSDP estimate   {d['value']:.6g}   (estimate: the solver's sqrt(rho), not a bound)")
 
 
 def cmd_lipschitz(args) -> int:
@@ -548,9 +596,10 @@ def cmd_lipschitz(args) -> int:
 
 
 def add_command(subparsers):
-    p = subparsers.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip)")
+    p = subparsers.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip, LipSDP)")
     p.add_argument("model")
-    p.add_argument("--method", choices=["autolip", "seqlip", "all"], default="all")
+    p.add_argument("--method", choices=["autolip", "seqlip", "lipsdp", "all"], default="all",
+                   help="all: LipSDP only when the model fits its size limit (else skipped with a note)")
     p.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32 (needed for Conv models without one)")
     p.add_argument("--iterations", type=int, default=1000, help="power-iteration cap per layer")
     p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,

@@ -1,11 +1,13 @@
-"""AutoLip / SeqLip (passes/lipschitz.py): certified per-layer bounds, the emitted A / A^T / power graphs,
-soundness against the exact Lipschitz constant of tiny ReLU MLPs, labels, and the command line."""
+"""AutoLip / SeqLip (passes/lipschitz.py) and LipSDP (passes/lipsdp.py): certified per-layer bounds, the
+emitted A / A^T / power graphs, soundness against the exact Lipschitz constant of tiny ReLU MLPs, labels,
+and the command line."""
 from __future__ import annotations
 
 import itertools
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -242,12 +244,19 @@ def small_net(seed):
     return random_mlp(seed, dims)
 
 
-def test_guaranteed_bounds_dominate_the_exact_constant_on_32_nets():
-    ratios = []
+@pytest.fixture(scope="module")
+def tiny_reports():
+    """(exact constant, analyze(method="all")) for the 32 tiny nets, shared by the AutoLip/SeqLip and LipSDP sweeps."""
+    out = []
     for seed in range(32):
         ws, bs = small_net(seed)
-        exact, _ = exact_lipschitz(ws, bs)
-        report = L.analyze(mlp_onnx(ws, bs), method="all")
+        out.append((exact_lipschitz(ws, bs)[0], L.analyze(mlp_onnx(ws, bs), method="all")))
+    return out
+
+
+def test_guaranteed_bounds_dominate_the_exact_constant_on_32_nets(tiny_reports):
+    ratios = []
+    for seed, (exact, report) in enumerate(tiny_reports):
         auto, seq = report.autolip["bound"], report.seqlip["bound"]
         assert report.seqlip["exact"]
         # no tolerance: both bounds carry their float64 rounding allowance
@@ -280,33 +289,46 @@ def test_seqlip_of_an_aligned_linear_chain_is_the_norm_of_the_product():
     assert abs(report.seqlip["bound"] - product) <= 1e-6 * product
 
 
-@pytest.mark.parametrize("act,attrs", [("Tanh", {}), ("Sigmoid", {}), ("LeakyRelu", {"alpha": 0.2}), ("LeakyRelu", {"alpha": -0.5})])
-def test_smooth_and_leaky_activations_bound_sampled_jacobians(act, attrs):
-    rng = np.random.default_rng(5)
+ACTIVATION_FUNCTIONS = {"Tanh": lambda z, a: np.tanh(z), "Sigmoid": lambda z, a: 1 / (1 + np.exp(-z)),
+                        "LeakyRelu": lambda z, a: np.where(z > 0, z, a.get("alpha", 0.01) * z),
+                        "HardSigmoid": lambda z, a: np.clip(a.get("alpha", 0.2) * z + a.get("beta", 0.5), 0, 1)}
+
+
+def activation_net(act, attrs, final=None, seed=5):
+    """(ONNX model, float64 numpy net): 3 -> 6 -> 5 -> 2 with `act` after both hidden layers, `final` on the output."""
+    rng = np.random.default_rng(seed)
     ws = [rng.standard_normal((6, 3)), rng.standard_normal((5, 6)), rng.standard_normal((2, 5))]
     bs = [rng.standard_normal(w.shape[0]) for w in ws]
     layers = []
     for i, (w, b) in enumerate(zip(ws, bs)):
         layers.append(("Gemm", w, b, {"transB": 1}))
-        if i < 2:
-            layers.append((act, attrs))
-    model = chain(layers, (3,), out_features=2)
-    f = {"Tanh": np.tanh, "Sigmoid": lambda z: 1 / (1 + np.exp(-z)),
-         "LeakyRelu": lambda z: np.where(z > 0, z, attrs.get("alpha", 0.01) * z)}[act]
+        if i < 2 or final:
+            layers.append((act if i < 2 else final, attrs if i < 2 else {}))
     W32 = [np.asarray(w, np.float32).astype(np.float64) for w in ws]
     B32 = [np.asarray(b, np.float32).astype(np.float64) for b in bs]
 
     def net(x):
         for i, (w, b) in enumerate(zip(W32, B32)):
             x = w @ x + b
-            x = f(x) if i < 2 else x
-        return x
-    report = L.analyze(model, method="all")
-    h = 1e-6
-    worst = 0.0
-    for x in rng.standard_normal((300, 3)) * 2:
+            x = ACTIVATION_FUNCTIONS[act](x, attrs) if i < 2 else x
+        return ACTIVATION_FUNCTIONS[final](x, {}) if final else x
+    return chain(layers, (3,), out_features=2), net
+
+
+def sampled_jacobian_norm(net, rng, points=300):
+    """max ||J(x)||_2 by float64 central differences (h = 1e-6) at random points: a lower bound on the constant."""
+    h, worst = 1e-6, 0.0
+    for x in rng.standard_normal((points, 3)) * 2:
         J = np.stack([(net(x + h * e) - net(x - h * e)) / (2 * h) for e in np.eye(3)], axis=1)
         worst = max(worst, np.linalg.norm(J, 2))
+    return worst
+
+
+@pytest.mark.parametrize("act,attrs", [("Tanh", {}), ("Sigmoid", {}), ("LeakyRelu", {"alpha": 0.2}), ("LeakyRelu", {"alpha": -0.5})])
+def test_smooth_and_leaky_activations_bound_sampled_jacobians(act, attrs):
+    model, net = activation_net(act, attrs)
+    report = L.analyze(model, method="all")
+    worst = sampled_jacobian_norm(net, np.random.default_rng(5))
     # 1e-6: central-difference error of a smooth (or piecewise-linear, away from kinks) function at h=1e-6
     assert worst <= report.autolip["bound"] * (1 + 1e-6)
     assert worst <= report.seqlip["bound"] * (1 + 1e-6)
@@ -338,6 +360,127 @@ def test_beyond_the_limit_is_labelled_estimate(tmp_path, capsys):
     assert main(["lipschitz", str(path), "--exact-limit", "8"]) == 0
     out = capsys.readouterr().out
     assert "SeqLip estimate" in out and "not a bound" in out and "SeqLip bound" in out
+
+
+# ---- LipSDP -------------------------------------------------------------------------------------
+
+def test_lipsdp_dominates_the_exact_constant_and_stays_below_autolip_on_32_nets(tiny_reports):
+    pytest.importorskip("cvxpy")
+    ratios = []
+    for seed, (exact, report) in enumerate(tiny_reports):
+        d = report.lipsdp
+        assert d["guaranteed"], (seed, d)
+        # no tolerance: the bound is the solver's T checked in float64 with a rounding margin
+        assert d["bound"] >= exact, (seed, d["bound"], exact)
+        # T = t_k I per layer reproduces AutoLip's product (t_k = the squared norm of the layers after it), so the
+        # optimum is at most AutoLip; 1e-6: the SDP asks for M <= -1e-7 I (normalised units), plus the check's margin
+        assert d["bound"] <= report.autolip["bound"] * (1 + 1e-6), seed
+        ratios.append(d["bound"] / exact)
+    # LipSDP is tight on some of these nets: a bound that is too small would show
+    assert min(ratios) < 1 + 1e-6
+
+
+def test_lipsdp_check_finds_the_smallest_verified_rho_and_rejects_a_bad_t():
+    pytest.importorskip("cvxpy")
+    from jacgraph.passes import lipsdp as S
+
+    ws, bs = random_mlp(7, dims=[3, 5, 4, 2])
+    boxes = [(0.0, 1.0), (0.0, 1.0), (1.0, 1.0)]
+    m, bx, e = S.normalise(ws, boxes)
+    rho, t, status = S.solve(m, bx, "CLARABEL")
+    verified = S.certify(m, bx, t)
+    assert np.linalg.eigvalsh(S.lmi(m, bx, verified, t))[-1] < 0
+    # the smallest for this T, to 1e-6: M(rho) is affine in rho, and the check's margin is ~1e-13 here
+    assert np.linalg.eigvalsh(S.lmi(m, bx, verified * (1 - 1e-6), t))[-1] > 0
+    assert S.certify(m, bx, np.zeros_like(t)) is None  # T = 0 leaves W_l^T W_l >= 0 in the hidden block
+    exact, _ = exact_lipschitz(ws, bs)
+    for solver in ("CLARABEL", "SCS"):  # SCS, the fallback, returns a less accurate T: the check still holds
+        d = S.lipsdp(ws, boxes, solver=solver)
+        assert d["guaranteed"] and d["solver"] == solver and d["bound"] >= exact
+
+
+def test_lipsdp_scales_exactly_with_the_weights():
+    """Weights 2^-20 .. 1e4 in size and sigmoid slopes (1/4) are normalised by powers of two: the bound scales."""
+    pytest.importorskip("cvxpy")
+    from jacgraph.passes import lipsdp as S
+
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal((5, 3)), rng.standard_normal((4, 5)), rng.standard_normal((2, 4))]
+    boxes = [(0.0, 0.25), (0.0, 0.25), (1.0, 1.0)]
+    base = S.lipsdp(ws, boxes)["bound"]
+    scaled = S.lipsdp([ws[0] * 1e4, ws[1] * 2.0 ** -20, ws[2] * 3.0], boxes)["bound"]
+    # the SDP's optimum scales exactly; 1e-5: solver accuracy (1e-8) and the 1e-7 tightening, relative to rho
+    assert abs(scaled / (base * 1e4 * 2.0 ** -20 * 3.0) - 1) <= 1e-5
+
+
+def test_lipsdp_of_a_linear_chain_is_the_norm_of_the_product():
+    """LeakyRelu(alpha=1) is the identity: the slope box is the point {1}, the constant is ||W4 W3 W2 W1||."""
+    pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(9)
+    ws = [rng.standard_normal((6, 6)) for _ in range(4)]
+    layers = []
+    for i, w in enumerate(ws):
+        layers.append(("Gemm", w, np.zeros(6), {"transB": 1}))
+        if i < 3:
+            layers.append(("LeakyRelu", {"alpha": 1.0}))
+    report = L.analyze(chain(layers, (6,), out_features=6), method="lipsdp")
+    W32 = [np.asarray(w, np.float32).astype(np.float64) for w in ws]
+    product = np.linalg.norm(W32[3] @ W32[2] @ W32[1] @ W32[0], 2)
+    # exactness needs t -> infinity; M <= -1e-7 I caps t, which costs 4e-4 here (AutoLip is 10x, SeqLip 3x)
+    assert product <= report.lipsdp["bound"] <= product * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("act,attrs,final", [("Tanh", {}, None), ("Sigmoid", {}, None), ("Sigmoid", {}, "Sigmoid"),
+                                             ("HardSigmoid", {"alpha": 0.5, "beta": 0.5}, None),
+                                             ("LeakyRelu", {"alpha": -0.5}, "Tanh")])
+def test_lipsdp_bounds_sampled_jacobians_of_smooth_and_leaky_nets(act, attrs, final):
+    pytest.importorskip("cvxpy")
+    model, net = activation_net(act, attrs, final)
+    report = L.analyze(model, method="all")
+    d = report.lipsdp
+    assert d["guaranteed"]
+    worst = sampled_jacobian_norm(net, np.random.default_rng(6))
+    # 1e-6: central-difference error at h = 1e-6
+    assert worst <= d["bound"] * (1 + 1e-6)
+    assert d["bound"] <= report.autolip["bound"] * (1 + 1e-6)
+
+
+def test_cli_lipsdp_printout_json_and_size_limit(tmp_path, capsys):
+    pytest.importorskip("cvxpy")
+    from jacgraph.passes import lipsdp as S
+
+    ws, bs = random_mlp(0, dims=[3, 5, 4, 2])
+    exact, _ = exact_lipschitz(ws, bs)
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_onnx(ws, bs), path)
+    assert main(["lipschitz", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "LipSDP bound" in out and "(guaranteed" in out and "LipSDP estimate" in out and "not a bound" in out
+    assert main(["lipschitz", str(path), "--method", "lipsdp", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["autolip"] is None and report["seqlip"] is None
+    assert report["lipsdp"]["guaranteed"] and report["lipsdp"]["bound"] >= exact and report["lipsdp"]["solver"] == "CLARABEL"
+
+    big = tmp_path / "big.onnx"  # input 8 + 100 hidden units: one pair of 108 > PAIR_LIMIT
+    onnx.save(mlp_onnx(*random_mlp(1, dims=[8, 100, 2])), big)
+    assert main(["lipschitz", str(big), "--method", "lipsdp"]) == 2
+    err = capsys.readouterr().err
+    assert f"limit {S.PAIR_LIMIT}" in err and "--method seqlip" in err and "--method autolip" in err
+    assert main(["lipschitz", str(big)]) == 0  # --method all: LipSDP skipped with a note, the others run
+    out = capsys.readouterr().out
+    assert "LipSDP skipped" in out and "AutoLip bound" in out and "SeqLip bound" in out
+    assert main(["lipschitz", str(big), "--json"]) == 0
+    assert "too large for LipSDP" in json.loads(capsys.readouterr().out)["lipsdp"]["skipped"]
+
+
+def test_lipsdp_without_cvxpy_exits_2_or_is_skipped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cvxpy", None)  # import cvxpy raises ImportError
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_onnx(*random_mlp(0, dims=[3, 5, 2])), path)
+    assert main(["lipschitz", str(path), "--method", "lipsdp"]) == 2
+    assert "pip install cvxpy clarabel" in capsys.readouterr().err
+    assert main(["lipschitz", str(path)]) == 0
+    assert "LipSDP skipped" in capsys.readouterr().out
 
 
 # ---- command line -------------------------------------------------------------------------------

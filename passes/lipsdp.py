@@ -1,0 +1,213 @@
+"""LipSDP-Neuron (Fazlyab, Robey, Hassani, Morari & Pappas, NeurIPS 2019): a global l2 Lipschitz bound
+of a small feed-forward network by semidefinite programming.
+
+For f(x) = W_l phi_l(W_{l-1} ... phi_1(W_0 x + b_0) ...) + b_l, every hidden unit j slope-restricted
+in [a_j, b_j] ((phi(u) - phi(v)) / (u - v) in [a_j, b_j]), and any diagonal T = diag(t) >= 0: if
+M(rho, t) <= 0 (negative semidefinite) then ||f(x) - f(y)||_2 <= sqrt(rho) ||x - y||_2. M is block
+tridiagonal over z = (x_0, x_1, ..., x_l), x_k the output of hidden layer k (n_0 + hidden units rows):
+  block (k-1, k-1) += -2 W_{k-1}^T diag(a_k b_k t_k) W_{k-1}
+  block (k-1, k)     =  W_{k-1}^T diag((a_k + b_k) t_k)          (and its transpose)
+  block (k, k)      += -2 diag(t_k)
+  block (0, 0)      += -rho I,      block (l, l) += W_l^T W_l
+(the sum over units of t_j times the slope condition (dw - a dv)(dw - b dv) <= 0, an S-procedure).
+Minimising rho over (rho, t) is an SDP, solved by cvxpy with Clarabel (then SCS if Clarabel fails
+or its t fails the check below).
+
+Scaling: multiplying W_{k-1} by 2^f and dividing the slope box of layer k by 2^f leaves M unchanged,
+and scaling any W_k by c scales the optimal sqrt(rho) by c; both are exact for powers of two, so the
+SDP is solved for weights and slopes normalised to about 1 and the bound is scaled back exactly.
+
+Guarantee: the solver returns an approximately feasible point, so its sqrt(rho) (`value`) is an
+estimate. The printed bound is verified: the solver's t (clipped to >= 0) is kept, rho' is computed
+from the Schur complement (with M(rho') <= -mu I as the target), and M(rho') is checked in float64 with
+numpy's eigvalsh: its largest eigenvalue must be below -margin, margin = 16 N eps (||M||_F + ||M_abs||_F)
+covering the rounding of forming M (M_abs: the same sums of absolute values) and of the eigenvalue
+solver (backward stable). Then sqrt(rho') is a guaranteed bound. If no rho' passes, only the estimate
+is reported. The SDP is solved with M <= -delta I (delta = 1e-7 in normalised units, 1e-5 for SCS) so
+that the solver's t has room to pass the check.
+
+Size: M is block tridiagonal, so Clarabel's chordal decomposition splits it into one PSD cone per pair of
+consecutive blocks (x_{k-1}, x_k); an interior-point step costs about the fourth to sixth power of a cone's
+size. Models with more than ROW_LIMIT rows (n_0 + hidden units) or a pair n_{k-1} + n_k above PAIR_LIMIT
+are refused (measured on one CPU core: a 64-16x9 MLP, 208 rows and pairs <= 80, takes ~7 s; the same with
+width 32, 352 rows, 100 s and 2 GB; one hidden layer with n_0 + n_1 = 128, 100 s and 2.5 GB).
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+
+from jacgraph.errors import JacgraphError
+
+ROW_LIMIT = 256      # rows of the LMI (inputs + hidden units) we hand to the SDP solver
+PAIR_LIMIT = 96      # rows of one consecutive pair of blocks n_{k-1} + n_k (one PSD cone after decomposition)
+# the SDP asks for M <= -delta I (normalised units): room for the solver's residual to pass the float64 check
+# (SCS, first order, leaves residuals ~1e-4 relative: with 1e-7 its T failed the check on the digits MLP)
+DELTA = {"CLARABEL": 1e-7, "SCS": 1e-5}
+SOLVERS = ["CLARABEL", "SCS"]   # interior point first; SCS when Clarabel fails or its T fails the check
+EPS = np.finfo(np.float64).eps
+
+
+def too_big(sizes) -> str | None:
+    """Why the SDP is too large (None when it fits); sizes = [n_0, n_1, ..., n_l], the input and hidden widths."""
+    if len(sizes) == 1:  # no hidden layer: no SDP, the layer's norm
+        return None
+    pair = max(a + b for a, b in zip(sizes, sizes[1:]))
+    if sum(sizes) > ROW_LIMIT or pair > PAIR_LIMIT:
+        return (f"the LipSDP matrix would have {sum(sizes)} rows (inputs + hidden units; limit {ROW_LIMIT}) and its "
+                f"largest pair of consecutive layers {pair} units (limit {PAIR_LIMIT})")
+    return None
+
+
+def widths(mats) -> list:
+    """[n_0, n_1, ..., n_l]: the input width and every hidden width (the LMI's blocks)."""
+    return [mats[0].shape[1]] + [W.shape[0] for W in mats[:-1]]
+
+
+def normalise(mats, boxes):
+    """(mats', boxes', e) with 2^e * LipSDP(mats', boxes') = LipSDP(mats, boxes): slopes and norms near 1,
+    by powers of two only (exact in float64)."""
+    mats, boxes, e = [np.asarray(W, np.float64) for W in mats], [tuple(map(float, b)) for b in boxes], 0
+    for k in range(len(mats) - 1):  # move the slope scale of hidden layer k+1 into W_k
+        f = _exponent(max(abs(boxes[k][0]), abs(boxes[k][1])))
+        mats[k] = np.ldexp(mats[k], f)
+        boxes[k] = (math.ldexp(boxes[k][0], -f), math.ldexp(boxes[k][1], -f))
+    for k, W in enumerate(mats):
+        g = _exponent(np.linalg.norm(W, 2))
+        mats[k] = np.ldexp(W, -g)
+        e += g
+    return mats, boxes, e
+
+
+def _exponent(x) -> int:
+    return int(round(math.log2(x))) if x > 0 else 0
+
+
+def lmi(mats, boxes, rho, t, absolute=False) -> np.ndarray:
+    """M(rho, t) in float64 (absolute=True: the same sums with |terms|, for the rounding allowance)."""
+    sizes = widths(mats)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    M = np.zeros((offsets[-1], offsets[-1]))
+    f = np.abs if absolute else (lambda a: a)
+    M[:sizes[0], :sizes[0]] -= f(rho) * np.eye(sizes[0])
+    start = 0
+    for k in range(1, len(mats)):
+        W, (a, b), tk = f(mats[k - 1]), boxes[k - 1], t[start:start + sizes[k]]
+        start += sizes[k]
+        p, q = slice(offsets[k - 1], offsets[k]), slice(offsets[k], offsets[k + 1])
+        M[p, p] -= 2 * W.T @ (f(a * b * tk)[:, None] * W)
+        M[p, q] += W.T * f((a + b) * tk)[None, :]
+        M[q, p] += W * f((a + b) * tk)[:, None]
+        M[q, q] -= 2 * np.diag(f(tk))
+    last = slice(offsets[-2], offsets[-1])
+    M[last, last] += mats[-1].T @ mats[-1] if not absolute else np.abs(mats[-1]).T @ np.abs(mats[-1])
+    return M
+
+
+def _problem(mats, boxes, delta):
+    """The SDP: minimise rho subject to M(rho, t) <= -delta I, t >= 0, as a cvxpy Problem."""
+    import cvxpy as cp
+    import scipy.sparse as sp
+
+    n_hidden = sum(W.shape[0] for W in mats[:-1])
+    N = sum(widths(mats))
+    # M is affine in v = (rho, t): vec(M) = vec(M(0, 0)) + G v, column j = vec(M(e_j) - M(0))
+    base = lmi(mats, boxes, 0.0, np.zeros(n_hidden))
+    cols = [sp.csc_matrix((lmi(mats, boxes, 1.0, np.zeros(n_hidden)) - base).reshape(-1, 1, order="F"))]
+    for j in range(n_hidden):
+        e = np.zeros(n_hidden)
+        e[j] = 1.0
+        cols.append(sp.csc_matrix((lmi(mats, boxes, 0.0, e) - base).reshape(-1, 1, order="F")))
+    G = sp.hstack(cols).tocsc()
+    v = cp.Variable(1 + n_hidden, nonneg=True)
+    M = cp.reshape(G @ v, (N, N), order="F") + base
+    problem = cp.Problem(cp.Minimize(v[0]), [M << -delta * np.eye(N)])
+    return problem, v
+
+
+def solve(mats, boxes, solver, delta=None):
+    """(rho, t, status) of the SDP with one cvxpy solver (CLARABEL or SCS); None if it finds no solution."""
+    import cvxpy as cp
+
+    problem, v = _problem(mats, boxes, DELTA[solver] if delta is None else delta)
+    try:
+        with warnings.catch_warnings():  # "solution may be inaccurate": the float64 check decides
+            warnings.simplefilter("ignore", UserWarning)
+            problem.solve(solver=solver)
+    except cp.error.SolverError:
+        return None
+    if problem.status not in ("optimal", "optimal_inaccurate") or v.value is None:
+        return None
+    return float(v.value[0]), np.asarray(v.value[1:], np.float64), problem.status
+
+
+def margin(M, M_abs) -> float:
+    """Allowance for float64 rounding of forming M and of its eigenvalues: 16 N eps (||M||_F + ||M_abs||_F)."""
+    return 16 * M.shape[0] * EPS * (np.linalg.norm(M) + np.linalg.norm(M_abs))
+
+
+def certify(mats, boxes, t, tries=8):
+    """Smallest rho' found with lambda_max(M(rho', t)) < -margin in float64 (None if R, M's hidden block, is not
+    negative enough): rho' = mu + lambda_max(P - Q (R + mu I)^{-1} Q^T), the Schur complement of M + mu I."""
+    t = np.maximum(np.asarray(t, np.float64), 0.0)
+    n0 = mats[0].shape[1]
+    M0 = lmi(mats, boxes, 0.0, t)
+    P, Q, R = M0[:n0, :n0], M0[:n0, n0:], M0[n0:, n0:]
+    mu = 2 * margin(M0, lmi(mats, boxes, 0.0, t, absolute=True))
+    for _ in range(tries):  # mu from 2 margins up to ~5e8 margins when the check keeps failing
+        try:
+            C = np.linalg.cholesky(-(R + mu * np.eye(R.shape[0])))
+        except np.linalg.LinAlgError:
+            return None
+        K = np.linalg.solve(C, Q.T)  # Q (R + mu I)^{-1} Q^T = -K^T K
+        rho = max(mu + float(np.linalg.eigvalsh(P + K.T @ K)[-1]), 0.0) * (1 + 4 * EPS)
+        M = lmi(mats, boxes, rho, t)
+        if float(np.linalg.eigvalsh(M)[-1]) < -margin(M, lmi(mats, boxes, rho, t, absolute=True)):
+            return rho
+        mu *= 16
+    return None
+
+
+def lipsdp(mats, boxes, last_slope=1.0, solver=None) -> dict:
+    """LipSDP-Neuron over dense layer matrices; boxes[k] is the slope range of the activation after layer k.
+
+    value: sqrt(rho) of the solver (an estimate); bound: sqrt(rho') verified in float64 (None if the check
+    fails), both times 2^e (normalisation) and the last activation's slope."""
+    t0 = time.perf_counter()
+    reason = too_big(widths(mats))
+    if reason:
+        raise JacgraphError(f"{reason}: too large for the semidefinite program. Use --method seqlip or "
+                            "--method autolip for this model.")
+    scale = last_slope * (1 + 8 * EPS)  # the rounding of sqrt and of the products below
+    if len(mats) == 1:  # no hidden layer: the norm itself, certified by Gram iteration
+        from jacgraph.passes.lipschitz import gram_bound
+
+        b = float(gram_bound(mats[0]) * scale)
+        return {"value": b, "bound": b, "guaranteed": True, "solver": None, "status": "linear",
+                "rows": sum(widths(mats)), "seconds": time.perf_counter() - t0}
+    m, bx, e = normalise(mats, boxes)
+    if any(not np.any(W) for W in m):  # a zero layer: the network is constant
+        return {"value": 0.0, "bound": 0.0, "guaranteed": True, "solver": None, "status": "zero layer",
+                "rows": sum(widths(mats)), "seconds": time.perf_counter() - t0}
+    found, tried = None, []
+    for name in ([solver] if solver else SOLVERS):  # the next solver only when one fails or is not verified
+        result = solve(m, bx, name)
+        tried.append(f"{name}: {'no solution' if result is None else result[2]}")
+        if result is None:
+            continue
+        t1 = time.perf_counter()
+        found = (name, *result, certify(m, bx, result[1]))
+        if found[-1] is not None:
+            break
+    if found is None:
+        raise JacgraphError(f"the LipSDP semidefinite program was not solved ({'; '.join(tried)}); "
+                            "use --method seqlip or --method autolip.")
+    name, rho, t, status, verified = found
+    value = float(math.ldexp(math.sqrt(max(rho, 0.0)), e) * scale)
+    bound = None if verified is None else float(math.ldexp(math.sqrt(verified), e) * scale)
+    return {"value": value, "bound": bound, "guaranteed": bound is not None, "solver": name, "status": status,
+            "rows": sum(widths(mats)), "solve_seconds": t1 - t0, "check_seconds": time.perf_counter() - t1,
+            "seconds": time.perf_counter() - t0}
