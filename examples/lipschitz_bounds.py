@@ -1,17 +1,18 @@
-"""AutoLip and SeqLip (jacgraph lipschitz) against exact constants and sampled lower bounds.
+"""AutoLip, SeqLip and LipSDP (jacgraph lipschitz) against exact constants and sampled lower bounds.
 
     python examples/lipschitz_bounds.py            # everything (a few minutes on 2 CPU cores)
     python examples/lipschitz_bounds.py --tiny 8   # fewer tiny nets
 
 1. 32 tiny random ReLU MLPs (input 2-3, 1-3 hidden layers of 3-6 units): the exact l2 Lipschitz
-   constant by region enumeration (examples/lipschitz_exact.py) against the AutoLip bound and the
-   exact-search SeqLip bound; geometric-mean ratios bound / exact.
+   constant by region enumeration (examples/lipschitz_exact.py) against the AutoLip bound, the
+   exact-search SeqLip bound and the verified LipSDP-Neuron bound; geometric-mean ratios bound / exact.
 2. Models trained briefly on scikit-learn's digits (8x8, upsampled to 16x16 for the CNN): a 10-layer
    MLP of width 16 (SeqLip's exact search covers every pair: a guaranteed bound), the same of width
    64 (greedy SeqLip: an estimate, printed with the guaranteed midpoint bound), and a 4-conv CNN.
    Each against a sampled lower bound: the largest ||J(x)||_2 of the ReLU network over the data,
    noisy data, and points found by gradient ascent of ||J|| on a softplus surrogate (a true
-   Jacobian norm at a point is a lower bound on the Lipschitz constant).
+   Jacobian norm at a point is a lower bound on the Lipschitz constant). LipSDP where the model fits
+   its size limit (passes/lipsdp.py: the width-16 MLP; the width-64 MLP and the CNN are too large).
 Timings are wall-clock seconds of one run (the machine is shared; take them as rough).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.lipschitz_exact import exact_lipschitz, mlp_onnx, random_mlp  # noqa: E402
+from jacgraph.model import SourceModel  # noqa: E402
 from jacgraph.passes import lipschitz as L  # noqa: E402
 
 
@@ -44,20 +46,26 @@ def tiny_nets(count):
         exact, regions = exact_lipschitz(ws, bs)
         t1 = time.perf_counter()
         report = L.analyze(mlp_onnx(ws, bs), method="all")
-        assert report.seqlip["exact"]
+        assert report.seqlip["exact"] and report.lipsdp["guaranteed"]
         rows.append({"dims": [ws[0].shape[1]] + [w.shape[0] for w in ws], "regions": len(regions), "exact": exact,
-                     "autolip": report.autolip["bound"], "seqlip": report.seqlip["bound"], "exact_seconds": t1 - t0})
+                     "autolip": report.autolip["bound"], "seqlip": report.seqlip["bound"],
+                     "lipsdp": report.lipsdp["bound"], "lipsdp_seconds": report.lipsdp["seconds"],
+                     "exact_seconds": t1 - t0})
     auto = [r["autolip"] / r["exact"] for r in rows]
     seq = [r["seqlip"] / r["exact"] for r in rows]
-    assert min(auto) >= 1 and min(seq) >= 1, "a guaranteed bound fell below the exact constant"
+    sdp = [r["lipsdp"] / r["exact"] for r in rows]
+    assert min(auto) >= 1 and min(seq) >= 1 and min(sdp) >= 1, "a guaranteed bound fell below the exact constant"
     print(f"\n## {count} tiny ReLU MLPs: bound / exact Lipschitz constant")
     print("| method | geometric mean | min | max |")
     print("|---|---|---|---|")
     print(f"| AutoLip | {geomean(auto):.2f} | {min(auto):.2f} | {max(auto):.2f} |")
     print(f"| SeqLip (exact search) | {geomean(seq):.2f} | {min(seq):.2f} | {max(seq):.2f} |")
+    print(f"| LipSDP-Neuron (verified) | {geomean(sdp):.2f} | {min(sdp):.2f} | {max(sdp):.2f} |")
+    print(f"(LipSDP: {sum(r['lipsdp_seconds'] for r in rows):.1f} s for {count} SDPs; "
+          f"below SeqLip on {sum(a < b for a, b in zip(sdp, seq))} of {count} nets)")
     print(f"(exact constants: {sum(r['regions'] for r in rows)} regions in all, "
           f"{sum(r['exact_seconds'] for r in rows):.1f} s of LPs)")
-    return {"autolip_geomean": geomean(auto), "seqlip_geomean": geomean(seq), "nets": rows}
+    return {"autolip_geomean": geomean(auto), "seqlip_geomean": geomean(seq), "lipsdp_geomean": geomean(sdp), "nets": rows}
 
 
 # ---- trained models ----------------------------------------------------------------------------
@@ -164,21 +172,30 @@ def trained_models(epochs):
         t1 = time.perf_counter()
         seq = L.analyze(onnx_bytes, method="seqlip")
         t2 = time.perf_counter()
+        stages = L.lower(SourceModel(onnx_bytes))  # explicit=False: a model over the size limit is skipped, not an error
+        sdp = L.run_lipsdp(stages, L.max_slope(stages[-1].activation, stages[-1].act_attrs), explicit=False)
+        t2b = time.perf_counter()
         low = lower_bound(torch, model, X)
         t3 = time.perf_counter()
         s = seq.seqlip
         rows.append({"model": name, "train_accuracy": accuracy, "autolip": auto.autolip["bound"],
                      "seqlip_value": s["value"], "seqlip_exact": s["exact"], "seqlip_bound": s["bound"],
-                     "lower": low, "autolip_s": t1 - t0, "seqlip_s": t2 - t1, "lower_s": t3 - t2,
+                     "lipsdp": sdp, "lower": low, "autolip_s": t1 - t0, "seqlip_s": t2 - t1, "lower_s": t3 - t2b,
                      "widest_pair": max(p["units"] for p in s["pairs"])})
     print("\n## trained on scikit-learn digits: Lipschitz bounds and a sampled lower bound")
-    print("| model | train acc | AutoLip bound | SeqLip | SeqLip guaranteed bound | sampled lower bound | "
-          "AutoLip s | SeqLip s | lower bound s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | train acc | AutoLip bound | SeqLip | SeqLip guaranteed bound | LipSDP bound | sampled lower bound | "
+          "AutoLip s | SeqLip s | LipSDP s | lower bound s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         seq = f"{r['seqlip_value']:.4g} ({'exact search: bound' if r['seqlip_exact'] else 'greedy: estimate'})"
-        print(f"| {r['model']} | {r['train_accuracy']:.3f} | {r['autolip']:.4g} | {seq} | {r['seqlip_bound']:.4g} | "
-              f"{r['lower']:.4g} | {r['autolip_s']:.2f} | {r['seqlip_s']:.2f} | {r['lower_s']:.2f} |")
+        d = r["lipsdp"]
+        if "skipped" in d:
+            sdp, sdp_s = "too large (skipped)", "-"
+        else:
+            sdp = f"{d['bound']:.4g} ({d['rows']} rows)" if d["guaranteed"] else f"{d['value']:.4g} (estimate: check failed)"
+            sdp_s = f"{d['seconds']:.2f}"
+        print(f"| {r['model']} | {r['train_accuracy']:.3f} | {r['autolip']:.4g} | {seq} | {r['seqlip_bound']:.4g} | {sdp} | "
+              f"{r['lower']:.4g} | {r['autolip_s']:.2f} | {r['seqlip_s']:.2f} | {sdp_s} | {r['lower_s']:.2f} |")
     return rows
 
 
