@@ -185,10 +185,10 @@ def to_float32(model):
     return m
 
 
-# maxpool-unfold-padded-ceil: onnxruntime and ONNX shape inference disagree on this ceil-mode pool's output
+# maxpool-nonoverlapping-padded-ceil: onnxruntime and ONNX shape inference disagree on this ceil-mode pool's output
 # size, so the y_bar shape the case declares (from shape inference) is not the one onnxruntime produces;
 # lrn-even: onnxruntime refuses LRN with an even size (the forward model does not load either).
-ORT_CASES = [c for c in DOT_CASES if c.id not in ("maxpool-unfold-padded-ceil", "lrn-even")]
+ORT_CASES = [c for c in DOT_CASES if c.id not in ("maxpool-nonoverlapping-padded-ceil", "lrn-even")]
 
 
 @pytest.mark.parametrize("case", ORT_CASES, ids=case_id)
