@@ -80,6 +80,13 @@ def _convert_up(proto: onnx.ModelProto) -> onnx.ModelProto:
             f"Re-export it with opset_version >= {MIN_OPSET}.") from None
 
 
+def _inference_reason(error) -> str:
+    """The first informative line of an onnx InferenceError (strict mode prefixes a generic line)."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    specific = [ln[ln.index("(op_type:"):].replace("[ShapeInferenceError] ", "") for ln in lines if "(op_type:" in ln]
+    return (specific or lines or [type(error).__name__])[0]
+
+
 def _shape_of(type_proto) -> tuple | None:
     t = type_proto.tensor_type
     if not t.HasField("shape"):
@@ -95,11 +102,12 @@ class SourceModel:
         proto.CopyFrom(load(model))
         if _opset_of(proto) < MIN_OPSET:
             proto = _convert_up(proto)
-        try:
-            proto = shape_inference.infer_shapes(proto, data_prop=True)
+        try:  # strict: a MatMul/Gemm/Add whose shapes do not fit is an error here, not a crash in onnxruntime later
+            proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
         except Exception as e:
-            raise JacgraphError(f"ONNX shape inference failed on the model: {str(e).strip().splitlines()[0]}. "
-                                "Check the input shapes the model declares.") from None
+            raise JacgraphError(f"ONNX shape inference failed on the model: {_inference_reason(e)}. The shapes of that "
+                                "node's inputs do not fit together; check the input shapes the model declares, "
+                                "or re-export it.") from None
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as e:
@@ -118,6 +126,23 @@ class SourceModel:
             self._types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
         self.producer = {out: node for node in self.graph.node for out in node.output if out}
         self.nodes = self._topological_order()
+        self._check_conv_channels()
+
+    def _check_conv_channels(self):
+        """ONNX shape inference does not compare a Conv's weight with its input's channels; onnxruntime fails at run time."""
+        for node in self.nodes:
+            if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
+                continue
+            x_shape, w_shape = self.shape(node.input[0]), self.shape(node.input[1])
+            if not x_shape or not w_shape or len(x_shape) < 2 or not isinstance(x_shape[1], int) \
+                    or not all(isinstance(d, int) for d in w_shape[:2]):
+                continue
+            group = self.attrs(node).get("group", 1)
+            expected = w_shape[1] * group if node.op_type == "Conv" else w_shape[0]
+            if x_shape[1] != expected:
+                raise JacgraphError(
+                    f"{node.op_type} '{node.name or node.output[0]}' gets an input with {x_shape[1]} channels but its "
+                    f"weight {list(w_shape)} (group={group}) expects {expected}. The model cannot run; re-export it.")
 
     def _topological_order(self):
         g = nx.DiGraph()

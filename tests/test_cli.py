@@ -30,6 +30,16 @@ def mlp_model(path, extra_nodes=(), int_input=False):
     return path
 
 
+def conv_model(path, weight_channels):
+    """A Conv whose weight expects `weight_channels` input channels, fed a 3-channel image."""
+    weight = numpy_helper.from_array(np.ones((2, weight_channels, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv1")], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def run_cli(*args):
     return main([str(a) for a in args])
 
@@ -89,6 +99,9 @@ def write_garbage(path, data):
     (lambda d: mlp_model(d / "m.onnx", extra_nodes=[
         helper.make_node("Mod", ["y", "y"], ["r"], fmod=1), helper.make_node("Mod", ["y", "y"], ["r2"], fmod=1),
         helper.make_node("Asinh", ["y"], ["s"])]), [], "Asinh (x1), Mod (x2)"),
+    (lambda d: mlp_model(d / "m.onnx", extra_nodes=[helper.make_node("MatMul", ["y", "w"], ["yw"], name="mm")]), [],
+     "(op_type:MatMul, node name: mm): Incompatible dimensions"),
+    (lambda d: conv_model(d / "c.onnx", weight_channels=5), [], "Conv 'conv1' gets an input with 3 channels"),
     (lambda d: mlp_model(d / "m.onnx"), ["--tangents", "0"], "positive integer"),
     (lambda d: mlp_model(d / "m.onnx"), ["--norm", "inf"], "does not apply"),
 ])
