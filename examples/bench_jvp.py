@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import onnx
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
 from jacgraph import runtime  # noqa: E402
-from jacgraph.bench import peak_memory  # noqa: E402
+from jacgraph.bench import peak_memory, time_calls  # noqa: E402
 from jacgraph.passes import jvp  # noqa: E402
 
 
@@ -44,16 +43,7 @@ def bench_one(name, folder, threads, runs, batch):
     calls["torch_jvp"] = lambda: torch.func.jvp(model, (xt,), (vt,))
     calls["torch_forward"] = lambda: model(xt)
     with torch.no_grad():
-        for _ in range(3):
-            for call in calls.values():
-                call()
-        times = {k: [] for k in calls}
-        for _ in range(runs):
-            for k, call in calls.items():
-                t0 = time.perf_counter()
-                call()
-                times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(t)) * 1e3 for k, t in times.items()}
+        med = time_calls(calls, runs)
     best = min(("twopass", "batched"), key=lambda s: med[s])
     mem_fwd = peak_memory(source, feeds["forward"], threads)
     mem_jvp = peak_memory(emitted["twopass"], feeds["twopass"], threads)

@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import onnx
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
+from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
 from jacgraph.runtime import session  # noqa: E402
 
@@ -45,16 +45,7 @@ def bench_one(name, folder, threads, runs):
              "vjp_x": lambda: grad_x.run(None, {"x": x, "y_bar": u}),
              "vjp_params": lambda: grad_all.run(None, {"x": x, "y_bar": u}),
              "torch_fwd_bwd": torch_step}
-    for _ in range(3):
-        for call in calls.values():
-            call()
-    times = {k: [] for k in calls}
-    for _ in range(runs):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
+    return time_calls(calls, runs)
 
 
 def main():

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jacgraph import runtime  # noqa: E402
+from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.passes import jacobian, jvp  # noqa: E402
 
 
@@ -79,20 +80,6 @@ def colour_table(sizes):
               f"{plan.columns.count} ({plan.columns.method}) | {plan.rows.count} | {greedy} | {seconds:.2f} |")
 
 
-def time_calls(calls, runs):
-    with torch.no_grad():
-        for _ in range(3):
-            for call in calls.values():
-                call()
-    times = {k: [] for k in calls}
-    for _ in range(runs):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
-
-
 def timing(name, module, shape, threads, runs):
     torch.set_num_threads(threads)
     model = export(module, shape)
@@ -116,7 +103,8 @@ def timing(name, module, shape, threads, runs):
     xt = torch.from_numpy(x)
     calls["torch.func.jacfwd"] = lambda: torch.func.jacfwd(module)(xt)
     calls["torch.func.jacrev"] = lambda: torch.func.jacrev(module)(xt)
-    med = time_calls(calls, runs)
+    with torch.no_grad():
+        med = time_calls(calls, runs)
     # the compressed graph agrees with the dense one
     J = runtime.run(next(iter(graphs.values())), {"x": x})
     Jd = dsess.run(None, {dense_names[0]: x, dense_names[1]: eye})[-1].reshape(n, -1).T

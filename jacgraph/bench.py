@@ -51,18 +51,25 @@ def feeds_for(model: onnx.ModelProto, seed=0) -> dict:
     return {k: v.astype(src.np_dtype(k)) if src.is_float(k) else v for k, v in random_feeds(src, rng).items()}
 
 
-def time_interleaved(sessions: list, feeds: list, runs: int, warmup: int = 5) -> list:
-    """Median seconds per run of each session, runs interleaved so machine noise hits all alike."""
+def time_calls(calls: dict, runs: int, warmup: int = 3) -> dict:
+    """Median milliseconds of each zero-argument call, runs interleaved so machine noise hits all alike."""
     for _ in range(warmup):
-        for s, f in zip(sessions, feeds):
-            s.run(None, f)
-    times = [[] for _ in sessions]
+        for call in calls.values():
+            call()
+    times = {k: [] for k in calls}
     for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
+        for k, call in calls.items():
             t0 = time.perf_counter()
-            s.run(None, f)
-            times[i].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
+
+
+def time_interleaved(sessions: list, feeds: list, runs: int, warmup: int = 5) -> list:
+    """Median seconds per run of each session, interleaved (see time_calls)."""
+    calls = {i: (lambda s=s, f=f: s.run(None, f)) for i, (s, f) in enumerate(zip(sessions, feeds))}
+    ms = time_calls(calls, runs, warmup)
+    return [ms[i] / 1e3 for i in range(len(sessions))]
 
 
 def peak_memory(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 3) -> dict:
