@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -25,24 +26,34 @@ EMIT_OPTIONS = {
 PLUGIN_COMMANDS = ("recurjac", "lipschitz", "sensing")
 
 
-def write_atomic(models: dict):
-    """Write {path: ModelProto} all-or-nothing: temp files beside the targets, renamed at the end."""
-    temps = []
+@contextlib.contextmanager
+def atomic_output(path, suffix=".onnx", flag="-o"):
+    """A temporary path beside `path`, renamed onto it when the block succeeds and removed when it fails."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another {flag} path.")
+    fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        for path, model in models.items():
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another -o path.")
-            fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=".onnx", dir=folder)
-            os.close(fd)
-            temps.append((tmp, path))
-            onnx.save(model, tmp)
-        for tmp, path in temps:
-            os.replace(tmp, path)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; an output is an ordinary file
+        os.replace(tmp, path)
     finally:
-        for tmp, _ in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(models: dict):
+    """Write {path: ModelProto} all-or-nothing: every file is written before any is renamed into place."""
+    with contextlib.ExitStack() as stack:
+        for path, model in models.items():
+            onnx.save(model, stack.enter_context(atomic_output(path)))
 
 
 def output_paths(out: str, result) -> dict:

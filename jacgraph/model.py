@@ -8,7 +8,7 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference, version_converter
+from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
 from .errors import JacgraphError
 
@@ -61,7 +61,25 @@ def load(model) -> onnx.ModelProto:
             "Re-export it, or check that the file was copied whole.") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise JacgraphError(f"{where} parsed but holds no ONNX graph. It is probably not an ONNX model file; re-export it.")
+    if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto)):
+        _load_external_data(proto, where, None if where == "the given bytes" else os.path.dirname(os.path.abspath(path)))
     return proto
+
+
+def _load_external_data(proto, where, folder):
+    """Read weights kept beside the model (torch.onnx.export's default writes MODEL.onnx.data) into the proto."""
+    files = sorted({entry.value for t in external_data_helper._get_all_tensors(proto)
+                    for entry in t.external_data if entry.key == "location"})
+    if folder is None:
+        raise JacgraphError(f"{where} keep their weights in external data file(s) ({', '.join(files)}), which bytes "
+                            "cannot carry. Pass the model's path instead, or onnx.load(path) first.")
+    try:
+        external_data_helper.load_external_data_for_model(proto, folder)
+    except Exception as e:
+        raise JacgraphError(
+            f"{where} keeps its weights in external data file(s) {', '.join(files)}, expected in {folder}, and they "
+            f"could not be read ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}). "
+            "Keep the .onnx.data file beside the .onnx file under the name it was exported with.") from None
 
 
 def _opset_of(proto) -> int:

@@ -16,18 +16,40 @@ def _retype(value_info):
         t.elem_type = F64
 
 
+def _fixed_float32_inputs(model: onnx.ModelProto) -> set:
+    """Names fed to inputs whose schema type is tensor(float) itself, not a type variable (Resize's scales)."""
+    opset = {imp.domain or "": imp.version for imp in model.opset_import}
+    fixed = set()
+    for node in model.graph.node:
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset.get(node.domain or "", 1), node.domain or "")
+        except onnx.defs.SchemaError:
+            continue
+        for i, name in enumerate(node.input):
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)] if schema.inputs else None
+            if name and formal is not None and formal.type_str == "tensor(float)":
+                fixed.add(name)
+    return fixed
+
+
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A float64 copy: initializers, constants, casts and declared types float32 -> float64."""
+    """A float64 copy: initializers, constants, casts and declared types float32 -> float64.
+
+    Inputs the operator schema fixes to float32 (Resize's scales) keep their type.
+    """
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    keep = _fixed_float32_inputs(m)
     for i, init in enumerate(g.initializer):
-        if init.data_type in (F32, TensorProto.FLOAT16):
+        if init.data_type in (F32, TensorProto.FLOAT16) and init.name not in keep:
             g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         _retype(vi)
     for node in g.node:
         for attr in node.attribute:
+            if node.op_type == "Constant" and node.output[0] in keep:
+                continue
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in (F32, TensorProto.FLOAT16):
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
             elif node.op_type == "Cast" and attr.name == "to" and attr.i in (F32, TensorProto.FLOAT16):

@@ -32,13 +32,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from jacgraph.cli import atomic_output
 from jacgraph.errors import JacgraphError
 from jacgraph.layers import lower
 from jacgraph.model import SourceModel
@@ -352,18 +352,8 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
 
 
 def _save_npz_atomic(path, arrays):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another --out path.")
-    fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_output(path, ".npz", "--out") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _load_x0(path):

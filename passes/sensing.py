@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from jacgraph import runtime
+from jacgraph.cli import atomic_output
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel, load
 
@@ -265,17 +265,8 @@ def _cov_trace(A, keep):
 # ---- command line -----------------------------------------------------------------------------------
 
 def save_npz_atomic(path, J):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another --out path.")
-    fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=".npz", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path, ".npz", "--out") as tmp:
         sp.save_npz(tmp, sp.csr_matrix(J))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cmd_sense(args) -> int:
