@@ -82,7 +82,45 @@ def peak_memory(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 3
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(model_path, emit="jvp", runs=50, threads=0, tangents=None, strategy=None, memory=True) -> dict:
+def profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10, warmup: int = 3) -> dict:
+    """Per-op-type kernel time of one run, from onnxruntime's profiler: {op_type: {"ms", "nodes"}}.
+
+    The trace (SessionOptions.enable_profiling) holds one event per kernel call and one `model_run`
+    event per run; kernels of the warm-up runs are left out, the rest averaged over `runs`. Op types
+    are those of the optimized graph onnxruntime runs (fused Conv, NCHWc ReorderInput/ReorderOutput).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(model, threads=threads or None, profile_prefix=os.path.join(tmp, "trace"))
+        for _ in range(warmup + runs):
+            sess.run(None, feeds)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    counted_from = run_starts[warmup] if len(run_starts) > warmup else 0
+    totals, nodes = {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < counted_from:
+            continue
+        op = e["args"].get("op_name", "?")
+        totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / runs
+        nodes.setdefault(op, set()).add(e["name"])
+    return {op: {"ms": ms, "nodes": len(nodes[op])} for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def format_profile(forward: dict, emitted: dict, emit: str = "jvp") -> str:
+    """The two per-op profiles side by side, the emitted graph's costliest op types first."""
+    ops = sorted(set(forward) | set(emitted), key=lambda op: -max(emitted.get(op, {}).get("ms", 0),
+                                                                  forward.get(op, {}).get("ms", 0)))
+    cell = lambda p, op: (f"{p[op]['ms']:9.3f} ms {p[op]['nodes']:4d}" if op in p else f"{'-':>17s}")  # noqa: E731
+    lines = [f"  {'op type (as onnxruntime runs it)':34s} {'forward ms, nodes':>17s}   {emit + ' ms, nodes':>17s}"]
+    lines += [f"  {op:34s} {cell(forward, op)}   {cell(emitted, op)}" for op in ops]
+    total = lambda p: sum(v["ms"] for v in p.values())  # noqa: E731
+    lines.append(f"  {'kernel total':34s} {total(forward):9.3f} ms {'':4s}   {total(emitted):9.3f} ms")
+    return "\n".join(lines)
+
+
+def bench(model_path, emit="jvp", runs=50, threads=0, tangents=None, strategy=None, memory=True,
+          profile_runs=0) -> dict:
     model = load(model_path)
     options = {"tangents": tangents}
     if strategy:
@@ -107,4 +145,7 @@ def bench(model_path, emit="jvp", runs=50, threads=0, tangents=None, strategy=No
             "forward_growth_mb": (fwd_mem["peak_kb"] - fwd_mem["loaded_kb"]) / 1024,
             "emitted_growth_mb": (emit_mem["peak_kb"] - emit_mem["loaded_kb"]) / 1024,
         })
+    if profile_runs:
+        result["profile"] = {"forward": profile(model, fwd_feeds, threads, profile_runs),
+                             "emitted": profile(emitted, jvp_feeds, threads, profile_runs)}
     return result

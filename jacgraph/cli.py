@@ -159,7 +159,8 @@ def cmd_bench(args) -> int:
     from .bench import bench
 
     result = bench(args.model, emit=args.emit, runs=args.runs, threads=args.threads,
-                   tangents=args.tangents, strategy=args.strategy, memory=not args.no_memory)
+                   tangents=args.tangents, strategy=args.strategy, memory=not args.no_memory,
+                   profile_runs=args.runs if args.profile else 0)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -171,6 +172,11 @@ def cmd_bench(args) -> int:
         print(f"  peak RSS forward {result['forward_peak_mb']:.1f} MB, {args.emit} {result['emitted_peak_mb']:.1f} MB, "
               f"ratio {result['memory_ratio']:.2f} (activation growth {result['forward_growth_mb']:.1f} MB vs "
               f"{result['emitted_growth_mb']:.1f} MB)")
+    if "profile" in result:
+        from .bench import format_profile
+
+        print(f"  per-op kernel time of one run (onnxruntime profiler, mean of {args.runs} runs):")
+        print(format_profile(result["profile"]["forward"], result["profile"]["emitted"], args.emit))
     return 0
 
 
@@ -223,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     bch.add_argument("--tangents", type=int)
     bch.add_argument("--strategy", choices=["twopass", "batched"])
     bch.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
+    bch.add_argument("--profile", action="store_true", help="per-op kernel times of both graphs (onnxruntime profiler)")
     bch.add_argument("--json", action="store_true")
     bch.set_defaults(func=cmd_bench)
 

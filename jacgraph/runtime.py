@@ -64,10 +64,15 @@ def providers() -> tuple:
     return ("CPUExecutionProvider",)
 
 
-def session(model, threads: int | None = None, optimize: bool = True, provider: str | None = None):
-    """An InferenceSession for a ModelProto or path, with full graph optimizations by default."""
+def session(model, threads: int | None = None, optimize: bool = True, provider: str | None = None,
+            profile_prefix: str | None = None):
+    """An InferenceSession for a ModelProto or path, with full graph optimizations by default
+    (profile_prefix: onnxruntime's profiler writes a JSON trace there, see jacgraph.bench.profile)."""
     ort = _ort()
     opts = ort.SessionOptions()
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
-from jacgraph.bench import peak_memory
+from jacgraph.bench import format_profile, peak_memory, profile
 
 
 def expand_then_sum(n):
@@ -26,3 +27,23 @@ def test_peak_memory_grows_with_what_the_run_allocates():
     assert growth_mb(small) < 16
     assert growth_mb(big) > 48  # 64 MiB allocated; RSS counts what is touched, all of it here
     del ballast
+
+
+def test_profile_totals_per_op_type_of_the_runs_after_warmup():
+    model = expand_then_sum(512)
+    feeds = {"x": np.ones((1, 1), np.float32)}
+    ops = profile(model, feeds, threads=1, runs=4, warmup=2)
+    assert set(ops) == {"Expand", "ReduceSum"}
+    assert all(entry["nodes"] == 1 and entry["ms"] > 0 for entry in ops.values())
+    table = format_profile(ops, profile(expand_then_sum(16), feeds, threads=1, runs=2))
+    assert "Expand" in table and "ReduceSum" in table and "kernel total" in table
+
+
+def test_cli_bench_profile_prints_both_graphs_per_op(tmp_path, capsys):
+    from jacgraph.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(expand_then_sum(64), path)
+    assert main(["bench", str(path), "--runs", "3", "--threads", "1", "--no-memory", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "per-op kernel time" in out and "Expand" in out and "ReduceSum" in out
