@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper, shape_inference, version_converter
 
+from . import lowering
 from .errors import JacgraphError
 
 MIN_OPSET = 13  # older models are converted up first: axes-as-inputs and Split/Squeeze forms settle at 13
@@ -115,17 +116,23 @@ def _shape_of(type_proto) -> tuple | None:
 class SourceModel:
     """A source model, never mutated: nodes in topological order, value types, attributes, constants."""
 
-    def __init__(self, model):
+    def __init__(self, model, input_shapes=None, native=None, prepare=True):
+        """`input_shapes` {input: dims} fixes dynamic input dims; `native` the op types with rules (function ops
+        outside it are expanded; default: jacgraph.lowering.native_ops()); prepare=False skips jacgraph.lowering."""
         proto = onnx.ModelProto()
         proto.CopyFrom(load(model))
         if _opset_of(proto) < MIN_OPSET:
             proto = _convert_up(proto)
+        if prepare:  # function bodies, RNN/GRU/LSTM, fixed input shapes: see jacgraph.lowering
+            proto = lowering.prepare(proto, input_shapes=input_shapes, native=native)
         try:  # strict: a MatMul/Gemm/Add whose shapes do not fit is an error here, not a crash in onnxruntime later
             proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
         except Exception as e:
             raise JacgraphError(f"ONNX shape inference failed on the model: {_inference_reason(e)}. The shapes of that "
                                 "node's inputs do not fit together; check the input shapes the model declares, "
                                 "or re-export it.") from None
+        if prepare:  # ranks ONNX's inference leaves unknown: onnxruntime's symbolic inference, before a refusal
+            proto = lowering.fill_unknown_ranks(proto)
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as e:
@@ -186,8 +193,10 @@ class SourceModel:
     def rank(self, name) -> int:
         shape = self.shape(name)
         if shape is None:
-            raise JacgraphError(f"the rank of tensor '{name}' is unknown after shape inference. "
-                                "Export the model with static input ranks.")
+            node = self.producer.get(name)
+            made_by = f", the output of {node.op_type} node '{node.name or name}'," if node is not None else ""
+            raise JacgraphError(f"the rank of tensor '{name}'{made_by} is unknown after ONNX and symbolic shape "
+                                f"inference. {lowering.input_shape_hint(self.proto)}")
         return len(shape)
 
     def dtype(self, name) -> int:

@@ -1,0 +1,487 @@
+"""Source-model preprocessing: turn any ONNX export into ops the rule tables know, before a pass runs.
+
+`prepare(proto)` is what SourceModel calls; in order it
+1. inlines model-local functions (torch's dynamo exporter writes them; `onnx.inliner`),
+2. fixes the input shapes the caller gives (`input_shapes={name: dims}`, the CLI's `--input-shape NAME=DIMS`),
+3. expands every op that has no native rule but whose schema defines a function body (Attention,
+   RMSNormalization, GroupNormalization, RotaryEmbedding, Mish, SoftmaxCrossEntropyLoss, ...), nested
+   bodies included; an op with a native rule keeps it (native rules are faster and the CPA fast path
+   reads them), so the tables are read at run time,
+4. lowers RNN, GRU and LSTM to MatMul/Add/activation ops unrolled over their (static) sequence length,
+5. folds shape arithmetic whose value is fixed (Shape of a static tensor, integer ops on constants) into
+   initializers, so Reshape targets computed from Shape -> Slice -> Concat become constants.
+Parameters (float initializers) are never folded: a VJP with respect to them must still see them.
+
+`fill_unknown_ranks(proto)`: where ONNX shape inference leaves a rank unknown, onnxruntime's symbolic
+shape inference is tried (it keeps symbolic dims, so a dynamic batch axis stays dynamic).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from .errors import JacgraphError
+
+RECURRENCES = ("RNN", "GRU", "LSTM")
+# Ops with a function body that must not be expanded: random ops are refused by the passes with a reason.
+NEVER_EXPAND = frozenset({"Bernoulli", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"})
+MAX_EXPANSION_DEPTH = 8  # bodies that call function ops (SoftmaxCrossEntropyLoss -> NegativeLogLikelihoodLoss)
+
+
+def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.ModelProto:
+    """The source model with functions inlined, given shapes fixed, function ops expanded, recurrences lowered.
+
+    `native`: op types that have rules (default: those with both a JVP and a VJP rule, plus the
+    zero-derivative ops). Returns `proto` itself when there is nothing to do.
+    """
+    changed = False
+    if proto.functions:
+        proto, changed = _inline_local_functions(proto), True
+    if input_shapes:
+        proto, changed = fix_input_shapes(proto, input_shapes), True
+    keep = native_ops() if native is None else set(native)
+    for _ in range(MAX_EXPANSION_DEPTH):
+        ops = expandable_ops(proto, keep)
+        if not ops:
+            break
+        proto, changed = _expand(_inferred(proto), ops), True
+    if any(n.op_type in RECURRENCES and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        proto, changed = lower_recurrences(_inferred(proto)), True
+    if changed:
+        proto = fold_constants(_inferred(proto))
+    return proto
+
+
+def native_ops() -> set:
+    """Ops that have a rule in both the JVP and the VJP table, and the zero-derivative ops (read at run time)."""
+    from .rules.jvp import JVP
+    from .rules.registry import ZERO_DERIVATIVE_OPS
+    from .rules.transpose import VJP
+
+    return {op for op in JVP if op in VJP} | set(ZERO_DERIVATIVE_OPS)
+
+
+def _schema(op_type, opset):
+    try:
+        return onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+
+
+def expandable_ops(proto, keep) -> set:
+    """Op types of the default domain with no rule in `keep` whose schema (at the model's opset) has a function body."""
+    opset = opset_of(proto)
+    ops = {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")} - set(keep) - NEVER_EXPAND
+    found = set()
+    for op in ops:
+        schema = _schema(op, opset)
+        if schema is not None and (schema.has_function or schema.has_context_dependent_function):
+            found.add(op)
+    return found
+
+
+def opset_of(proto) -> int:
+    return next((imp.version for imp in proto.opset_import if imp.domain in ("", "ai.onnx")), 0)
+
+
+def _inferred(proto):
+    """Types of intermediate values (context-dependent function bodies and the RNN lowering read them)."""
+    try:
+        return shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # strict errors are reported by SourceModel with a clear message; here we only need types
+        return proto
+
+
+def _inline_local_functions(proto):
+    try:
+        inlined = onnx.inliner.inline_local_functions(proto, convert_version=True)
+    except Exception as e:
+        raise JacgraphError(f"the model's local functions ({', '.join(sorted({f.name for f in proto.functions}))}) "
+                            f"could not be inlined ({type(e).__name__}: {_first_line(e)}). Re-export the model "
+                            "without local functions (torch.onnx.export(..., dynamo=False)).") from None
+    del inlined.functions[:]
+    return inlined
+
+
+def _expand(proto, ops):
+    """Replace every node of the op types `ops` by its schema function body (fresh names, attributes resolved)."""
+    try:
+        return onnx.inliner.inline_selected_functions(proto, [("", op) for op in sorted(ops)],
+                                                      inline_schema_functions=True)
+    except Exception as e:
+        raise JacgraphError(f"expanding {', '.join(sorted(ops))} into their ONNX function bodies failed "
+                            f"({type(e).__name__}: {_first_line(e)}). These ops have no native rule; check the "
+                            "input types the model declares for them.") from None
+
+
+def _first_line(error) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[0] if lines else "no detail"
+
+
+# ---- input shapes ---------------------------------------------------------------------------------
+
+def fix_input_shapes(proto, input_shapes) -> onnx.ModelProto:
+    """A copy whose graph inputs named in `input_shapes` have those static dims (symbolic ones replaced)."""
+    proto = _copy(proto)
+    inputs = {i.name: i for i in proto.graph.input}
+    unknown = [name for name in input_shapes if name not in inputs]
+    if unknown:
+        raise JacgraphError(f"--input-shape names {', '.join(map(repr, unknown))}, which the model does not have as "
+                            f"inputs. Its inputs are: {', '.join(i.name for i in proto.graph.input)}.")
+    for name, dims in input_shapes.items():
+        dims = [int(d) for d in dims]
+        if any(d < 1 for d in dims):
+            raise JacgraphError(f"--input-shape {name}={','.join(map(str, dims))} has a dim below 1; give positive sizes.")
+        t = inputs[name].type.tensor_type
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        if t.HasField("shape") and (len(declared) != len(dims) or any(
+                isinstance(d, int) and d != s for d, s in zip(declared, dims))):
+            raise JacgraphError(f"--input-shape {name}={','.join(map(str, dims))} does not fit the declared shape "
+                                f"{declared} of input '{name}'; only symbolic dims may be chosen.")
+        t.ClearField("shape")
+        for d in dims:
+            t.shape.dim.add().dim_value = d
+    del proto.graph.value_info[:]
+    return proto
+
+
+def _copy(proto):
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _static_shapes(proto) -> dict:
+    shapes = {}
+    for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output):
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
+    return shapes
+
+
+def fold_constants(proto) -> onnx.ModelProto:
+    """Fold nodes whose outputs are fixed (Shape/Size of a static tensor, ops on non-parameter constants).
+
+    Float initializers are parameters and never count as constants here, so nothing that reads a weight
+    is folded (the VJP with respect to parameters still sees them). `proto` must carry inferred value_info.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    opset = opset_of(proto)
+    shapes = _static_shapes(proto)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type not in floats}
+    outputs = {o.name for o in proto.graph.output}
+    keep, folded = [], {}
+    for node in proto.graph.node:
+        outs = None
+        if node.domain not in ("", "ai.onnx") or "Random" in node.op_type or node.op_type == "Bernoulli" \
+                or any(o in outputs for o in node.output) or node.attribute and any(a.g.node for a in node.attribute):
+            pass
+        elif node.op_type in ("Shape", "Size") and node.input[0] in shapes:
+            shape = shapes[node.input[0]]
+            if node.op_type == "Size":
+                outs = [np.array(int(np.prod(shape)), np.int64)]
+            else:
+                attrs = {a.name: a.i for a in node.attribute}
+                outs = [np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))], np.int64)]
+        elif all(not i or i in values for i in node.input):
+            try:
+                outs = ReferenceEvaluator(node, opsets={"": opset}).run(None, {i: values[i] for i in node.input if i})
+            except Exception:  # an op the reference evaluator cannot run stays in the graph, unfolded
+                outs = None
+        if outs is None:
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, outs):
+            if name:
+                values[name] = folded[name] = np.asarray(value)
+    if not folded:
+        return proto
+    used = {i for node in keep for i in node.input} | outputs
+    for node in keep:  # names read inside subgraph bodies (Loop/If/Scan capture outer values)
+        for a in node.attribute:
+            used |= {i for n in _subgraph_nodes(a) for i in n.input}
+    out = _copy(proto)
+    del out.graph.node[:], out.graph.value_info[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items() if name in used)
+    return out
+
+
+def _subgraph_nodes(attr):
+    graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+    for g in graphs:
+        for node in g.node:
+            yield node
+            for a in node.attribute:
+                yield from _subgraph_nodes(a)
+
+
+# ---- unknown ranks --------------------------------------------------------------------------------
+
+def unknown_rank_values(proto) -> list:
+    """Node outputs whose type or rank shape inference left unknown, in graph order."""
+    known = {vi.name for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    known |= {t.name for t in proto.graph.initializer}
+    return [o for n in proto.graph.node for o in n.output if o and o not in known and n.op_type != "Constant"
+            and not _non_tensor_output(n)]
+
+
+def _non_tensor_output(node) -> bool:
+    return node.op_type.startswith("Sequence") or node.op_type in ("SplitToSequence", "Optional", "OptionalGetElement")
+
+
+def fill_unknown_ranks(proto) -> onnx.ModelProto:
+    """Try onnxruntime's symbolic shape inference where ONNX's left ranks unknown; `proto` if it does not help."""
+    if not unknown_rank_values(proto):
+        return proto
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(_copy(proto), auto_merge=True, guess_output_rank=True)
+    except Exception:  # symbolic inference gives up on some graphs; the caller then refuses with a clear message
+        return proto
+    if inferred is None:
+        return proto
+    out = _copy(proto)
+    have = {vi.name for vi in list(out.graph.value_info) + list(out.graph.output)}
+    out.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in have)
+    return out
+
+
+def dynamic_inputs(proto) -> list:
+    """'name=d0,d1,...' hints (symbolic dims shown as their names) for inputs with a non-static shape."""
+    inits = {t.name for t in proto.graph.initializer}
+    hints = []
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name not in inits and (not i.type.tensor_type.HasField("shape") or not all(d.HasField("dim_value") for d in dims)):
+            shown = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+            hints.append(f"{i.name}={','.join(shown) or 'DIMS'}")
+    return hints
+
+
+def input_shape_hint(proto) -> str:
+    hints = dynamic_inputs(proto)
+    if not hints:
+        return "Re-export the model with static shapes."
+    return ("Fix the input shapes: pass " + " ".join(f"--input-shape {h}" for h in hints)
+            + " with the symbolic dims replaced by sizes (library: input_shapes={name: dims}).")
+
+
+
+# ---- RNN, GRU, LSTM -------------------------------------------------------------------------------
+
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+DEFAULT_ACTIVATIONS = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+# activation -> (uses alpha, uses beta, default alpha, default beta), as onnxruntime reads activation_alpha/beta
+ACTIVATIONS = {
+    "relu": (False, False, 0, 0), "tanh": (False, False, 0, 0), "sigmoid": (False, False, 0, 0),
+    "softsign": (False, False, 0, 0), "softplus": (False, False, 0, 0), "affine": (True, True, 1.0, 0.0),
+    "leakyrelu": (True, False, 0.01, 0), "thresholdedrelu": (True, False, 1.0, 0), "elu": (True, False, 1.0, 0),
+    "scaledtanh": (True, True, 1.0, 1.0), "hardsigmoid": (True, True, 0.2, 0.5),
+}
+
+
+def lower_recurrences(proto) -> onnx.ModelProto:
+    """Every RNN/GRU/LSTM node replaced by its equations unrolled over time (the sequence length must be static)."""
+    from .builder import Builder
+    from .model import SourceModel
+
+    src = SourceModel(proto, prepare=False)
+    b = Builder(src)
+    for node in src.nodes:
+        if node.op_type in RECURRENCES and node.domain in ("", "ai.onnx"):
+            Recurrence(b, src, node).emit()
+        else:
+            b.copy(node)
+    out = _copy(src.proto)
+    del out.graph.node[:], out.graph.initializer[:], out.graph.value_info[:]
+    out.graph.node.extend(b.nodes)
+    used = {i for n in b.nodes for i in n.input} | set(src.initializers)
+    out.graph.initializer.extend(t for t in b.initializers if t.name in used)
+    return out
+
+
+class Recurrence:
+    """One RNN/GRU/LSTM node as primitive ops, following the ONNX operator spec's equations.
+
+    Time-major internally: X [T, batch, input], states [batch, hidden]. `sequence_lens` masks each step
+    with Where: past a sequence's end the state keeps its value and Y is zero; the reverse direction
+    meets the padding steps first, so its state stays at the initial one until the sequence starts.
+    """
+
+    def __init__(self, b, src, node):
+        self.b, self.src, self.node, self.op = b, src, node, node.op_type
+        attrs = src.attrs(node)
+        self.name = node.name or node.output[0]
+        self.layout = attrs.get("layout", 0)
+        self.direction = attrs.get("direction", "forward")
+        self.clip = attrs.get("clip")
+        self.lbr = attrs.get("linear_before_reset", 0)
+        if attrs.get("input_forget", 0):
+            raise JacgraphError(f"LSTM '{self.name}' couples its input and forget gates (input_forget=1), which "
+                                "jacgraph does not lower. Export the LSTM without input_forget.")
+        inputs = list(node.input) + [""] * 8
+        self.X, self.W, self.R, self.B, self.seq_lens, self.h0 = inputs[:6]
+        self.c0, self.P = (inputs[6], inputs[7]) if self.op == "LSTM" else ("", "")
+        x_shape = src.shape(self.X)
+        T = x_shape[1 if self.layout else 0] if x_shape is not None and len(x_shape) == 3 else None
+        if not isinstance(T, int):
+            from .lowering import input_shape_hint
+            raise JacgraphError(
+                f"{self.op} '{self.name}' has a sequence length that is not static (input '{self.X}' has shape "
+                f"{list(x_shape) if x_shape else 'unknown'}); jacgraph unrolls recurrences over time. "
+                + input_shape_hint(src.proto))
+        self.T = T
+        self.hidden = attrs.get("hidden_size") or src.shape(self.R)[-1]
+        self.directions = 2 if self.direction == "bidirectional" else 1
+        given = {a.name for a in node.attribute}  # the schema's default list is written for two directions
+        names = attrs["activations"] if "activations" in given else DEFAULT_ACTIVATIONS[self.op] * self.directions
+        per_dir = len(DEFAULT_ACTIVATIONS[self.op])
+        if len(names) != per_dir * self.directions:
+            raise JacgraphError(f"{self.op} '{self.name}' lists {len(names)} activations; it needs {per_dir} per "
+                                f"direction ({per_dir * self.directions}). Re-export the model.")
+        alphas, betas = iter(attrs.get("activation_alpha") or []), iter(attrs.get("activation_beta") or [])
+        self.activations = []
+        for name in names:
+            name = name.decode() if isinstance(name, bytes) else name
+            key = name.lower()
+            if key not in ACTIVATIONS:
+                raise JacgraphError(f"{self.op} '{self.name}' uses activation {name!r}, which ONNX does not define; "
+                                    f"use one of {', '.join(sorted(ACTIVATIONS))}.")
+            use_a, use_b, alpha, beta = ACTIVATIONS[key]
+            self.activations.append((key, next(alphas, alpha) if use_a else None, next(betas, beta) if use_b else None))
+
+    # ---- small emit helpers ----
+    def scalar(self, v):
+        return self.b.scalar(v, like=self.X)
+
+    def act(self, x, index, clip=True):
+        b = self.b
+        key, alpha, beta = self.activations[index]
+        if self.clip is not None and clip:
+            x = b.Clip(x, self.scalar(-self.clip), self.scalar(self.clip))
+        if key == "affine":
+            return b.Add(b.Mul(x, self.scalar(alpha)), self.scalar(beta))
+        if key == "scaledtanh":
+            return b.Mul(b.Tanh(b.Mul(x, self.scalar(beta))), self.scalar(alpha))
+        if key == "hardsigmoid":
+            return b.op("HardSigmoid", x, alpha=float(alpha), beta=float(beta))
+        if key in ("leakyrelu", "thresholdedrelu", "elu"):
+            op = {"leakyrelu": "LeakyRelu", "thresholdedrelu": "ThresholdedRelu", "elu": "Elu"}[key]
+            return b.op(op, x, alpha=float(alpha))
+        return b.op({"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softsign": "Softsign",
+                     "softplus": "Softplus"}[key], x)
+
+    def per_direction(self, value, d):
+        """value[d] for a [num_directions, ...] tensor (Slice + Squeeze: their reverse rules need no scatter)."""
+        b = self.b
+        return b.Squeeze(b.Slice(value, b.ints([d]), b.ints([d + 1]), b.ints([0])), b.ints([0]))
+
+    def time_steps(self, value):
+        """[value[0], ..., value[T-1]] for a time-major [T, ...] tensor."""
+        b = self.b
+        parts = b.split(value, [1] * self.T, axis=0) if self.T > 1 else [value]
+        return [b.Squeeze(p, b.ints([0])) for p in parts]
+
+    def gate_slices(self, x, n):
+        """x [batch, n*hidden] split into n [batch, hidden] gates."""
+        return self.b.split(x, [self.hidden] * n, axis=1) if n > 1 else [x]
+
+    def initial_state(self, name, d):
+        b = self.b
+        if name:
+            state = b.Transpose(name, perm=[1, 0, 2]) if self.layout else name
+            return self.per_direction(state, d)
+        batch = b.Slice(b.Shape(self.x_tm), b.ints([1]), b.ints([2]))
+        zero = np.zeros(1, dtype=self.src.np_dtype(self.X))
+        return b.op("ConstantOfShape", b.Concat(batch, b.ints([self.hidden]), axis=0), value=numpy_helper.from_array(zero))
+
+    # ---- the equations ----
+    def emit(self):
+        b, H, G = self.b, self.hidden, GATES[self.op]
+        self.x_tm = b.Transpose(self.X, perm=[1, 0, 2]) if self.layout else self.X
+        mask = None
+        if self.seq_lens:  # [T, batch, 1] booleans: step t is inside sequence b
+            steps = b.const(np.arange(self.T, dtype=np.int64).reshape(self.T, 1, 1), hint="steps")
+            lens = b.Unsqueeze(b.Cast(self.seq_lens, to=onnx.TensorProto.INT64), b.ints([0, 2]))
+            mask = self.time_steps(b.Less(steps, lens))
+        ys, hs, cs = [], [], []
+        for d in range(self.directions):
+            reverse = self.direction == "reverse" or d == 1
+            W, R = self.per_direction(self.W, d), self.per_direction(self.R, d)
+            xw = b.MatMul(self.x_tm, b.Transpose(W, perm=[1, 0]))  # [T, batch, G*H]: all input projections at once
+            Rt = b.Transpose(R, perm=[1, 0])
+            wb = rb = None
+            if self.B:
+                wb, rb = b.split(self.per_direction(self.B, d), [G * H, G * H], axis=0)
+                # the GRU's hidden gate with linear_before_reset keeps its recurrent bias inside r * (...)
+                xw = b.Add(xw, wb if self.op == "GRU" and self.lbr else b.Add(wb, rb))
+            peep = self.gate_slices(b.Unsqueeze(self.per_direction(self.P, d), b.ints([0])), 3) if self.P else None
+            h = self.initial_state(self.h0, d)
+            c = self.initial_state(self.c0, d) if self.op == "LSTM" else None
+            y_steps, xw_steps = [None] * self.T, self.time_steps(xw)
+            for t in (range(self.T - 1, -1, -1) if reverse else range(self.T)):
+                h_new, c_new = self.step(xw_steps[t], h, c, Rt, rb, peep, d)
+                if mask is not None:
+                    h = b.Where(mask[t], h_new, h)
+                    c = b.Where(mask[t], c_new, c) if c is not None else None
+                    y_steps[t] = b.Where(mask[t], h_new, self.scalar(0.0))
+                else:
+                    h, c, y_steps[t] = h_new, c_new, h_new
+            ys.append(b.Concat(*[b.Unsqueeze(y, b.ints([0, 1])) for y in y_steps], axis=0))  # [T, 1, batch, H]
+            hs.append(b.Unsqueeze(h, b.ints([0])))
+            cs.append(b.Unsqueeze(c, b.ints([0])) if c is not None else None)
+        outputs = list(self.node.output) + [""] * 3
+        results = [ys, hs, cs]
+        for name, parts, axis in zip(outputs[:3], results, (1, 0, 0)):
+            if not name:
+                continue
+            value = b.Concat(*parts, axis=axis) if len(parts) > 1 else parts[0]
+            if self.layout:
+                value = b.Transpose(value, perm=[2, 0, 1, 3] if parts is ys else [1, 0, 2])
+            self.bind(value, name)
+
+    def bind(self, value, name):
+        """The lowering's value under the source's output name."""
+        self.b.Identity(value)
+        self.b.nodes[-1].output[0] = name
+
+    def step(self, x_t, h, c, Rt, rb, peep, d):
+        b, H = self.b, self.hidden
+        f = len(DEFAULT_ACTIVATIONS[self.op]) * d  # this direction's first activation
+        if self.op == "RNN":
+            return self.act(b.Add(x_t, b.MatMul(h, Rt)), f), None
+        if self.op == "GRU":
+            rz_part, rh = b.split(Rt, [2 * H, H], axis=1)
+            xz, xr, xh = self.gate_slices(x_t, 3)
+            hz, hr = self.gate_slices(b.MatMul(h, rz_part), 2)
+            if rb is not None and self.lbr:
+                rbz, rbr, rbh = b.split(rb, [H, H, H], axis=0)
+                hz, hr = b.Add(hz, rbz), b.Add(hr, rbr)
+            z = self.act(b.Add(xz, hz), f)
+            r = self.act(b.Add(xr, hr), f)
+            if self.lbr:
+                hh = b.MatMul(h, rh)
+                if rb is not None:
+                    hh = b.Add(hh, rbh)
+                cand = self.act(b.Add(xh, b.Mul(r, hh)), f + 1)
+            else:
+                cand = self.act(b.Add(xh, b.MatMul(b.Mul(r, h), rh)), f + 1)
+            # H_t = (1 - z) * cand + z * h = cand + z * (h - cand)
+            return b.Add(cand, b.Mul(z, b.Sub(h, cand))), None
+        gi, go, gf, gc = self.gate_slices(b.Add(x_t, b.MatMul(h, Rt)), 4)
+        if peep is not None:
+            pi, po, pf = peep
+            gi, gf = b.Add(gi, b.Mul(pi, c)), b.Add(gf, b.Mul(pf, c))
+        i, fg = self.act(gi, f), self.act(gf, f)
+        c_new = b.Add(b.Mul(fg, c), b.Mul(i, self.act(gc, f + 1)))
+        if peep is not None:
+            go = b.Add(go, b.Mul(po, c_new))
+        return b.Mul(self.act(go, f), self.act(c_new, f + 2, clip=False)), c_new
