@@ -13,7 +13,7 @@ linear program) followed by a least-squares refit on the calls it did not flag a
 regression recovers the row exactly when a small fraction of calls is arbitrarily corrupted; least
 squares spreads every corrupted call over every coefficient.
 
-The pattern is the structural one (derived from the graph by passes/jacobian.py, no calls) or, for a
+The pattern is the structural one (derived from the graph by jacgraph/sparsity.py, no calls) or, for a
 true black box, dense (every output may depend on every input: n colours). The fewest calls that can
 work are colours + 1. Forward differences are exact for affine maps at any step; otherwise the step
 trades truncation (O(h)) against float32 rounding (~1e-7·|f|/h).
@@ -108,10 +108,10 @@ def black_box(model, x_name, dtype):
 
 def support(model, x0, pattern="structural", inputs=None):
     """The structural pattern (CSR bool, m x n), the colour of every column, and the number of colours."""
-    from jacgraph.passes import jacobian
+    from jacgraph import colouring, sparsity
 
-    pat = jacobian.sparsity(model, inputs=inputs, input_shape=x0.shape)
-    col = jacobian.colouring(pat.matrix, pat.x_shape)
+    pat = sparsity.sparsity(model, inputs=inputs, input_shape=x0.shape)
+    col = colouring.colouring(pat.matrix, pat.x_shape)
     return pat.matrix, col.colours, col.count
 
 
