@@ -1,0 +1,83 @@
+"""The conformance benchmark (examples/onnx_conformance.py) on a handful of cases, so it cannot rot.
+
+Only jacgraph is run here: onnx-ad is the benchmark's comparison, never a dependency of jacgraph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from examples import onnx_conformance as conf
+
+GOOD = ["test_relu", "test_tanh", "test_softmax_axis_1"]
+OTHERS = ["test_gather_elements_0", "test_scatternd_max"]
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return conf.collect(names=set(GOOD + OTHERS))
+
+
+def test_selection_reads_differentiable_inputs(cases):
+    by_name = {c[0]: c for c in cases}
+    assert set(by_name) == set(GOOD + OTHERS)
+    name, op, model, xs, ys, inputs, expected = by_name["test_gather_elements_0"]
+    assert op == "GatherElements" and xs == ["data"] and ys == ["y"]  # the int64 indices are not differentiated
+
+
+def test_jacgraph_passes_every_check_on_smooth_cases(cases):
+    for case in [c for c in cases if c[0] in GOOD]:
+        record = conf.run_case(case, ["jacgraph"], conf.CHECKS)
+        for check in conf.CHECKS:
+            assert conf.outcome(record, "jacgraph", check) == ("pass", ""), (case[0], check, record)
+
+
+def test_a_wrong_derivative_fails(cases, monkeypatch):
+    """A tool whose tangents and gradients are 1% off must fail both checks (the harness can fail)."""
+    class OnePercentOff(conf.Emitted):
+        def run(self, primal_feeds, seed_values):
+            return {k: 1.01 * v for k, v in super().run(primal_feeds, seed_values).items()}
+
+    def wrong(model, mode, xs, ys):
+        right = conf.jacgraph_derivative(model, mode, xs, ys)
+        return OnePercentOff(right.model, right.seeds, right.results)
+
+    monkeypatch.setitem(conf.DERIVATIVE, "wrong", wrong)
+    case = next(c for c in cases if c[0] == "test_tanh")
+    record = conf.run_case(case, ["wrong"], ["jvp", "vjp"])
+    assert conf.outcome(record, "wrong", "jvp")[0] == "fail"
+    assert conf.outcome(record, "wrong", "vjp")[0] == "fail"
+
+
+def test_oracle_refuses_a_kink():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    oracle = conf.Oracle(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    with pytest.raises(conf.OracleUnstable, match="one-sided"):
+        oracle.derivative({"x": np.array([0.0, 1.0])}, {"x": np.array([1.0, 1.0])}, ["y"])
+    cd, _ = oracle.derivative({"x": np.array([-1.0, 1.0])}, {"x": np.array([1.0, 1.0])}, ["y"])
+    np.testing.assert_allclose(cd["y"], [0.0, 1.0], atol=1e-9)
+
+
+def test_case_with_a_tie_is_counted_as_an_oracle_skip(cases):
+    record = conf.run_case(next(c for c in cases if c[0] == "test_scatternd_max"), ["jacgraph"], ["jvp"])
+    assert conf.outcome(record, "jacgraph", "jvp")[0] == "skip" and "one-sided" in record["skipped"]
+
+
+def test_a_case_over_its_time_limit_is_a_failure_not_a_stall(cases):
+    softmax = [c for c in cases if c[0] == "test_softmax_axis_1"]  # all three checks take well over 0.2 s
+    records = conf.run_all(softmax, ["jacgraph"], conf.CHECKS, timeout=0.2, jobs=1, progress=False)
+    assert records[0]["timeout"] == 0.2
+    assert conf.outcome(records[0], "jacgraph", "jvp") == ("fail", "timeout after 0.2 s")
+
+
+def test_summary_and_page(cases):
+    records = [conf.run_case(c, ["jacgraph"], ["jvp"]) for c in cases]
+    summary = conf.summarize(records, ["jacgraph"], ["jvp"])
+    assert summary["cases"] == len(cases) and summary["oracle_skips"] == 1
+    assert summary["tools"]["jacgraph"]["jvp"]["passed"] == len(cases) - 1  # gather_elements' JVP included
+    meta = {"command": "x", "machine": "m", "date": "d", "commit": "c", "seconds": 1.0}
+    page = conf.markdown(records, summary, meta, ["jacgraph"], ["jvp"])
+    assert f"| jacgraph | jvp | {len(cases) - 1} / {len(cases)} |" in page
