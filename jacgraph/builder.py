@@ -8,7 +8,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import JacgraphError
-from .model import SourceModel
+from .model import SourceModel, Subgraph, subgraph_names
 
 class Builder:
     """Emits into a new graph that starts empty; source value names are reserved so copies keep them.
@@ -28,9 +28,10 @@ class Builder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.copies: dict[int, onnx.NodeProto] = {}
         self._taken = set(src.producer) | set(src.initializers) | {i.name for i in src.graph.input}
-        self._taken |= {n.name for n in src.graph.node}
+        self._taken |= {n.name for n in src.graph.node} | subgraph_names(src.graph)
         self._counter = itertools.count()
         self._consts: dict[tuple, str] = {}
+        self.root = self  # constants live in the top-level graph; a child Builder for a body shares them
 
     # ---- names --------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -47,6 +48,11 @@ class Builder:
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"jg_{op_type}"), domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs
+
+    def identity_as(self, value: str, name: str) -> str:
+        """Emit Identity(value) under a given name (a graph output, or a body value rules read by name)."""
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh("jg_Identity")))
+        return name
 
     def __getattr__(self, op_type):
         if op_type[:1].isupper():  # b.Conv(...), b.Relu(...): sugar for b.op("Conv", ...)
@@ -79,7 +85,7 @@ class Builder:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
             name = self.fresh(hint)
-            self.initializers.append(numpy_helper.from_array(arr, name))
+            self.root.initializers.append(numpy_helper.from_array(arr, name))
             self._consts[key] = name
         return self._consts[key]
 
@@ -122,6 +128,24 @@ class Builder:
 
     def add_output(self, name, elem_type, shape):
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def subgraph(self, graph: onnx.GraphProto, input_types=None, carried=()) -> "Builder":
+        """A child Builder that emits the body of a Loop/Scan/If (jacgraph.model.Subgraph: `input_types`, `carried`).
+
+        Its `src` views `graph` inside this builder's scope: bodies read outer values (primal, tangent or
+        cotangent names of this graph) by name, without declaring them. The child shares this builder's
+        names, constants and K; `b.graph(name)` returns the body it emitted.
+        """
+        child = Builder.__new__(Builder)
+        child.__dict__.update(self.__dict__)
+        child.src = Subgraph(graph, self.src, input_types, carried)
+        child.nodes, child.inputs, child.outputs, child.copies = [], [], [], {}
+        child.initializers = list(graph.initializer)
+        return child
+
+    def graph(self, name: str) -> onnx.GraphProto:
+        """The body this child Builder emitted (its inputs and outputs as added)."""
+        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
 
     def build(self, graph_name: str, doc: str = "", metadata: dict | None = None) -> onnx.ModelProto:
         from .runtime import max_ir_version

@@ -175,8 +175,8 @@ class SourceModel:
         g.add_nodes_from(range(len(nodes)))
         index = {id(n): i for i, n in enumerate(nodes)}
         for i, node in enumerate(nodes):
-            for name in node.input:
-                if name in self.producer:
+            for name in node_inputs(node):  # a body's outer-scope reads order its node too
+                if name in self.producer and id(self.producer[name]) in index:
                     g.add_edge(index[id(self.producer[name])], i)
         try:
             order = list(nx.lexicographical_topological_sort(g))
@@ -267,7 +267,7 @@ class SourceModel:
         """Nodes whose float outputs depend on the names in `wrt` (forward reachability)."""
         active, nodes = set(wrt), []
         for node in self.nodes:
-            if any(i in active for i in node.input):
+            if any(i in active for i in node_inputs(node)):
                 nodes.append(node)
                 active.update(o for o in node.output if o)
         return nodes
@@ -297,3 +297,125 @@ def unsupported_error(missing: Counter, what: str) -> JacgraphError:
         f"{what} has no rule for {sum(missing.values())} node(s) of {len(missing)} op type(s): {listed}. "
         "Run `jacgraph inspect MODEL` for the full op table; replace these ops when exporting, or file an issue "
         "asking for the rules.")
+
+
+# ---- control flow: bodies of Loop / Scan / If -----------------------------------------------------
+
+def subgraphs(node) -> list:
+    """The graphs held in `node`'s attributes (a Loop/Scan body, an If's two branches)."""
+    graphs = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def _local_names(graph) -> set:
+    return {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output if o}
+
+
+def free_names(graph) -> list:
+    """Names `graph` reads from enclosing scopes without declaring them (outer-scope captures), in first-use order."""
+    local, seen = _local_names(graph), {}
+    for node in graph.node:
+        for name in node_inputs(node):
+            if name and name not in local:
+                seen.setdefault(name)
+    for out in graph.output:
+        if out.name not in local:
+            seen.setdefault(out.name)
+    return list(seen)
+
+
+def captures(node) -> list:
+    """Outer-scope names the subgraphs of `node` read, in first-use order (empty for ops without subgraphs)."""
+    seen = {}
+    for graph in subgraphs(node):
+        seen.update(dict.fromkeys(free_names(graph)))
+    return list(seen)
+
+
+def node_inputs(node) -> list:
+    """Every value `node` reads: its inputs, then its bodies' outer-scope captures. Passes hand control-flow
+    rules tangents in this order and take cotangents back in it."""
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return list(node.input)
+    return list(node.input) + captures(node)
+
+
+def subgraph_names(graph) -> set:
+    """Every value and node name defined inside the subgraphs of `graph`'s nodes, at any depth."""
+    names = set()
+    for node in graph.node:
+        for sub in subgraphs(node):
+            names |= _local_names(sub) | {n.name for n in sub.node if n.name} | subgraph_names(sub)
+    return names
+
+
+def _infer_body(graph, outer, input_types):
+    """`graph` with undeclared input types filled from `input_types` and its value types re-inferred."""
+    body = onnx.GraphProto()
+    body.CopyFrom(graph)
+    for vi, t in zip(body.input, input_types):
+        declared = vi.type.tensor_type
+        if t is not None and (not declared.elem_type or not declared.HasField("shape")):
+            vi.type.CopyFrom(t)
+    del body.value_info[:]
+    outer_values = [helper.make_value_info(n, outer._types[n]) for n in free_names(body) if n in outer._types]
+    wrapper = helper.make_graph(body.node, "body", list(body.input) + outer_values, body.output, body.initializer)
+    model = helper.make_model(wrapper, opset_imports=outer.proto.opset_import)
+    model.functions.extend(outer.proto.functions)
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:  # the declared types stay; rules that need a rank say so
+        return body
+    body.value_info.extend(vi for vi in inferred.value_info if vi.name not in {i.name for i in body.input})
+    return body
+
+
+class Subgraph(SourceModel):
+    """A Loop/Scan/If body seen like a model: its nodes in order, the types of its values and of the
+    enclosing scopes' values it reads, and constants from every scope.
+
+    `input_types` (a TypeProto or None per body input) fills in what the body leaves undeclared (ONNX does
+    not carry a Loop's initial state shapes into its body); `carried` lists (input index, output index)
+    pairs of loop-carried values: a dim that the body changes from one iteration to the next is left unknown.
+    """
+
+    def __init__(self, graph, outer: SourceModel, input_types=None, carried=()):
+        self.outer, self.proto, self.opset = outer, outer.proto, outer.opset
+        if input_types:
+            graph = _infer_body(graph, outer, input_types)
+            changed = False
+            for i, o in carried:
+                given, got = _shape_of(graph.input[i].type), self._inferred_shape(graph, graph.output[o].name)
+                if given is not None and got is not None and given != got:
+                    declared = graph.input[i].type.tensor_type
+                    if len(given) != len(got):
+                        declared.ClearField("shape")
+                    for d, a, c in zip(declared.shape.dim, given, got):
+                        if a != c:
+                            d.Clear()
+                    changed = True
+            if changed:
+                graph = _infer_body(graph, outer, [None] * len(graph.input))
+        self.graph = graph
+        self.initializers = {**outer.initializers, **{t.name: t for t in graph.initializer}}
+        self.inputs, self.outputs = list(graph.input), list(graph.output)
+        self._types = dict(outer._types)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                self._types[vi.name] = vi.type
+        for t in graph.initializer:
+            self._types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        self.producer = {**outer.producer, **{out: n for n in graph.node for out in n.output if out}}
+        self.nodes = self._topological_order()
+
+    @staticmethod
+    def _inferred_shape(graph, name):
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            if vi.name == name and vi.type.HasField("tensor_type"):
+                return _shape_of(vi.type)
+        return None
