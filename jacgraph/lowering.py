@@ -55,11 +55,11 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
 
 def native_ops() -> set:
     """Ops that have a rule in both the JVP and the VJP table, and the zero-derivative ops (read at run time)."""
+    from .model import CONSTANT_OPS
     from .rules.jvp import JVP
-    from .rules.registry import ZERO_DERIVATIVE_OPS
     from .rules.transpose import VJP
 
-    return {op for op in JVP if op in VJP} | set(ZERO_DERIVATIVE_OPS)
+    return {op for op in JVP if op in VJP} | set(CONSTANT_OPS)
 
 
 def _schema(op_type, opset):
