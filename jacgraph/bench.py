@@ -86,8 +86,9 @@ def profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10, w
     """Per-op-type kernel time of one run, from onnxruntime's profiler: {op_type: {"ms", "nodes"}}.
 
     The trace (SessionOptions.enable_profiling) holds one event per kernel call and one `model_run`
-    event per run; kernels of the warm-up runs are left out, the rest averaged over `runs`. Op types
-    are those of the optimized graph onnxruntime runs (fused Conv, NCHWc ReorderInput/ReorderOutput).
+    event per run; kernels of the warm-up runs are left out, and each kernel's median over `runs` is
+    summed per op type (durations are wall-clock: the median drops runs another process preempted).
+    Op types are those of the graph onnxruntime runs (fused Conv, NCHWc ReorderInput/ReorderOutput).
     """
     with tempfile.TemporaryDirectory() as tmp:
         sess = session(model, threads=threads or None, profile_prefix=os.path.join(tmp, "trace"))
@@ -97,14 +98,17 @@ def profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10, w
             events = json.load(f)
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     counted_from = run_starts[warmup] if len(run_starts) > warmup else 0
-    totals, nodes = {}, {}
+    durations, op_of = {}, {}  # kernel name -> its durations over the runs (us)
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < counted_from:
             continue
-        op = e["args"].get("op_name", "?")
-        totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / runs
-        nodes.setdefault(op, set()).add(e["name"])
-    return {op: {"ms": ms, "nodes": len(nodes[op])} for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
+        durations.setdefault(e["name"], []).append(e["dur"])
+        op_of[e["name"]] = e["args"].get("op_name", "?")
+    totals, nodes = {}, {}
+    for name, durs in durations.items():  # the median per kernel: a run preempted by another process is left out
+        totals[op_of[name]] = totals.get(op_of[name], 0.0) + float(np.median(durs)) / 1e3
+        nodes[op_of[name]] = nodes.get(op_of[name], 0) + 1
+    return {op: {"ms": ms, "nodes": nodes[op]} for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def format_profile(forward: dict, emitted: dict, emit: str = "jvp") -> str:
