@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import JacgraphError
@@ -94,6 +95,11 @@ def _inferred(proto):
 
 
 def _inline_local_functions(proto):
+    proto = _copy(proto)
+    defaults = {(f.domain, f.name): f.attribute_proto for f in proto.functions}
+    for node in [n for g in [proto.graph, *proto.functions] for n in g.node]:  # onnx's inliner skips defaults
+        given = {a.name for a in node.attribute}
+        node.attribute.extend(a for a in defaults.get((node.domain, node.op_type), []) if a.name not in given)
     try:
         inlined = onnx.inliner.inline_local_functions(proto, convert_version=True)
     except Exception as e:
@@ -106,6 +112,13 @@ def _inline_local_functions(proto):
 
 def _expand(proto, ops):
     """Replace every node of the op types `ops` by its schema function body (fresh names, attributes resolved)."""
+    proto = _copy(proto)
+    opset = opset_of(proto)
+    for node in proto.graph.node:  # a body reads omitted attributes by reference: give it the schema defaults
+        if node.op_type in ops and node.domain in ("", "ai.onnx"):
+            given = {a.name for a in node.attribute}
+            node.attribute.extend(a.default_value for name, a in _schema(node.op_type, opset).attributes.items()
+                                  if name not in given and a.default_value.type != onnx.AttributeProto.UNDEFINED)
     try:
         return onnx.inliner.inline_selected_functions(proto, [("", op) for op in sorted(ops)],
                                                       inline_schema_functions=True)
