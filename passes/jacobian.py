@@ -93,7 +93,21 @@ def _vjp_missing(p: Plan):
     return VJP.missing(p.source, [p.pattern.x])
 
 
+@dataclass
+class JacobianResult:
+    """The emitted model and the names a caller needs (its metadata only documents them)."""
+    model: onnx.ModelProto
+    x: str  # the input J is taken with respect to
+    rows: dict  # float output y -> its number of elements (its rows of J)
+    jacobian_outputs: dict  # y -> [y_jac] (dense) or [y_jac_values, y_jac_indices] (sparse)
+
+
 def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto", probes="auto") -> onnx.ModelProto:
+    """The model that `jacgraph compile --emit jacobian` writes; see `emit`."""
+    return emit(model, sparse, inputs, input_shape, colouring_method, probes).model
+
+
+def emit(model, sparse=False, inputs=None, input_shape=None, colouring_method="auto", probes="auto") -> JacobianResult:
     """x -> (y, J) from compressed probes, decompressed in-graph: one multi-tangent JVP with a constant
     tangent per column colour, or (rows, when 4·row colours < column colours) an ONNX Loop of one VJP per
     row colour."""
@@ -144,8 +158,10 @@ def build(model, sparse=False, inputs=None, input_shape=None, colouring_method="
                 "jacgraph.columns": n, "jacgraph.rows": json.dumps([[y, r1 - r0] for y, _, r0, r1 in pat.outputs]),
                 "jacgraph.jacobian_outputs": json.dumps(jac_outputs)}
     what = "JVP" if kind == "columns" else "VJP"
-    return b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed {what} "
-                   f"probes (jacgraph)", metadata=metadata)
+    emitted = b.build(f"{src.graph.name}_jacobian", doc=f"Jacobian of {src.graph.name} from {K} compressed {what} "
+                      f"probes (jacgraph)", metadata=metadata)
+    return JacobianResult(emitted, x, {y: r1 - r0 for y, _, r0, r1 in pat.outputs},
+                          {y: names for y, *names in jac_outputs})
 
 
 def _column_probes(p: Plan):
@@ -154,11 +170,9 @@ def _column_probes(p: Plan):
 
     src, pat, col, x = p.source, p.pattern, p.columns, p.pattern.x
     K = max(col.count, 1)
-    jvp_model = jvp.build(src, inputs=[x], tangents=K)
-    meta = {q.key: q.value for q in jvp_model.metadata_props}
-    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
-    y_dots = dict(json.loads(meta["jacgraph.tangent_outputs"]))
-    inner = SourceModel(jvp_model)
+    probes = jvp.emit(src, inputs=[x], tangents=K)
+    x_dot, y_dots = probes.tangent_inputs[x], probes.tangent_outputs
+    inner = SourceModel(probes.model)
     b = Builder(inner)
     b.inputs.extend(i for i in inner.inputs if i.name != x_dot)
     b.initializers.append(numpy_helper.from_array(seed_matrix(col.colours, K, pat.x_shape, src.np_dtype(x)), x_dot))
@@ -174,11 +188,9 @@ def _row_probes(p: Plan):
 
     src, pat, col, x = p.source, p.pattern, p.rows, p.pattern.x
     K = max(col.count, 1)
-    vjp_model = vjp.build(src, inputs=[x])
-    meta = {q.key: q.value for q in vjp_model.metadata_props}
-    y_bars = dict(json.loads(meta["jacgraph.cotangent_inputs"]))
-    x_bar = dict(json.loads(meta["jacgraph.gradient_outputs"]))[x]
-    inner = SourceModel(vjp_model)
+    sweep = vjp.emit(src, inputs=[x])
+    y_bars, x_bar = sweep.cotangent_inputs, sweep.gradient_outputs[x]
+    inner = SourceModel(sweep.model)
     b = Builder(inner)
     b.inputs.extend(i for i in inner.inputs if i.name not in y_bars.values())
     primal_names = set(src.producer) | set(src.initializers)
@@ -214,9 +226,8 @@ def jacobian(model, x, sparse=False, inputs=None, probes="auto"):
     from jacgraph import runtime
 
     x = np.asarray(x)
-    emitted = build(model, sparse=sparse, inputs=inputs, input_shape=x.shape, probes=probes)
-    props = {p.key: p.value for p in emitted.metadata_props}
-    name = props["jacgraph.input"]
+    result = emit(model, sparse=sparse, inputs=inputs, input_shape=x.shape, probes=probes)
+    emitted, name = result.model, result.x
     sess = runtime.session(emitted)
     others = [i.name for i in sess.get_inputs() if i.name != name]
     if others:
@@ -224,9 +235,9 @@ def jacobian(model, x, sparse=False, inputs=None, probes="auto"):
                             "initializers of the model, or compile with --emit jacobian and feed them yourself.")
     x_type = {i.name: i for i in emitted.graph.input}[name].type.tensor_type.elem_type
     out = runtime.run(sess, {name: x.astype(helper.tensor_dtype_to_np_dtype(x_type))})
-    n, rows = int(x.size), dict(json.loads(props["jacgraph.rows"]))
+    n, rows = int(x.size), result.rows
     blocks = []
-    for y, *names in json.loads(props["jacgraph.jacobian_outputs"]):
+    for y, names in result.jacobian_outputs.items():
         if not sparse:
             blocks.append(out[names[0]].reshape(rows[y], n))
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 
 import onnx
 
@@ -25,7 +26,20 @@ def tangent_name(b, name):
     return b.fresh(f"{name}_dot")
 
 
+@dataclass
+class JVPResult:
+    """The emitted model and the names a caller building on it needs (its metadata only documents them)."""
+    model: onnx.ModelProto
+    tangent_inputs: dict  # differentiated input x -> its tangent input x_dot
+    tangent_outputs: dict  # output y -> its tangent output y_dot
+
+
 def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.ModelProto:
+    """The JVP model (what `jacgraph compile --emit jvp` writes); see `emit`."""
+    return emit(model, inputs, tangents, strategy).model
+
+
+def emit(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> JVPResult:
     """Emit the JVP model: source inputs, then one `<x>_dot` per differentiated input; outputs y then `<y>_dot`."""
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     wrt = src.check_inputs(inputs if inputs else src.float_inputs())
@@ -73,4 +87,5 @@ def build(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> onnx.
     metadata = {"jacgraph.emit": "jvp", "jacgraph.strategy": strategy, "jacgraph.tangents": tangents or 0,
                 "jacgraph.tangent_inputs": json.dumps([[x, env[x]] for x in wrt]),
                 "jacgraph.tangent_outputs": json.dumps(out_pairs)}
-    return b.build(f"{src.graph.name}_jvp", doc=f"JVP of {src.graph.name} (jacgraph)", metadata=metadata)
+    model = b.build(f"{src.graph.name}_jvp", doc=f"JVP of {src.graph.name} (jacgraph)", metadata=metadata)
+    return JVPResult(model, {x: env[x] for x in wrt}, dict(out_pairs))

@@ -6,6 +6,7 @@ order) applies one rule per node, accumulating cotangents of values used several
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import onnx
 from onnx import helper
@@ -38,7 +39,20 @@ def resolve_wrt(src: SourceModel, wrt):
     return names
 
 
+@dataclass
+class VJPResult:
+    """The emitted model and the names a caller building on it needs (its metadata only documents them)."""
+    model: onnx.ModelProto
+    cotangent_inputs: dict  # float output y -> its cotangent input y_bar
+    gradient_outputs: dict  # differentiated input or parameter -> its gradient output
+
+
 def build(model, inputs=None, wrt=None) -> onnx.ModelProto:
+    """The VJP model (what `jacgraph compile --emit vjp` writes); see `emit`."""
+    return emit(model, inputs, wrt).model
+
+
+def emit(model, inputs=None, wrt=None) -> VJPResult:
     """Emit the VJP model.
 
     Inputs: the source inputs, then the `wrt` initializers as inputs defaulting to their current
@@ -117,4 +131,5 @@ def build(model, inputs=None, wrt=None) -> onnx.ModelProto:
                 "jacgraph.gradient_outputs": json.dumps(grads),
                 "jacgraph.summary": f"vjp: gradients for {len(xs)} input(s) and {len(params)} parameter(s), "
                                     f"cotangent inputs {', '.join(bar for _, bar in bar_inputs) or '(none)'}"}
-    return b.build(f"{src.graph.name}_vjp", doc=f"VJP of {src.graph.name} (jacgraph)", metadata=metadata)
+    model = b.build(f"{src.graph.name}_vjp", doc=f"VJP of {src.graph.name} (jacgraph)", metadata=metadata)
+    return VJPResult(model, dict(bar_inputs), dict(grads))
