@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from .model import SourceModel
+from .reference import _exact_reference_ops, reference_session, run_reference  # noqa: F401  (importable from here too)
 
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
 
@@ -56,67 +57,6 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                 attr.i = F64
     del g.value_info[:]
     return m
-
-
-def _exact_reference_ops():
-    """Overrides for onnx 1.23's reference evaluator, which computes Erf and Gelu in float32, sums
-    LRN's window over a range of the batch size instead of the channel count, and reports wrong
-    MaxPool indices at stride 1 (MaxPool runs in onnxruntime instead: its float64 kernel and the
-    argmax it reports are the convention the JVP rule pins)."""
-    from onnx.reference.op_run import OpRun
-    from scipy.special import erf
-
-    class Erf(OpRun):
-        def _run(self, x):
-            return (erf(x).astype(x.dtype),)
-
-    class Gelu(OpRun):
-        def _run(self, x, approximate="none"):
-            if approximate == "tanh":
-                inner = np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)
-                return ((0.5 * x * (1 + np.tanh(inner))).astype(x.dtype),)
-            return ((0.5 * x * (1 + erf(x / np.sqrt(2)))).astype(x.dtype),)
-
-    class MaxPool(OpRun):
-        def _run(self, x, **_):
-            from .runtime import max_ir_version, session
-
-            node = onnx.NodeProto()
-            node.CopyFrom(self.onnx_node)
-            del node.input[:], node.output[:]
-            node.input.append("x")
-            node.output.extend(["y", "indices"])
-            dtype = helper.np_dtype_to_tensor_dtype(x.dtype)
-            graph = helper.make_graph([node], "maxpool", [helper.make_tensor_value_info("x", dtype, x.shape)],
-                                      [helper.make_tensor_value_info("y", dtype, None),
-                                       helper.make_tensor_value_info("indices", TensorProto.INT64, None)])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-            model.ir_version = max_ir_version()
-            y, indices = session(model, provider="CPUExecutionProvider").run(None, {"x": x})
-            return (y, indices)[:len(self.onnx_node.output)]
-
-    class LRN(OpRun):
-        def _run(self, x, alpha=None, beta=None, bias=None, size=None):
-            channels = x.shape[1]
-            below, above = (size - 1) // 2, size // 2
-            squares = np.zeros_like(x)
-            for c in range(channels):
-                squares[:, c] = np.sum(x[:, max(0, c - below):min(channels, c + above + 1)] ** 2, axis=1)
-            return ((x / (bias + (alpha / size) * squares) ** beta).astype(x.dtype),)
-
-    return [Erf, Gelu, LRN, MaxPool]
-
-
-def reference_session(model: onnx.ModelProto):
-    """onnx's reference evaluator: slow but float64 everywhere (onnxruntime has no float64 Conv)."""
-    from onnx.reference import ReferenceEvaluator
-
-    return ReferenceEvaluator(model, new_ops=_exact_reference_ops())
-
-
-def run_reference(sess, feeds: dict) -> dict:
-    names = sess.output_names
-    return dict(zip(names, sess.run(None, feeds)))
 
 
 def random_feeds(src: SourceModel, rng, batch=1, dtype=np.float64) -> dict:

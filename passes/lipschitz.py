@@ -313,7 +313,7 @@ def _session(model):
     """onnxruntime where it has the kernels; onnx.reference for float64 Conv graphs."""
     is_f64 = model.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
     if is_f64 and any(n.op_type in ("Conv", "ConvTranspose") for n in _all_nodes(model.graph)):
-        from jacgraph.testing import reference_session
+        from jacgraph.reference import reference_session
 
         sess = reference_session(model)
         return lambda feeds: sess.run(None, feeds)

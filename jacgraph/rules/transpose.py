@@ -259,7 +259,7 @@ def resize(b, node, g, *_):
 
 def _resize_matrices(b, node):
     """[(axis, A [out, in])] for every axis the Resize changes."""
-    from ..testing import reference_session
+    from ..reference import reference_session
 
     x, y = node.input[0], node.output[0]
     xs, ys = b.src.shape(x), b.src.shape(y)
