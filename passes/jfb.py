@@ -250,11 +250,10 @@ def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iteratio
 # ---- JFB gradient -------------------------------------------------------------------------------
 def build_grad(src, state, xs, wrt):
     """VJP of one T application wrt x and θ only: z* is an input with no cotangent path (held constant)."""
-    grad = vjp.build(src, inputs=xs or [state], wrt=wrt)
-    props = {p.key: p.value for p in grad.metadata_props}
-    params = json.loads(props["jacgraph.wrt"])
-    (y, y_bar), = json.loads(props["jacgraph.cotangent_inputs"])
-    grads = [[n, bar] for n, bar in json.loads(props["jacgraph.gradient_outputs"]) if n != state]
+    result = vjp.emit(src, inputs=xs or [state], wrt=wrt)
+    grad, params = result.model, result.params
+    (y, y_bar), = result.cotangent_inputs.items()
+    grads = [[n, bar] for n, bar in result.gradient_outputs.items() if n != state]
     keep = {bar for _, bar in grads}
     outs = [o for o in grad.graph.output if o.name in keep]
     del grad.graph.output[:]
@@ -315,11 +314,9 @@ def build_readout(readout, loss, state, zshape, star, bar):
         raise JacgraphError(f"the readout's input {r_in!r} has shape {list(rshape)} but T's state has shape {list(zshape)}; "
                             "the readout must take z* as it is.")
     with_loss, labels, loss_name = _with_loss(rsrc, loss)
-    grad = vjp.build(with_loss, inputs=[r_in], wrt="params")
-    props = {p.key: p.value for p in grad.metadata_props}
-    params = json.loads(props["jacgraph.wrt"])
-    (_, loss_bar), = json.loads(props["jacgraph.cotangent_inputs"])
-    grads = dict(json.loads(props["jacgraph.gradient_outputs"]))
+    result = vjp.emit(with_loss, inputs=[r_in], wrt="params")
+    grad, params, grads = result.model, result.params, result.gradient_outputs
+    (loss_bar,) = result.cotangent_inputs.values()
     g = grad.graph
     # d loss / d loss = 1: the cotangent input becomes a constant, so the graph takes (z*, labels) only
     kept = [i for i in g.input if i.name != loss_bar]

@@ -45,6 +45,7 @@ class VJPResult:
     model: onnx.ModelProto
     cotangent_inputs: dict  # float output y -> its cotangent input y_bar
     gradient_outputs: dict  # differentiated input or parameter -> its gradient output
+    params: list  # the parameters differentiated (with wrt="params": those some output depends on)
 
 
 def build(model, inputs=None, wrt=None) -> onnx.ModelProto:
@@ -132,4 +133,4 @@ def emit(model, inputs=None, wrt=None) -> VJPResult:
                 "jacgraph.summary": f"vjp: gradients for {len(xs)} input(s) and {len(params)} parameter(s), "
                                     f"cotangent inputs {', '.join(bar for _, bar in bar_inputs) or '(none)'}"}
     model = b.build(f"{src.graph.name}_vjp", doc=f"VJP of {src.graph.name} (jacgraph)", metadata=metadata)
-    return VJPResult(model, dict(bar_inputs), dict(grads))
+    return VJPResult(model, dict(bar_inputs), dict(grads), params)
