@@ -83,7 +83,17 @@ def _keys(table) -> set:
     return set(table.keys())
 
 
+def _load_every_pass():
+    """Import every pass, so that rules a pass registers on import (control flow) are in the tables whatever
+    was imported before."""
+    import jacgraph
+
+    for emit in jacgraph.EMITS:
+        jacgraph.pass_module(emit)
+
+
 def ops_page() -> str:
+    _load_every_pass()
     tables = [(column, _keys(getattr(importlib.import_module(module), attr)), what)
               for column, module, attr, what in RULE_TABLES]
     registry = importlib.import_module("jacgraph.rules.registry")  # read after the tables filled it
