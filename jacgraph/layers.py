@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from .errors import JacgraphError
 from .model import SourceModel, unsupported_error
+from .rules.registry import resolve_window
 
 # ONNX op -> activation name in Stage.activation
 ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid",
@@ -142,20 +143,9 @@ def conv_sparse(W, in_shape, out_shape, attrs):
 def _conv_attrs(src, node, in_shape, kernel_shape):
     a = src.attrs(node)
     nd = len(kernel_shape)
-    strides = list(a.get("strides") or [1] * nd)
-    dil = list(a.get("dilations") or [1] * nd)
-    pads = list(a.get("pads") or [0] * (2 * nd))
-    auto = a.get("auto_pad", "NOTSET")
     isp = in_shape[1:]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for d in range(nd):
-            out = -(-isp[d] // strides[d])
-            total = max(0, (out - 1) * strides[d] + (kernel_shape[d] - 1) * dil[d] + 1 - isp[d])
-            small, big = total // 2, total - total // 2
-            pads[d], pads[d + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
+    geometry = resolve_window(a, kernel_shape, isp)
+    strides, dil, pads = geometry.strides, geometry.dilations, geometry.pads
     osp = tuple((isp[d] + pads[d] + pads[d + nd] - dil[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
                 for d in range(nd))
     attrs = {"strides": strides, "dilations": dil, "pads": pads, "group": int(a.get("group", 1)),

@@ -12,6 +12,7 @@ from onnx import external_data_helper, helper, numpy_helper, shape_inference, ve
 
 from . import lowering
 from .errors import JacgraphError
+from .rules.registry import ZERO_DERIVATIVE_OPS, op_key, unsupported_error  # noqa: F401  (unsupported_error: re-exported)
 
 MIN_OPSET = 13  # older models are converted up first: axes-as-inputs and Split/Squeeze forms settle at 13
 
@@ -31,11 +32,7 @@ AFFINE_OPS = {
     "Trilu", "Einsum",
 }
 # Ops on integer/shape paths or constant producers; their outputs carry no tangent.
-CONSTANT_OPS = {
-    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
-    "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
-    "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf",
-}
+CONSTANT_OPS = ZERO_DERIVATIVE_OPS
 
 
 def load(model) -> onnx.ModelProto:
@@ -243,7 +240,7 @@ class SourceModel:
         return out
 
     def op_counts(self) -> Counter:
-        return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in self.nodes)
+        return Counter(op_key(n) for n in self.nodes)
 
     @cached_property
     def is_cpa(self) -> bool:
@@ -289,14 +286,6 @@ class SourceModel:
         if not names:
             raise JacgraphError("the model has no floating-point input to differentiate with respect to.")
         return list(names)
-
-
-def unsupported_error(missing: Counter, what: str) -> JacgraphError:
-    listed = ", ".join(f"{op} (x{n})" for op, n in sorted(missing.items()))
-    return JacgraphError(
-        f"{what} has no rule for {sum(missing.values())} node(s) of {len(missing)} op type(s): {listed}. "
-        "Run `jacgraph inspect MODEL` for the full op table; replace these ops when exporting, or file an issue "
-        "asking for the rules.")
 
 
 # ---- control flow: bodies of Loop / Scan / If -----------------------------------------------------

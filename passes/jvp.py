@@ -17,9 +17,8 @@ DEFAULT_STRATEGY = "twopass"
 
 
 def missing_rules(src: SourceModel, wrt, table) -> Counter:
-    """Ops on the differentiated path that have no rule, with counts (all of them at once)."""
-    return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                   for n in src.active_nodes(wrt) if n.domain not in ("", "ai.onnx") or n.op_type not in table)
+    """Ops on the differentiated path that have no rule in `table`, with counts (RuleTable.missing)."""
+    return table.missing(src, wrt)
 
 
 def tangent_name(b, name):
@@ -47,9 +46,7 @@ def emit(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> JVPRes
         raise JacgraphError(f"--strategy {strategy!r} is not known; use one of {', '.join(STRATEGIES)}.")
     if tangents is not None and (not isinstance(tangents, int) or tangents < 1):
         raise JacgraphError(f"--tangents must be a positive integer, got {tangents!r}.")
-    missing = missing_rules(src, wrt, JVP)
-    if missing:
-        raise unsupported_error(missing, "the JVP pass")
+    JVP.check(src, wrt)
 
     b = Builder(src, K=tangents)
     lead = [] if tangents is None else [tangents]

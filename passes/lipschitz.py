@@ -47,6 +47,7 @@ from onnx import TensorProto, helper
 from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
+from jacgraph.rules.registry import resolve_window
 
 DENSE_LIMIT = 1 << 24       # entries of a layer matrix we materialise (128 MiB in float64)
 EXACT_LIMIT = 16            # SeqLip searches all 2^n activation patterns up to this many units
@@ -108,23 +109,9 @@ def conv_geometry(conv, in_shape) -> dict:
     attrs = conv["attrs"]
     k = list(attrs.get("kernel_shape") or W.shape[2:])
     nd = len(k)
-    strides = list(attrs.get("strides") or [1] * nd)
-    dilations = list(attrs.get("dilations") or [1] * nd)
     n = list(in_shape[1:])
-    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for i in range(nd):
-            out = -(-n[i] // strides[i])
-            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 - n[i])
-            small = total // 2
-            begin.append(small if auto == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        pads = begin + end
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
-    else:
-        pads = list(attrs.get("pads") or [0] * (2 * nd))
+    geometry = resolve_window(attrs, k, n)
+    strides, dilations, pads = geometry.strides, geometry.dilations, geometry.pads
     # ConvTranspose gives back size s*(out-1) + d*(k-1) + 1 - pads + output_padding; make it n
     extent = [n[i] + pads[i] + pads[i + nd] - dilations[i] * (k[i] - 1) - 1 for i in range(nd)]
     return {"W": W, "kernel_shape": k, "strides": strides, "dilations": dilations, "pads": pads,

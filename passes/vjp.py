@@ -64,9 +64,7 @@ def emit(model, inputs=None, wrt=None) -> VJPResult:
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     xs = src.check_inputs(inputs if inputs else src.float_inputs())
     params = resolve_wrt(src, wrt)
-    missing = missing_rules(src, xs + params, VJP)
-    if missing:
-        raise unsupported_error(missing, "the VJP pass")
+    VJP.check(src, xs + params)
 
     b = Builder(src)
     b.active = set(xs + params)

@@ -97,8 +97,9 @@ def write_garbage(path, data):
     (lambda d: mlp_model(d / "m.onnx"), ["--inputs", "nope"], "does not have"),
     (lambda d: mlp_model(d / "m.onnx", int_input=True), ["--inputs", "k"], "not floating point"),
     (lambda d: mlp_model(d / "m.onnx", extra_nodes=[
-        helper.make_node("Mod", ["y", "y"], ["r"], fmod=1), helper.make_node("Mod", ["y", "y"], ["r2"], fmod=1),
-        helper.make_node("Asinh", ["y"], ["s"])]), [], "Asinh (x1), Mod (x2)"),
+        helper.make_node("Einsum", ["y", "y"], ["yy"], equation="bi,bj->bij"), helper.make_node("Det", ["yy"], ["d"]),
+        helper.make_node("Unique", ["y"], ["u"]), helper.make_node("Unique", ["y"], ["u2"])]), [],
+     "Det (x1), Unique (x2)"),
     (lambda d: mlp_model(d / "m.onnx", extra_nodes=[helper.make_node("MatMul", ["y", "w"], ["yw"], name="mm")]), [],
      "(op_type:MatMul, node name: mm): Incompatible dimensions"),
     (lambda d: conv_model(d / "c.onnx", weight_channels=5), [], "Conv 'conv1' gets an input with 3 channels"),

@@ -224,6 +224,16 @@ CASES = [
     Case("Selu", X, ["x"], kinks=(0,)),
     Case("HardSwish", {"x": (4, 50)}, ["x"], kinks=(-3, 3)),
     Case("Gelu", X, ["x"], opset=20), Case("Gelu", X, ["x"], attrs={"approximate": "tanh"}, opset=20, id="gelu-tanh"),
+    Case("Tan", X, ["x"], kinks=(-4.712, -1.571, 1.571, 4.712)),
+    Case("Sinh", X, ["x"]), Case("Cosh", X, ["x"]), Case("Atan", X, ["x"]), Case("Asinh", X, ["x"]),
+    *[Case(op, X, ["t"], extra_nodes=[helper.make_node("Tanh", ["x"], ["t"])], covers=("Tanh",))  # |t| < 1
+      for op in ("Asin", "Acos", "Atanh")],
+    Case("Acosh", X, ["t"], positive=True, consts={"one": np.array(1.0)},
+         extra_nodes=[helper.make_node("Add", ["x", "one"], ["t"])]),  # t >= 1.5
+    Case("Mish", X, ["x"], opset=18), Case("Celu", X, ["x"], attrs={"alpha": 0.8}, kinks=(0,), opset=28),
+    Case("Shrink", X, ["x"], attrs={"lambd": 0.5, "bias": 0.2}, kinks=(-0.5, 0.5)),
+    Case("ThresholdedRelu", X, ["x"], attrs={"alpha": 0.3}, kinks=(0.3,)),
+    Case("Swish", X, ["x"], attrs={"alpha": 0.7}, opset=24),
     Case("Pow", {"x": (2, 3)}, ["x", "p"], consts={"p": np.array(2.5)}, positive=True),
     Case("Pow", {"x": (2, 3), "p": (3,)}, ["x", "p"], positive=True, id="pow-both-active"),
     Case("Softmax", X, ["x"], attrs={"axis": 1}),

@@ -7,22 +7,15 @@ CPA ops freeze their state at x; additive inputs (biases, constants) never reach
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from onnx import helper
 
 from ..errors import JacgraphError
+from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
+from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
-JVP: dict = {}
-
-
-def rule(*op_types):
-    def register(fn):
-        for op in op_types:
-            JVP[op] = fn
-        return fn
-    return register
+JVP = RuleTable("JVP", "the JVP pass")
+rule = JVP.register
 
 
 # ---- stacked-tangent helpers ------------------------------------------------------------------
@@ -139,9 +132,7 @@ def tangent_reduce(b, op_type, t, axes, rank, keepdims):
 
 # ---- zero tangents: integer/shape paths, comparisons, piecewise-constant ops --------------------
 
-@rule("Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
-      "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
-      "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf")
+@rule(*ZERO_DERIVATIVE_OPS)
 def zero(b, node, *tangents):
     """Outputs are integer, boolean or piecewise constant: tangent 0 (sign'(x) = floor'(x) = 0 everywhere)."""
     return [None] * len(node.output)
@@ -624,107 +615,13 @@ def reduce_max_min(b, node, t, *_):
 
 def elementwise(derivative):
     """Rule for y = f(x): ẏ = ẋ·f'(x), with derivative(b, x, y, attrs) -> f'(x)."""
-    def jvp_rule(b, node, t):
+    def jvp_rule(b, node, t, *_):
         return [b.Mul(t, derivative(b, node.input[0], node.output[0], b.src.attrs(node)))]
     jvp_rule.__doc__ = derivative.__doc__
     return jvp_rule
 
 
-def _sigmoid_slope(b, x, y, attrs):
-    """ẏ = ẋ·y(1-y)."""
-    return b.Mul(y, b.Sub(s(b, 1.0, x), y))
-
-
-def _tanh_slope(b, x, y, attrs):
-    """ẏ = ẋ·(1-y²)."""
-    return b.Sub(s(b, 1.0, x), b.Mul(y, y))
-
-
-def _exp_slope(b, x, y, attrs):
-    """ẏ = ẋ·y."""
-    return y
-
-
-def _log_slope(b, x, y, attrs):
-    """ẏ = ẋ/x."""
-    return b.Reciprocal(x)
-
-
-def _sqrt_slope(b, x, y, attrs):
-    """ẏ = ẋ/(2y)."""
-    return b.Reciprocal(b.Mul(y, s(b, 2.0, x)))
-
-
-def _reciprocal_slope(b, x, y, attrs):
-    """ẏ = -ẋ·y²."""
-    return b.Neg(b.Mul(y, y))
-
-
-def _erf_slope(b, x, y, attrs):
-    """ẏ = ẋ·(2/√π)·exp(-x²)."""
-    return b.Mul(b.Exp(b.Neg(b.Mul(x, x))), s(b, 2.0 / math.sqrt(math.pi), x))
-
-
-def _sin_slope(b, x, y, attrs):
-    """ẏ = ẋ·cos(x)."""
-    return b.Cos(x)
-
-
-def _cos_slope(b, x, y, attrs):
-    """ẏ = -ẋ·sin(x)."""
-    return b.Neg(b.Sin(x))
-
-
-def _softplus_slope(b, x, y, attrs):
-    """ẏ = ẋ·sigmoid(x)."""
-    return b.Sigmoid(x)
-
-
-def _softsign_slope(b, x, y, attrs):
-    """ẏ = ẋ/(1+|x|)²."""
-    d = b.Add(s(b, 1.0, x), b.Abs(x))
-    return b.Reciprocal(b.Mul(d, d))
-
-
-def _elu_slope(b, x, y, attrs):
-    """ẏ = ẋ·(x > 0 ? 1 : y + α); at 0 the slope is α (as PyTorch)."""
-    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, 1.0, x), b.Add(y, s(b, attrs["alpha"], x)))
-
-
-def _selu_slope(b, x, y, attrs):
-    """ẏ = ẋ·(x > 0 ? γ : y + αγ); at 0 the slope is αγ."""
-    gamma, alpha = attrs["gamma"], attrs["alpha"]
-    return b.Where(b.Greater(x, s(b, 0.0, x)), s(b, gamma, x), b.Add(y, s(b, alpha * gamma, x)))
-
-
-def _hard_swish_slope(b, x, y, attrs):
-    """ẏ = ẋ·(x < -3 ? 0 : x > 3 ? 1 : x/3 + 1/2); at ±3 the middle piece, as PyTorch."""
-    middle = b.Add(b.Mul(x, s(b, 1.0 / 3.0, x)), s(b, 0.5, x))
-    upper = b.Where(b.Greater(x, s(b, 3.0, x)), s(b, 1.0, x), middle)
-    return b.Where(b.Less(x, s(b, -3.0, x)), s(b, 0.0, x), upper)
-
-
-def _gelu_slope(b, x, y, attrs):
-    """ẏ = ẋ·(Φ(x) + x·φ(x)); tanh approximation: its exact derivative."""
-    if attrs.get("approximate", "none") == "tanh":
-        c, k = math.sqrt(2.0 / math.pi), 0.044715
-        x2 = b.Mul(x, x)
-        u = b.Mul(b.Mul(x, b.Add(s(b, 1.0, x), b.Mul(x2, s(b, k, x)))), s(b, c, x))
-        th = b.Tanh(u)
-        du = b.Mul(b.Add(s(b, 1.0, x), b.Mul(x2, s(b, 3 * k, x))), s(b, c, x))
-        sech2 = b.Sub(s(b, 1.0, x), b.Mul(th, th))
-        return b.Add(b.Mul(b.Add(s(b, 1.0, x), th), s(b, 0.5, x)), b.Mul(b.Mul(b.Mul(x, sech2), du), s(b, 0.5, x)))
-    cdf = b.Mul(b.Add(s(b, 1.0, x), b.Erf(b.Mul(x, s(b, 1.0 / math.sqrt(2.0), x)))), s(b, 0.5, x))
-    pdf = b.Mul(b.Exp(b.Mul(b.Mul(x, x), s(b, -0.5, x))), s(b, 1.0 / math.sqrt(2.0 * math.pi), x))
-    return b.Add(cdf, b.Mul(x, pdf))
-
-
-for _op, _slope in {"Sigmoid": _sigmoid_slope, "Tanh": _tanh_slope, "Exp": _exp_slope, "Log": _log_slope,
-                    "Sqrt": _sqrt_slope, "Reciprocal": _reciprocal_slope, "Erf": _erf_slope, "Sin": _sin_slope,
-                    "Cos": _cos_slope, "Softplus": _softplus_slope, "Softsign": _softsign_slope,
-                    "Elu": _elu_slope, "Selu": _selu_slope, "HardSwish": _hard_swish_slope,
-                    "Gelu": _gelu_slope}.items():
-    JVP[_op] = elementwise(_slope)
+JVP.family = lambda op, slope: elementwise(slope)  # the slopes live in jacgraph.rules.slopes
 
 
 @rule("Pow")

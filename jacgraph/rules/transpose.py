@@ -15,16 +15,21 @@ from onnx import helper
 
 from ..errors import JacgraphError
 from .jvp import JVP, reduce_axes, s, static, zeros_like
+from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
-VJP: dict = {}
+
+def elementwise(slope):
+    """x̄ = ḡ·f'(x) for y = f(x), with slope(b, x, y, attrs) -> f'(x) (the elementwise family)."""
+    def vjp_rule(b, node, g, *_):
+        if g is None:
+            return [None] * len(node.input)
+        return pad_none([b.Mul(g, slope(b, node.input[0], node.output[0], b.src.attrs(node)))], node)
+    vjp_rule.__doc__ = slope.__doc__
+    return vjp_rule
 
 
-def rule(*op_types):
-    def register(fn):
-        for op in op_types:
-            VJP[op] = fn
-        return fn
-    return register
+VJP = RuleTable("VJP", "the VJP pass", family=lambda op, slope: elementwise(slope))
+rule = VJP.register
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -105,9 +110,7 @@ def pad_none(outs, node):
 
 # ---- zero cotangents --------------------------------------------------------------------------
 
-@rule("Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
-      "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
-      "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf")
+@rule(*ZERO_DERIVATIVE_OPS)
 def zero(b, node, *cts):
     """Integer, boolean or piecewise-constant outputs: no cotangent reaches the inputs."""
     return [None] * len(node.input)
@@ -122,9 +125,7 @@ def self_adjoint(b, node, g, *_):
     return pad_none(JVP[node.op_type](b, node, g, *[None] * (len(node.input) - 1))[:1], node)
 
 
-for _op in ("Identity", "Neg", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "Abs", "Sigmoid", "Tanh", "Exp", "Log",
-            "Sqrt", "Reciprocal", "Erf", "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu", "HardSwish", "Gelu",
-            "Softmax", "Trilu"):
+for _op in ("Identity", "Neg", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "Abs", "Softmax", "Trilu"):
     VJP[_op] = self_adjoint
 
 
@@ -449,31 +450,14 @@ def einsum(b, node, g):
 
 # ---- convolution and pooling --------------------------------------------------------------------
 
-def _geometry(b, node, kernel):
+def _geometry(b, node):
     """Strides, dilations, explicit (begin, end) pads (auto_pad resolved), and the spatial shapes of x and y
     (None where not static)."""
-    attrs = b.src.attrs(node)
-    d = len(kernel)
-    strides = list(attrs.get("strides") or [1] * d)
-    dilations = list(attrs.get("dilations") or [1] * d)
-    pads = list(attrs.get("pads") or [0] * 2 * d)
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    xs, ys = b.src.shape(node.input[0]), b.src.shape(node.output[0])
-    xs = list(xs[2:]) if xs is not None and static(xs[2:]) else None
-    ys = list(ys[2:]) if ys is not None and static(ys[2:]) else None
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and (xs is None or ys is None):
-        raise JacgraphError(f"{node.op_type} '{node.name}' uses auto_pad={auto_pad} on a spatial shape unknown at "
+    g = window_geometry(b.src, node)
+    if g.begin is None:
+        raise JacgraphError(f"{node.op_type} '{node.name}' uses auto_pad={g.auto_pad} on a spatial shape unknown at "
                             "compile time; export with a fixed input size or explicit pads.")
-    begin, end = pads[:d], pads[d:]
-    for i in range(d):
-        span = dilations[i] * (kernel[i] - 1) + 1
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            total = max(0, (ys[i] - 1) * strides[i] + span - xs[i])
-            small = total // 2
-            begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-        elif auto_pad == "VALID":
-            begin[i] = end[i] = 0
-    return strides, dilations, begin, end, xs, ys
+    return g.strides, g.dilations, g.begin, g.end, g.in_spatial, g.out_spatial
 
 
 def _transpose_windows(b, g, weight, kernel, geometry, group=1, x=None):
@@ -542,7 +526,7 @@ def conv(b, node, g):
     """x̄ = ConvTranspose(ḡ, W) with the output_padding that lands on x's shape; W̄ = conv of x by ḡ; b̄ = Σ ḡ."""
     x, w = node.input[:2]
     kernel, group = _kernel(b, node), b.src.attrs(node)["group"]
-    geometry = _geometry(b, node, kernel)
+    geometry = _geometry(b, node)
     xb = _transpose_windows(b, g, w, kernel, geometry, group, x) if need(b, x) else None
     wb = None
     if need(b, w):
@@ -561,9 +545,8 @@ def conv_transpose(b, node, g):
                             "output_shape); re-export with explicit padding.")
     kernel, group = _kernel(b, node), attrs["group"]
     d = len(kernel)
-    strides = list(attrs.get("strides") or [1] * d)
-    dilations = list(attrs.get("dilations") or [1] * d)
-    pads = list(attrs.get("pads") or [0] * 2 * d)
+    strides, dilations, begin, end = _geometry(b, node)[:4]
+    pads = begin + end
     xb = wb = None
     if need(b, x):
         xb = b.Conv(g, w, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads, group=group)
@@ -604,7 +587,7 @@ def average_pool(b, node, g):
     """
     x = node.input[0]
     kernel = list(b.src.attrs(node)["kernel_shape"])
-    geometry = _geometry(b, node, kernel)
+    geometry = _geometry(b, node)
     strides, dilations, begin, _, xs, ys = geometry
     if xs is None or ys is None:
         raise JacgraphError(f"AveragePool '{node.name}': the reverse pass needs static spatial shapes; "
@@ -643,15 +626,7 @@ def max_pool(b, node, g, *_):
     if b.src.attrs(node).get("storage_order", 0):
         raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
     indices = b.extra_output(node, 1, f"{node.output[0]}_argmax")
-    return [scatter_add(b, x, indices, g, unique=_windows_disjoint(b, node))]
-
-
-def _windows_disjoint(b, node):
-    attrs = b.src.attrs(node)
-    kernel = list(attrs["kernel_shape"])
-    strides = list(attrs.get("strides") or [1] * len(kernel))
-    dilations = list(attrs.get("dilations") or [1] * len(kernel))
-    return all(st >= dil * (k - 1) + 1 for k, st, dil in zip(kernel, strides, dilations))
+    return [scatter_add(b, x, indices, g, unique=window_geometry(b.src, node).disjoint)]
 
 
 @rule("GlobalMaxPool")
