@@ -42,8 +42,14 @@ def compile(model, emit: str = "jvp", **options):
     """Compile an ONNX model (path, bytes or ModelProto) into a new model that computes `emit`.
 
     Returns a ModelProto, or a dict of named ModelProtos for emits that write several graphs.
-    The input model is never modified.
+    The input model is never modified. `input_shapes={input: dims}` fixes dynamic input dims first (a name
+    in dims keeps that axis symbolic), so shape arithmetic folds to constants (jacgraph.lowering).
     """
+    if options.get("input_shapes"):
+        from .lowering import with_input_shapes
+
+        model = with_input_shapes(model, options["input_shapes"])
+    options.pop("input_shapes", None)
     return pass_module(emit).build(model, **options)
 
 

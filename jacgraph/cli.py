@@ -70,20 +70,42 @@ def parse_shape(text):
         raise JacgraphError(f"--input-shape {text!r} is not a shape; write it like 1,3,32,32.") from None
 
 
+def parse_input_shapes(texts):
+    """--input-shape values: NAME=DIMS (repeatable; dims may be names, which stay symbolic) -> {name: dims},
+    and at most one bare DIMS (the recurjac/autolip input shape)."""
+    named, bare = {}, []
+    for text in texts:
+        if "=" not in text:
+            bare.append(parse_shape(text))
+            continue
+        name, dims = text.rsplit("=", 1)
+        tokens = dims.split("x") if "," not in dims and dims.replace("x", "").isdigit() else dims.split(",")
+        named[name.strip()] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in tokens if d.strip()]
+        if not name.strip() or not named[name.strip()]:
+            raise JacgraphError(f"--input-shape {text!r} is not NAME=DIMS; write it like x=1,3,224,224.")
+    if len(bare) > 1:
+        raise JacgraphError("--input-shape without a NAME= may be given once; name each input: --input-shape x=1,3,32,32.")
+    return named, (bare[0] if bare else None)
+
+
 def cmd_compile(args) -> int:
     given = {k: getattr(args, k) for k in ("inputs", "tangents", "strategy", "wrt", "state", "tol", "max_iter",
                                           "fixed_iterations", "readout", "loss", "sparse", "probes", "norm", "input_shape")
              if getattr(args, k) is not None and getattr(args, k) is not False}
+    if "input_shape" in given:  # NAME=DIMS entries apply to every emit (jacgraph.lowering); a bare DIMS is per-pass
+        named, bare = parse_input_shapes(given.pop("input_shape"))
+        if named:
+            given["input_shapes"] = named
+        if bare:
+            given["input_shape"] = bare
     allowed = EMIT_OPTIONS[args.emit]
-    stray = [k for k in given if k not in allowed]
+    stray = [k for k in given if k not in allowed and k != "input_shapes"]
     if stray:
         flags = ", ".join("--" + k.replace("_", "-") for k in stray)
         raise JacgraphError(f"{flags} does not apply to --emit {args.emit}; it accepts "
                             f"{', '.join('--' + k.replace('_', '-') for k in allowed)}.")
     if "inputs" in given:
         given["inputs"] = [n.strip() for n in given["inputs"].split(",") if n.strip()]
-    if "input_shape" in given:
-        given["input_shape"] = parse_shape(given["input_shape"])
     if args.emit == "vjp" and "wrt" in given and given["wrt"] != "params":
         given["wrt"] = [n.strip() for n in given["wrt"].split(",") if n.strip()]
     result = compile_model(args.model, emit=args.emit, **given)
@@ -213,7 +235,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--sparse", action="store_true", help="jacobian: emit indices + values")
     c.add_argument("--probes", choices=["auto", "columns", "rows"], help="jacobian: JVP (columns) or VJP (rows) probes")
     c.add_argument("--norm", choices=["inf", "2"], help="recurjac: the input ball's norm")
-    c.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32")
+    c.add_argument("--input-shape", action="append",
+                   help="NAME=DIMS fixes input NAME's dims, e.g. x=1,3,224,224 (repeatable; every emit; a name in DIMS "
+                        "keeps that axis symbolic); a bare DIMS is recurjac/autolip's input shape")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="op counts, CPA or not, supported emits, ops without rules")

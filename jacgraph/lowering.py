@@ -144,20 +144,31 @@ def fix_input_shapes(proto, input_shapes) -> onnx.ModelProto:
         raise JacgraphError(f"--input-shape names {', '.join(map(repr, unknown))}, which the model does not have as "
                             f"inputs. Its inputs are: {', '.join(i.name for i in proto.graph.input)}.")
     for name, dims in input_shapes.items():
-        dims = [int(d) for d in dims]
-        if any(d < 1 for d in dims):
-            raise JacgraphError(f"--input-shape {name}={','.join(map(str, dims))} has a dim below 1; give positive sizes.")
+        dims = [d if isinstance(d, str) else int(d) for d in dims]  # a name keeps that axis symbolic (a batch axis)
+        shown = f"{name}={','.join(map(str, dims))}"
+        if any(isinstance(d, int) and d < 1 for d in dims):
+            raise JacgraphError(f"--input-shape {shown} has a dim below 1; give positive sizes.")
         t = inputs[name].type.tensor_type
         declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
         if t.HasField("shape") and (len(declared) != len(dims) or any(
                 isinstance(d, int) and d != s for d, s in zip(declared, dims))):
-            raise JacgraphError(f"--input-shape {name}={','.join(map(str, dims))} does not fit the declared shape "
-                                f"{declared} of input '{name}'; only symbolic dims may be chosen.")
+            raise JacgraphError(f"--input-shape {shown} does not fit the declared shape {declared} of input "
+                                f"'{name}'; give one size per axis, and change only symbolic dims.")
         t.ClearField("shape")
         for d in dims:
-            t.shape.dim.add().dim_value = d
+            if isinstance(d, str):
+                t.shape.dim.add().dim_param = d
+            else:
+                t.shape.dim.add().dim_value = d
     del proto.graph.value_info[:]
     return proto
+
+
+def with_input_shapes(model, input_shapes) -> onnx.ModelProto:
+    """`model` (path, bytes, ModelProto or SourceModel) with input dims fixed and the shape arithmetic folded."""
+    from .model import SourceModel, load
+
+    return prepare(model.proto if isinstance(model, SourceModel) else load(model), input_shapes=input_shapes)
 
 
 def _copy(proto):
@@ -250,20 +261,30 @@ def _non_tensor_output(node) -> bool:
 
 
 def fill_unknown_ranks(proto) -> onnx.ModelProto:
-    """Try onnxruntime's symbolic shape inference where ONNX's left ranks unknown; `proto` if it does not help."""
+    """Try onnxruntime's symbolic shape inference where ONNX's left ranks unknown.
+
+    Values whose rank stays unknown lose their value_info entry (the checker refuses a type without a
+    shape); SourceModel.rank then names them with the --input-shape to pass, if a rule needs the rank.
+    """
     if not unknown_rank_values(proto):
         return proto
+    out = _copy(proto)
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         inferred = SymbolicShapeInference.infer_shapes(_copy(proto), auto_merge=True, guess_output_rank=True)
-    except Exception:  # symbolic inference gives up on some graphs; the caller then refuses with a clear message
-        return proto
-    if inferred is None:
-        return proto
-    out = _copy(proto)
-    have = {vi.name for vi in list(out.graph.value_info) + list(out.graph.output)}
-    out.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in have)
+    except Exception:  # symbolic inference gives up on some graphs; a rule that needs the rank then refuses
+        inferred = None
+    if inferred is not None:
+        symbolic = {vi.name: vi for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
+        for vi in out.graph.value_info:
+            if not vi.type.tensor_type.HasField("shape") and vi.name in symbolic:
+                vi.CopyFrom(symbolic.pop(vi.name))
+        have = {vi.name for vi in list(out.graph.value_info) + list(out.graph.output)}
+        out.graph.value_info.extend(vi for name, vi in symbolic.items() if name not in have)
+    unknown = [vi for vi in out.graph.value_info if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    for vi in unknown:
+        out.graph.value_info.remove(vi)
     return out
 
 

@@ -199,7 +199,8 @@ class SourceModel:
     def dtype(self, name) -> int:
         t = self._types.get(name)
         if t is None or not t.HasField("tensor_type"):
-            raise JacgraphError(f"the element type of tensor '{name}' is unknown after shape inference.")
+            raise JacgraphError(f"the element type of tensor '{name}' is unknown after shape inference. "
+                                f"{lowering.input_shape_hint(self.proto)}")
         return t.tensor_type.elem_type
 
     def np_dtype(self, name):
