@@ -181,12 +181,48 @@ def _residual(b, z, z_next, rank, dtype):
     return b.reduce("ReduceMax", ratio, None, keepdims=0)
 
 
+def _unrolled_steps(b, src, state, start, steps):
+    """z <- T(z, x) exactly `steps` times, with no Loop (for runtimes without a dynamic Loop)."""
+    z = prev = start
+    for _ in range(steps):
+        prev, z = z, _inline_T(b, src, state, z)
+    res = _residual(b, prev, z, len(src.shape(state)), src.np_dtype(state))
+    return z, res, b.const(np.asarray(steps, np.int64), hint="iterations_const")
+
+
+def _solver_loop(b, src, state, start, tol, max_iter):
+    """An ONNX Loop iterating z <- T(z, x) until the residual is <= tol or max_iter steps: (z_star, residual, iterations)."""
+    dtype, elem, zshape = src.np_dtype(state), src.dtype(state), list(src.shape(state))
+    outer = b.nodes
+    b.nodes = []
+    it, cond, z_in, res_in, k_in = (b.fresh(n) for n in ("iter", "cond_in", f"{state}_k", "res_in", "k_in"))
+    z_next = _inline_T(b, src, state, z_in)
+    res = _residual(b, z_in, z_next, len(zshape), dtype)
+    go_on = b.Greater(res, b.const(np.asarray(tol, dtype), hint="tol"))
+    k_out = b.Add(it, b.const(np.asarray(1, np.int64), hint="one"))
+    outs = [b.Identity(go_on), b.Identity(z_next), b.Identity(res), b.Identity(k_out)]
+    body = helper.make_graph(
+        b.nodes, "fixed_point_step",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+         helper.make_tensor_value_info(z_in, elem, zshape),
+         helper.make_tensor_value_info(res_in, elem, []),
+         helper.make_tensor_value_info(k_in, TensorProto.INT64, [])],
+        [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []),
+         helper.make_tensor_value_info(outs[1], elem, zshape),
+         helper.make_tensor_value_info(outs[2], elem, []),
+         helper.make_tensor_value_info(outs[3], TensorProto.INT64, [])])
+    b.nodes = outer
+    return b.op("Loop", b.const(np.asarray(max_iter, np.int64), hint="max_iter"), b.const(np.asarray(True), hint="true"),
+                start, b.const(np.asarray(np.inf, dtype), hint="inf"), b.const(np.asarray(0, np.int64), hint="zero"),
+                n_out=3, body=body)
+
+
 def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iterations=None, z0=None):
+    """(x, ..., [θ], [z0]) -> (z_star, iterations, residual): the start (zeros or z0), then N unrolled steps or a Loop."""
     others = [i.name for i in src.inputs if i.name != state]
     b = Builder(src)
-    dtype, elem = src.np_dtype(state), src.dtype(state)
-    zshape = list(src.shape(state))
-    rank = len(zshape)
+    elem, zshape = src.dtype(state), list(src.shape(state))
     for inp in src.inputs:
         if inp.name != state:
             b.inputs.append(inp)
@@ -197,38 +233,10 @@ def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iteratio
         b.add_input(start, elem, zshape)
     else:
         start = _zeros(b, src, state, others)
-
-    if fixed_iterations is not None:  # unrolled: no Loop at all, for runtimes without (dynamic) Loop
-        z = start
-        for _ in range(fixed_iterations):
-            prev, z = z, _inline_T(b, src, state, z)
-        z_star, res = z, _residual(b, prev, z, rank, dtype)
-        iters = b.const(np.asarray(fixed_iterations, np.int64), hint="iterations_const")
+    if fixed_iterations is not None:
+        z_star, res, iters = _unrolled_steps(b, src, state, start, fixed_iterations)
     else:
-        outer = b.nodes
-        b.nodes = []
-        it, cond, z_in, res_in, k_in = (b.fresh(n) for n in ("iter", "cond_in", f"{state}_k", "res_in", "k_in"))
-        z_next = _inline_T(b, src, state, z_in)
-        res = _residual(b, z_in, z_next, rank, dtype)
-        go_on = b.Greater(res, b.const(np.asarray(tol, dtype), hint="tol"))
-        k_out = b.Add(it, b.const(np.asarray(1, np.int64), hint="one"))
-        outs = [b.Identity(go_on), b.Identity(z_next), b.Identity(res), b.Identity(k_out)]
-        body = helper.make_graph(
-            b.nodes, "fixed_point_step",
-            [helper.make_tensor_value_info(it, TensorProto.INT64, []),
-             helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-             helper.make_tensor_value_info(z_in, elem, zshape),
-             helper.make_tensor_value_info(res_in, elem, []),
-             helper.make_tensor_value_info(k_in, TensorProto.INT64, [])],
-            [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []),
-             helper.make_tensor_value_info(outs[1], elem, zshape),
-             helper.make_tensor_value_info(outs[2], elem, []),
-             helper.make_tensor_value_info(outs[3], TensorProto.INT64, [])])
-        b.nodes = outer
-        z_star, res, iters = b.op(
-            "Loop", b.const(np.asarray(max_iter, np.int64), hint="max_iter"), b.const(np.asarray(True), hint="true"),
-            start, b.const(np.asarray(np.inf, dtype), hint="inf"), b.const(np.asarray(0, np.int64), hint="zero"),
-            n_out=3, body=body)
+        z_star, res, iters = _solver_loop(b, src, state, start, tol, max_iter)
 
     names = {}
     for key, value, typ, shape in ((f"{state}_star", z_star, elem, zshape), ("iterations", iters, TensorProto.INT64, []),
