@@ -294,6 +294,26 @@ def _input_shape(src, x, input_shape):
     return tuple(declared[1:])
 
 
+def _reshape_target(src, node, n):
+    """The per-sample shape a Reshape of n features gives."""
+    out = src.shape(node.output[0])
+    target = src.const(node.input[1])
+    if target is None and out is not None and all(isinstance(d, int) for d in out[1:]):
+        target = [0] + list(out[1:])
+    if target is None:
+        raise JacgraphError(f"Reshape '{node.name}' has a computed target shape that shape inference could not "
+                            "resolve. Export with a constant shape (e.g. x.flatten(1)).")
+    target = [int(d) for d in target]
+    rest = target[1:]
+    if -1 in rest:
+        known = int(np.prod([d for d in rest if d != -1], dtype=np.int64))
+        rest[rest.index(-1)] = n // max(known, 1)
+    if int(np.prod(rest, dtype=np.int64)) != n:
+        raise JacgraphError(f"Reshape '{node.name}' to {target} mixes the batch axis with the features. "
+                            "Keep the batch axis first and separate.")
+    return tuple(rest)
+
+
 def _lower_node(low, src, node, x):
     op, a = node.op_type, src.attrs(node)
     low.nodes.append(node)
@@ -314,28 +334,13 @@ def _lower_node(low, src, node, x):
     if op in ("Identity", "Dropout"):
         return
     if op in ("Flatten", "Reshape"):
-        out = src.shape(node.output[0])
         if op == "Flatten":
             if a.get("axis", 1) != 1:
                 raise JacgraphError(f"Flatten '{node.name}' has axis {a.get('axis')}; only axis=1 keeps the batch "
                                     "axis apart. Export with torch.flatten(x, 1).")
             low.shape = (n,)
             return
-        target = src.const(node.input[1])
-        if target is None and out is not None and all(isinstance(d, int) for d in out[1:]):
-            target = [0] + list(out[1:])
-        if target is None:
-            raise JacgraphError(f"Reshape '{node.name}' has a computed target shape that shape inference could not "
-                                "resolve. Export with a constant shape (e.g. x.flatten(1)).")
-        target = [int(d) for d in target]
-        rest = target[1:]
-        if -1 in rest:
-            known = int(np.prod([d for d in rest if d != -1], dtype=np.int64))
-            rest[rest.index(-1)] = n // max(known, 1)
-        if int(np.prod(rest, dtype=np.int64)) != n:
-            raise JacgraphError(f"Reshape '{node.name}' to {target} mixes the batch axis with the features. "
-                                "Keep the batch axis first and separate.")
-        low.shape = tuple(rest)
+        low.shape = _reshape_target(src, node, n)
         return
     if op == "Gemm":
         B = np.asarray(src.const(node.input[1]), np.float64)
@@ -384,3 +389,453 @@ def _lower_node(low, src, node, x):
         if xi != 0:
             raise JacgraphError(f"Div '{node.name}' divides a constant by the features: not affine.")
         low.push(_Diag(1.0 / c))
+
+
+# ---- lowering of a DAG: linear operators with forks and joins, elementwise and max nonlinearities --
+#
+#     graph = lower_graph(model, input_shape=None)
+#
+# Every linear op (Gemm, MatMul, Conv, BatchNormalization, pooling averages, Concat, Split, Slice, Pad,
+# Transpose, Flatten/Reshape, Add/Sub of two computed tensors, Add/Sub/Mul/Div by constants) is folded
+# into an affine map sum_k M_k h_k + c over earlier *nonlinear* nodes h_k (scipy sparse M_k on flat
+# C-order features). A node is materialised only where a nonlinearity needs its input, and once for
+# the output: the graph alternates linear nodes (joins: several inputs) and nonlinear nodes (forks: a
+# nonlinear node may feed several linear nodes). Nonlinear nodes are elementwise activations (ACTIVATIONS)
+# and max selections (MaxPool, ReduceMax): out_j = max of the inputs listed in windows[j].
+
+@dataclass
+class Node:
+    kind: str                  # "input", "linear", "act" or "max"
+    shape: tuple               # per-sample output shape
+    inputs: list = field(default_factory=list)  # indices of earlier nodes
+    mats: list = field(default_factory=list)    # linear: one sparse [n, n_input] matrix per input
+    bias: np.ndarray | None = None              # linear: [n]
+    activation: str | None = None               # act: a value of ACTIVATIONS
+    act_attrs: dict = field(default_factory=dict)
+    windows: np.ndarray | None = None           # max: [n, K] input indices (short windows repeat a member)
+    source: object = None                       # the source node (None for input/linear)
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class Graph:
+    nodes: list  # topological order; nodes[0] is the input, nodes[-1] the (linear) output
+
+    def consumers(self) -> dict:
+        out = {k: [] for k in range(len(self.nodes))}
+        for c, node in enumerate(self.nodes):
+            for k in node.inputs:
+                out[k].append(c)
+        return out
+
+    @property
+    def in_shape(self) -> tuple:
+        return self.nodes[0].shape
+
+    def is_affine(self) -> bool:
+        return all(n.kind in ("input", "linear") for n in self.nodes)
+
+    def forward(self, x, act, maximum, matmul=None, array=np.asarray):
+        """Evaluate the lowered network on flat inputs x [..., n0] with the given callables
+        (act(node, z), maximum(node, z) -> [..., n]; array: numpy -> x's kind); returns every node's value."""
+        matmul = matmul or (lambda M, h: (M @ h.T).T)
+        vals = [x]
+        for node in self.nodes[1:]:
+            if node.kind == "linear":
+                z = sum(matmul(M, vals[k]) for k, M in zip(node.inputs, node.mats))
+                vals.append(z + array(node.bias))
+            elif node.kind == "act":
+                vals.append(act(node, vals[node.inputs[0]]))
+            else:
+                vals.append(maximum(node, vals[node.inputs[0]]))
+        return vals
+
+
+@dataclass
+class _Affine:
+    """sum_k terms[k] @ h_k + bias over graph nodes k; shape is the per-sample shape."""
+    terms: dict
+    bias: np.ndarray
+    shape: tuple
+
+    @property
+    def n(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def map(self, P, add=None, shape=None):
+        """P @ self (+ add), P a sparse or dense [n_out, n]."""
+        P = sp.csr_matrix(P)
+        bias = P @ self.bias
+        return _Affine({k: sp.csr_matrix(P @ M) for k, M in self.terms.items()},
+                       bias if add is None else bias + add, self.shape if shape is None else tuple(shape))
+
+    def plus(self, other, sign=1.0):
+        terms = dict(self.terms)
+        for k, M in other.terms.items():
+            terms[k] = terms[k] + sign * M if k in terms else sign * M
+        return _Affine(terms, self.bias + sign * other.bias, self.shape)
+
+
+def _select(index, n_in):
+    """Sparse [len(index), n_in] selection of flat positions `index` (-1: a zero row)."""
+    index = np.asarray(index).reshape(-1)
+    rows = np.nonzero(index >= 0)[0]
+    return sp.csr_matrix((np.ones(len(rows)), (rows, index[rows])), shape=(len(index), n_in))
+
+
+def _axis(axis, rank, node):
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0:
+        raise JacgraphError(f"{node.op_type} '{node.name}' works along the batch axis; the bound passes treat "
+                            "samples independently. Keep the batch axis out of it.")
+    return axis - 1  # per-sample axis
+
+
+def _pool_geometry(src, node, shape, kernel):
+    """(attrs, output spatial shape) of a pooling op, ceil_mode included."""
+    attrs, osp = _conv_attrs(src, node, shape, kernel)
+    if src.attrs(node).get("ceil_mode", 0):
+        isp, s, d, p = shape[1:], attrs["strides"], attrs["dilations"], attrs["pads"]
+        nd = len(kernel)
+        osp = []
+        for i in range(nd):
+            span = isp[i] + p[i] + p[i + nd] - d[i] * (kernel[i] - 1) - 1
+            o = -(-span // s[i]) + 1
+            if (o - 1) * s[i] >= isp[i] + p[i]:  # the last window would start in the end padding
+                o -= 1
+            osp.append(o)
+        osp = tuple(osp)
+    return attrs, osp
+
+
+def _windows(M):
+    """Rows of a 0/1 csr matrix as an index array [rows, K] (short rows repeat their first member)."""
+    M = sp.csr_matrix(M)
+    counts = np.diff(M.indptr)
+    if np.any(counts == 0):
+        raise JacgraphError("a max-pooling window covers only padding; the model's pooling geometry is degenerate.")
+    K = int(counts.max())
+    out = np.empty((M.shape[0], K), np.int64)
+    for r in range(M.shape[0]):
+        cols = M.indices[M.indptr[r]:M.indptr[r + 1]]
+        out[r] = np.concatenate([cols, np.full(K - len(cols), cols[0])])
+    return out
+
+
+def _reduce_axes(src, node, rank):
+    a = src.attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = src.const(node.input[1])
+        if axes is None:
+            raise JacgraphError(f"{node.op_type} '{node.name}' has computed axes. Export with constant axes.")
+    axes = list(range(1, rank)) if axes is None or len(axes) == 0 else [int(v) % rank for v in np.ravel(axes)]
+    if 0 in axes:
+        raise JacgraphError(f"{node.op_type} '{node.name}' reduces over the batch axis; the bound passes treat "
+                            "samples independently.")
+    return [v - 1 for v in axes], bool(a.get("keepdims", 1))
+
+
+def _reduce_matrix(shape, axes, keepdims):
+    """0/1 [n_out, n] matrix whose row j marks the inputs reduced into output j, and the output shape."""
+    idx = np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape)
+    keep = [d for d in range(len(shape)) if d not in axes]
+    moved = np.transpose(idx, keep + list(axes))
+    out_shape = tuple(shape[d] for d in keep)
+    rows = moved.reshape(int(np.prod(out_shape, dtype=np.int64)), -1)
+    K = rows.shape[1]
+    M = sp.csr_matrix((np.ones(rows.size), (np.repeat(np.arange(rows.shape[0]), K), rows.reshape(-1))),
+                      shape=(rows.shape[0], idx.size))
+    if keepdims:
+        out_shape = tuple(1 if d in axes else shape[d] for d in range(len(shape)))
+    return M, out_shape
+
+
+class _GraphLowering:
+    def __init__(self, src, x, in_shape):
+        self.src = src
+        self.nodes = [Node("input", tuple(in_shape))]
+        n = self.nodes[0].n
+        self.env = {x: _Affine({0: sp.identity(n, format="csr")}, np.zeros(n), tuple(in_shape))}
+        self._materialised = {}
+
+    def node_of(self, name):
+        """The graph node holding the value `name` (a linear node is added unless it is one already)."""
+        if name in self._materialised:
+            return self._materialised[name]
+        a = self.env[name]
+        if len(a.terms) == 1 and not np.any(a.bias):
+            (k, M), = a.terms.items()
+            if M.shape[0] == M.shape[1] == self.nodes[k].n and M.nnz == M.shape[0] and \
+                    np.all(M.diagonal() == 1) and self.nodes[k].kind != "linear":
+                self._materialised[name] = k
+                return k
+        ks = sorted(a.terms)
+        self.nodes.append(Node("linear", a.shape, inputs=ks, mats=[a.terms[k] for k in ks], bias=a.bias))
+        self._materialised[name] = len(self.nodes) - 1
+        return self._materialised[name]
+
+    def new(self, node, out_name):
+        self.nodes.append(node)
+        k = len(self.nodes) - 1
+        self.env[out_name] = _Affine({k: sp.identity(node.n, format="csr")}, np.zeros(node.n), node.shape)
+        self._materialised[out_name] = k
+
+
+def _graph_node(low, src, node):
+    """Lower one source node: update low.env (affine values) or add a nonlinear node."""
+    op, a = node.op_type, src.attrs(node)
+    env = low.env
+    live = [i for i in node.input if i in env]
+    x = env[live[0]]
+    if op in ACTIVATIONS:
+        if node.input[0] not in env or len(live) > 1:
+            raise JacgraphError(f"{op} '{node.name}' has a computed bound; only constant Clip bounds are supported.")
+        k = low.node_of(node.input[0])
+        act_attrs = _act_attrs(src, node, op, a)
+        low.new(Node("act", x.shape, inputs=[k], activation=ACTIVATIONS[op], act_attrs=act_attrs, source=node),
+                node.output[0])
+        return
+    if op in ("MaxPool", "ReduceMax"):
+        if op == "MaxPool":
+            if len(node.output) > 1 and node.output[1]:
+                raise JacgraphError(f"MaxPool '{node.name}' also outputs its indices; the bound passes take the values "
+                                    "only. Export without return_indices.")
+            M, shape = _pool_matrix(src, node, x.shape, np.asarray(a["kernel_shape"]), ones=True)
+        else:
+            axes, keepdims = _reduce_axes(src, node, len(x.shape) + 1)
+            M, shape = _reduce_matrix(x.shape, axes, keepdims)
+        k = low.node_of(node.input[0])
+        low.new(Node("max", shape, inputs=[k], windows=_windows(M), source=node), node.output[0])
+        return
+    env[node.output[0]] = _linear_value(src, node, op, a, [env.get(i) for i in node.input], x)
+    if op == "Split":
+        _split(src, node, a, x, env)
+
+
+def _act_attrs(src, node, op, a):
+    if op == "LeakyRelu":
+        return {"alpha": float(a.get("alpha", 0.01))}
+    if op == "HardSigmoid":
+        return {"alpha": float(a.get("alpha", 0.2)), "beta": float(a.get("beta", 0.5))}
+    if op == "Clip":
+        lo = src.const(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("min")
+        hi = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("max")
+        return {"min": -np.inf if lo is None else float(lo), "max": np.inf if hi is None else float(hi)}
+    return {}
+
+
+def _pool_matrix(src, node, shape, kernel, ones):
+    """Pooling as a sparse [n_out, n] map: 0/1 window membership (ones=True) or the average."""
+    if len(shape) != len(kernel) + 1:
+        raise JacgraphError(f"{node.op_type} '{node.name}' gets features of shape {shape}, not [channels, spatial...].")
+    attrs, osp = _pool_geometry(src, node, shape, list(kernel))
+    attrs["group"] = shape[0]
+    out_shape = (shape[0],) + tuple(osp)
+    M = conv_sparse(np.ones((shape[0], 1, *kernel)), shape, out_shape, attrs)
+    if ones:
+        return M, out_shape
+    if src.attrs(node).get("count_include_pad", 0):
+        if src.attrs(node).get("ceil_mode", 0):
+            raise JacgraphError(f"AveragePool '{node.name}' with count_include_pad=1 and ceil_mode=1 is not supported.")
+        return M / float(np.prod(kernel)), out_shape
+    return sp.diags(1.0 / np.diff(M.indptr)) @ M, out_shape
+
+
+def _linear_value(src, node, op, a, ins, x):
+    """The affine value of a linear op's output from its inputs' values (None: a constant input)."""
+    n = x.n
+    computed = [v for v in ins if v is not None]
+    if op in ("Identity", "Dropout"):
+        return x
+    if op in ("Flatten", "Reshape"):
+        if op == "Flatten" and a.get("axis", 1) != 1:
+            raise JacgraphError(f"Flatten '{node.name}' has axis {a.get('axis')}; only axis=1 keeps the batch "
+                                "axis apart. Export with torch.flatten(x, 1).")
+        shape = (n,) if op == "Flatten" else _reshape_target(src, node, n)
+        return _Affine(x.terms, x.bias, shape)
+    if op == "Transpose":
+        perm = list(a.get("perm") or range(len(x.shape) + 1)[::-1])
+        if perm[0] != 0:
+            raise JacgraphError(f"Transpose '{node.name}' moves the batch axis. Keep it first.")
+        idx = np.transpose(np.arange(n).reshape(x.shape), [p - 1 for p in perm[1:]])
+        return x.map(_select(idx, n), shape=idx.shape)
+    if op in ("Gemm", "MatMul"):
+        if ins[0] is None or len(computed) > 1 or len(x.shape) != 1:
+            raise JacgraphError(f"{op} '{node.name}' must multiply flat [batch, features] features by a constant "
+                                "matrix on the right.")
+        B = np.asarray(src.const(node.input[1]), np.float64)
+        if op == "MatMul":
+            return x.map(B.T, shape=(B.shape[1],))
+        if a.get("transA", 0):
+            raise JacgraphError(f"Gemm '{node.name}' needs transA=0.")
+        B = B.T if a.get("transB", 0) else B
+        C = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        add = None if C is None else a.get("beta", 1.0) * _per_sample(C, (B.shape[1],), f"Gemm '{node.name}'")
+        return x.map(a.get("alpha", 1.0) * B.T, add, shape=(B.shape[1],))
+    if op == "Conv":
+        Wk = np.asarray(src.const(node.input[1]), np.float64)
+        if len(x.shape) != Wk.ndim - 1:
+            raise JacgraphError(f"Conv '{node.name}' gets features of shape {x.shape}, not [channels, spatial...].")
+        attrs, osp = _conv_attrs(src, node, x.shape, Wk.shape[2:])
+        Bc = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        add = None if Bc is None else np.repeat(np.asarray(Bc, np.float64), int(np.prod(osp)))
+        out_shape = (Wk.shape[0],) + osp
+        return x.map(conv_sparse(Wk, x.shape, out_shape, attrs), add, shape=out_shape)
+    if op == "BatchNormalization":
+        scale, bias, mean, var = (np.asarray(src.const(i), np.float64) for i in node.input[1:5])
+        s = scale / np.sqrt(var + a.get("epsilon", 1e-5))
+        spatial = int(np.prod(x.shape[1:], dtype=np.int64))
+        return x.map(sp.diags(np.repeat(s, spatial)), np.repeat(bias - mean * s, spatial))
+    if op in ("AveragePool", "GlobalAveragePool"):
+        kernel = np.asarray(x.shape[1:]) if op == "GlobalAveragePool" else np.asarray(a["kernel_shape"])
+        M, shape = _pool_matrix(src, node, x.shape, kernel, ones=False)
+        return x.map(M, shape=shape)
+    if op in ("ReduceMean", "ReduceSum"):
+        axes, keepdims = _reduce_axes(src, node, len(x.shape) + 1)
+        M, shape = _reduce_matrix(x.shape, axes, keepdims)
+        return x.map(M / (M.shape[1] / M.shape[0]) if op == "ReduceMean" else M, shape=shape)
+    if op == "Concat":
+        return _concat(node, a, ins, src)
+    if op in ("Slice", "Split"):
+        return _slices(src, node, a, x)[0]
+    if op == "Pad":
+        return _pad(src, node, a, x)
+    if op in ("Add", "Sub") and len(computed) == 2:
+        if tuple(ins[0].shape) != tuple(ins[1].shape):
+            raise JacgraphError(f"{op} '{node.name}' adds computed tensors of shapes {ins[0].shape} and "
+                                f"{ins[1].shape}; broadcasting between computed tensors is not supported.")
+        return ins[0].plus(ins[1], -1.0 if op == "Sub" else 1.0)
+    if len(computed) > 1:
+        raise JacgraphError(f"{op} '{node.name}' multiplies two computed tensors: not affine, and not supported.")
+    xi = [i for i, v in enumerate(ins) if v is not None][0]
+    c = _per_sample(src.const(node.input[1 - xi]), x.shape, f"{op} '{node.name}'")
+    if op == "Add":
+        return _Affine(x.terms, x.bias + c, x.shape)
+    if op == "Sub":
+        return x.map(sp.identity(n) * (1.0 if xi == 0 else -1.0), -c if xi == 0 else c)
+    if op == "Mul":
+        return x.map(sp.diags(c))
+    if xi != 0:
+        raise JacgraphError(f"Div '{node.name}' divides a constant by the features: not affine.")
+    return x.map(sp.diags(1.0 / c))
+
+
+def _concat(node, a, ins, src):
+    rank = len(next(v for v in ins if v is not None).shape) + 1
+    axis = _axis(int(a["axis"]), rank, node)
+    parts, offset = [], 0
+    for v, name in zip(ins, node.input):
+        if v is None:
+            c = src.const(name)
+            raise JacgraphError(f"Concat '{node.name}' joins a constant of shape {None if c is None else c.shape} "
+                                "to the features; only computed tensors are supported.")
+        parts.append(np.arange(v.n).reshape(v.shape) + offset)
+        offset += v.n
+    ids = np.concatenate(parts, axis=axis)
+    out = None
+    for v, p in zip(ins, parts):
+        start = int(p.reshape(-1)[0])
+        local = np.where((ids >= start) & (ids < start + v.n), ids - start, -1)
+        term = v.map(_select(local, v.n), shape=ids.shape)
+        out = term if out is None else out.plus(term)
+    return out
+
+
+def _slices(src, node, a, x):
+    """The affine value of each output of Slice / Split."""
+    n = x.n
+    idx = np.arange(n).reshape(x.shape)
+    rank = len(x.shape) + 1
+    if node.op_type == "Slice":
+        consts = [src.const(i) if i else None for i in list(node.input[1:]) + [""] * (5 - len(node.input))]
+        if consts[0] is None or consts[1] is None or any(c is None for c, i in zip(consts[2:], node.input[3:]) if i):
+            raise JacgraphError(f"Slice '{node.name}' has computed starts/ends/axes/steps. Export constant slices.")
+        starts, ends = np.ravel(consts[0]), np.ravel(consts[1])
+        axes = np.ravel(consts[2]) if consts[2] is not None else np.arange(len(starts))
+        steps = np.ravel(consts[3]) if consts[3] is not None else np.ones(len(starts), np.int64)
+        sl = [slice(None)] * (rank - 1)
+        for s, e, ax, st in zip(starts, ends, axes, steps):
+            ax = _axis(int(ax), rank, node)
+            sl[ax] = slice(int(s), None if (st > 0 and e >= 2**62) or (st < 0 and e <= -2**62) else int(e), int(st))
+        picks = [idx[tuple(sl)]]
+    else:
+        axis = _axis(int(a.get("axis", 0)), rank, node)
+        sizes = src.const(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("split")
+        if sizes is None:
+            count = len(node.output)
+            size = -(-x.shape[axis] // count)
+            sizes = [min(size, x.shape[axis] - i * size) for i in range(count)]
+        picks = np.split(idx, np.cumsum(np.ravel(sizes))[:-1], axis=axis)
+    return [x.map(_select(p, n), shape=p.shape) for p in picks]
+
+
+def _split(src, node, a, x, env):
+    for name, value in zip(node.output, _slices(src, node, a, x)):
+        if name:
+            env[name] = value
+
+
+def _pad(src, node, a, x):
+    pads = src.const(node.input[1]) if len(node.input) > 1 and node.input[1] else a.get("pads")
+    value = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else a.get("value", 0.0)
+    if pads is None or value is None or (len(node.input) > 3 and node.input[3]):
+        raise JacgraphError(f"Pad '{node.name}' has computed pads or axes. Export constant pads.")
+    pads = np.ravel(pads).astype(int)
+    rank = len(pads) // 2
+    if pads[0] or pads[rank]:
+        raise JacgraphError(f"Pad '{node.name}' pads the batch axis. Pad the features only.")
+    mode = a.get("mode", "constant")
+    width = [(int(pads[d]), int(pads[d + rank])) for d in range(1, rank)]
+    idx = np.arange(x.n).reshape(x.shape)
+    if mode == "constant":
+        out = np.pad(idx, width, constant_values=-1)
+        add = np.where(out.reshape(-1) < 0, float(np.ravel(value)[0]) if np.size(value) else 0.0, 0.0)
+    elif mode in ("reflect", "edge"):
+        out, add = np.pad(idx, width, mode=mode), None
+    else:
+        raise JacgraphError(f"Pad '{node.name}' uses mode {mode!r}; constant, reflect and edge are supported.")
+    return x.map(_select(out, x.n), add, shape=out.shape)
+
+
+GRAPH_OPS = (LINEAR_OPS | set(ACTIVATIONS) | {"Transpose", "AveragePool", "GlobalAveragePool", "ReduceMean",
+                                                "ReduceSum", "Concat", "Slice", "Split", "Pad", "MaxPool", "ReduceMax"})
+
+
+def lower_graph(model, input_shape=None) -> Graph:
+    """The model as a Graph of linear and nonlinear nodes; one JacgraphError lists every unsupported op."""
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    floats = src.float_inputs()
+    if len(floats) != 1 or len(src.outputs) != 1:
+        raise JacgraphError(f"the bound passes need a model with one float input and one output; this one has "
+                            f"{len(floats)} float input(s) and {len(src.outputs)} output(s). Export a single-input, "
+                            "single-output network.")
+    x = floats[0]
+    missing = Counter()
+    for node in src.active_nodes([x]):
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        if node.domain not in ("", "ai.onnx") or op not in GRAPH_OPS:
+            missing[op] += 1
+    if missing:
+        raise unsupported_error(missing, "the layer lowering for bounds (jacgraph.layers)")
+    low = _GraphLowering(src, x, _input_shape(src, x, input_shape))
+    for node in src.active_nodes([x]):
+        _graph_node(low, src, node)
+    out = src.outputs[0].name
+    if out not in low.env:
+        raise JacgraphError(f"the model's output '{out}' does not depend on its input '{x}'.")
+    low._materialised.pop(out, None)
+    value = low.env[out]
+    ks = sorted(value.terms)
+    low.nodes.append(Node("linear", value.shape, inputs=ks, mats=[value.terms[k] for k in ks], bias=value.bias))
+    return Graph(low.nodes)
+
+
+def is_chain(model) -> bool:
+    """True when `lower` (the chain of stages) takes the model."""
+    src = model if isinstance(model, SourceModel) else SourceModel(model)
+    floats = src.float_inputs()
+    return len(floats) == 1 and len(src.outputs) == 1 and not _check_chain(src, floats[0])

@@ -40,12 +40,15 @@ from onnx import helper
 
 from jacgraph.cli import atomic_output
 from jacgraph.errors import JacgraphError
-from jacgraph.layers import lower
+from jacgraph.layers import is_chain, lower
 from jacgraph.model import SourceModel
 from jacgraph.rules.bounds import DERIV, RANGE, RELAX, BoundBuilder, Relaxation, bilinear, dual_norm, interval_mul
 
 NORMS = ("inf", "2")
 METHODS = ("recurjac", "interval")
+MEMORY_LIMIT = 2 << 30   # bytes one back-substitution may hold (per coefficient tensor, times TEMPORARIES)
+TEMPORARIES = 6          # live tensors of a coefficient's size in one back-substitution step
+PROTO_LIMIT = 1 << 30    # bytes of dense lowered weights an emitted graph may embed (protobuf caps at 2 GiB)
 
 
 # ---- factored back-substitution ----------------------------------------------------------------
@@ -192,17 +195,25 @@ class _Weights:
 
 
 def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurjac",
-          preactivation_bounds=False) -> onnx.ModelProto:
+          preactivation_bounds=False, lowering="auto", memory_limit=MEMORY_LIMIT) -> onnx.ModelProto:
     """A graph (x0 [batch, *input], eps [batch]) -> (J_lower, J_upper) [batch, outputs, inputs].
 
+    lowering: "chain" (stages, factored coefficients), "graph" (any DAG jacgraph.layers.lower_graph takes:
+    residual joins, concat, pooling, max selections), or "auto" (chain where the model is one).
     preactivation_bounds=True adds outputs z<s>_lower, z<s>_upper [batch, units] for every stage s
-    that ends in an activation (the CROWN bounds the derivative intervals come from)."""
+    that ends in an activation (graph lowering: every linear node s), the CROWN bounds the derivative
+    intervals come from. memory_limit (bytes, graph lowering): a back-substitution that would hold more
+    is skipped and that node keeps its interval bounds (sound, looser; listed in the metadata)."""
     norm = str(norm)
     if norm not in NORMS:
         raise JacgraphError(f"--norm {norm!r} is not supported; choose inf (an l_inf ball) or 2 (an l_2 ball).")
     if method not in METHODS:
         raise JacgraphError(f"--method {method!r} is not known; choose recurjac or interval.")
     src = model if isinstance(model, SourceModel) else SourceModel(model)
+    if lowering not in ("auto", "chain", "graph"):
+        raise JacgraphError(f"lowering={lowering!r} is not known; choose auto, chain or graph.")
+    if lowering == "graph" or (lowering == "auto" and not is_chain(src)):
+        return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
     stages = lower(src, input_shape)
     b = BoundBuilder(src, dtype)
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
@@ -289,6 +300,281 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
                 b.add_output(name, elem, ["batch", stages[s].out_features])
     meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
             "jacgraph.input_shape": json.dumps(list(stages[0].in_shape)), "jacgraph.outputs": m}
+    return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)
+
+
+# ---- DAG models (jacgraph.layers.lower_graph): dense coefficients, contributions summed at forks ----
+
+
+class _DagBounds:
+    """Emits CROWN pre-activation bounds and RecurJac Jacobian bounds for a lowered Graph.
+
+    Every node k gets interval bounds box[k] [b, n_k]; every linear node that feeds a nonlinearity
+    gets CROWN bounds by back-substitution over the nodes below it, summing the coefficient of a node
+    over all its consumers. Jacobian bounds G[k] on dy/d node_k [b, m, n_k] run from G[out] = I down to
+    the input; at a nonlinear node and at the input the interval step is intersected with a
+    back-substitution over the nodes above (RecurJac), where the product G_c * sigma' is relaxed
+    linearly in G_c (rules/bounds.py bilinear) and a max node's part is its interval."""
+
+    def __init__(self, b, graph, norm, method, memory_limit):
+        self.b, self.g, self.norm, self.method, self.limit = b, graph, norm, method, memory_limit
+        self.nodes = graph.nodes
+        self.cons = graph.consumers()
+        self.out = len(self.nodes) - 1
+        self.m = self.nodes[-1].n
+        self._mats = {}
+        self.box, self.rel, self.sel, self.deriv, self.G, self.grel, self.part = {}, {}, {}, {}, {}, {}, {}
+        self.interval_only = []  # nodes whose bounds are interval-only: back-substitution over the memory limit
+
+    def mat(self, c, k, kind="M"):
+        """The dense matrix of linear node c on its input k, or a form of it (T, absT, pos, neg)."""
+        key = (c, k, kind)
+        if key not in self._mats:
+            b = self.b
+            if kind == "M":
+                node = self.nodes[c]
+                M = node.mats[node.inputs.index(k)]
+                self._mats[key] = b.c(np.asarray(M.toarray() if hasattr(M, "toarray") else M, b.dtype), hint="M")
+            else:
+                M = self.mat(c, k)
+                self._mats[key] = {"T": lambda: b.Transpose(M, perm=[1, 0]),
+                                   "absT": lambda: b.Transpose(b.Abs(M), perm=[1, 0]),
+                                   "pos": lambda: b.Relu(M), "neg": lambda: b.Min(M, b.c(0.0))}[kind]()
+        return self._mats[key]
+
+    def fits(self, rows, k_range, m=1):
+        need = 8 * m * rows * max((self.nodes[j].n for j in k_range), default=1) * TEMPORARIES
+        return need <= self.limit
+
+    # -- forward: interval boxes, CROWN, relaxations --------------------------------------------
+    def forward(self, x, eps, x3):
+        b = self.b
+        for k, node in enumerate(self.nodes):
+            if node.kind == "input":
+                self.box[k] = (b.Sub(x, eps), b.Add(x, eps))
+            elif node.kind == "linear":
+                lo = hi = None
+                for j in node.inputs:
+                    l_j, h_j = self.box[j]
+                    mid, half = b.Mul(b.Add(l_j, h_j), b.c(0.5)), b.Mul(b.Sub(h_j, l_j), b.c(0.5))
+                    c_, s_ = b.MatMul(mid, self.mat(k, j, "T")), b.MatMul(half, self.mat(k, j, "absT"))
+                    lo = b.Sub(c_, s_) if lo is None else b.Add(lo, b.Sub(c_, s_))
+                    hi = b.Add(c_, s_) if hi is None else b.Add(hi, b.Add(c_, s_))
+                bias = b.c(node.bias)
+                lo, hi = b.Add(lo, bias), b.Add(hi, bias)
+                if k != self.out and any(self.nodes[c].kind != "linear" for c in self.cons[k]):
+                    if self.fits(node.n, range(k)):
+                        c_lo, c_hi = self.crown(k, x3, eps)
+                        lo, hi = b.max(lo, c_lo), b.min(hi, c_hi)
+                    else:
+                        self.interval_only.append(k)
+                self.box[k] = (lo, hi)
+            elif node.kind == "act":
+                j = node.inputs[0]
+                self.box[k] = RANGE[node.activation](b, *self.box[j], node.act_attrs)
+                r = RELAX[node.activation](b, *self.box[j], node.act_attrs)
+                self.rel[k] = _relax_rows(b, r, [1])
+                dl, du = DERIV[node.activation](b, *self.box[j], node.act_attrs)
+                self.deriv[k] = (b.Unsqueeze(dl, b.ints([1])), b.Unsqueeze(du, b.ints([1])))
+            else:
+                self._max_node(k, node)
+
+    def _max_node(self, k, node):
+        """max over windows: lower line z_{i*} (i* = argmax of the lower bounds); upper line z_{i*} where
+        i* dominates (l_{i*} > u of every other member), else the constant max u. Derivatives: dy_o/dz_i in
+        [1, 1] where i* dominates, [0, 0] where u_i < max l (i never wins), [0, 1] otherwise."""
+        b = self.b
+        lo_j, hi_j = self.box[node.inputs[0]]
+        n_in = self.nodes[node.inputs[0]].n
+        W = b.const(node.windows.astype(np.int64), hint="windows")
+        lw, uw = b.Gather(lo_j, W, axis=1), b.Gather(hi_j, W, axis=1)  # [b, n, K]
+        Wx = b.Expand(W, b.shape(lw))
+        pos = b.ArgMax(lw, axis=2, keepdims=1)
+        istar = b.GatherElements(Wx, pos, axis=2)  # [b, n, 1]
+        lmax = b.reduce("ReduceMax", lw, [2], keepdims=1)
+        big = b.c(np.finfo(b.dtype).max)
+        others = b.reduce("ReduceMax", b.where(b.Equal(Wx, istar), b.Neg(big), uw), [2], keepdims=0)
+        umax = b.reduce("ReduceMax", uw, [2], keepdims=0)
+        dominant = b.Greater(b.Squeeze(lmax, b.ints([2])), others)  # [b, n]
+        fdt = helper.np_dtype_to_tensor_dtype(b.dtype)
+        PL = b.Cast(b.Equal(istar, b.const(np.arange(n_in, dtype=np.int64).reshape(1, 1, -1))), to=fdt)
+        PU = b.where(b.Unsqueeze(dominant, b.ints([2])), PL, b.c(0.0))
+        cmax = b.where(dominant, b.c(0.0), umax)
+        possible = b.Cast(b.GreaterOrEqual(uw, lmax), to=fdt)
+        DU = b.ScatterElements(b.Mul(PL, b.c(0.0)), Wx, possible, axis=2)
+        self.sel[k] = (PU, PL, cmax, PU, DU)
+        self.box[k] = (b.Squeeze(lmax, b.ints([2])), umax)
+
+    def _through(self, kind, k, up, lo, store, C):
+        """Push coefficients (up, lo) on node k's values one step down (CROWN) into store; C the constants."""
+        b = self.b
+        node = self.nodes[k]
+        pu, nu, pl, nl = b.Relu(up), b.Min(up, b.c(0.0)), b.Relu(lo), b.Min(lo, b.c(0.0))
+        j = node.inputs[0]
+        if node.kind == "act":
+            r = self.rel[k]
+            new = (b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
+            dc = (b.reduce("ReduceSum", b.Add(b.Mul(pu, r.cU), b.Mul(nu, r.cL)), [-1], keepdims=0),
+                  b.reduce("ReduceSum", b.Add(b.Mul(pl, r.cL), b.Mul(nl, r.cU)), [-1], keepdims=0))
+        else:
+            PU, PL, cmax, _, _ = self.sel[k]
+            new = (b.Add(b.MatMul(pu, PU), b.MatMul(nu, PL)), b.Add(b.MatMul(pl, PL), b.MatMul(nl, PU)))
+            cm = b.Unsqueeze(cmax, b.ints([1]))
+            dc = (b.reduce("ReduceSum", b.Mul(pu, cm), [-1], keepdims=0),
+                  b.reduce("ReduceSum", b.Mul(nl, cm), [-1], keepdims=0))
+        _add_to(store, j, b, *new)
+        return _add_pair(b, C, dc)
+
+    def crown(self, t, x3, eps):
+        """Linear bounds on node t's values, back-substituted to the input and bounded over the ball."""
+        b = self.b
+        eye = b.c(np.eye(self.nodes[t].n)[None])  # [1, rows, n]
+        store, C = {t: (eye, eye)}, None
+        for k in range(t, -1, -1):
+            if k not in store:
+                continue
+            up, lo = store.pop(k)
+            node = self.nodes[k]
+            if node.kind == "linear":
+                bias = b.c(node.bias)
+                C = _add_pair(b, C, (b.MatMul(up, bias), b.MatMul(lo, bias)))
+                for j in node.inputs:
+                    M = self.mat(k, j)
+                    _add_to(store, j, b, b.MatMul(up, M), b.MatMul(lo, M))
+            elif node.kind in ("act", "max"):
+                C = self._through(node.kind, k, up, lo, store, C)
+            else:
+                xv = lambda coef: b.Squeeze(b.MatMul(coef, x3), b.ints([2]))  # noqa: E731  [b, rows]
+                e = eps  # [b, 1]
+                hi = b.Add(xv(up), b.Mul(e, dual_norm(b, up, self.norm)))
+                low = b.Sub(xv(lo), b.Mul(e, dual_norm(b, lo, self.norm)))
+                if C is not None:
+                    hi, low = b.Add(hi, C[0]), b.Add(low, C[1])
+                return low, hi
+        raise AssertionError("back-substitution did not reach the input")
+
+    # -- backward: Jacobian bounds ---------------------------------------------------------------
+    def jacobian(self):
+        b = self.b
+        eye = b.c(np.eye(self.m)[None])  # [1, m, m]
+        self.G[self.out] = (eye, eye)
+        for k in range(self.out - 1, -1, -1):
+            L = U = None
+            for c in self.cons[k]:
+                part = self._part(c, k)
+                self.part[(c, k)] = part
+                L, U = part if L is None else (b.Add(L, part[0]), b.Add(U, part[1]))
+            if L is None:  # not on a path to the output
+                L = U = b.c(np.zeros((1, self.m, self.nodes[k].n)))
+            if self.method == "recurjac" and self.nodes[k].kind != "linear":
+                if self.fits(self.nodes[k].n, range(k + 1, self.out + 1), self.m):
+                    lo, hi = self.jac_backsub(k)
+                    L, U = b.max(L, lo), b.min(U, hi)
+                else:
+                    self.interval_only.append(k)
+            self.G[k] = (L, U)
+            if self.nodes[k].kind == "act":
+                self.grel[k] = _relax_rows(b, bilinear(b, L, U, *self.deriv[k]), [2])
+
+    def _part(self, c, k):
+        """Interval bounds on consumer c's part of dy/d node_k."""
+        b = self.b
+        Lc, Uc = self.G[c]
+        kind = self.nodes[c].kind
+        if kind == "linear":
+            P, N = self.mat(c, k, "pos"), self.mat(c, k, "neg")
+            return (b.Add(b.MatMul(Lc, P), b.MatMul(Uc, N)), b.Add(b.MatMul(Uc, P), b.MatMul(Lc, N)))
+        if kind == "act":
+            return interval_mul(b, Lc, Uc, *self.deriv[c])
+        _, _, _, DL, DU = self.sel[c]
+        z = b.c(0.0)
+        return (b.Add(b.MatMul(b.Relu(Lc), DL), b.MatMul(b.Min(Lc, z), DU)),
+                b.Add(b.MatMul(b.Relu(Uc), DU), b.MatMul(b.Min(Uc, z), DL)))
+
+    def jac_backsub(self, k):
+        """Bounds on dy/d node_k from linear bounds over the nodes above it, up to dy/dy = I."""
+        b = self.b
+        eye = b.c(np.eye(self.nodes[k].n)[None, None])  # [1, 1, rows, n_k]
+        store, C = {k: (eye, eye)}, None
+        z = b.c(0.0)
+        for j in range(k, self.out + 1):
+            if j not in store:
+                continue
+            up, lo = store.pop(j)
+            if j == self.out:  # dy_i/dy = e_i: the coefficient of unit i in row i
+                sel = b.c(np.eye(self.m).reshape(1, self.m, 1, self.m))
+                C = _add_pair(b, C, (b.reduce("ReduceSum", b.Mul(up, sel), [-1], keepdims=0),
+                                     b.reduce("ReduceSum", b.Mul(lo, sel), [-1], keepdims=0)))
+                continue
+            pu, nu, pl, nl = b.Relu(up), b.Min(up, z), b.Relu(lo), b.Min(lo, z)
+            for c in self.cons[j]:
+                kind = self.nodes[c].kind
+                if kind == "linear":
+                    T = self.mat(c, j, "T")
+                    _add_to(store, c, b, b.MatMul(up, T), b.MatMul(lo, T))
+                elif kind == "act":
+                    r = self.grel[c]
+                    _add_to(store, c, b, b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
+                    C = _add_pair(b, C, (b.reduce("ReduceSum", b.Add(b.Mul(pu, r.cU), b.Mul(nu, r.cL)), [-1], keepdims=0),
+                                         b.reduce("ReduceSum", b.Add(b.Mul(pl, r.cL), b.Mul(nl, r.cU)), [-1], keepdims=0)))
+                else:  # a max node's part enters as its interval
+                    lo_p, hi_p = (b.Unsqueeze(t, b.ints([2])) for t in self.part[(c, j)])
+                    C = _add_pair(b, C, (b.reduce("ReduceSum", b.Add(b.Mul(pu, hi_p), b.Mul(nu, lo_p)), [-1], keepdims=0),
+                                         b.reduce("ReduceSum", b.Add(b.Mul(pl, lo_p), b.Mul(nl, hi_p)), [-1], keepdims=0)))
+        return C[1], C[0]
+
+
+def _add_to(store, k, b, up, lo):
+    """store[k] += (up, lo): a node's coefficient is the sum over its consumers."""
+    store[k] = (up, lo) if k not in store else (b.Add(store[k][0], up), b.Add(store[k][1], lo))
+
+
+def _add_pair(b, C, dc):
+    return dc if C is None else (b.Add(C[0], dc[0]), b.Add(C[1], dc[1]))
+
+
+def _dense_bytes(graph) -> int:
+    """Bytes of the dense lowered weights the bound graph embeds (each also transposed/|.|/split by sign)."""
+    return sum(8 * M.shape[0] * M.shape[1] for node in graph.nodes for M in node.mats)
+
+
+def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit):
+    from jacgraph.layers import lower_graph
+
+    graph = lower_graph(src, input_shape)
+    weights = _dense_bytes(graph)
+    if weights > PROTO_LIMIT:
+        raise JacgraphError(
+            f"the bound graph would embed {weights / 2**30:.1f} GiB of dense lowered weights (convolutions are "
+            f"lowered to dense matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
+            "this pass accepts (and about 4x that in memory when run). Bound a smaller model or a cropped input "
+            "(--input-shape), or use `jacgraph lipschitz` for a global bound.")
+    b = BoundBuilder(src, dtype)
+    elem = helper.np_dtype_to_tensor_dtype(b.dtype)
+    n0, m = graph.nodes[0].n, graph.nodes[-1].n
+    b.add_input("x0", elem, ["batch", *graph.in_shape])
+    b.add_input("eps", elem, ["batch"])
+    x = b.Reshape("x0", b.ints([0, n0]))
+    eps = b.Reshape("eps", b.ints([-1, 1]))
+    dag = _DagBounds(b, graph, norm, method, memory_limit)
+    dag.forward(x, eps, b.Unsqueeze(x, b.ints([2])))
+    dag.jacobian()
+    shape = b.Concat(b.shape(x, 0, 1), b.ints([m, n0]), axis=0)
+    lo, hi = (b.Expand(t, shape) for t in dag.G[0])
+    lo, hi = b.min(lo, hi), b.max(lo, hi)  # exact sides can cross by round-off
+    b.nodes.append(helper.make_node("Identity", [lo], ["J_lower"]))
+    b.nodes.append(helper.make_node("Identity", [hi], ["J_upper"]))
+    b.add_output("J_lower", elem, ["batch", m, n0])
+    b.add_output("J_upper", elem, ["batch", m, n0])
+    if preactivation_bounds:
+        for k, node in enumerate(graph.nodes[:-1]):
+            if node.kind == "linear":
+                for name, t in ((f"z{k}_lower", dag.box[k][0]), (f"z{k}_upper", dag.box[k][1])):
+                    b.nodes.append(helper.make_node("Identity", [t], [name]))
+                    b.add_output(name, elem, ["batch", node.n])
+    meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
+            "jacgraph.input_shape": json.dumps(list(graph.in_shape)), "jacgraph.outputs": m,
+            "jacgraph.lowering": "graph", "jacgraph.interval_only_nodes": json.dumps(dag.interval_only)}
     return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)
 
 

@@ -29,21 +29,23 @@ N_POINTS = 2000
 
 # ---- oracles ----------------------------------------------------------------------------------
 
+def act(s, z):
+    """s.activation (a stage's or a graph node's) applied in torch, kinks as in PyTorch."""
+    acts = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, None: lambda z: z}
+    p = s.act_attrs
+    if s.activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, p["alpha"])
+    if s.activation == "hardsigmoid":
+        return torch.clamp(p["alpha"] * z + p["beta"], 0, 1)
+    if s.activation == "clip":
+        return torch.clamp(z, p["min"], p["max"])
+    return acts[s.activation](z)
+
+
 def stage_function(stages):
     """The lowered network as a float64 torch function of one flat input (kinks as in PyTorch)."""
     Ws = [torch.tensor(s.matrix()) for s in stages]
     bs = [torch.tensor(s.bias) for s in stages]
-    acts = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, None: lambda z: z}
-
-    def act(s, z):
-        p = s.act_attrs
-        if s.activation == "leaky_relu":
-            return torch.nn.functional.leaky_relu(z, p["alpha"])
-        if s.activation == "hardsigmoid":
-            return torch.clamp(p["alpha"] * z + p["beta"], 0, 1)
-        if s.activation == "clip":
-            return torch.clamp(z, p["min"], p["max"])
-        return acts[s.activation](z)
 
     def pre_activations(x):
         h, zs = x, []
@@ -62,14 +64,18 @@ def jacobians(f, X):
 
 def sample_ball(x0, eps, norm, stages, rng, n=N_POINTS):
     """Points of the ball: corners (l_inf) or sphere points (l_2), uniform interior points, and points
-    pushed across the kink of every unit that eps can reach (the linearised distance to its kink)."""
+    pushed across the kink of every unit that eps can reach (the linearised distance to its kink).
+    `stages`: the lowered chain, or a torch function x -> kink distances (zero at a kink)."""
     d = x0.size
-    _, pre = stage_function(stages)
+    if callable(stages):
+        kinks = stages
+    else:
+        pre = stage_function(stages)[1]
+        kinks = lambda x: torch.cat(pre(x)[1])  # noqa: E731
     targeted = []
     if eps > 0:
-        zs = [z.detach().numpy() for z in pre(torch.tensor(x0))[1]]
-        grads = torch.func.jacrev(lambda x: torch.cat(pre(x)[1]))(torch.tensor(x0)).detach().numpy()
-        z = np.concatenate(zs)
+        z = kinks(torch.tensor(x0)).detach().numpy()
+        grads = torch.func.jacrev(kinks)(torch.tensor(x0)).detach().numpy()
         gnorm = np.abs(grads).sum(1) if norm == "inf" else np.linalg.norm(grads, axis=1)
         reach = np.abs(z) / np.maximum(eps * gnorm, 1e-300)
         for j in np.argsort(reach)[:60]:
@@ -350,10 +356,10 @@ def test_cli_bad_input_exits_2_and_writes_nothing(files, case, capsys):
     assert main(["bound", str(model), "--x0", str(x), "--eps", eps, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert not out.exists()
-    expected = {"negative_eps": "eps", "wrong_shape": "shape", "nan": "NaN", "unsupported_op": "MaxPool (x1)"}[case]
+    expected = {"negative_eps": "eps", "wrong_shape": "shape", "nan": "NaN", "unsupported_op": "Softmax (x1)"}[case]
     assert expected in err
-    if case == "unsupported_op":
-        assert "Softmax (x1)" in err
+    if case == "unsupported_op":  # MaxPool is lowered (a max selection); only Softmax is listed
+        assert "MaxPool" not in err
 
 
 def test_api_rejects_bad_points():
@@ -380,3 +386,144 @@ def test_preactivation_bounds_hold(norm):
             torch.tensor(sample_ball(x0, eps, norm, stages, rng, n=1000))).detach().numpy()
         lo, hi = np.concatenate(out[2::2], axis=1), np.concatenate(out[3::2], axis=1)
         assert np.all(Z >= lo - TOL) and np.all(Z <= hi + TOL)
+
+
+# ---- DAG models: residual joins, concat, pooling, max selections (lowering="graph") ---------------
+
+from examples import bounds_models  # noqa: E402
+from jacgraph.layers import lower_graph  # noqa: E402
+from jacgraph.rules.bounds import _pieces  # noqa: E402
+
+
+def graph_kinks(graph, x0):
+    """A torch function x -> distances to every kink the lowered graph has near x0: each piecewise-linear
+    unit's input minus its kinks, and each max window's top value minus its runner-up (order at x0)."""
+    mats = {}
+
+    def matmul(M, h):
+        if id(M) not in mats:
+            mats[id(M)] = torch.tensor(M.toarray())
+        return h @ mats[id(M)].T
+
+    def forward(x):
+        return graph.forward(x[None], act, lambda node, z: z[..., torch.tensor(node.windows)].amax(-1), matmul,
+                             torch.tensor)
+
+    at_x0 = [v[0].detach().numpy() for v in forward(torch.tensor(x0))]
+    pairs = {}
+    for k, node in enumerate(graph.nodes):
+        if node.kind == "max":
+            z = at_x0[node.inputs[0]][node.windows]
+            order = np.argsort(-z, axis=1, kind="stable")
+            top = node.windows[np.arange(len(z)), order[:, 0]]
+            runner = [next((w for w in row[o] if w != t), t) for row, o, t in zip(node.windows, order, top)]
+            pairs[k] = (torch.tensor(top), torch.tensor(np.asarray(runner)))
+
+    def kinks(x):
+        vals, out = forward(x), []
+        for k, node in enumerate(graph.nodes):
+            z = vals[node.inputs[0]][0] if node.inputs else None
+            if node.kind == "act" and node.activation not in ("tanh", "sigmoid"):
+                out += [z - kink for kink in _pieces(node.activation, node.act_attrs)[0]]
+            elif node.kind == "max":
+                out.append(z[pairs[k][0]] - z[pairs[k][1]])
+        return torch.cat(out) if out else x[:1] * 0 + 1.0
+
+    return kinks
+
+
+def assert_dag_sound(model, f, in_shape, x0, eps_list, norm="inf", n=N_POINTS, **options):
+    """2000+ sampled float64 Jacobians of f (the source network in torch) inside the bounds; returns the
+    mean widths and the fraction of ReLU/max units unstable (their CROWN interval straddles a kink)."""
+    graph = lower_graph(model)
+    sess = session(recurjac.build(model, norm=norm, lowering="graph", preactivation_bounds=True, **options),
+                   provider="CPUExecutionProvider")
+    kinks = graph_kinks(graph, x0.reshape(-1))
+    widths, unstable = [], []
+    for eps in eps_list:
+        out = sess.run(None, {"x0": x0.reshape((1,) + tuple(in_shape)), "eps": np.array([eps])})
+        lo, hi = out[0], out[1]
+        X = sample_ball(x0.reshape(-1), eps, norm, kinks, np.random.default_rng(0), n=n)
+        J = jacobians(lambda x: f(x.reshape((1,) + tuple(in_shape))).reshape(-1), X)
+        below, above = (lo[0] - J).max(), (J - hi[0]).max()
+        assert below <= TOL and above <= TOL, f"eps={eps}: a sampled Jacobian is outside by {max(below, above):.3g}"
+        widths.append(float(np.mean(hi - lo)))
+        z = np.concatenate([((zl < 0) & (zh > 0)).ravel() for zl, zh in zip(out[2::2], out[3::2])])
+        unstable.append(float(z.mean()))
+    return widths, unstable
+
+
+# eps per model: the larger two leave >= 10% of the pre-activation units unstable (asserted below)
+DAG_EPS = {"residual_mlp": [0.0, 0.05, 0.3], "resnet_cnn": [0.0, 0.1, 0.3], "densenet_cnn": [0.0, 0.1, 0.3],
+           "pool_cnn": [0.0, 0.1, 0.3], "inception_cnn": [0.0, 0.1, 0.3]}
+
+
+@pytest.mark.parametrize("name", sorted(DAG_EPS))
+def test_dag_bounds_are_sound_against_the_torch_jacobian(name):
+    net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
+    model = bounds_models.export_bytes(net, shape)
+    x0 = np.random.default_rng(1).standard_normal(shape)
+    widths, unstable = assert_dag_sound(model, net, shape, x0, DAG_EPS[name])
+    assert widths[0] < 1e-12 and min(unstable[1:]) >= 0.1, (widths, unstable)
+
+
+def test_dag_eps_zero_gives_the_jacobian_and_recurjac_beats_the_interval_chain():
+    net, shape = bounds_models.build("residual_mlp"), bounds_models.INPUT_SHAPES["residual_mlp"]
+    model = bounds_models.export_bytes(net, shape)
+    x0 = np.random.default_rng(2).standard_normal((1, *shape))
+    lo, hi = bounds(recurjac.build(model, lowering="graph"), x0, [0.0])
+    J = torch.func.jacrev(net)(torch.tensor(x0)).reshape(lo.shape).detach().numpy()
+    np.testing.assert_allclose(lo, J, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hi, J, rtol=1e-12, atol=1e-12)
+    widths = {m: np.mean(np.subtract(*bounds(recurjac.build(model, method=m), x0, [0.05])[::-1]))
+              for m in ("recurjac", "interval")}
+    assert widths["recurjac"] < 0.8 * widths["interval"], widths
+
+
+def test_residual_affine_network_gives_zero_width():
+    """Identity residual blocks with no activation: the network is affine, its bounds are its matrix."""
+    class Affine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.bn = torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.Conv2d(2, 2, 3, padding=1), \
+                torch.nn.BatchNorm2d(2)
+            self.head = torch.nn.Linear(2 * 2 * 4 * 4, 3)
+
+        def forward(self, x):
+            h = x + self.bn(self.c1(x))
+            h = torch.cat([h, self.c2(h) - h], 1)
+            return self.head(torch.flatten(torch.nn.functional.avg_pool2d(h, 2) * 0.5, 1))
+
+    torch.manual_seed(3)
+    net = Affine().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    model = bounds_models.export_bytes(net, (2, 8, 8))
+    x0 = np.random.default_rng(4).standard_normal((2, 2, 8, 8))
+    J = torch.func.jacrev(net.double())(torch.tensor(x0[:1])).reshape(3, -1).detach().numpy()
+    for norm in ("inf", "2"):
+        lo, hi = bounds(recurjac.build(model, norm=norm), x0, [0.0, 10.0])
+        np.testing.assert_array_equal(lo, hi)
+        for i in range(2):
+            np.testing.assert_allclose(lo[i], J, rtol=1e-10, atol=1e-12)
+
+
+def test_lenet_from_the_quickstart_is_bounded_soundly():
+    """examples/quickstart.py's LeNet (Conv-ReLU-MaxPool x2, three Linear): 1x28x28, 10 outputs. A 256 MiB
+    limit keeps the test fast: the largest back-substitutions fall back to interval bounds (still sound)."""
+    from examples import architectures
+
+    net = architectures.build("lenet").double()
+    model = bounds_models.export_bytes(net, (1, 28, 28))
+    x0 = architectures.example_input("lenet").double().numpy()
+    widths, _ = assert_dag_sound(model, net, (1, 28, 28), x0, [0.0, 0.01], memory_limit=256 << 20)
+    assert widths[0] < 1e-12 < widths[1]
+
+
+def test_dag_refuses_a_model_whose_dense_weights_are_too_big(monkeypatch):
+    net = bounds_models.build("pool_cnn")
+    model = bounds_models.export_bytes(net, (1, 8, 8))
+    monkeypatch.setattr(recurjac, "PROTO_LIMIT", 1000)
+    with pytest.raises(JacgraphError, match="GiB of dense lowered weights"):
+        recurjac.build(model)

@@ -1,0 +1,148 @@
+"""Small DAG networks for the bound passes (RecurJac, Lipschitz): residual, concat, pooling, branches.
+
+    net = build("resnet_cnn", seed=0)            # a float64 torch module in eval() mode
+    onnx_bytes = export_bytes(net, INPUT_SHAPES["resnet_cnn"])
+
+Inputs are 1x8x8 (the MLP: 16 features) so that the tests can sample thousands of float64 Jacobians
+in seconds; "cifar_cnn" is the 3x32x32 scale model of issue 13 (four convs, two of stride 2).
+BatchNorm layers get random running statistics so that folding them is exercised.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, d=16, h=24, out=5):
+        super().__init__()
+        self.inp, self.f1, self.f2, self.out = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, out)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = h + torch.relu(self.f1(h))
+        h = torch.relu(h + self.f2(h))
+        return self.out(h)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class ResNetCNN(nn.Module):
+    """stem conv, two residual blocks (BN), global average pool, linear."""
+
+    def __init__(self, c=4, out=5):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.blocks = nn.Sequential(ResBlock(c), ResBlock(c))
+        self.head = nn.Linear(c, out)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.stem(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+class DenseCNN(nn.Module):
+    """two dense layers: each concatenates its input with BN-ReLU-conv features, then avg-pool."""
+
+    def __init__(self, c=3, growth=3, out=5):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.bn1, self.c1 = nn.BatchNorm2d(c), nn.Conv2d(c, growth, 3, padding=1)
+        self.bn2, self.c2 = nn.BatchNorm2d(c + growth), nn.Conv2d(c + growth, growth, 3, padding=1)
+        self.head = nn.Linear((c + 2 * growth) * 16, out)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.cat([h, self.c1(torch.relu(self.bn1(h)))], 1)
+        h = torch.cat([h, self.c2(torch.relu(self.bn2(h)))], 1)
+        return self.head(torch.flatten(nn.functional.avg_pool2d(h, 2), 1))
+
+
+class PoolCNN(nn.Module):
+    """conv -> relu -> maxpool -> conv -> relu -> linear."""
+
+    def __init__(self, out=5):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 16, out)
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        return self.head(torch.flatten(torch.relu(self.c2(h)), 1))
+
+
+class InceptionCNN(nn.Module):
+    """branches 1x1 / 3x3 / 3x3-maxpool(stride 1)-1x1 concatenated, then a strided conv and a linear."""
+
+    def __init__(self, out=5):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.b1 = nn.Conv2d(4, 2, 1)
+        self.b3 = nn.Conv2d(4, 3, 3, padding=1)
+        self.bp = nn.Conv2d(4, 2, 1)
+        self.down = nn.Conv2d(7, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 * 16, out)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        branches = [self.b1(h), torch.tanh(self.b3(h)), self.bp(nn.functional.max_pool2d(h, 3, 1, padding=1))]
+        h = torch.relu(self.down(torch.relu(torch.cat(branches, 1))))
+        return self.head(torch.flatten(h, 1))
+
+
+class CifarCNN(nn.Module):
+    """3x32x32: conv3x3(16) conv4x4/2(32) conv3x3(32) conv4x4/2(64) linear(10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+                               nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+                               nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
+
+    def forward(self, x):
+        return self.f(x)
+
+
+MODELS = {"residual_mlp": ResidualMLP, "resnet_cnn": ResNetCNN, "densenet_cnn": DenseCNN,
+          "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN}
+INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32)}
+for _name in MODELS:
+    INPUT_SHAPES.setdefault(_name, (1, 8, 8))
+
+
+def build(name, seed=0):
+    """The model `name`, random weights under `seed`, random BN statistics, float64, eval()."""
+    torch.manual_seed(seed)
+    net = MODELS[name]()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return net.double().eval()
+
+
+def export_bytes(net, shape, opset=17) -> bytes:
+    """ONNX bytes (input x [N, *shape], output y, dynamic batch), BatchNorm kept as a node."""
+    buf = io.BytesIO()
+    x = torch.zeros((1, *shape), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.float(), (x.float(),), buf, dynamo=False, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    net.double()
+    return buf.getvalue()
