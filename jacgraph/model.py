@@ -244,12 +244,12 @@ class SourceModel:
         return Counter(op_key(n) for n in self.nodes)
 
     @cached_property
-    def is_cpa(self) -> bool:
-        """True when every op depending on the float inputs is affine in them, CPA, or a shape op.
+    def non_cpa_ops(self) -> list:
+        """Op types depending on the float inputs that are neither affine in them, CPA, nor shape ops (sorted).
 
         Mul/Div by a value that does not depend on the inputs, and Where on a constant condition, count as affine.
         """
-        active = set(self.float_inputs())
+        active, found = set(self.float_inputs()), set()
         for node in self.nodes:
             live = [bool(i) and i in active for i in node.input]
             if not any(live):
@@ -258,8 +258,14 @@ class SourceModel:
             affine_here = ((node.op_type == "Mul" and sum(live) == 1) or (node.op_type == "Div" and not live[1])
                            or (node.op_type == "Where" and not live[0]) or node.op_type in ("Cast", "GatherElements"))
             if not (affine_here or node.op_type in CPA_OPS | AFFINE_OPS | CONSTANT_OPS):
-                return False
-        return True
+                found.add(node.op_type)
+        return sorted(found)
+
+    @property
+    def is_cpa(self) -> bool:
+        """True when the model has a float input and every op depending on it is affine, CPA, or a shape op
+        (a model with integer inputs only has nothing to differentiate, so it is not called CPA)."""
+        return bool(self.float_inputs()) and not self.non_cpa_ops
 
     def active_nodes(self, wrt):
         """Nodes whose float outputs depend on the names in `wrt` (forward reachability)."""

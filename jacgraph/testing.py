@@ -55,8 +55,17 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
             elif node.op_type == "Cast" and attr.name == "to" and attr.i in (F32, TensorProto.FLOAT16):
                 attr.i = F64
+            elif attr.type == onnx.AttributeProto.GRAPH:  # Loop/Scan/If bodies: the same widening
+                attr.g.CopyFrom(_subgraph_to_float64(m, attr.g))
     del g.value_info[:]
     return m
+
+
+def _subgraph_to_float64(model, graph):
+    wrapper = onnx.ModelProto()
+    wrapper.opset_import.extend(model.opset_import)
+    wrapper.graph.CopyFrom(graph)
+    return to_float64(wrapper).graph
 
 
 def random_feeds(src: SourceModel, rng, batch=1, dtype=np.float64) -> dict:
@@ -101,40 +110,3 @@ def check_jvp(source: onnx.ModelProto, emitted: onnx.ModelProto, feeds: dict, di
     dots = [o.name for o in emitted.graph.output][len(names):]
     return {y: relative_error(out[d], fd[y]) for y, d in zip(names, dots)}
 
-
-def verify(path, seed: int = 0, h: float = 1e-7) -> dict:
-    """Check an emitted JVP model against float64 central differences of its own primal outputs.
-
-    The emitted graph computes y alongside y_dot, so no source model is needed: run a float64 copy
-    at x ± h·v and compare (y(x+hv) - y(x-hv)) / 2h with y_dot. Returns {output: relative error}.
-    """
-    import json
-
-    from .errors import JacgraphError
-    from .model import load
-
-    model = load(path)
-    props = {p.key: p.value for p in model.metadata_props}
-    if props.get("jacgraph.emit") != "jvp":
-        raise JacgraphError(f"{path} is not a JVP model emitted by jacgraph (no jacgraph.emit=jvp metadata). "
-                            "verify checks the output of `jacgraph compile --emit jvp`.")
-    K = int(props.get("jacgraph.tangents", 0)) or None
-    tangent_inputs = json.loads(props["jacgraph.tangent_inputs"])
-    tangent_outputs = json.loads(props["jacgraph.tangent_outputs"])
-    m64 = to_float64(model)
-    src = SourceModel(m64)
-    rng = np.random.default_rng(seed)
-    feeds = random_feeds(src, rng)
-    dot_names = {d for _, d in tangent_inputs}
-    for name in dot_names:
-        feeds[name] = rng.standard_normal(feeds[name].shape)
-    sess = reference_session(m64)
-    out = run_reference(sess, feeds)
-    errors = {}
-    for k in range(K or 1):
-        directions = {x: (feeds[d] if K is None else feeds[d][k]) for x, d in tangent_inputs}
-        fd = central_difference(sess, feeds, directions, h)
-        for y, y_dot in tangent_outputs:
-            got = out[y_dot] if K is None else out[y_dot][k]
-            errors[y] = max(errors.get(y, 0.0), relative_error(got, fd[y]))
-    return errors

@@ -44,8 +44,10 @@ class Plan:
 
     def summary(self, probes="columns") -> str:
         P = self.pattern.matrix
-        used = (f"{self.columns.count} JVP probes instead of {P.shape[1]}" if probes == "columns"
-                else f"{self.rows.count} VJP probes instead of {P.shape[0]}")
+        count, kind, full, unit = ((self.columns.count, "JVP", P.shape[1], "column") if probes == "columns"
+                                   else (self.rows.count, "VJP", P.shape[0], "row"))
+        used = (f"{count} {kind} probes instead of {full} (one per {unit})" if count < full
+                else f"{count} {kind} probes (one per {unit}: the pattern allows no compression)")
         return (f"Jacobian {P.shape[0]} x {P.shape[1]}, {P.nnz} structural nonzeros; {self.columns.count} column "
                 f"colours ({self.columns.method}; lower bound {self.columns.lower_bound}), {self.rows.count} row "
                 f"colours ({self.rows.method}; lower bound {self.rows.lower_bound}); using {used}")

@@ -129,3 +129,354 @@ def test_console_script_and_passes_subpackage_import():
     assert pass_module.build is not None
     done = subprocess.run([sys.executable, "-m", "jacgraph.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "compile" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "jacgraph.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("jacgraph ")
+
+
+# ---- issue 11: verify can fail, for every emitted kind ------------------------------------------
+
+def tamper(path, output, op, value):
+    """Rewrite `output` of the graph at `path` as `op(output, value)`: a deliberately broken graph."""
+    model = onnx.load(path)
+    producer = next(n for n in model.graph.node if output in n.output)
+    producer.output[list(producer.output).index(output)] = output + "_raw"
+    elem = next(o for o in model.graph.output if o.name == output).type.tensor_type.elem_type
+    const = numpy_helper.from_array(np.array(value, helper.tensor_dtype_to_np_dtype(elem)), output + "_tamper")
+    model.graph.initializer.append(const)
+    model.graph.node.append(helper.make_node(op, [output + "_raw", const.name], [output]))
+    onnx.save(model, path)
+    return path
+
+
+def emitted(tmp_path, emit, *extra):
+    src = mlp_model(tmp_path / "m.onnx")
+    out = tmp_path / f"m.{emit}.onnx"
+    assert run_cli("compile", src, "--emit", emit, "-o", out, "-q", *extra) == 0
+    return src, out
+
+
+def test_verify_fails_on_a_nan_tangent(tmp_path, capsys):
+    """Old verify printed `OK: worst 0.00e+00` for an all-NaN y_dot (max(0.0, nan) is 0.0)."""
+    _, out = emitted(tmp_path, "jvp")
+    tamper(out, "y_dot", "Mul", np.nan)
+    assert run_cli("verify", out) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert run_cli("verify", out, "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and any(c["value"] is None for c in report["checks"])
+
+
+@pytest.mark.parametrize("h", ["0", "-1e-7", "nan", "inf"])
+def test_verify_refuses_a_step_that_is_not_positive(tmp_path, capsys, h):
+    """Old verify accepted --h 0 and printed OK (every difference quotient NaN)."""
+    _, out = emitted(tmp_path, "jvp")
+    assert run_cli("verify", out, "--h", h) == 2
+    assert "--h" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("emit, extra, output, op, value", [
+    ("vjp", [], "x_bar", "Mul", 2.0),
+    ("vjp", ["--wrt", "params"], "w_bar", "Add", 0.5),
+    ("vjp", [], "x_bar", "Mul", np.inf),
+    ("jacobian", [], "y_jac", "Mul", 1.01),
+    ("jacobian", ["--sparse"], "y_jac_values", "Mul", 1.01),
+    ("jacobian", ["--probes", "rows"], "y_jac", "Add", 1e-3),
+])
+def test_verify_checks_vjp_and_jacobian_graphs(tmp_path, capsys, emit, extra, output, op, value):
+    """Old verify refused every graph but JVP; now each kind passes as emitted and fails when broken."""
+    _, out = emitted(tmp_path, emit, *extra)
+    assert run_cli("verify", out) == 0, capsys.readouterr()
+    assert f"OK: {emit} graph" in capsys.readouterr().out
+    tamper(out, output, op, value)
+    assert run_cli("verify", out) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_samples_recurjac_bounds(tmp_path, capsys):
+    src, out = emitted(tmp_path, "recurjac")
+    assert run_cli("verify", out) == 2  # a bound graph holds no copy of the network: --source is needed
+    assert "--source" in capsys.readouterr().err
+    x0 = tmp_path / "x0.npy"
+    np.save(x0, np.array([0.3, -0.2, 0.5, 0.1]))
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5", "--samples", "600") == 0
+    assert "outside the bounds: 0" in capsys.readouterr().out
+    tamper(out, "J_upper", "Add", -1.0)  # the upper bound pushed below the true Jacobian
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5", "--samples", "600") == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_refuses_graphs_it_cannot_check(tmp_path, capsys):
+    src = mlp_model(tmp_path / "m.onnx")
+    assert run_cli("verify", src) == 2  # a source model, not an emitted graph
+    assert "verify checks graphs emitted with --emit jvp, vjp, jacobian, recurjac" in capsys.readouterr().err
+
+
+# ---- issue 11: inputs are never destroyed, outputs checked before any work ------------------------
+
+def test_compile_refuses_to_overwrite_its_own_input(tmp_path, capsys):
+    src = mlp_model(tmp_path / "m.onnx")
+    before = src.read_bytes()
+    os.link(src, tmp_path / "hard.onnx")
+    for out in (src, tmp_path / "." / "m.onnx", tmp_path / "hard.onnx"):
+        assert run_cli("compile", src, "--emit", "jvp", "-o", out) == 2
+        assert "is an input of this command" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+@pytest.fixture
+def bound_files(tmp_path):
+    src = mlp_model(tmp_path / "m.onnx")
+    x0 = tmp_path / "x0.npy"
+    np.save(x0, np.array([0.3, -0.2, 0.5, 0.1], np.float32))
+    return src, x0
+
+
+def test_bound_refuses_an_output_named_like_a_model(bound_files, tmp_path, capsys):
+    """Old `bound --out model.onnx` replaced the model with an .npz under the .onnx name."""
+    src, x0 = bound_files
+    before = src.read_bytes()
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "--out", src) == 2
+    assert src.read_bytes() == before
+    other = tmp_path / "other.onnx"
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "-o", other) == 2
+    assert "does not end in .npz" in capsys.readouterr().err and not other.exists()
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "-o", x0) == 2
+    assert np.load(x0).shape == (4,)
+
+
+@pytest.mark.parametrize("out, words", [
+    ("{dir}", "is a folder"),
+    ("", "is empty"),
+    ("{dir}/missing/out.onnx", "does not exist"),
+])
+def test_unusable_output_paths_exit_2_before_any_work(tmp_path, capsys, out, words):
+    """Old: IsADirectoryError / a traceback for -o '' (after compiling)."""
+    src = mlp_model(tmp_path / "m.onnx")
+    assert run_cli("compile", src, "--emit", "jvp", "-o", out.format(dir=tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+# ---- issue 11: arrays and numbers checked at parse time -------------------------------------------
+
+@pytest.mark.parametrize("array, words", [
+    (np.zeros((0, 4), np.float32), "is empty"),
+    (np.array(["a", "b", "c", "d"]), "string"),
+    (np.array([1 + 2j, 0, 0, 0]), "complex"),
+    (np.array([np.nan, 0, 0, 0]), "NaN"),
+    (np.array([True, False, True, False]), "boolean"),
+])
+def test_bad_x0_arrays_exit_2(bound_files, tmp_path, capsys, array, words):
+    src, x0 = bound_files
+    np.save(x0, array)
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1") == 2
+    err = capsys.readouterr().err
+    assert words in err and err.startswith("jacgraph: error:")
+
+
+def test_x0_npz_archive_is_refused(bound_files, tmp_path, capsys):
+    src, _ = bound_files
+    archive = tmp_path / "x.npy"
+    with open(archive, "wb") as f:
+        np.savez(f, x=np.zeros(4))
+    assert run_cli("bound", src, "--x0", archive, "--eps", "0.1") == 2
+    assert ".npz archive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["lipschitz", "{m}", "--top-k", "0"], "--top-k"),  # old: IndexError
+    (["lipschitz", "{m}", "--top-k", "-2"], "--top-k"),
+    (["lipschitz", "{m}", "--exact-limit", "-1"], "--exact-limit"),
+    (["lipschitz", "{m}", "--iterations", "-1"], "--iterations"),
+    (["bound", "{m}", "--x0", "{x}", "--eps", "0.1", "--threads", "-3"], "--threads"),
+    (["bench", "{m}", "--runs", "0"], "--runs"),  # old: printed `nan ms`
+    (["bench", "{m}", "--tangents", "-1"], "--tangents"),
+    (["compile", "{m}", "--emit", "jvp", "-o", "{d}/o.onnx", "--inputs", ","], "--inputs"),  # old: meant "all"
+    (["compile", "{m}", "--emit", "jfb", "-o", "{d}/o.onnx", "--tol", "nan"], "--tol"),
+    (["bound", "{m}", "--x0", "{x}", "--eps", "inf"], "--eps"),
+    (["bound", "{m}", "--x0", "{x}", "--eps", "-0.1"], "--eps"),
+    (["sense", "{m}", "--x0", "{x}", "--budget", "0"], "--budget"),
+    (["verify", "{m}", "--seed", "-1"], "--seed"),
+    (["verify", "{m}", "--tol", "nan"], "--tol"),
+    (["compile", "{m}", "--emit", "jvp", "-o", "{d}/o.onnx", "--max-memory", "lots"], "--max-memory"),
+])
+def test_nonsense_options_exit_2_at_parse_time(bound_files, tmp_path, capsys, argv, flag):
+    src, x0 = bound_files
+    argv = [a.format(m=src, x=x0, d=tmp_path) for a in argv]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jacgraph: error: argument") and flag in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def two_layer_mlp(path):
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", (4, 8)), ("w2", (8, 3)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Relu", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_result_that_is_not_finite_is_an_error(bound_files, tmp_path, capsys):
+    """Old: `--eps 1e308` printed `<= nan`, exit 0, and --json printed bare NaN (not JSON)."""
+    _, x0 = bound_files
+    src = two_layer_mlp(tmp_path / "mlp2.onnx")
+    for extra in ([], ["--json"]):
+        assert run_cli("bound", src, "--x0", x0, "--eps", "1e308", *extra) == 2
+        out, err = capsys.readouterr()
+        assert "not finite" in err and "nan" not in out.lower()
+
+
+def test_input_shape_that_does_not_fit_is_refused_fast(tmp_path, capsys):
+    """Old: an --input-shape that does not fit a Flatten->Gemm ran 56 s and 9 GB before failing."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((48, 5)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+                              "fg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w_"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "fg.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    for argv in (["compile", path, "--emit", "recurjac", "-o", tmp_path / "o.onnx", "--input-shape", "1,3,64,64"],
+                 ["lipschitz", path, "--input-shape", "1,3,64,64"]):
+        assert run_cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert "--input-shape 1,3,64,64 does not fit the model" in err
+    assert run_cli("lipschitz", path, "--input-shape", "1,3,4,4", "--method", "autolip", "--json") == 0
+
+
+# ---- issue 11: the memory guard ------------------------------------------------------------------
+
+def conv_net(path, spatial=("h", "w")):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Relu", ["c"], ["y"])], "cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *spatial])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("argv, option", [
+    # old: recurjac on a 3x64x64 CNN used all 23 GB and was killed (dense layer matrices 12288 x 65536)
+    (["compile", "{c}", "--emit", "recurjac", "-o", "{d}/o.onnx", "--input-shape", "1,3,64,64"], "--input-shape"),
+    (["compile", "{c}", "--emit", "jacobian", "-o", "{d}/o.onnx", "--input-shape", "x=1,3,64,64"], "--sparse"),
+    # old: `_ArrayMemoryError: Unable to allocate 224. GiB`
+    (["compile", "{c}", "--emit", "jacobian", "-o", "{d}/o.onnx", "--input-shape", "x=1,3,100000,100000"], "--sparse"),
+    (["bench", "{c32}", "--tangents", "1000000", "--no-memory"], "--tangents"),  # old: killed
+])
+def test_memory_guard_refuses_before_allocating(tmp_path, capsys, argv, option):
+    conv = conv_net(tmp_path / "c.onnx")
+    conv32 = conv_net(tmp_path / "c32.onnx", spatial=(32, 32))
+    argv = [a.format(c=conv, c32=conv32, d=tmp_path) for a in argv]
+    assert run_cli(*argv, "--max-memory", "200M") == 2
+    err = capsys.readouterr().err
+    assert "needs an estimated" in err and "--max-memory limit of 200.0 MiB" in err and option in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_memory_guard_default_is_the_available_memory(tmp_path, capsys):
+    conv = conv_net(tmp_path / "c.onnx")
+    assert run_cli("compile", conv, "--emit", "jacobian", "-o", tmp_path / "o.onnx",
+                   "--input-shape", "x=1,3,100000,100000") == 2
+    assert "memory available on this machine (MemAvailable)" in capsys.readouterr().err
+
+
+# ---- issue 11: one command line ------------------------------------------------------------------
+
+def test_every_argument_has_help_text():
+    from jacgraph.cli import parser
+
+    missing = []
+    for name, sub in parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.help is None or (isinstance(action.help, str) and not action.help.strip()):
+                missing.append(f"{name} {action.option_strings or action.dest}")
+    assert not missing, missing
+
+
+def test_json_everywhere_is_valid_json(tmp_path, capsys):
+    src, out = emitted(tmp_path, "jvp")
+    capsys.readouterr()
+    x0 = tmp_path / "x0.npy"
+    np.save(x0, np.array([[0.3, -0.2, 0.5, 0.1]], np.float32))
+    for argv in (["compile", src, "--emit", "jvp", "-o", tmp_path / "j.onnx", "--json"],
+                 ["verify", out, "--json"], ["inspect", src, "--json"],
+                 ["sense", src, "--x0", x0, "--json", "-o", tmp_path / "J.npz"],
+                 ["bound", src, "--x0", x0, "--eps", "0.1", "--json"]):
+        assert run_cli(*argv) == 0
+        json.loads(capsys.readouterr().out)  # raises on NaN, Infinity or any stray line
+
+
+def test_output_option_and_its_deprecated_alias(bound_files, tmp_path, capsys):
+    src, x0 = bound_files
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "-o", tmp_path / "a.npz", "-q") == 0
+    assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "--out", tmp_path / "b.npz") == 0
+    assert "--out is deprecated" in capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "a.npz")["J_upper"], np.load(tmp_path / "b.npz")["J_upper"])
+
+
+def test_outputs_follow_the_umask(bound_files, tmp_path):
+    """Old: emitted files were mode 0600 whatever the umask (mkstemp + rename)."""
+    src, x0 = bound_files
+    old = os.umask(0o022)
+    try:
+        assert run_cli("compile", src, "--emit", "jvp", "-o", tmp_path / "j.onnx") == 0
+        assert run_cli("bound", src, "--x0", x0, "--eps", "0.1", "-o", tmp_path / "b.npz") == 0
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "j.onnx").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(tmp_path / "b.npz").st_mode & 0o777) == oct(0o644)
+
+
+def test_inspect_names_the_non_cpa_op_and_int_models_are_not_cpa(tmp_path, capsys):
+    src = mlp_model(tmp_path / "m.onnx", extra_nodes=[helper.make_node("Tanh", ["y"], ["t"])])
+    assert run_cli("inspect", src) == 0
+    assert "not CPA (because of Tanh)" in capsys.readouterr().out
+    graph = helper.make_graph([helper.make_node("Add", ["k", "k"], ["y"])], "ints",
+                              [helper.make_tensor_value_info("k", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [3])])
+    path = tmp_path / "ints.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert run_cli("inspect", path, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpa"] is False and info["float_inputs"] == []
+
+
+def test_jacobian_summary_does_not_say_n_probes_instead_of_n(tmp_path, capsys):
+    """Old: `using 10 VJP probes instead of 10`."""
+    emitted(tmp_path, "jacobian")
+    out = capsys.readouterr().out
+    assert "using 4 JVP probes" in out and "instead of 4" not in out
+
+
+# ---- issue 11: external data -----------------------------------------------------------------------
+
+def test_external_data_models_compile_from_any_folder(tmp_path, monkeypatch):
+    """Source weights in a .data file beside it; compiled from another working directory into a third folder,
+    the emitted graph embeds its weights (or, with --external-data, writes its own .data beside itself)."""
+    from onnx import external_data_helper
+
+    from jacgraph.runtime import session
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "cwd").mkdir()
+    model = onnx.load(mlp_model(tmp_path / "plain.onnx"))
+    external_data_helper.convert_model_to_external_data(model, location="m.onnx.data", size_threshold=0)
+    onnx.save(model, tmp_path / "src" / "m.onnx")
+    monkeypatch.chdir(tmp_path / "cwd")
+    feeds = {"x": np.ones((1, 4), np.float32), "x_dot": np.ones((1, 4), np.float32)}
+    for extra, files in (([], ["j.onnx"]), (["--external-data"], ["j.onnx", "j.onnx.data"])):
+        for f in os.listdir(tmp_path / "out"):
+            os.remove(tmp_path / "out" / f)
+        assert run_cli("compile", tmp_path / "src" / "m.onnx", "--emit", "jvp", "-o", tmp_path / "out" / "j.onnx",
+                       *extra) == 0
+        assert sorted(os.listdir(tmp_path / "out")) == files
+        y, y_dot = session(str(tmp_path / "out" / "j.onnx")).run(None, feeds)
+        assert np.all(np.isfinite(y_dot)) and y_dot.shape == (1, 3)

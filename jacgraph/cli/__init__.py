@@ -1,0 +1,126 @@
+"""The command line: `jacgraph compile | inspect | bench | verify | bound | lipschitz | sense`.
+
+One convention for every command (docs/using-the-cli.md): -o/--output for what it writes, checked
+before any work; --json (valid JSON); --quiet; --threads; --max-memory for the memory guard; exit
+codes 0 (done), 1 (verify found the graph wrong), 2 (bad input, a one-paragraph `jacgraph: error:`,
+nothing written), 3 (a bug in jacgraph: `jacgraph: internal error:`), 130 (interrupted, nothing half-written).
+
+The command runs in a worker thread while the main thread waits, so Ctrl-C is seen within a fraction of
+a second even while onnxruntime, numpy or a solver holds the worker in native code: the main thread
+then removes the command's temporary files and ends the process (exit 130). Work that outlasts ~2 s
+gets a progress line on stderr (unless --quiet).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from importlib import metadata
+
+from ..errors import JacgraphError
+from .analysis import add_bound, add_lipschitz, add_sense
+from .commands import add_bench, add_compile, add_inspect, add_verify
+from .files import atomic_output, output_paths, parse_shape, remove_live_temporaries, write_atomic
+from .options import Parser
+
+__all__ = ["main", "parser", "atomic_output", "write_atomic", "output_paths", "parse_shape"]
+
+INTERNAL_ERROR = 3
+PROGRESS_AFTER_S = 2.0
+PROGRESS_EVERY_S = 10.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("jacgraph")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def parser() -> Parser:
+    p = Parser(prog="jacgraph", description="Compile ONNX models into ONNX models of their derivatives. "
+               "Exit codes: 0 done, 1 verify failed, 2 bad input (nothing written), 3 internal error, 130 interrupted.")
+    p.add_argument("--version", action="version", version=f"jacgraph {version()}", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_compile, add_inspect, add_bench, add_verify, add_bound, add_lipschitz, add_sense):
+        add(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except JacgraphError as e:
+        return _error(e)
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    return run_command(args)
+
+
+def _error(e) -> int:
+    print(f"jacgraph: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_command(args) -> int:
+    """Run args.func(args) in a worker thread; the main thread watches for Ctrl-C and reports progress."""
+    outcome = {}
+
+    def work():
+        try:
+            outcome["code"] = args.func(args)
+        except BaseException as e:  # handed to the main thread, which reports it
+            outcome["error"] = e
+
+    worker = threading.Thread(target=work, name=f"jacgraph {args.command}", daemon=True)
+    started = time.monotonic()
+    try:
+        worker.start()
+        _wait(worker, args, started)
+    except KeyboardInterrupt:
+        _interrupted(args)
+    error = outcome.get("error")
+    if isinstance(error, JacgraphError):
+        return _error(error)
+    if isinstance(error, KeyboardInterrupt):
+        _interrupted(args)
+    if error is not None:
+        return _internal_error(error)
+    return outcome.get("code", 0)
+
+
+def _internal_error(error) -> int:
+    """Not bad input but a bug in jacgraph: one paragraph with where it happened (JACGRAPH_DEBUG=1: the traceback)."""
+    if os.environ.get("JACGRAPH_DEBUG"):
+        traceback.print_exception(error)
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    at = f" at {os.path.basename(where.filename)}:{where.lineno} in {where.name}" if where else ""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    print(f"jacgraph: internal error: {type(error).__name__}{': ' + detail if detail else ''}{at}. This is a bug in "
+          "jacgraph, not in your input; nothing was written. Please report it with the command line "
+          "(JACGRAPH_DEBUG=1 prints the traceback).", file=sys.stderr)
+    return INTERNAL_ERROR
+
+
+def _wait(worker, args, started):
+    next_note = started + PROGRESS_AFTER_S
+    while worker.is_alive():
+        worker.join(0.1)
+        now = time.monotonic()
+        if worker.is_alive() and now >= next_note and not getattr(args, "quiet", False):
+            print(f"jacgraph {args.command}: working ({now - started:.0f} s)", file=sys.stderr, flush=True)
+            next_note = now + PROGRESS_EVERY_S
+
+
+def _interrupted(args):
+    """Ctrl-C: no partial output (temporaries removed; finished files were renamed whole), exit 130 now."""
+    remove_live_temporaries()
+    print(f"jacgraph {args.command}: interrupted; nothing partial was written", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""`jacgraph verify`: check an emitted graph numerically, whatever it computes.
+
+The kind comes from the graph's `jacgraph.emit` metadata. Each check returns numbers that can fail:
+a NaN or infinite value anywhere is a failure, never a pass, and a check that compared nothing fails.
+
+- jvp: y_dot against float64 central differences of the graph's own primal outputs (y(x+hv)-y(x-hv))/2h.
+- vjp: the dot-product identity <J v, u> = <v, Jᵀu>: Jᵀu is the graph's gradient output for the cotangent
+  u, J v the central difference of its own primal outputs (inputs and differentiated parameters moved).
+- jacobian: J v from the emitted J against central differences of the graph's own primal outputs.
+- recurjac: true Jacobians at points sampled in the ball (uniform, on the boundary, corners), computed
+  exactly in float64 with the source's multi-tangent JVP, must lie inside [J_lower, J_upper].
+Everything runs on a float64 copy of the graph (onnx.reference where onnxruntime has no float64 kernel).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import JacgraphError
+from .model import SourceModel, load
+from .reference import reference_session, run_reference
+from .testing import central_difference, random_feeds, relative_error, to_float64
+
+KINDS = ("jvp", "vjp", "jacobian", "recurjac")
+
+
+@dataclass
+class Check:
+    """One number compared with its limit; ok only when it is finite and within the limit."""
+    name: str
+    value: float
+    limit: float
+    what: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.value)) and self.value <= self.limit
+
+
+class _OrtSession:
+    """onnxruntime with the reference evaluator's interface (output_names, run(None, feeds))."""
+
+    def __init__(self, sess):
+        self.sess, self.output_names = sess, [o.name for o in sess.get_outputs()]
+
+    def run(self, names, feeds):
+        return self.sess.run(names, feeds)
+
+
+def float64_session(m64: onnx.ModelProto):
+    """onnxruntime on the float64 copy where it has every kernel (fast, runs Loop bodies), else onnx.reference
+    (float64 Conv, which onnxruntime lacks)."""
+    from .runtime import session
+
+    try:
+        return _OrtSession(session(m64, provider="CPUExecutionProvider"))
+    except JacgraphError:
+        return reference_session(m64)
+
+
+def emitted_kind(model: onnx.ModelProto) -> str:
+    return {p.key: p.value for p in model.metadata_props}.get("jacgraph.emit", "")
+
+
+def verify(path, seed=0, h=1e-7, tol=1e-4, source=None, x0=None, eps=None, samples=2000) -> tuple:
+    """(kind, [Check]) for an emitted graph (path or ModelProto)."""
+    model = load(path)
+    kind = emitted_kind(model)
+    if kind not in KINDS:
+        what = f"a {kind} graph" if kind else "not a graph emitted by jacgraph (no jacgraph.emit metadata)"
+        raise JacgraphError(f"{path if isinstance(path, str) else 'the model'} is {what}; verify checks graphs "
+                            f"emitted with --emit {', '.join(KINDS)}.")
+    if not (np.isfinite(h) and h > 0):
+        raise JacgraphError(f"--h {h} is not a positive finite step; central differences need one, e.g. --h 1e-7.")
+    props = {p.key: p.value for p in model.metadata_props}
+    rng = np.random.default_rng(seed)
+    if kind == "recurjac":
+        if source is None:
+            raise JacgraphError("a recurjac bound graph holds no copy of the network it bounds. Give the source "
+                                "model with --source MODEL.onnx (and optionally --x0 and --eps).")
+        return kind, check_bounds(model, props, source, rng, x0, eps, samples)
+    m64 = to_float64(model)
+    sess = float64_session(m64)
+    feeds = random_feeds(SourceModel(m64), rng)
+    checks = {"jvp": check_jvp, "vjp": check_vjp, "jacobian": check_jacobian}[kind](m64, props, sess, feeds, rng, h, tol)
+    if not checks:
+        raise JacgraphError("the graph names no differentiated output, so there is nothing to compare; it was not "
+                            "emitted by this version of jacgraph or its metadata was edited.")
+    return kind, checks
+
+
+def _all_finite(out: dict) -> list:
+    return [name for name, v in out.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+            and not np.all(np.isfinite(v))]
+
+
+def _nonfinite_check(out) -> list:
+    bad = _all_finite(out)
+    return [Check(f"{name} finite", float("inf"), 0.0, "output holds NaN or inf") for name in bad]
+
+
+def check_jvp(m64, props, sess, feeds, rng, h, tol) -> list:
+    K = int(props.get("jacgraph.tangents", 0)) or None
+    tangent_inputs = json.loads(props["jacgraph.tangent_inputs"])
+    tangent_outputs = json.loads(props["jacgraph.tangent_outputs"])
+    for _, d in tangent_inputs:
+        feeds[d] = rng.standard_normal(feeds[d].shape)
+    out = run_reference(sess, feeds)
+    errors = {}
+    for k in range(K or 1):
+        directions = {x: (feeds[d] if K is None else feeds[d][k]) for x, d in tangent_inputs}
+        fd = central_difference(sess, feeds, directions, h)
+        for y, y_dot in tangent_outputs:
+            got = out[y_dot] if K is None else out[y_dot][k]
+            errors.setdefault(y, []).append(relative_error(got, fd[y]))
+    return _nonfinite_check(out) + [
+        Check(y, _worst(e), tol, "relative error of y_dot vs float64 central differences") for y, e in errors.items()]
+
+
+def _worst(errors) -> float:
+    errors = np.asarray(errors, np.float64)
+    return float("inf") if not np.all(np.isfinite(errors)) else float(errors.max())
+
+
+def check_vjp(m64, props, sess, feeds, rng, h, tol) -> list:
+    ybars = json.loads(props["jacgraph.cotangent_inputs"])
+    grads = json.loads(props["jacgraph.gradient_outputs"])
+    inits = {t.name: t for t in m64.graph.initializer}
+    for name, _ in grads:  # differentiated parameters are inputs whose default is the initializer
+        if name not in feeds and name in inits:
+            feeds[name] = numpy_helper.to_array(inits[name]).astype(np.float64)
+    out = run_reference(sess, feeds)
+    v = {name: rng.standard_normal(np.shape(feeds[name])) for name, _ in grads}
+    Jv = central_difference(sess, feeds, v, h)
+    lhs = sum(float(np.sum(Jv[y] * feeds[bar])) for y, bar in ybars)
+    rhs = sum(float(np.sum(v[name] * out[bar])) for name, bar in grads)
+    # scale without cancellation: the sums of absolute products bound both sides
+    scale = max(sum(float(np.sum(np.abs(Jv[y] * feeds[bar]))) for y, bar in ybars),
+                sum(float(np.sum(np.abs(v[name] * out[bar]))) for name, bar in grads), 1e-30)
+    if not ybars or not grads:
+        return []
+    return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
+                                          f"dot-product identity over {len(grads)} gradient(s), J v by float64 "
+                                          "central differences")]
+
+
+def check_jacobian(m64, props, sess, feeds, rng, h, tol) -> list:
+    x = props["jacgraph.input"]
+    rows = dict(json.loads(props["jacgraph.rows"]))
+    out = run_reference(sess, feeds)
+    checks = _nonfinite_check(out)
+    for trial in range(2):
+        v = rng.standard_normal(feeds[x].shape)
+        fd = central_difference(sess, feeds, {x: v}, h)
+        for y, *names in json.loads(props["jacgraph.jacobian_outputs"]):
+            J = _dense(out, names, rows[y], v.size)
+            checks.append(Check(f"{y} (direction {trial})", relative_error(J @ v.ravel(), fd[y].ravel()), tol,
+                                "relative error of J v vs float64 central differences"))
+    return checks
+
+
+def _dense(out, names, m, n):
+    if len(names) == 1:
+        return np.asarray(out[names[0]], np.float64).reshape(m, n)
+    J = np.zeros((m, n))
+    values, idx = out[names[0]], out[names[1]]
+    np.add.at(J, (idx[:, 0], idx[:, 1]), values)
+    return J
+
+
+# ---- bounds -----------------------------------------------------------------------------------------
+
+def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
+    """Sampled true Jacobians (float64, exact for the network at each point) inside the emitted bounds."""
+    from .runtime import session
+
+    in_shape = tuple(json.loads(props["jacgraph.input_shape"]))
+    norm = props.get("jacgraph.norm", "inf")
+    x0 = rng.standard_normal((1, *in_shape)) if x0 is None else np.asarray(x0, np.float64)
+    if x0.shape == in_shape:
+        x0 = x0[None]
+    if x0.shape[1:] != in_shape:
+        raise JacgraphError(f"--x0 has shape {list(x0.shape)}, but the bound graph takes points of shape "
+                            f"{list(in_shape)} (or a batch [N, {', '.join(map(str, in_shape))}]).")
+    eps = np.full(len(x0), 0.1 if eps is None else float(eps))
+    lo, hi = session(model).run(None, {"x0": x0.astype(_input_dtype(model)), "eps": eps.astype(_input_dtype(model))})[:2]
+    checks = [Check("bounds finite", 0.0 if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) else float("inf"),
+                    0.0, "J_lower and J_upper hold no NaN or inf"),
+              Check("J_lower <= J_upper", float(max(np.max(lo - hi), 0.0)), 0.0, "largest crossing of the bounds")]
+    jacobian = _true_jacobian(source, in_shape)
+    slack = (1e-9 if _input_dtype(model) == np.float64 else 1e-5) * max(1.0, float(np.max(np.abs(hi))),
+                                                                         float(np.max(np.abs(lo))))
+    outside, worst, count = 0, 0.0, 0
+    per_point = max(1, -(-samples // len(x0)))
+    for i in range(len(x0)):
+        points = x0[i] + eps[i] * _ball_directions(rng, per_point, in_shape, norm)
+        for J in jacobian(points):
+            count += 1
+            excess = np.maximum(lo[i] - slack - J, J - hi[i] - slack)
+            if not np.all(np.isfinite(J)):
+                excess = np.full(1, np.inf)
+            outside += int(np.any(excess > 0))
+            worst = max(worst, float(np.max(excess)) + slack if np.any(excess > 0) else worst)
+    checks.append(Check("sampled Jacobians outside the bounds", float(outside), 0.0,
+                        f"of {count} points in the l_{norm} ball(s) (uniform, boundary, corners); worst excess "
+                        f"{worst:.2e}, rounding slack {slack:.1e}"))
+    return checks
+
+
+def _input_dtype(model):
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+
+
+def _ball_directions(rng, count, shape, norm):
+    """Offsets in the unit ball: a third uniform inside, a third on the boundary, a third at corners (inf) or
+    on coordinate axes (2), the points where a bound is most likely to be tight."""
+    n = int(np.prod(shape))
+    k = max(1, count // 3)
+    if norm == "inf":
+        inside = rng.uniform(-1, 1, (k, n))
+        boundary = rng.uniform(-1, 1, (k, n))
+        boundary[np.arange(k), rng.integers(0, n, k)] = rng.choice([-1.0, 1.0], k)
+        extreme = rng.choice([-1.0, 1.0], (count - 2 * k, n))
+    else:
+        g = rng.standard_normal((count - k, n))
+        sphere = g / np.linalg.norm(g, axis=1, keepdims=True)
+        inside, boundary = sphere[:k] * rng.uniform(0, 1, (k, 1)) ** (1 / n), sphere[k:2 * k]
+        extreme = np.zeros((count - 2 * k, n))
+        extreme[np.arange(len(extreme)), rng.integers(0, n, len(extreme))] = rng.choice([-1.0, 1.0], len(extreme))
+    return np.concatenate([inside, boundary, extreme]).reshape((-1, *shape))
+
+
+def _true_jacobian(source, in_shape):
+    """points [P, *in_shape] -> iterator of J [outputs, inputs], from the source's float64 JVP with one tangent
+    per input element (onnxruntime in float64 where it has the kernels, else onnx.reference)."""
+    from .passes import jvp
+
+    src = SourceModel(source)
+    x = src.float_inputs()[0]
+    n = int(np.prod(in_shape))
+    graph = to_float64(jvp.build(src, inputs=[x], tangents=n))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
+    y_dot = json.loads(meta["jacgraph.tangent_outputs"])[0][1]
+    sess = float64_session(graph)
+    run = lambda feeds: sess.run([y_dot], feeds)[0]  # noqa: E731
+    declared = src.shape(x) or ()
+    batch = declared[0] if declared and isinstance(declared[0], int) else None
+    eye = np.eye(n)
+
+    def jacobians(points):
+        chunk = 1 if batch == 1 else 64
+        for s in range(0, len(points), chunk):
+            p = points[s:s + chunk]
+            xs = p.reshape((len(p), *in_shape))
+            tangent = np.broadcast_to(eye.reshape(n, 1, *in_shape), (n, len(p), *in_shape)).copy()
+            Y = np.asarray(run({x: xs, x_dot: tangent}))  # [n, P, outputs...]
+            for i in range(len(p)):
+                yield Y[:, i].reshape(n, -1).T
+    return jacobians
