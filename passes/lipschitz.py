@@ -35,7 +35,6 @@ computed exactly frequency by frequency; the smaller of the two is used.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -528,70 +527,3 @@ def run_lipsdp(stages, last_slope, explicit=True) -> dict:
             raise
         return {"skipped": str(e)}
 
-
-# ---- CLI ----------------------------------------------------------------------------------------
-def _print(report: Report):
-    if report.layers:
-        print(f"{'layer':>5} {'op':16s} {'in -> out':24s} {'act':11s} {'norm (estimate)':>16s} {'bound':>13s} {'via':8s} {'time s':>8s}")
-        for r in report.layers:
-            shapes = f"{'x'.join(map(str, r['in']))} -> {'x'.join(map(str, r['out']))}"
-            print(f"{r['layer']:>5} {r['op'][:16]:16s} {shapes:24s} {str(r['activation']):11s} {r['norm_estimate']:16.8g} "
-                  f"{r['bound']:13.8g} {r['bound_method']:8s} {r['power_seconds'] + r['bound_seconds']:8.3f}")
-    if report.seqlip and report.seqlip["pairs"]:
-        print(f"\n{'pair':>7} {'units':>6} {'factor':>13s} {'bound':>13s}  {'search':28s} {'time s':>8s}")
-        for p in report.seqlip["pairs"]:
-            print(f"{p['pair'][0]:>3}-{p['pair'][1]:<3} {p['units']:6d} {p['value']:13.8g} {p['bound']:13.8g}  "
-                  f"{p['method']:28s} {p['seconds']:8.3f}")
-    print()
-    if report.autolip:
-        a = report.autolip
-        print(f"AutoLip bound     {a['bound']:.6g}   (guaranteed; {a['seconds']:.2f} s)")
-        print(f"AutoLip estimate  {a['estimate']:.6g}   (estimate: power-iteration norms, not a bound)")
-    if report.seqlip:
-        s = report.seqlip
-        if s["exact"]:
-            print(f"SeqLip bound      {s['bound']:.6g}   (guaranteed: exact search over activation patterns; "
-                  f"{s['seconds']:.2f} s)")
-        else:
-            print(f"SeqLip estimate   {s['value']:.6g}   (estimate: greedy search beyond {s['exact_limit']} units, "
-                  f"not a bound; {s['seconds']:.2f} s)")
-            print(f"SeqLip bound      {s['bound']:.6g}   (guaranteed: exact pairs, midpoint bound on the others)")
-    d = report.lipsdp
-    if d and "skipped" in d:
-        print(f"LipSDP skipped    ({d['skipped']})")
-    elif d:
-        how = f"{d['solver']} SDP, {d['rows']} rows" if d["solver"] else d["status"]
-        if d["guaranteed"]:
-            print(f"LipSDP bound      {d['bound']:.6g}   (guaranteed: the solver's T checked in float64; {how}; "
-                  f"{d['seconds']:.2f} s)")
-        else:
-            print(f"LipSDP bound      none   (the solver's T failed the float64 check; {how})")
-        print(f"LipSDP estimate   {d['value']:.6g}   (estimate: the solver's sqrt(rho), not a bound)")
-
-
-def cmd_lipschitz(args) -> int:
-    from jacgraph.cli import parse_shape
-
-    shape = parse_shape(args.input_shape) if args.input_shape else None
-    report = analyze(args.model, method=args.method, input_shape=shape, iterations=args.iterations,
-                     exact_limit=args.exact_limit, top_k=args.top_k, seed=args.seed)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        _print(report)
-    return 0
-
-
-def add_command(subparsers):
-    p = subparsers.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip, LipSDP)")
-    p.add_argument("model")
-    p.add_argument("--method", choices=["autolip", "seqlip", "lipsdp", "all"], default="all",
-                   help="all: LipSDP only when the model fits its size limit (else skipped with a note)")
-    p.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32 (needed for Conv models without one)")
-    p.add_argument("--iterations", type=int, default=1000, help="power-iteration cap per layer")
-    p.add_argument("--exact-limit", type=int, default=EXACT_LIMIT,
-                   help=f"SeqLip: exact search over 2^n patterns up to n units (default {EXACT_LIMIT}, at most {EXACT_CAP})")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="SeqLip greedy search: singular directions kept")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_lipschitz)

@@ -28,9 +28,7 @@ units selected as unstable (TopK of a mask, so the graph keeps static ranks and 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -38,7 +36,6 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from jacgraph.cli import atomic_output
 from jacgraph.errors import JacgraphError
 from jacgraph.layers import is_chain, lower
 from jacgraph.model import SourceModel
@@ -636,58 +633,3 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
     per_output, induced = lipschitz(lo, hi, norm)
     return {"J_lower": lo, "J_upper": hi, "lipschitz": per_output, "induced": induced, "eps": eps}
 
-
-def _save_npz_atomic(path, arrays):
-    with atomic_output(path, ".npz", "--out") as tmp:
-        np.savez(tmp, **arrays)
-
-
-def _load_x0(path):
-    if not os.path.isfile(path):
-        raise JacgraphError(f"--x0 {path}: no such file. Save the point(s) with numpy.save('x.npy', x0).")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise JacgraphError(f"--x0 {path} is not a .npy array ({type(e).__name__}). Save it with numpy.save.") from None
-
-
-def cmd_bound(args) -> int:
-    from jacgraph.cli import parse_shape
-
-    x0 = _load_x0(args.x0)
-    if args.eps < 0 or not np.isfinite(args.eps):
-        raise JacgraphError(f"--eps {args.eps} is not a radius; give a finite eps >= 0.")
-    shape = parse_shape(args.input_shape) if args.input_shape else None
-    r = bound(args.model, x0, args.eps, norm=args.norm, method=args.method, input_shape=shape, threads=args.threads)
-    if args.out:
-        _save_npz_atomic(args.out, {**r, "norm": np.array(args.norm), "method": np.array(args.method)})
-    q = {"inf": "1", "2": "2"}[args.norm]
-    if args.json:
-        print(json.dumps({"norm": args.norm, "dual_norm": q, "method": args.method, "eps": r["eps"].tolist(),
-                          "lipschitz": r["lipschitz"].tolist(), "induced": r["induced"].tolist(),
-                          "mean_width": (r["J_upper"] - r["J_lower"]).mean(axis=(1, 2)).tolist()}, indent=2))
-        return 0
-    for n in range(len(r["eps"])):
-        print(f"point {n}: l_{args.norm} ball of radius {r['eps'][n]:g}, {args.method} bounds, "
-              f"mean width {np.mean(r['J_upper'][n] - r['J_lower'][n]):.4g}")
-        for i, L in enumerate(r["lipschitz"][n]):
-            print(f"  output {i}: local Lipschitz bound (max ||grad y_{i}||_{q}) {L:.6g}")
-        print(f"  whole Jacobian: ||J||_{args.norm}->{args.norm} <= {r['induced'][n]:.6g}")
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
-
-
-def add_command(subparsers):
-    p = subparsers.add_parser("bound", help="sound Jacobian bounds and local Lipschitz constants over an input ball")
-    p.add_argument("model")
-    p.add_argument("--x0", required=True, help=".npy file: one point (the model's per-sample shape) or a batch [N, ...]")
-    p.add_argument("--eps", required=True, type=float, help="radius of the ball around each point (>= 0)")
-    p.add_argument("--norm", choices=NORMS, default="inf", help="the ball's norm (default inf)")
-    p.add_argument("--method", choices=METHODS, default="recurjac",
-                   help="recurjac (default) or interval (the plain interval chain, for comparison)")
-    p.add_argument("--input-shape", help="fixed input shape when the model's is symbolic, e.g. 1,3,32,32")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    p.add_argument("--out", help="write J_lower, J_upper, lipschitz, induced, eps to this .npz")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bound)

@@ -28,7 +28,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from jacgraph import runtime
-from jacgraph.cli import atomic_output
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel, load
 
@@ -261,48 +260,3 @@ def _cov_trace(A, keep):
         _TRACES[key] = float(np.trace(inverse[:-1, :-1]))
     return _TRACES[key]
 
-
-# ---- command line -----------------------------------------------------------------------------------
-
-def save_npz_atomic(path, J):
-    with atomic_output(path, ".npz", "--out") as tmp:
-        sp.save_npz(tmp, sp.csr_matrix(J))
-
-
-def cmd_sense(args) -> int:
-    inputs = [n.strip() for n in args.inputs.split(",")] if args.inputs else None
-    res = sense(args.model, args.x0, budget=args.budget, robust=args.robust, pattern=args.pattern, step=args.step,
-                seed=args.seed, inputs=inputs, progress=False if args.no_progress else None)
-    m, n = res.J.shape
-    print(f"{args.model}: {m} x {n} Jacobian, {args.pattern} pattern, {res.colours} colours "
-          f"(minimum {res.min_calls} calls)")
-    method = "L1 regression (HiGHS) + least-squares refit on the calls kept" if res.robust else "least squares"
-    print(f"forward calls used: {res.calls}; recovery: {method}; step {res.step:g}")
-    if res.nonfinite_calls:
-        print(f"calls that returned NaN/inf (left out): {res.nonfinite_calls}")
-    if res.robust:
-        print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}")
-    if res.estimated_error is None:
-        print("estimated relative error: n/a (no redundant calls; raise --budget above the minimum)")
-    else:
-        print(f"estimated relative error (from residuals; an estimate, not a bound): {res.estimated_error:.2e}")
-    if args.out:
-        save_npz_atomic(args.out, res.J)
-        print(f"wrote {args.out} (scipy.sparse.load_npz; rows: output elements, columns: x elements)")
-    return 0
-
-
-def add_command(subparsers):
-    p = subparsers.add_parser("sense", help="recover J(x0) of a black box from forward calls (Jacobian sensing)")
-    p.add_argument("model")
-    p.add_argument("--x0", required=True, help="the point, a .npy file of the input's shape")
-    p.add_argument("--budget", type=int, help="forward calls (default 2*(colours+1), 4*colours with --robust)")
-    p.add_argument("--robust", action="store_true", help="L1 regression: tolerates a fraction of corrupted calls")
-    p.add_argument("--pattern", choices=PATTERNS, default="structural",
-                   help="structural: from the graph (no calls); dense: assume nothing (n colours)")
-    p.add_argument("--step", type=float, help="perturbation size h (default 1e-3*max(1, rms(x0)))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--inputs", help="the float input to perturb (default: the only one)")
-    p.add_argument("--out", help="write J as a scipy.sparse .npz")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_sense)
