@@ -8,8 +8,9 @@ one random value per colour of the column colouring of J's pattern. Row i of J t
 
 and, because the columns of S_i have distinct colours, the regressors of each row are independent
 Gaussians: |S_i| + 1 unknowns (f_i(x0) is one of them, so no call is special and any call may be
-corrupted), recovered from N calls by least squares, or with `robust` by L1 regression (a HiGHS
-linear program) followed by a least-squares refit on the calls it did not flag as outliers. L1
+corrupted), recovered from N calls by least squares, or with `robust` by L1 regression (ADMM over
+all rows that share a design matrix, each row certified by its duality gap, the HiGHS linear
+program where that fails) followed by a least-squares refit on the calls it did not flag. L1
 regression recovers the row exactly when a small fraction of calls is arbitrarily corrupted; least
 squares spreads every corrupted call over every coefficient.
 
@@ -119,27 +120,119 @@ def _fit_ls(A, y):
     return z, np.ones(len(y), bool)
 
 
+def _inliers(A, y, z):
+    """Calls whose residual under z is within OUTLIER_CUT robust standard deviations (1.4826·MAD). An L1
+    fit interpolates s calls exactly, so the scale comes from the other N - s residuals."""
+    s = A.shape[1]
+    r = np.abs(A @ z - y)
+    scale = 1.4826 * np.median(np.sort(r)[s:])
+    return r <= OUTLIER_CUT * max(scale, 1e-12 * max(np.abs(y).max(), 1e-300))
+
+
+def _refit(A, y, keep, factors):
+    """Least squares on the calls kept, repeated until the calls it keeps are the calls it was fitted on
+    (at most a few rounds); None when that does not settle. `factors` caches the Cholesky factor of
+    A[keep]ᵀA[keep] per kept set (rows with the same corrupted calls share it)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    for _ in range(5):
+        if keep.sum() <= A.shape[1]:
+            return None
+        key = keep.tobytes()
+        if key not in factors:
+            try:
+                factors[key] = cho_factor(A[keep].T @ A[keep])
+            except LinAlgError:  # (near) rank-deficient: the slower, stabler solver
+                factors[key] = None
+        z = (cho_solve(factors[key], A[keep].T @ y[keep]) if factors[key] is not None
+             else _fit_ls(A[keep], y[keep])[0])
+        again = _inliers(A, y, z)
+        if np.array_equal(again, keep):
+            return z, keep
+        keep = again
+    return None
+
+
 def _fit_l1(A, y):
-    """min ‖A z - y‖₁ (HiGHS), then least squares on the calls whose residual is not an outlier."""
+    """min ‖A z - y‖₁ (HiGHS linear program, sparse), then least squares on the calls that are not outliers."""
     from scipy.optimize import linprog
 
     N, s = A.shape
     centre = np.median(y)  # keeps the LP's absolute tolerances small next to the signal
-    c = np.concatenate([np.zeros(s), np.ones(N)])
-    A_ub = np.block([[A, -np.eye(N)], [-A, -np.eye(N)]])
-    b_ub = np.concatenate([y - centre, centre - y])
-    res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=[(None, None)] * s + [(0, None)] * N, method="highs")
+    # A z - y = p - q with p, q >= 0: min Σ p + q, equality rows [A, I, -I]
+    A_eq = sp.hstack([sp.csr_matrix(A), sp.identity(N, format="csr"), -sp.identity(N, format="csr")], format="csr")
+    c = np.concatenate([np.zeros(s), np.ones(2 * N)])
+    res = linprog(c, A_eq=A_eq, b_eq=y - centre, bounds=[(None, None)] * s + [(0, None)] * (2 * N), method="highs")
     if res.status != 0:
         raise JacgraphError(f"the L1 regression did not solve ({res.message}). Increase --budget.")
     z = res.x[:s]
     z[-1] += centre  # the last column is the intercept f_i(x0)
-    r = np.abs(A @ z - y)
-    # an L1 fit interpolates s calls exactly; the robust scale (1.4826·MAD) comes from the other N - s
-    scale = 1.4826 * np.median(np.sort(r)[s:])
-    keep = r <= OUTLIER_CUT * max(scale, 1e-12 * max(np.abs(y).max(), 1e-300))
+    keep = _inliers(A, y, z)
     if keep.sum() > s:
         z, _ = _fit_ls(A[keep], y[keep])
     return z, keep
+
+
+def _fit_l1_rows(A, Y, iterations=3000, check_every=25, gap=1e-6):
+    """Robust fits of the columns of Y that share the design A (N x s), all at once.
+
+    ADMM on min ‖A z - y‖₁ (split r = A z - y; the z-step is the projection A M onto A's range,
+    M = (AᵀA)⁻¹Aᵀ from one Cholesky factorisation shared by every row and iteration; the r-step is
+    a soft threshold),
+    with each row's residual scale normalised to 1 and the penalty rebalanced as it runs. Every
+    `check_every` iterations each row's duality gap is measured: its multiplier, projected onto
+    null(Aᵀ) and scaled into |ν| <= 1, is a feasible point of the dual max -bᵀν, so -bᵀν is a lower
+    bound on the optimum. A row whose objective is within a relative `gap` of that bound is solved;
+    its outlier flags are read off the residuals, and the least-squares refit on the calls kept must
+    reproduce them (_refit). A row that does not get there falls back to the linear program (_fit_l1).
+    """
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+
+    s, R = A.shape[1], Y.shape[1]
+    Z, keeps = np.zeros((s, R)), [None] * R
+    try:
+        M = cho_solve(cho_factor(A.T @ A), A.T)
+    except LinAlgError:  # a (near) rank-deficient design: the linear program for every row
+        iterations = 0
+        M = np.zeros((s, A.shape[0]))
+    factors = {}
+    centre = np.median(Y, axis=0)
+    scale = 1.4826 * np.median(np.abs(Y - centre), axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    B = (Y - centre) / scale
+    fit, resid, dual = np.zeros_like(B), B.copy(), np.zeros_like(B)  # A z, r, scaled multiplier u
+    rho = np.ones(R)
+    open_rows = np.arange(R)
+    for it in range(1, iterations + 1):
+        b, r, u = B[:, open_rows], resid[:, open_rows], dual[:, open_rows]
+        f = A @ (M @ (b + r - u))
+        r_new = f - b + u
+        r_new = np.sign(r_new) * np.maximum(np.abs(r_new) - 1.0 / rho[open_rows], 0.0)
+        u = u + f - b - r_new
+        primal, change = np.linalg.norm(f - b - r_new, axis=0), np.linalg.norm(r_new - r, axis=0) * rho[open_rows]
+        factor = np.where(primal > 10 * change, 2.0, np.where(change > 10 * primal, 0.5, 1.0))
+        rho[open_rows] *= factor
+        fit[:, open_rows], resid[:, open_rows], dual[:, open_rows] = f, r_new, u / factor
+        if it % check_every:
+            continue
+        nu = dual[:, open_rows] * rho[open_rows]
+        nu -= A @ (M @ nu)
+        nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
+        objective = np.abs(fit[:, open_rows] - B[:, open_rows]).sum(axis=0)
+        bound = -(B[:, open_rows] * nu).sum(axis=0)
+        for j, obj, low in zip(open_rows, objective, bound):
+            if obj - low <= gap * max(obj, 1e-12):
+                z = M @ (fit[:, j] * scale[j] + centre[j])
+                keeps[j] = _refit(A, Y[:, j], _inliers(A, Y[:, j], z), factors) or False
+        open_rows = np.array([j for j in open_rows if keeps[j] is None], int)
+        if not len(open_rows):
+            break
+    for j in range(R):
+        if keeps[j]:
+            Z[:, j], keeps[j] = keeps[j]
+        else:
+            Z[:, j], keeps[j] = _fit_l1(A, Y[:, j])
+    return Z, keeps
 
 
 def sense(model, x0, budget=None, robust=False, pattern="structural", step=None, seed=0, inputs=None,
@@ -201,12 +294,12 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     if P.shape[0] != m:
         raise JacgraphError(f"the model returned {m} output values but its pattern has {P.shape[0]} rows; the "
                             "declared output shapes do not match what onnxruntime computes. Use --pattern dense.")
-    res = _recover(P, colours, G, Y, step, robust, pattern, len(Y), K, min_calls)
+    res = _recover(P, colours, G, Y, step, robust, pattern, len(Y), K, min_calls, progress)
     res.calls, res.nonfinite_calls = budget, int((~finite).sum())
     return res
 
 
-def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls) -> Sensed:
+def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, progress=False) -> Sensed:
     """Per-row regression. Rows with the same colour sequence share their design matrix [G[:, colours], 1],
     so least squares solves each such group at once."""
     P = sp.csr_matrix(P)
@@ -217,12 +310,16 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls) -> S
         groups.setdefault(key, []).append(i)
     values = np.zeros(P.nnz)
     variance, flagged = 0.0, np.zeros(budget)
+    from tqdm import tqdm
+
+    bar = tqdm(total=m, desc="jacgraph sense: robust fits", unit="row", file=sys.stderr, leave=False,
+               disable=True if not robust else (None if progress is None else not progress))
     for rows in groups.values():
         cols = colours[P.indices[P.indptr[rows[0]]:P.indptr[rows[0] + 1]]]
         A = np.hstack([G[:, cols], np.ones((budget, 1))])
         if robust:
-            fits = [_fit_l1(A, Y[:, i]) for i in rows]
-            Z, keeps = np.stack([z for z, _ in fits], axis=1), [k for _, k in fits]
+            Z, keeps = _fit_l1_rows(A, Y[:, rows])
+            bar.update(len(rows))
         else:
             Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
             keeps = [np.ones(budget, bool)] * len(rows)
@@ -236,6 +333,7 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls) -> S
             r = A[keep] @ z - Y[keep, i]
             trace = _cov_trace(A, keep)
             variance += float(r @ r) / dof * trace / step ** 2
+    bar.close()
     J = sp.csr_matrix((values, P.indices.copy(), P.indptr.copy()), shape=(m, n))
     norm = float(np.linalg.norm(values))
     estimate = None if variance is None else float(np.sqrt(variance) / max(norm, 1e-300))

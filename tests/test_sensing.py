@@ -184,3 +184,42 @@ def test_dense_pattern_senses_what_the_structure_pass_cannot_read(tmp_path):
     expected = np.zeros((2, 5))
     expected[0, 3] = expected[1, 1] = 1  # y = (x[3], x[1]); steps of 1e-2 never reorder values 1 apart
     np.testing.assert_allclose(res.J, expected, atol=1e-4)  # float32 rounding of x0 + h·d over h = 1e-2
+
+
+def corrupted_regression(N, s, R, fraction, seed=0):
+    """y = A z + tiny noise for R rows sharing the design A (intercept last), `fraction` of the calls corrupted."""
+    rng = np.random.default_rng(seed)
+    A = np.hstack([rng.standard_normal((N, s - 1)), np.ones((N, 1))])
+    Z = rng.standard_normal((s, R))
+    Y = A @ Z + 1e-9 * rng.standard_normal((N, R))
+    bad = rng.choice(N, int(round(fraction * N)), replace=False)
+    Y[bad] = rng.uniform(-1e3, 1e3, (len(bad), R))
+    return A, Y, Z, bad
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2])
+def test_admm_fits_match_the_linear_program_row_by_row(fraction):
+    A, Y, Z, bad = corrupted_regression(240, 41, 4, fraction)
+    got, keeps = sensing._fit_l1_rows(A, Y)
+    for j in range(Y.shape[1]):
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
+        np.testing.assert_array_equal(keeps[j], keep_lp)
+        assert set(np.flatnonzero(~keeps[j])) == set(bad.tolist())
+        np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[:, j], Z[:, j], rtol=0, atol=1e-8)
+
+
+def test_rows_the_admm_does_not_certify_fall_back_to_the_linear_program(monkeypatch):
+    A, Y, Z, _ = corrupted_regression(120, 21, 2, 0.1)
+    solved = []
+    exact = sensing._fit_l1
+    monkeypatch.setattr(sensing, "_fit_l1", lambda A, y: solved.append(1) or exact(A, y))
+    got, _ = sensing._fit_l1_rows(A, Y, iterations=10)  # too few iterations for a duality gap of 1e-6
+    assert len(solved) == 2
+    np.testing.assert_allclose(got, Z, rtol=0, atol=1e-8)
+
+
+def test_progress_bar_over_robust_fits(conv_layer, capsys):
+    model, x0, _ = conv_layer
+    sensing.sense(model, x0, budget=40, robust=True, step=1.0, progress=True)
+    assert "robust fits" in capsys.readouterr().err
