@@ -146,6 +146,7 @@ class SourceModel:
             self._types[vi.name] = vi.type
         for t in self.graph.initializer:
             self._types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        _fill_state_shapes(self.graph, self._types)
         self.producer = {out: node for node in self.graph.node for out in node.output if out}
         self.nodes = self._topological_order()
         self._check_conv_channels()
@@ -371,6 +372,24 @@ def _infer_body(graph, outer, input_types):
     return body
 
 
+def _fill_state_shapes(graph, types):
+    """ONNX shape inference leaves the loop-carried outputs of a Loop/Scan without a shape; where the body
+    declares the state it returns with the initial value's shape, the final value has that shape too."""
+    for node in graph.node:
+        if node.op_type not in ("Loop", "Scan"):
+            continue
+        body = subgraphs(node)[0]
+        scanned = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        first_in, first_out = (2, 1) if node.op_type == "Loop" else (0, 0)
+        for k in range(len(node.input) - first_in - scanned):
+            final, start = node.output[k], node.input[first_in + k]
+            if not final or start not in types or (final in types and _shape_of(types[final]) is not None):
+                continue
+            shape = _shape_of(types[start])
+            if shape is not None and _shape_of(body.output[first_out + k].type) == shape:
+                types[final] = types[start]
+
+
 class Subgraph(SourceModel):
     """A Loop/Scan/If body seen like a model: its nodes in order, the types of its values and of the
     enclosing scopes' values it reads, and constants from every scope.
@@ -382,21 +401,20 @@ class Subgraph(SourceModel):
 
     def __init__(self, graph, outer: SourceModel, input_types=None, carried=()):
         self.outer, self.proto, self.opset = outer, outer.proto, outer.opset
-        if input_types:
-            graph = _infer_body(graph, outer, input_types)
-            changed = False
-            for i, o in carried:
-                given, got = _shape_of(graph.input[i].type), self._inferred_shape(graph, graph.output[o].name)
-                if given is not None and got is not None and given != got:
-                    declared = graph.input[i].type.tensor_type
-                    if len(given) != len(got):
-                        declared.ClearField("shape")
-                    for d, a, c in zip(declared.shape.dim, given, got):
-                        if a != c:
-                            d.Clear()
-                    changed = True
-            if changed:
-                graph = _infer_body(graph, outer, [None] * len(graph.input))
+        graph = _infer_body(graph, outer, input_types or [])  # re-inferred in its scope: ONNX leaves some types out
+        changed = False
+        for i, o in carried:
+            given, got = _shape_of(graph.input[i].type), self._inferred_shape(graph, graph.output[o].name)
+            if given is not None and got is not None and given != got:
+                declared = graph.input[i].type.tensor_type
+                if len(given) != len(got):
+                    declared.ClearField("shape")
+                for d, a, c in zip(declared.shape.dim, given, got):
+                    if a != c:
+                        d.Clear()
+                changed = True
+        if changed:
+            graph = _infer_body(graph, outer, [])
         self.graph = graph
         self.initializers = {**outer.initializers, **{t.name: t for t in graph.initializer}}
         self.inputs, self.outputs = list(graph.input), list(graph.output)
@@ -406,6 +424,7 @@ class Subgraph(SourceModel):
                 self._types[vi.name] = vi.type
         for t in graph.initializer:
             self._types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        _fill_state_shapes(graph, self._types)
         self.producer = {**outer.producer, **{out: n for n in graph.node for out in n.output if out}}
         self.nodes = self._topological_order()
 

@@ -16,6 +16,7 @@ def _exact_reference_ops():
     MaxPool indices at stride 1 (MaxPool runs in onnxruntime instead: its float64 kernel and the
     argmax it reports are the convention the JVP rule pins)."""
     from onnx.reference.op_run import OpRun
+    from onnx.reference.ops import op_loop
     from scipy.special import erf
 
     class Erf(OpRun):
@@ -56,7 +57,27 @@ def _exact_reference_ops():
                 squares[:, c] = np.sum(x[:, max(0, c - below):min(channels, c + above + 1)] ** 2, axis=1)
             return ((x / (bias + (alpha / size) * squares) ** beta).astype(x.dtype),)
 
-    return [Erf, Gelu, LRN, MaxPool]
+    class Loop(op_loop.Loop):
+        """onnx's Loop joins scan-output rows of rank >= 2 with np.vstack (concatenated, not stacked on a new
+        axis as the spec and onnxruntime do) and runs no iteration when the optional cond is omitted."""
+
+        def __init__(self, onnx_node, run_params):
+            super().__init__(onnx_node, run_params)
+            run_body, self.scans, self.K = self._run_body, self.K, 0  # K = 0: rows are collected here instead
+
+            def run_and_keep_rows(*args, **kwargs):
+                outputs = run_body(*args, **kwargs)
+                self.rows.append(outputs[len(outputs) - self.scans:])
+                return outputs
+            self._run_body = run_and_keep_rows
+
+        def _run(self, M, cond, *args, **kwargs):
+            self.rows = []
+            res = super()._run(M, np.array(True) if cond is None else cond, *args, **kwargs)
+            stacked = [np.stack([row[k] for row in self.rows]) if self.rows else np.empty((0,)) for k in range(self.scans)]
+            return tuple(res[:len(res) - self.scans]) + tuple(stacked)
+
+    return [Erf, Gelu, LRN, MaxPool, Loop]
 
 
 def reference_session(model: onnx.ModelProto):

@@ -9,7 +9,8 @@ import onnx
 
 from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
-from jacgraph.model import SourceModel, unsupported_error
+from jacgraph.model import SourceModel, node_inputs
+from jacgraph.rules import control_flow  # noqa: F401  (registers If/Loop/Scan into the JVP and VJP tables)
 from jacgraph.rules.jvp import BATCHED, JVP, zeros_like
 
 STRATEGIES = ("twopass", "batched")
@@ -23,6 +24,24 @@ def missing_rules(src: SourceModel, wrt, table) -> Counter:
 
 def tangent_name(b, name):
     return b.fresh(f"{name}_dot")
+
+
+def differentiate(b, env):
+    """Copy b.src's nodes into `b`, each followed by its tangent rule; `env` (source value name -> tangent
+    name, absent: zero) is updated. Control-flow rules call this on a child Builder for each body."""
+    strategy = getattr(b, "strategy", DEFAULT_STRATEGY)
+    for node in b.src.nodes:
+        tangents_in = [env.get(name) if name else None for name in node_inputs(node)]
+        if all(t is None for t in tangents_in):
+            b.copy(node)
+            continue
+        outs = NotImplemented
+        if strategy == "batched" and node.op_type in BATCHED:
+            outs = BATCHED[node.op_type](b, node, *tangents_in)
+        if outs is NotImplemented:
+            b.copy(node)
+            outs = JVP[node.op_type](b, node, *tangents_in)
+        env.update((name, t) for name, t in zip(node.output, outs) if name)
 
 
 @dataclass
@@ -58,18 +77,8 @@ def emit(model, inputs=None, tangents=None, strategy=DEFAULT_STRATEGY) -> JVPRes
         env[x] = tangent_name(b, x)
         b.add_input(env[x], src.dtype(x), lead + list(src.shape(x) or []))
 
-    for node in src.nodes:
-        tangents_in = [env.get(name) if name else None for name in node.input]
-        if all(t is None for t in tangents_in):
-            b.copy(node)
-            continue
-        outs = NotImplemented
-        if strategy == "batched" and node.op_type in BATCHED:
-            outs = BATCHED[node.op_type](b, node, *tangents_in)
-        if outs is NotImplemented:
-            b.copy(node)
-            outs = JVP[node.op_type](b, node, *tangents_in)
-        env.update((name, t) for name, t in zip(node.output, outs) if name)
+    b.strategy = strategy
+    differentiate(b, env)
 
     b.outputs.extend(src.outputs)
     out_pairs = []

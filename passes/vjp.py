@@ -13,8 +13,8 @@ from onnx import helper
 
 from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
-from jacgraph.model import SourceModel, unsupported_error
-from jacgraph.passes.jvp import missing_rules
+from jacgraph.model import SourceModel, node_inputs
+from jacgraph.rules import control_flow  # noqa: F401  (registers If/Loop/Scan into the JVP and VJP tables)
 from jacgraph.rules.jvp import zeros_like
 from jacgraph.rules.transpose import VJP
 
@@ -37,6 +37,30 @@ def resolve_wrt(src: SourceModel, wrt):
         raise JacgraphError(f"--wrt names {', '.join(map(repr, unknown))}, which is not a floating-point initializer "
                             f"of the model. Use --wrt params for all of them, or names from: {listed or '(none)'}.")
     return names
+
+
+def summed_cotangent(b, cts, name):
+    """The cotangent of `name`: its terms in `cts` summed (once), None when no rule reached it."""
+    terms = cts.get(name)
+    if not terms:
+        return None
+    if len(terms) > 1:
+        cts[name] = [b.Sum(*terms)]
+    return cts[name][0]
+
+
+def sweep(b, nodes, cts):
+    """Apply the transpose rule of each of `nodes` (topological order) in reverse; `cts` maps a source value
+    name to its cotangent terms and is updated for the names in b.active. Control-flow rules call this on a
+    child Builder for each body, whose outer-scope captures come back after the node's own inputs."""
+    for node in reversed(nodes):
+        out_cts = [summed_cotangent(b, cts, o) if o else None for o in node.output]
+        if all(c is None for c in out_cts):
+            continue
+        in_cts = VJP[node.op_type](b, node, *out_cts)
+        for name, ct in zip(node_inputs(node), in_cts):
+            if name and ct is not None and name in b.active and b.src.is_float(name):
+                cts.setdefault(name, []).append(ct)
 
 
 @dataclass
@@ -71,7 +95,6 @@ def emit(model, inputs=None, wrt=None) -> VJPResult:
     active_nodes = src.active_nodes(xs + params)
     for node in active_nodes:
         b.active.update(o for o in node.output if o)
-    active_ids = {id(n) for n in active_nodes}
 
     for inp in src.graph.input:
         if inp.name not in src.initializers:
@@ -84,12 +107,7 @@ def emit(model, inputs=None, wrt=None) -> VJPResult:
     cts = {}  # source value name -> cotangent names to sum
 
     def cotangent(name):
-        terms = cts.get(name)
-        if not terms:
-            return None
-        if len(terms) > 1:
-            cts[name] = [b.Sum(*terms)]
-        return cts[name][0]
+        return summed_cotangent(b, cts, name)
 
     bar_inputs = []
     for y in src.outputs:
@@ -99,16 +117,7 @@ def emit(model, inputs=None, wrt=None) -> VJPResult:
             cts.setdefault(y.name, []).append(name)
             bar_inputs.append([y.name, name])
 
-    for node in reversed(src.nodes):
-        if id(node) not in active_ids:
-            continue
-        out_cts = [cotangent(o) if o else None for o in node.output]
-        if all(c is None for c in out_cts):
-            continue
-        in_cts = VJP[node.op_type](b, node, *out_cts)
-        for name, ct in zip(node.input, in_cts):
-            if name and ct is not None and name in b.active and src.is_float(name):
-                cts.setdefault(name, []).append(ct)
+    sweep(b, active_nodes, cts)
 
     if wrt == "params":  # keep only the initializers a rule reached
         params = [p for p in params if cts.get(p)]

@@ -77,6 +77,39 @@ def i64(*values):
 
 X = {"x": (2, 3, 4)}
 X4 = {"x": (2, 3, 5, 5)}
+
+
+def _body(nodes, inputs, outputs):
+    """A Loop/Scan/If body over (3,) float64 values: inputs/outputs are (name, elem type or None) pairs."""
+    typed = lambda pairs: [helper.make_tensor_value_info(n, t or TensorProto.DOUBLE, [] if t else [3])  # noqa: E731
+                           for n, t in pairs]
+    return helper.make_graph(nodes, "body", typed(inputs), typed(outputs))
+
+
+# Control flow (jacgraph/rules/control_flow.py; nesting, captures and K tangents in tests/test_control_flow.py):
+# bodies read x and w from the outer scope; the If's condition depends on x.
+CONTROL_FLOW_CASES = [
+    Case("If", {"x": (3,)}, ["c"], consts={"w": f64(3), "zero": np.array(0.0)},
+         extra_nodes=[helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0), helper.make_node("Greater", ["sx", "zero"], ["c"])],
+         attrs={"then_branch": _body([helper.make_node("Sin", ["x"], ["sin_x"]), helper.make_node("Mul", ["sin_x", "w"], ["yt"])],
+                                     [], [("yt", None)]),
+                "else_branch": _body([helper.make_node("Mul", ["x", "x"], ["ye"])], [], [("ye", None)])},
+         covers=("ReduceSum", "Greater")),
+    # (only a scan output: ONNX shape inference gives a Loop's carried outputs no shape, which this table's
+    # model builder needs; carried state is tested in tests/test_control_flow.py. An explicit cond: onnx's
+    # reference evaluator runs no iteration when it is omitted)
+    Case("Loop", {"x": (3,)}, ["M", "go"], consts={"M": np.array(3, np.int64), "go": np.array(True), "w": f64(3)},
+         attrs={"body": _body([helper.make_node("Cast", ["i"], ["fi"], to=TensorProto.DOUBLE),
+                               helper.make_node("Mul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "fi"], ["a"]),
+                               helper.make_node("Tanh", ["a"], ["row"]), helper.make_node("Identity", ["c_in"], ["c_out"])],
+                              [("i", TensorProto.INT64), ("c_in", TensorProto.BOOL)],
+                              [("c_out", TensorProto.BOOL), ("row", None)])}),
+    Case("Scan", {"s": (3,), "xs": (4, 3)}, ["s", "xs"], n_out=2, consts={"w": f64(3)},
+         attrs={"num_scan_inputs": 1, "body": _body(
+             [helper.make_node("Mul", ["s_in", "x_t"], ["sx"]), helper.make_node("Add", ["sx", "w"], ["a"]),
+              helper.make_node("Sin", ["a"], ["s_out"]), helper.make_node("Exp", ["s_in"], ["row"])],
+             [("s_in", None), ("x_t", None)], [("s_out", None), ("row", None)])}),
+]
 AB = {"a": (2, 3), "b": (2, 3)}
 
 CASES = [
@@ -250,6 +283,7 @@ CASES = [
     Case("LayerNormalization", {"x": (2, 3, 4), "scale": (3, 4), "bias": (3, 4)}, ["x", "scale", "bias"], attrs={"axis": 1},
          id="layernorm-all-active"),
     Case("InstanceNormalization", X4, ["x", "scale", "bias"], consts={"scale": f64(3), "bias": f64(3)}),
+    *CONTROL_FLOW_CASES,
 ]
 
 

@@ -182,6 +182,8 @@ def to_float32(model):
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
             elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.DOUBLE:
                 attr.i = TensorProto.FLOAT
+            elif attr.type == onnx.AttributeProto.GRAPH:  # Loop/Scan/If bodies
+                attr.g.CopyFrom(to_float32(helper.make_model(attr.g)).graph)
     return m
 
 
