@@ -202,7 +202,9 @@ def fold_constants(proto) -> onnx.ModelProto:
     keep, folded = [], {}
     for node in proto.graph.node:
         outs = None
-        if node.domain not in ("", "ai.onnx") or "Random" in node.op_type or node.op_type == "Bernoulli" \
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            outs = [numpy_helper.to_array(node.attribute[0].t)]  # no evaluator needed (exports hold hundreds)
+        elif node.domain not in ("", "ai.onnx") or "Random" in node.op_type or node.op_type == "Bernoulli" \
                 or any(o in outputs for o in node.output) or node.attribute and any(a.g.node for a in node.attribute):
             pass
         elif node.op_type in ("Shape", "Size") and node.input[0] in shapes:
@@ -231,9 +233,15 @@ def fold_constants(proto) -> onnx.ModelProto:
             used |= {i for n in _subgraph_nodes(a) for i in n.input}
     out = _copy(proto)
     del out.graph.node[:], out.graph.value_info[:]
+    out.graph.node.extend(constant_nodes([numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]))
     out.graph.node.extend(keep)
-    out.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in folded.items() if name in used)
     return out
+
+
+def constant_nodes(tensors):
+    """Constant nodes for folded or lowering-made values: as initializers they would count as parameters
+    (the VJP's wrt="params" differentiates every float initializer)."""
+    return [helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_const") for t in tensors]
 
 
 def _subgraph_nodes(attr):
@@ -336,9 +344,10 @@ def lower_recurrences(proto) -> onnx.ModelProto:
             b.copy(node)
     out = _copy(src.proto)
     del out.graph.node[:], out.graph.initializer[:], out.graph.value_info[:]
-    out.graph.node.extend(b.nodes)
-    used = {i for n in b.nodes for i in n.input} | set(src.initializers)
-    out.graph.initializer.extend(t for t in b.initializers if t.name in used)
+    used = {i for n in b.nodes for i in n.input}
+    made = [t for t in b.initializers if t.name not in src.initializers and t.name in used]
+    out.graph.node.extend(constant_nodes(made) + b.nodes)
+    out.graph.initializer.extend(src.graph.initializer)
     return out
 
 

@@ -110,7 +110,7 @@ def test_native_rules_win_and_cpa_survives_expansion():
     # without native rules for them, both expand into Max/Mul/Add/Min (their CastLike constants folded):
     # still continuous piecewise-affine, and the dynamic batch axis stays dynamic
     expanded = SourceModel(model, native=lowering.native_ops() - {"Relu", "HardSigmoid"})
-    assert {n.op_type for n in expanded.nodes} <= {"MatMul", "Max", "Min", "Mul", "Add"}
+    assert {n.op_type for n in expanded.nodes} <= {"MatMul", "Max", "Min", "Mul", "Add", "Constant"}
     assert expanded.is_cpa and expanded.shape("y") == ("N", 3)
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
     assert np.array_equal(runtime.run(runtime.session(expanded.proto), {"x": x})["y"],
