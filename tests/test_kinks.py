@@ -68,6 +68,10 @@ MAXPOOL_GEOMETRIES = {
     "non-overlapping": {"kernel_shape": [2, 2], "strides": [2, 2]},
     "padded-ceil": {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1},
     "dilated": {"kernel_shape": [2, 3], "dilations": [2, 1]},
+    "overlapping-padded": {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+    "same-upper": {"kernel_shape": [3, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    "ceil-keeps-last": {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1},
+    "ceil-drops-last": {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1},
 }
 
 
@@ -80,6 +84,24 @@ def test_maxpool_ties_take_the_index_onnxruntime_reports(attrs):
     indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
     got = tangent(one_node("MaxPool", shape, attrs), [x], [v])
     np.testing.assert_array_equal(got, v.reshape(-1)[indices])
+
+
+@pytest.mark.parametrize("attrs", MAXPOOL_GEOMETRIES.values(), ids=MAXPOOL_GEOMETRIES.keys())
+def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs):
+    """The slice-and-compare rule (no MaxPool Indices output) gives the same ties with K stacked tangents."""
+    shape, K = [2, 3, 8, 7], 3
+    model = one_node("MaxPool", shape, attrs)
+    emitted = jvp.build(model, tangents=K)
+    rng = np.random.default_rng(1)
+    x = rng.integers(-1, 2, shape).astype(np.float32)
+    v = rng.standard_normal([K] + shape).astype(np.float32)
+    got = runtime.run(runtime.session(emitted), {"x0": x, "x0_dot": v})["y0_dot"]
+    indices_model = one_node("MaxPool", shape, attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
+    indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output[0].type.tensor_type.shape
+    shapes_agree = [d.dim_value for d in inferred.dim] == list(indices.shape)  # else the Indices kernel is used
+    assert all(len(n.output) == 1 for n in emitted.graph.node if n.op_type == "MaxPool") == shapes_agree
+    np.testing.assert_array_equal(got, np.stack([vk.reshape(-1)[indices] for vk in v]))
 
 
 def test_hard_swish_uses_the_middle_piece_at_plus_minus_three():

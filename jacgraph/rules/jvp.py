@@ -548,29 +548,60 @@ def max_pool(b, node, t):
     """ẏ = ẋ[argmax]; ties take the first maximum in row-major window order, the index onnxruntime reports.
 
     onnxruntime's MaxPool with an Indices output runs a generic kernel 8-30x slower than its plain
-    one. Where windows do not overlap, they are unfolded instead by a Conv with one-hot filters
-    (exact: one product by 1, the rest by 0) and the argmax taken over them (padded cells set to
-    -inf never win); overlapping windows would be unfolded k² times over, and there the Indices
-    output is the cheaper way (measured, examples/bench_jvp.py).
+    one, so with static shapes the winner is found without it. Stride 1 (overlapping windows, e.g.
+    inception's 3x3/1 pool): one window axis at a time from the last, each of the k taps along the
+    axis is a Slice, the taps' Max is compared with Equal, and Where keeps the tangent of the first
+    tap that attains it. Over the last axis this picks the leftmost maximum of every window row,
+    over the next the topmost row whose maximum is the window's: the first maximum in row-major
+    order, exactly (Slice and Max copy values, Equal compares them exactly); Σ k_i slices instead of
+    a Π k_i-fold unfold. Padding is explicit (-inf, and 0 in the tangent), so a padded cell never
+    wins, and ceil_mode's windows are counted as onnxruntime counts them. Strided windows: see
+    _max_pool_unfolded. Measured per architecture in docs/benchmarks/speed.md.
     """
-    if b.src.attrs(node).get("storage_order", 0):
+    attrs = b.src.attrs(node)
+    if attrs.get("storage_order", 0):
         raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
-    geometry = _pool_geometry(b, node)
+    geometry = window_geometry(b.src, node)
     x, y = node.input[0], node.output[0]
-    overlapping = geometry is None or any(st < dil * (k - 1) + 1 for k, st, dil in zip(*geometry[:3]))
-    if overlapping:  # (or a dynamic spatial shape) onnxruntime's own argmax
+    has_indices = len(node.output) > 1 and node.output[1]  # the source pays for the Indices kernel anyway
+    counts = None if geometry.in_spatial is None or geometry.pads is None else _pool_window_counts(geometry, attrs)
+    # dynamic shapes, or a ceil_mode window count that ONNX shape inference and onnxruntime disagree on:
+    # onnxruntime's own argmax
+    if counts is None or counts != geometry.out_spatial or has_indices:
         indices = b.extra_output(node, 1, f"{y}_argmax")
         flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
         return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
-    kernel, strides, dilations, pads = geometry
+    spans = [dil * (k - 1) + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
+    ends = [max(0, (m - 1) * st + span - n - lo)  # end padding the last window reads (ceil_mode: may exceed pads)
+            for m, st, span, n, lo in zip(counts, geometry.strides, spans, geometry.in_spatial, geometry.begin)]
+    if any(st > 1 for st in geometry.strides):
+        return [_max_pool_unfolded(b, x, t, y, geometry, ends), None][:len(node.output)]
+    values, tangent = x, t
+    if any(geometry.begin) or any(ends):
+        values = b.Pad(x, b.ints([0, 0] + geometry.begin + [0, 0] + ends), s(b, -np.inf, x))
+        extra = [0] * (2 + lead(b))
+        tangent = b.Pad(t, b.ints(extra + geometry.begin + extra + ends))
+    for i in reversed(range(len(counts))):  # last axis first: row-major order
+        values, tangent = _first_maximum_pass(b, values, tangent, 2 + i, geometry.kernel[i], geometry.strides[i],
+                                              geometry.dilations[i], counts[i], best=y if i == 0 else None)
+    return [tangent, None][:len(node.output)]
+
+
+def _max_pool_unfolded(b, x, t, y, geometry, ends):
+    """Strided windows: strided Slices are slow in onnxruntime, so the windows are unfolded instead by a
+    Conv with one-hot filters (exact: one product by 1, the rest by 0), padded cells set to -inf by a
+    constant mask, and the first maximum taken by ArgMax (it reports the first of equal maxima)."""
+    kernel = geometry.kernel
     taps = int(np.prod(kernel))
     onehot = np.eye(taps).reshape([taps, 1] + kernel).astype(b.src.np_dtype(x))
     weight = b.const(onehot, hint="window_taps")
     spatial = list(b.src.shape(x)[2:])
+    pads = geometry.begin + ends
 
     def unfold_windows(v):  # [..., *spatial] -> [M, taps, *out_spatial]
         flat = b.Reshape(v, b.ints([-1, 1] + spatial))
-        return b.Conv(flat, weight, kernel_shape=kernel, strides=strides, dilations=dilations, pads=pads)
+        return b.Conv(flat, weight, kernel_shape=kernel, strides=geometry.strides, dilations=geometry.dilations,
+                      pads=pads)
 
     windows = unfold_windows(x)
     if any(pads):
@@ -580,7 +611,36 @@ def max_pool(b, node, t):
     if b.K is not None:
         argmax = b.Tile(argmax, b.ints([b.K, 1] + [1] * len(kernel)))
     picked = b.GatherElements(unfold_windows(t), argmax, axis=1)
-    return [b.Reshape(picked, full_shape(b, y)), None][:len(node.output)]
+    return b.Reshape(picked, full_shape(b, y))
+
+
+def _pool_window_counts(geometry, attrs):
+    """Windows per spatial axis as onnxruntime counts them: with ceil_mode a window that would start in
+    the end padding is dropped (ONNX shape inference may keep it, so the count is not read from there)."""
+    ceil_mode, counts = attrs["ceil_mode"], []
+    for n, k, st, dil, lo, hi in zip(geometry.in_spatial, geometry.kernel, geometry.strides, geometry.dilations,
+                                     geometry.begin, geometry.end):
+        room = n + lo + hi - dil * (k - 1) - 1
+        m = (-(-room // st) if ceil_mode else room // st) + 1
+        counts.append(m - 1 if ceil_mode and (m - 1) * st >= n + lo else m)
+    return counts
+
+
+def _first_maximum_pass(b, values, tangent, axis, taps, stride, dilation, count, best=None):
+    """Max over `taps` cells (dilation apart) of `count` windows (stride apart) along `axis`, and the tangent
+    at the first cell attaining it; `best` is that max when already computed."""
+    def tap(v, i, ax):
+        start = i * dilation
+        return b.Slice(v, b.ints([start]), b.ints([start + (count - 1) * stride + 1]), b.ints([ax]), b.ints([stride]))
+
+    cells = [tap(values, i, axis) for i in range(taps)]
+    cell_tangents = [tap(tangent, i, axis + lead(b)) for i in range(taps)]
+    if best is None:
+        best = cells[0] if taps == 1 else b.Max(*cells)
+    picked = cell_tangents[-1]
+    for cell, cell_tangent in zip(reversed(cells[:-1]), reversed(cell_tangents[:-1])):
+        picked = b.Where(b.Equal(cell, best), cell_tangent, picked)
+    return best, picked
 
 
 @rule("GlobalMaxPool")
