@@ -47,8 +47,11 @@ def load(model) -> onnx.ModelProto:
             raise JacgraphError(f"{path}: no such file. Check the path; jacgraph reads .onnx model files.")
         if os.path.isdir(path):
             raise JacgraphError(f"{path} is a folder, not an ONNX file. Give the path of the .onnx file.")
-        with open(path, "rb") as f:
-            data, where = f.read(), path
+        try:
+            with open(path, "rb") as f:
+                data, where = f.read(), path
+        except OSError as e:
+            raise JacgraphError(f"{path} cannot be read ({e.strerror or type(e).__name__}). Check its permissions.") from None
     if not data:
         raise JacgraphError(f"{where} is empty. Re-export the model (e.g. torch.onnx.export) and try again.")
     try:
@@ -59,9 +62,26 @@ def load(model) -> onnx.ModelProto:
             "Re-export it, or check that the file was copied whole.") from None
     if not proto.HasField("graph") or (not proto.graph.node and not proto.graph.output):
         raise JacgraphError(f"{where} parsed but holds no ONNX graph. It is probably not an ONNX model file; re-export it.")
+    _check_text(proto.graph, where)
     if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto)):
         _load_external_data(proto, where, None if where == "the given bytes" else os.path.dirname(os.path.abspath(path)))
     return proto
+
+
+def _check_text(graph, where):
+    """protobuf hands back bytes, not str, for a name that is not UTF-8: a damaged file, refused here once."""
+    for node in graph.node:
+        texts = [node.op_type, node.domain, node.name, *node.input, *node.output, *(a.name for a in node.attribute)]
+        if not all(isinstance(t, str) for t in texts):
+            raise JacgraphError(f"{where} holds a node whose op type or names are not valid UTF-8 text, so the file is "
+                                "damaged. Re-export the model, or check that the file was copied whole.")
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) else []:
+                _check_text(sub, where)
+    names = [v.name for v in (*graph.input, *graph.output, *graph.value_info)] + [t.name for t in graph.initializer]
+    if not all(isinstance(n, str) for n in names):
+        raise JacgraphError(f"{where} holds value names that are not valid UTF-8 text, so the file is damaged. "
+                            "Re-export the model, or check that the file was copied whole.")
 
 
 def _load_external_data(proto, where, folder):
