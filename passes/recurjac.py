@@ -212,6 +212,7 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     if lowering == "graph" or (lowering == "auto" and not is_chain(src)):
         return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
     stages = lower(src, input_shape)
+    _check_dense_weights(sum(8 * s.in_features * s.out_features for s in stages))
     b = BoundBuilder(src, dtype)
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     w = _Weights(b, stages)
@@ -530,6 +531,16 @@ def _add_pair(b, C, dc):
     return dc if C is None else (b.Add(C[0], dc[0]), b.Add(C[1], dc[1]))
 
 
+def _check_dense_weights(weights):
+    """Refuse, before anything is allocated, a bound graph whose dense lowered weights are too big."""
+    if weights > PROTO_LIMIT:
+        raise JacgraphError(
+            f"the bound graph would embed {weights / 2**30:.1f} GiB of dense lowered weights (convolutions are "
+            f"lowered to dense matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
+            "this pass accepts (and about 4x that in memory when run). Bound a smaller model or a cropped input "
+            "(--input-shape), or use `jacgraph lipschitz` for a global bound.")
+
+
 def _dense_bytes(graph) -> int:
     """Bytes of the dense lowered weights the bound graph embeds (each also transposed/|.|/split by sign)."""
     return sum(8 * M.shape[0] * M.shape[1] for node in graph.nodes for M in node.mats)
@@ -539,13 +550,7 @@ def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, me
     from jacgraph.layers import lower_graph
 
     graph = lower_graph(src, input_shape)
-    weights = _dense_bytes(graph)
-    if weights > PROTO_LIMIT:
-        raise JacgraphError(
-            f"the bound graph would embed {weights / 2**30:.1f} GiB of dense lowered weights (convolutions are "
-            f"lowered to dense matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
-            "this pass accepts (and about 4x that in memory when run). Bound a smaller model or a cropped input "
-            "(--input-shape), or use `jacgraph lipschitz` for a global bound.")
+    _check_dense_weights(_dense_bytes(graph))
     b = BoundBuilder(src, dtype)
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     n0, m = graph.nodes[0].n, graph.nodes[-1].n

@@ -527,3 +527,17 @@ def test_dag_refuses_a_model_whose_dense_weights_are_too_big(monkeypatch):
     monkeypatch.setattr(recurjac, "PROTO_LIMIT", 1000)
     with pytest.raises(JacgraphError, match="GiB of dense lowered weights"):
         recurjac.build(model)
+
+
+@pytest.mark.parametrize("act,params", [("relu", ()), ("tanh", ()), ("leaky", (0.1,))])
+def test_graph_lowering_of_a_chain_matches_the_chain_pass(act, params):
+    """The DAG pass on a plain MLP computes the same bounds as the factored chain pass (round-off apart)."""
+    rng = np.random.default_rng(21)
+    model = random_mlp([5, 12, 10, 3], rng, act=act, act_params=params, scale=1.5)
+    x0 = rng.standard_normal((2, 5))
+    for norm in ("inf", "2"):
+        chain = bounds(recurjac.build(model, norm=norm, lowering="chain"), x0, [0.1, 0.5])
+        graph = bounds(recurjac.build(model, norm=norm, lowering="graph"), x0, [0.1, 0.5])
+        assert np.mean(chain[1] - chain[0]) > 0.01
+        for c, g in zip(chain, graph):
+            np.testing.assert_allclose(g, c, rtol=1e-9, atol=1e-12)
