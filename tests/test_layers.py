@@ -245,3 +245,47 @@ def test_torch_exported_cnn_lowers():
     with torch.no_grad():
         expected = net(x.double()).numpy() if False else net.double()(x.double()).numpy()
     np.testing.assert_allclose(numpy_forward(stages, x.double().numpy().reshape(2, -1)), expected, rtol=1e-9, atol=1e-9)
+
+
+# ---- lower_graph: DAGs ------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from examples import bounds_models  # noqa: E402
+from jacgraph.layers import lower_graph  # noqa: E402
+
+
+def graph_numpy(graph, x):
+    """The lowered graph evaluated in numpy on flat inputs [N, n0]."""
+    acts = lambda node, z: act_numpy(node.activation, node.act_attrs, z)  # noqa: E731
+    return graph.forward(x, acts, lambda node, z: z[..., node.windows].max(-1))[-1]
+
+
+class _Shapes(torch.nn.Module):
+    """Slice, Split, Transpose, Sub of two branches, ReduceMax, ReduceMean, Concat along two axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+
+    def forward(self, x):
+        h = torch.cat([x, x[:, :, :1] * 0.5], 2)                          # 2x7x6
+        a, b = torch.split(h[:, :, 1:, ::2], [1, 1], dim=1)              # 1x6x5 each
+        h = torch.relu(self.conv(torch.cat([a - b, b, a.permute(0, 1, 3, 2)[:, :, :, :5][:, :, :5]], 2)[:, :, :6]))
+        m = torch.amax(h, dim=(2,), keepdim=True)
+        return torch.cat([m.flatten(1), h.mean(dim=(2, 3)), h.flatten(1)], 1)
+
+
+@pytest.mark.parametrize("name", ["residual_mlp", "resnet_cnn", "densenet_cnn", "pool_cnn", "inception_cnn", "shapes"])
+def test_graph_lowering_matches_the_torch_model(name):
+    if name == "shapes":
+        torch.manual_seed(0)
+        net, shape = _Shapes().double().eval(), (2, 6, 10)
+    else:
+        net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
+    graph = lower_graph(bounds_models.export_bytes(net, shape))
+    x = np.random.default_rng(0).standard_normal((4, *shape))
+    expected = net(torch.tensor(x)).detach().numpy().reshape(4, -1)
+    np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
+    kinds = [n.kind for n in graph.nodes]
+    assert kinds[0] == "input" and kinds[-1] == "linear"
