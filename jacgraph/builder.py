@@ -26,6 +26,7 @@ class Builder:
         self.initializers: list[onnx.TensorProto] = list(src.graph.initializer)
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []  # types ONNX shape inference cannot find (Loop state outputs)
         self.copies: dict[int, onnx.NodeProto] = {}
         self._taken = set(src.producer) | set(src.initializers) | {i.name for i in src.graph.input}
         self._taken |= {n.name for n in src.graph.node} | subgraph_names(src.graph)
@@ -139,18 +140,19 @@ class Builder:
         child = Builder.__new__(Builder)
         child.__dict__.update(self.__dict__)
         child.src = Subgraph(graph, self.src, input_types, carried)
-        child.nodes, child.inputs, child.outputs, child.copies = [], [], [], {}
+        child.nodes, child.inputs, child.outputs, child.value_info, child.copies = [], [], [], [], {}
         child.initializers = list(graph.initializer)
         return child
 
     def graph(self, name: str) -> onnx.GraphProto:
         """The body this child Builder emitted (its inputs and outputs as added)."""
-        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
+        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers, value_info=self.value_info)
 
     def build(self, graph_name: str, doc: str = "", metadata: dict | None = None) -> onnx.ModelProto:
         from .runtime import max_ir_version
 
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers, doc_string=doc)
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers, doc_string=doc,
+                                  value_info=self.value_info)
         opsets = [helper.make_opsetid(i.domain, i.version) for i in self.src.proto.opset_import]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="jacgraph")
         model.ir_version = min(onnx.IR_VERSION, max_ir_version())

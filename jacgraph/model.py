@@ -379,14 +379,21 @@ def _infer_body(graph, outer, input_types):
         declared = vi.type.tensor_type
         if t is not None and (not declared.elem_type or not declared.HasField("shape")):
             vi.type.CopyFrom(t)
+    declared = [vi for vi in body.value_info if _shape_of(vi.type) is not None]  # (types jacgraph recorded)
     del body.value_info[:]
-    outer_values = [helper.make_value_info(n, outer._types[n]) for n in free_names(body) if n in outer._types]
-    wrapper = helper.make_graph(body.node, "body", list(body.input) + outer_values, body.output, body.initializer)
+    captured = [n for n in free_names(body) if n in outer._types]
+    # small outer constants (axes, shapes, indices) go in as values: shape inference reads them
+    known = {n: outer.const(n) for n in captured}
+    known = {n: numpy_helper.from_array(v, n) for n, v in known.items() if v is not None and v.size <= 64}
+    outer_values = [helper.make_value_info(n, outer._types[n]) for n in captured if n not in known]
+    wrapper = helper.make_graph(body.node, "body", list(body.input) + outer_values, body.output,
+                                list(body.initializer) + list(known.values()), value_info=declared)
     model = helper.make_model(wrapper, opset_imports=outer.proto.opset_import)
     model.functions.extend(outer.proto.functions)
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True).graph
     except Exception:  # the declared types stay; rules that need a rank say so
+        body.value_info.extend(declared)
         return body
     body.value_info.extend(vi for vi in inferred.value_info if vi.name not in {i.name for i in body.input})
     return body

@@ -199,12 +199,8 @@ def run_jvp(m, feeds, directions, K=None):
 
 # ---- forward mode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("K", [None, 2], ids=["one-tangent", "K=2"])
-@pytest.mark.parametrize("name", NAMES)
-def test_jvp_matches_central_differences(name, K):
-    rng = np.random.default_rng(0)
-    make, feeds = feeds_for(name, rng)
-    m = make()
+def check_jvp(m, feeds, rng, K=None, label=""):
+    """The JVP of `m` against float64 central differences, K stacked tangents or one."""
     directions = {x: rng.standard_normal(((K,) if K else ()) + np.shape(feeds[x])) for x in float_inputs(feeds)}
     emitted, out, dot_out = run_jvp(m, feeds, directions, K)
     src = Float64Session(m)
@@ -219,7 +215,15 @@ def test_jvp_matches_central_differences(name, K):
                 assert not np.any(got)
                 continue
             assert got.shape == fd[y].shape
-            assert relative_error(got, fd[y]) < TOL, f"{name} {y}: {relative_error(got, fd[y]):.2e}"
+            assert relative_error(got, fd[y]) < TOL, f"{label} {y}: {relative_error(got, fd[y]):.2e}"
+
+
+@pytest.mark.parametrize("K", [None, 2], ids=["one-tangent", "K=2"])
+@pytest.mark.parametrize("name", NAMES)
+def test_jvp_matches_central_differences(name, K):
+    rng = np.random.default_rng(0)
+    make, feeds = feeds_for(name, rng)
+    check_jvp(make(), feeds, rng, K, name)
 
 
 def test_integer_counter_and_cond_carry_no_tangent():
@@ -233,11 +237,8 @@ def test_integer_counter_and_cond_carry_no_tangent():
 
 # ---- reverse mode -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_vjp_dot_product(name):
-    rng = np.random.default_rng(1)
-    make, feeds = feeds_for(name, rng)
-    m = make()
+def check_dot_product(m, feeds, rng, label=""):
+    """<J v, u> (J v from the JVP graph) against <v, Jᵀ u> (the VJP graph)."""
     xs = float_inputs(feeds)
     directions = {x: rng.standard_normal(np.shape(feeds[x])) for x in xs}
     _, out, dot_out = run_jvp(m, feeds, directions)
@@ -250,7 +251,32 @@ def test_vjp_dot_product(name):
         np.testing.assert_array_equal(got[y], out[y])
     forward = sum(np.sum(out[dot_out[y]] * u[y]) for y in bars)
     reverse = sum(np.sum(directions[x] * got[grads[x]]) for x in xs)
-    assert abs(forward - reverse) <= DOT_TOL * max(abs(forward), 1.0), f"{name}: <Jv,u> {forward} vs <v,J'u> {reverse}"
+    assert abs(forward - reverse) <= DOT_TOL * max(abs(forward), 1.0), f"{label}: <Jv,u> {forward} vs <v,J'u> {reverse}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vjp_dot_product(name):
+    rng = np.random.default_rng(1)
+    make, feeds = feeds_for(name, rng)
+    check_dot_product(make(), feeds, rng, name)
+
+
+@pytest.mark.parametrize("first", ["jvp", "vjp"])
+@pytest.mark.parametrize("name", NAMES)
+def test_second_order(name, first):
+    """The passes compose through control flow: the JVP and VJP graphs of a JVP/VJP graph (jvp of vjp is
+    the Hessian-vector product) checked like first-order ones, on the first graph's own inputs."""
+    rng = np.random.default_rng(5)
+    make, feeds = feeds_for(name, rng)
+    m = make()
+    inner = jvp.build(m) if first == "jvp" else vjp.build(m, inputs=float_inputs(feeds))
+    primal = Float64Session(m)(feeds)
+    p = props(inner)
+    shapes = {bar: np.shape(primal[y]) for y, bar in p.get("jacgraph.cotangent_inputs", [])}
+    shapes.update({dot: np.shape(feeds[x]) for x, dot in p.get("jacgraph.tangent_inputs", [])})
+    inner_feeds = {**feeds, **{name: rng.standard_normal(shape) for name, shape in shapes.items()}}
+    check_jvp(inner, inner_feeds, rng, label=f"jvp of {first} of {name}")
+    check_dot_product(inner, inner_feeds, rng, label=f"vjp of {first} of {name}")
 
 
 def with_initializer(m, name, value):
@@ -300,13 +326,16 @@ def test_reverse_sweep_replays_the_dynamic_trip_count():
 # ---- errors and exports ---------------------------------------------------------------------------
 
 def test_missing_rule_inside_a_body_is_named():
-    body = h.make_graph([h.make_node("Hardmax", ["s_in"], ["s_out"]), h.make_node("Identity", ["c_in"], ["c_out"])],
+    """An op without rules inside a body (a custom-domain op here) gets the one error naming it and the body."""
+    body = h.make_graph([h.make_node("Frobnicate", ["s_in"], ["s_out"], domain="com.example"),
+                         h.make_node("Identity", ["c_in"], ["c_out"])],
                         "body", [vi("it", T.INT64, []), vi("c_in", T.BOOL, []), vi("s_in", D, [3])],
                         [vi("c_out", T.BOOL, []), vi("s_out", D, [3])])
-    m = model([h.make_node("Loop", ["M", "", "x"], ["s"], body=body)], [vi("x", D, [3])], [vi("s", D, [3])],
-              [init("M", np.int64(2))])
+    graph = h.make_graph([h.make_node("Loop", ["M", "", "x"], ["s"], body=body)], "m", [vi("x", D, [3])],
+                         [vi("s", D, [3])], [init("M", np.int64(2))])
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.example", 1)])
     for build in (jvp.build, vjp.build):
-        with pytest.raises(JacgraphError, match=r"inside Loop .*Hardmax \(x1\)"):
+        with pytest.raises(JacgraphError, match=r"inside Loop 's'.*com\.example\.Frobnicate \(x1\)"):
             build(m)
 
 

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from ..errors import JacgraphError
-from ..model import captures, node_inputs, unsupported_error
+from ..model import captures, node_inputs, subgraphs, unsupported_error
 from .jvp import JVP, lead, zeros_like
 from .transpose import VJP, need
 
@@ -54,6 +54,14 @@ def _type(src, name, leading=()):
 
 def _value_info(src, name, as_name=None, leading=()):
     return helper.make_value_info(as_name or name, _type(src, name, leading))
+
+
+def _declare(b, names, likes, leading=()):
+    """Record the types of control-flow outputs (like `likes` in the source) that ONNX shape inference leaves
+    unknown (a Loop's carried outputs), so an emitted graph read back as a source (jvp of vjp) has them."""
+    for name, like in zip(names, likes):
+        if name is not None and b.src.shape(like) is not None:
+            b.value_info.append(_value_info(b.src, like, name, leading))
 
 
 def _slice_type(src, name, axis):
@@ -134,6 +142,7 @@ def if_jvp(b, node, *tangents):
     for i in live_outputs:
         outs[i] = b.fresh(f"{node.output[i]}_dot")
         copy.output.append(outs[i])
+    _declare(b, outs, node.output, [b.K] if b.K else [])
     return outs
 
 
@@ -196,6 +205,7 @@ def loop_jvp(b, node, *tangents):
         outs[k] = t
     for m, t in zip(scans, stacked):
         outs[n_state + m] = _stack_first(b, t, child.src, g.output[1 + n_state + m].name)
+    _declare(b, outs, node.output, K)
     return outs
 
 
@@ -270,6 +280,7 @@ def scan_jvp(b, node, *tangents):
         outs[k] = t
     for m, t in zip(scans, scanned):
         outs[n_state + m] = t if out_axes[m] else _stack_first(b, t, child.src, g.output[n_state + m].name)
+    _declare(b, outs, node.output, K)
     return outs
 
 
@@ -289,8 +300,12 @@ def if_vjp(b, node, *cts):
         for c in wanted:
             child.outputs.append(_value_info(b.src, c, child.identity_as(found[c], child.fresh(f"{c}_bar"))))
         branches[attr] = child.graph(f"{node.name or 'if'}_{attr}_vjp")
+    copy = b.copies[id(node)]
+    for attr in branches:
+        _set_attr(copy, attr, _with_fresh_names(b, _graph(copy, attr)))
     outs = b.op("If", node.input[0], n_out=len(wanted), **branches)
     outs = [outs] if len(wanted) == 1 else outs
+    _declare(b, outs, wanted)
     return [None] + [dict(zip(wanted, outs)).get(c) for c in captures(node)]
 
 
@@ -318,6 +333,38 @@ def _sweep_body(child, seeds, names):
     return found
 
 
+def _with_fresh_names(b, graph):
+    """A copy of `graph` whose own values (inputs, node outputs, initializers, nested bodies' too) have fresh
+    names. The reverse sweep recomputes a body under its source names; the forward copy is renamed so that
+    no name is defined in two sibling bodies (onnx's shape inference with data propagation refuses that)."""
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    mapping = {}
+
+    def collect(g):
+        for name in [i.name for i in g.input] + [t.name for t in g.initializer] + [o for n in g.node for o in n.output]:
+            if name and name not in mapping:
+                mapping[name] = b.fresh(name)
+        for n in g.node:
+            for sub in subgraphs(n):
+                collect(sub)
+
+    def rename(g):
+        for value in list(g.input) + list(g.output) + list(g.value_info) + list(g.initializer):
+            value.name = mapping.get(value.name, value.name)
+        for n in g.node:
+            for names in (n.input, n.output):
+                renamed = [mapping.get(v, v) for v in names]
+                del names[:]
+                names.extend(renamed)
+            for sub in subgraphs(n):
+                rename(sub)
+
+    collect(out)
+    rename(out)
+    return out
+
+
 def _store_states(b, node, fwd_body, stored):
     """Add every iteration's incoming `stored` body values to the forward node's copy as scan outputs.
     Returns the names of the stacked values in this graph."""
@@ -333,7 +380,8 @@ def _store_states(b, node, fwd_body, stored):
         body.outputs.append(_value_info(body.src, name, kept))
         outs.append(b.fresh(f"{name}_stored"))
     copy.output.extend(outs)
-    _set_attr(copy, "body", body.graph(f"{node.name or node.op_type.lower()}_body_stored"))
+    _declare(b, outs, stored, [None])
+    _set_attr(copy, "body", _with_fresh_names(b, body.graph(f"{node.name or node.op_type.lower()}_body_stored")))
     if node.op_type == "Scan":
         attrs = b.src.attrs(node)
         for key in ("scan_output_axes", "scan_output_directions"):
@@ -412,6 +460,7 @@ def _reverse_sweep(b, node, body, types, state, xs, ys, cts, stored, fixed=()):
             rows = b.Transpose(rows, perm=list(range(1, axis + 1)) + [0] + list(range(axis + 1, rank)))
         outs[len(states) + i] = rows
     positions = [s[2] for s in active] + [reads.index(c, len(node.input)) for c in wanted] + [x[0] for x in moving]
+    _declare(b, outs, [reads[i] for i in positions])
     return dict(zip(positions, outs))
 
 
