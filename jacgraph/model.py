@@ -107,9 +107,30 @@ def _opset_of(proto) -> int:
     return MIN_OPSET
 
 
+def _old_hardmax_as_2d(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Hardmax before opset 13 acts on x coerced to 2-D at `axis`; onnx's version converter keeps the node as it
+    is, which changes its meaning (outputs then differ by 1). Spell the old meaning out before converting."""
+    if _opset_of(proto) >= 13 or not any(n.op_type == "Hardmax" for n in proto.graph.node):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    for node in proto.graph.node:
+        if node.op_type != "Hardmax" or node.domain not in ("", "ai.onnx"):
+            out.graph.node.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        x, y = node.input[0], node.output[0]
+        shape, flat, hard = f"{y}__jg_shape", f"{y}__jg_2d", f"{y}__jg_hardmax_2d"
+        out.graph.node.extend([helper.make_node("Shape", [x], [shape]), helper.make_node("Flatten", [x], [flat], axis=axis),
+                               helper.make_node("Hardmax", [flat], [hard], axis=1),
+                               helper.make_node("Reshape", [hard, shape], [y], name=node.name)])
+    return out
+
+
 def _convert_up(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return version_converter.convert_version(proto, MIN_OPSET)
+        return version_converter.convert_version(_old_hardmax_as_2d(proto), MIN_OPSET)
     except Exception as e:
         raise JacgraphError(
             f"the model uses opset {_opset_of(proto)} and converting it to opset {MIN_OPSET} failed ({e}). "

@@ -57,6 +57,11 @@ def _exact_reference_ops():
                 squares[:, c] = np.sum(x[:, max(0, c - below):min(channels, c + above + 1)] ** 2, axis=1)
             return ((x / (bias + (alpha / size) * squares) ** beta).astype(x.dtype),)
 
+    class LpNormalization(OpRun):  # onnx's sums x**p, not |x|**p: wrong for p = 1 (onnxruntime uses |x|)
+        def _run(self, x, axis=None, p=None):
+            norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
+            return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
+
     class Loop(op_loop.Loop):
         """onnx's Loop joins scan-output rows of rank >= 2 with np.vstack (concatenated, not stacked on a new
         axis as the spec and onnxruntime do) and runs no iteration when the optional cond is omitted."""
@@ -77,7 +82,7 @@ def _exact_reference_ops():
             stacked = [np.stack([row[k] for row in self.rows]) if self.rows else np.empty((0,)) for k in range(self.scans)]
             return tuple(res[:len(res) - self.scans]) + tuple(stacked)
 
-    return [Erf, Gelu, LRN, MaxPool, Loop]
+    return [Erf, Gelu, LRN, MaxPool, LpNormalization, Loop]
 
 
 def reference_session(model: onnx.ModelProto):

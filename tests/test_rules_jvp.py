@@ -36,6 +36,7 @@ class Case:
     extra_nodes: list = field(default_factory=list)  # nodes run before the op (for multi-node cases)
     covers: tuple = ()                # further op types this case exercises
     declare: dict = field(default_factory=dict)  # declared input shapes where they differ (symbolic dims)
+    out_shapes: dict = field(default_factory=dict)  # output shapes shape inference cannot find (computed axes)
 
     def model(self):
         outputs = [f"y{i}" for i in range(self.n_out)]
@@ -51,6 +52,8 @@ class Case:
             for vi in model.graph.value_info:
                 if vi.name == out.name:
                     out.CopyFrom(vi)
+            if out.name in self.out_shapes:
+                out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.DOUBLE, self.out_shapes[out.name]))
         return model
 
     def sample(self, rng, shape):
@@ -127,6 +130,12 @@ CASES = [
     Case("Sign", X, ["x"], kinks=(0,)), Case("Floor", X, ["x"], kinks=(-2, -1, 0, 1, 2)),
     Case("Ceil", X, ["x"], kinks=(-2, -1, 0, 1, 2)), Case("Round", X, ["x"], kinks=(-2.5, -1.5, -0.5, 0.5, 1.5, 2.5)),
     Case("IsNaN", X, ["x"]), Case("IsInf", X, ["x"]),
+    *[Case(op, X, ["k", "k"][:n], extra_nodes=[helper.make_node("Cast", ["x"], ["k"], to=TensorProto.INT64)],
+           kinks=(-2, -1, 0, 1, 2), covers=("Cast",)) for op, n in [("BitwiseAnd", 2), ("BitwiseOr", 2), ("BitwiseXor", 2),
+                                                                   ("BitwiseNot", 1)]],
+    Case("BitShift", X, ["k", "one"], attrs={"direction": "LEFT"}, consts={"one": np.array(1, np.uint32)},
+         extra_nodes=[helper.make_node("Cast", ["x"], ["k"], to=TensorProto.UINT32)], kinks=(0, 1, 2), positive=True,
+         covers=("Cast",)),
     Case("ConstantOfShape", X, ["s"], attrs={"value": numpy_helper.from_array(np.array([2.0]))},
          extra_nodes=[helper.make_node("Shape", ["x"], ["s"])]),
     Case("Range", X, ["start", "limit", "delta"], consts={"start": np.array(0, np.int64), "delta": np.array(1, np.int64)},
@@ -248,6 +257,26 @@ CASES = [
     Case("GlobalMaxPool", X4, ["x"]),
     Case("ReduceMax", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1, 2)}),
     Case("ReduceMin", X, ["x"], attrs={"axes": [0], "keepdims": 1}, opset=13),
+    # --- the Reduce family: every op with constant, computed and empty axes (noop_with_empty_axes) ---
+    Case("ReduceProd", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1)}),
+    Case("ReduceL1", X, ["x", "axes"], consts={"axes": i64(0, 2)}, kinks=(0,)),
+    Case("ReduceL2", X, ["x"], attrs={"keepdims": 0}),
+    Case("ReduceLogSum", X, ["x", "axes"], consts={"axes": i64(-1)}, positive=True),
+    Case("ReduceLogSumExp", X, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1)}),
+    Case("ReduceSumSquare", X, ["x"], attrs={"axes": [1]}, opset=13, id="reducesumsquare-opset13"),
+    Case("ReduceProd", X, ["x"], attrs={"axes": [0, 2], "keepdims": 0}, opset=13, id="reduceprod-opset13"),
+    *[Case(op, X, ["x", "axes"], attrs={"keepdims": keep, "noop_with_empty_axes": noop}, positive=op == "ReduceLogSum",
+           kinks=(0,) if op == "ReduceL1" else (), consts={"first": i64(0), "none": i64(0)},
+           extra_nodes=[helper.make_node("Shape", ["x"], ["shape"]),  # axes computed at run time: [shape[0]] = [2], or []
+                        helper.make_node("Gather", ["shape", "first"], ["axes"]) if one_axis else
+                        helper.make_node("Slice", ["shape", "first", "none"], ["axes"])],
+           out_shapes={"y0": (2, 3, 1) if one_axis else (2, 3, 4) if noop else (1, 1, 1)},
+           covers=("Shape", "Slice", "Gather"), id=f"{op.lower()}-computed-{'axis' if one_axis else 'empty'}-{keep}{noop}")
+      for op in ("ReduceSum", "ReduceMean", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                 "ReduceSumSquare", "ReduceMax", "ReduceMin")
+      for one_axis, keep, noop in ((True, 1, 0), (False, 1, 0), (False, 1, 1))],  # (keepdims=0: y's rank unknown)
+    *[Case(op, X, ["x", "axes"], attrs={"noop_with_empty_axes": 1}, consts={"axes": i64()}, id=f"{op.lower()}-noop")
+      for op in ("ReduceSum", "ReduceProd", "ReduceMax")],
     # --- smooth ops ---------------------------------------------------------------------------------
     Case("Sigmoid", X, ["x"]), Case("Tanh", X, ["x"]), Case("Exp", X, ["x"]),
     Case("Log", X, ["x"], positive=True), Case("Sqrt", X, ["x"], positive=True),
@@ -269,6 +298,14 @@ CASES = [
     Case("Swish", X, ["x"], attrs={"alpha": 0.7}, opset=24),
     Case("Pow", {"x": (2, 3)}, ["x", "p"], consts={"p": np.array(2.5)}, positive=True),
     Case("Pow", {"x": (2, 3), "p": (3,)}, ["x", "p"], positive=True, id="pow-both-active"),
+    Case("Pow", {"x": (2, 3)}, ["x", "p"], consts={"p": np.array([0.0, 1.0, 3.0])}, id="pow-integer-exponents"),
+    Case("Mod", {"a": (2, 3)}, ["a", "b"], attrs={"fmod": 1}, consts={"b": np.array(1.0)}, kinks=(-3, -2, -1, 0, 1, 2, 3)),
+    Case("Mod", {"a": (2, 3), "b": (2, 3)}, ["a", "b"], attrs={"fmod": 1}, positive=True, id="mod-both-active"),
+    Case("Mod", X, ["k", "three"], consts={"three": np.array(3, np.int64)}, covers=("Cast",), kinks=(-2, -1, 0, 1, 2),
+         extra_nodes=[helper.make_node("Cast", ["x"], ["k"], to=TensorProto.INT64)], id="mod-integer"),
+    Case("LpNormalization", X, ["x"], attrs={"axis": 1, "p": 2}),
+    Case("LpNormalization", X, ["x"], attrs={"axis": -1, "p": 1}, kinks=(0,), id="lpnormalization-p1"),
+    Case("Hardmax", X, ["x"], attrs={"axis": 1}),
     Case("Softmax", X, ["x"], attrs={"axis": 1}),
     Case("LogSoftmax", X, ["x"], attrs={"axis": -1}),
     Case("Where", AB, ["m", "a", "b"], extra_nodes=[helper.make_node("Greater", ["a", "b"], ["m"])]),
@@ -336,6 +373,64 @@ BATCHED_CASES = [c for c in CASES if c.op in ("Conv", "ConvTranspose", "Gemm", "
 @pytest.mark.parametrize("case", BATCHED_CASES, ids=case_id)
 def test_batched_strategy(case, K):
     run_case(case, K, strategy="batched")
+
+
+def _jvp_at(case, feeds, directions):
+    emitted = jvp.build(case.model())
+    out = run_reference(reference_session(emitted), {**feeds, **{f"{k}_dot": v for k, v in directions.items()}})
+    return out["y0_dot"], central_difference(reference_session(case.model()), feeds, directions, H)["y0"]
+
+
+def test_reduce_prod_with_zeros():
+    """∂Πx/∂x_j is the product of the others, zeros included: a row with one zero (its slot gets the product of the
+    rest, the others 0) and one with two zeros (all 0). Πx is multilinear, so central differences are exact up to
+    round-off."""
+    x = f64(3, 4, seed=3)
+    x[0, 1] = 0.0
+    x[1, 0] = x[1, 3] = 0.0
+    got, fd = _jvp_at(Case("ReduceProd", {"x": (3, 4)}, ["x", "axes"], attrs={"keepdims": 0}, consts={"axes": i64(1)}),
+                      {"x": x}, {"x": f64(3, 4, seed=4)})
+    assert relative_error(got, fd) < TOL and np.all(np.isfinite(got))
+
+
+def test_pow_edge_points():
+    """x^p at x = 0: ∂/∂x = p·x^(p-1) is 0 for p = 0 (not 0·inf) and for p = 2, 1 for p = 1; ∂/∂p = y·log(x) is
+    taken as 0 at x = 0 (as PyTorch), which central differences in p give too (0^(p±h) = 0 for p > h)."""
+    x = np.array([[0.0, 0.0, 0.0], [0.7, -1.3, 2.0]])
+    exponents = np.array([0.0, 1.0, 2.0])
+    got, fd = _jvp_at(Case("Pow", {"x": (2, 3)}, ["x", "p"], consts={"p": exponents}), {"x": x}, {"x": f64(2, 3, seed=5)})
+    assert relative_error(got, fd) < TOL and np.all(np.isfinite(got))
+    base = np.array([[0.0, 0.0, 0.0], [0.7, 1.3, 2.0]])
+    got, fd = _jvp_at(Case("Pow", {"p": (3,)}, ["x", "p"], consts={"x": base}), {"p": np.array([0.5, 1.0, 2.5])},
+                      {"p": f64(3, seed=6)})
+    assert relative_error(got, fd) < TOL and np.all(np.isfinite(got))
+
+
+def _softmax_2d(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+BEFORE_OPSET_13 = {"Softmax": _softmax_2d, "LogSoftmax": lambda z: np.log(_softmax_2d(z)),
+                   "Hardmax": lambda z: np.eye(z.shape[1])[z.argmax(axis=1)]}
+
+
+@pytest.mark.parametrize("opset", [7, 11])
+@pytest.mark.parametrize("op", sorted(BEFORE_OPSET_13))
+def test_softmax_family_before_opset_13(op, opset):
+    """Before opset 13 these ops coerce x to 2-D at `axis` (here [2, 3·4]). onnx's reference evaluator runs them with
+    the opset-13 meaning, so the oracle is the spec's formula in numpy: primal to round-off, tangent against its
+    float64 central differences (TOL as above); Hardmax is piecewise constant (tangent exactly 0)."""
+    emitted = jvp.build(Case(op, X, ["x"], attrs={"axis": 1}, opset=opset).model())
+    rng = np.random.default_rng(3)
+    x, v = rng.standard_normal(X["x"]), rng.standard_normal(X["x"])
+    out = run_reference(reference_session(emitted), {"x": x, "x_dot": v})
+
+    def f(z):
+        return BEFORE_OPSET_13[op](z.reshape(2, 12)).reshape(z.shape)
+
+    np.testing.assert_allclose(out["y0"], f(x), rtol=1e-12, atol=1e-14)
+    assert relative_error(out["y0_dot"], (f(x + H * v) - f(x - H * v)) / (2 * H)) < TOL
 
 
 def test_every_rule_has_a_case():

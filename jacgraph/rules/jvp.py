@@ -12,6 +12,7 @@ from onnx import helper
 
 from ..errors import JacgraphError
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
+from .reductions import REDUCE_OPS, WEIGHTS, reduction
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 JVP = RuleTable("JVP", "the JVP pass")
@@ -411,14 +412,33 @@ def average_pool(b, node, t):
     return [batch_first(b, t, node.op_type, **b.src.attrs(node))]
 
 
-@rule("ReduceSum", "ReduceMean")
-def reduce_linear(b, node, t, *_):
-    """ẏ = reduce(ẋ) over the same axes."""
-    rank, keepdims = b.src.rank(node.input[0]), b.src.attrs(node)["keepdims"]
-    axes = reduce_axes(b, node, rank)
-    if axes == []:
+@rule(*REDUCE_OPS)
+def reduce(b, node, t, *_):
+    """ẏ = Σ_axes w·ẋ with w = ∂y/∂x (jacgraph.rules.reductions); ReduceSum and ReduceMean apply themselves to ẋ.
+
+    ReduceMax/Min: ties share evenly, as PyTorch and JAX."""
+    r = reduction(b, node)
+    if r.identity:
         return [t]
-    return [tangent_reduce(b, node.op_type, t, axes, rank, keepdims)]
+    op = node.op_type
+    if op not in ("ReduceSum", "ReduceMean"):
+        t, op = b.Mul(t, WEIGHTS[op][0](b, r)), "ReduceSum"
+    if not r.computed:
+        return [tangent_reduce(b, op, t, r.axes, r.rank, r.keepdims)]
+    return [b.op(op, t, _stacked_axes(b, r), keepdims=r.keepdims, noop_with_empty_axes=r.noop)]
+
+
+def _stacked_axes(b, r):
+    """Computed reduce axes as axes of the stacked tangent; empty axes with noop_with_empty_axes=0 mean every
+    axis of the source, so they become those axes (not K's)."""
+    axes = r.axes
+    if b.K is None:
+        return axes
+    if not r.noop:
+        n = b.Size(axes)
+        end = b.Where(b.Equal(n, b.const(np.int64(0))), b.const(np.int64(r.rank)), n)
+        axes = b.Slice(b.Concat(axes, b.ints(range(r.rank)), axis=0), b.ints([0]), b.Reshape(end, b.ints([1])))
+    return taxes_tensor(b, axes)
 
 
 @rule("Einsum")
@@ -515,32 +535,6 @@ def max_min(b, node, *ts):
                       out if out is not None else s(b, 0.0, y))
         best = b.Max(best, x) if node.op_type == "Max" else b.Min(best, x)
     return [to_output(b, out, y, y)]
-
-
-def _pool_geometry(b, node):
-    """Static kernel, strides, dilations and explicit (begin, end) pads of a pool (auto_pad resolved), or None."""
-    attrs = b.src.attrs(node)
-    x, y = node.input[0], node.output[0]
-    in_shape, out_shape = b.src.shape(x), b.src.shape(y)
-    if not (static(in_shape) and static(out_shape)) or attrs.get("ceil_mode", 0):
-        return None  # ceil_mode: onnxruntime and ONNX shape inference disagree on when the last window is dropped
-    kernel = list(attrs["kernel_shape"])
-    d = len(kernel)
-    strides = list(attrs.get("strides") or [1] * d)
-    dilations = list(attrs.get("dilations") or [1] * d)
-    pads = list(attrs.get("pads") or [0] * 2 * d)
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    begin, end = pads[:d], pads[d:]
-    for i in range(d):
-        span = dilations[i] * (kernel[i] - 1) + 1
-        size = in_shape[2 + i]
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            total = max(0, (out_shape[2 + i] - 1) * strides[i] + span - size)
-            small = total // 2
-            begin[i], end[i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-        elif auto_pad == "VALID":
-            begin[i] = end[i] = 0
-    return kernel, strides, dilations, begin + end
 
 
 @rule("MaxPool")
@@ -656,21 +650,6 @@ def global_max_pool(b, node, t):
     return [b.Reshape(picked, full_shape(b, y))]
 
 
-@rule("ReduceMax", "ReduceMin")
-def reduce_max_min(b, node, t, *_):
-    """ẏ = mean of ẋ over the positions attaining the extreme (ties share evenly, as PyTorch and JAX)."""
-    x, y = node.input[0], node.output[0]
-    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
-    axes = reduce_axes(b, node, rank)
-    if axes == []:
-        return [t]
-    y_kept = y if keepdims else b.reduce(node.op_type, x, axes, keepdims=1)
-    hit = b.Cast(b.Equal(x, y_kept), to=b.src.dtype(x))
-    picked = tangent_reduce(b, "ReduceSum", b.Mul(t, hit), axes, rank, keepdims)
-    count = b.reduce("ReduceSum", hit, axes, keepdims=keepdims)
-    return [b.Div(picked, count)]
-
-
 # ---- smooth elementwise ops: exact forward mode -------------------------------------------------
 
 def elementwise(derivative):
@@ -684,17 +663,44 @@ def elementwise(derivative):
 JVP.family = lambda op, slope: elementwise(slope)  # the slopes live in jacgraph.rules.slopes
 
 
+def pow_base_slope(b, x, p):
+    """∂(x^p)/∂x = p·x^(p-1), and 0 where p = 0 (x^0 = 1 is constant; p·x^(p-1) would be 0·inf at x = 0)."""
+    p_cast = p if b.src.dtype(p) == b.src.dtype(x) else b.Cast(p, to=b.src.dtype(x))
+    slope = b.Mul(p_cast, b.Pow(x, b.Sub(p_cast, s(b, 1.0, x))))
+    p_value = b.src.const(p)
+    if p_value is not None and np.all(p_value != 0):
+        return slope
+    return b.Where(b.Equal(p_cast, s(b, 0.0, x)), s(b, 0.0, x), slope)
+
+
+def pow_exponent_slope(b, x, y):
+    """∂(x^p)/∂p = y·log(x), and 0 where x = 0 (as PyTorch); NaN for x < 0, like the primal there."""
+    return b.Where(b.Equal(x, s(b, 0.0, x)), s(b, 0.0, y), b.Mul(y, b.Log(x)))
+
+
 @rule("Pow")
 def pow_(b, node, tx, tp):
-    """ẏ = ẋ·p·x^(p-1) + ṗ·y·log(x)."""
+    """ẏ = ẋ·p·x^(p-1) + ṗ·y·log(x) (edge cases: pow_base_slope, pow_exponent_slope)."""
     x, p, y = node.input[0], node.input[1], node.output[0]
     terms = []
     if tx is not None:
-        p_cast = p if b.src.dtype(p) == b.src.dtype(x) else b.Cast(p, to=b.src.dtype(x))
-        slope = b.Mul(p_cast, b.Pow(x, b.Sub(p_cast, s(b, 1.0, x))))
-        terms.append(b.Mul(align(b, tx, x, y), slope))
+        terms.append(b.Mul(align(b, tx, x, y), pow_base_slope(b, x, p)))
     if tp is not None:
-        terms.append(b.Mul(align(b, tp, p, y), b.Mul(y, b.Log(x))))
+        terms.append(b.Mul(align(b, tp, p, y), pow_exponent_slope(b, x, y)))
+    return [to_output(b, add_all(b, terms), y, y)]
+
+
+@rule("Mod")
+def mod(b, node, ta, tb):
+    """Float Mod is fmod: y = a - q·b with q = trunc(a/b) piecewise constant, so ẏ = ȧ - q·ḃ; q is read back as
+    round((a - y)/b), an exact integer. Integer Mod has no tangent."""
+    a, c, y = node.input[0], node.input[1], node.output[0]
+    if not b.src.is_float(y):
+        return [None]
+    terms = [align(b, ta, a, y)]
+    if tb is not None:
+        q = b.Round(b.Div(b.Sub(a, y), c))
+        terms.append(b.Neg(b.Mul(align(b, tb, c, y), q)))
     return [to_output(b, add_all(b, terms), y, y)]
 
 
@@ -718,6 +724,26 @@ def log_softmax(b, node, t):
     """ẏ = ẋ - Σ_axis softmax(x)·ẋ."""
     axis, rank = _softmax_axis(b, node)
     return [b.Sub(t, tangent_reduce(b, "ReduceSum", b.Mul(t, b.Exp(node.output[0])), [axis], rank, 1))]
+
+
+def lp_norm_parts(b, node):
+    """For LpNormalization (p = 1 or 2 along `axis`): the norm n (axis kept), the axis, the rank, and w = ∂n/∂x
+    (x/n for p = 2, sign(x) for p = 1)."""
+    x, attrs = node.input[0], b.src.attrs(node)
+    rank = b.src.rank(x)
+    axis, p = attrs["axis"] % rank, attrs["p"]
+    if p not in (1, 2):
+        raise JacgraphError(f"LpNormalization '{node.name}' has p={p}; ONNX defines p = 1 or 2.")
+    norm = b.reduce("ReduceL2" if p == 2 else "ReduceL1", x, [axis], keepdims=1)
+    return norm, axis, rank, (b.Div(x, norm) if p == 2 else b.Sign(x))
+
+
+@rule("LpNormalization")
+def lp_normalization(b, node, t):
+    """y = x/n, n = ‖x‖_p along the axis: ẏ = (ẋ - y·Σ_axis w·ẋ)/n, w = ∂n/∂x (sign(0) = 0 for p = 1)."""
+    norm, axis, rank, w = lp_norm_parts(b, node)
+    inner = tangent_reduce(b, "ReduceSum", b.Mul(t, w), [axis], rank, 1)
+    return [b.Div(b.Sub(t, b.Mul(node.output[0], inner)), norm)]
 
 
 @rule("Where")

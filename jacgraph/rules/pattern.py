@@ -16,6 +16,7 @@ from onnx import helper
 
 from ..errors import JacgraphError
 from .jvp import reduce_axes
+from .reductions import REDUCE_OPS
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, resolve_window
 
 
@@ -86,7 +87,7 @@ def broadcast_ids(ctx, ids, names, out):
     return [np.broadcast_to(i, shape) for i, n in zip(ids, names) if n and ctx.src.is_float(n)]
 
 
-@rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Neg", "Relu", "LeakyRelu",
+@rule("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "PRelu", "Neg", "Relu", "LeakyRelu",
       "Clip", "HardSigmoid", "Abs", "Cast")
 def elementwise(ctx, node, ids):
     """y[e] = f(x1[e], x2[e], ...) with broadcasting: y[e] depends on each operand's element at e
@@ -104,7 +105,7 @@ def where(ctx, node, ids):
     return [from_ids(ctx.size(y), *broadcast_ids(ctx, ids[1:], node.input[1:], y))]
 
 
-@rule("BatchNormalization", "LpNormalization")
+@rule("BatchNormalization")
 def per_channel(ctx, node, ids):
     """Inference BN is affine per element of x (scale, bias, mean, var constant)."""
     _constant_params(ctx, node, node.input[1:])
@@ -132,8 +133,7 @@ def reduce_connect(in_shape, axes, ids):
     return groups[keep], flat[keep] - 1
 
 
-@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
-      "ReduceSumSquare", "ReduceProd")
+@rule(*REDUCE_OPS)
 def reduce(ctx, node, ids):
     """y[g] depends on every element of x reduced into g."""
     shape = ctx.shape(node.input[0])
@@ -162,11 +162,9 @@ def _within_groups(ctx, node, shape, axes, ids):
     return rows[keep], flat[cols[keep]] - 1
 
 
-@rule("Softmax", "LogSoftmax", "Hardmax")
+@rule("Softmax", "LogSoftmax", "LpNormalization")
 def softmax(ctx, node, ids):
-    """y[e] depends on every element of x along the softmax axis through e."""
-    if node.op_type == "Hardmax":
-        return [None]
+    """y[e] depends on every element of x along the softmax (normalisation) axis through e."""
     shape = ctx.shape(node.input[0])
     axis = ctx.src.attrs(node)["axis"] % len(shape)
     return [_within_groups(ctx, node, shape, [axis], ids[0])]

@@ -20,7 +20,8 @@ from ..errors import JacgraphError
 ZERO_DERIVATIVE_OPS = frozenset({
     "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Equal", "Less", "Greater",
     "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "ArgMax", "ArgMin", "NonZero",
-    "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf",
+    "EyeLike", "Sign", "Floor", "Ceil", "Round", "IsNaN", "IsInf", "Hardmax", "BitShift", "BitwiseAnd",
+    "BitwiseOr", "BitwiseXor", "BitwiseNot",
 })
 
 # op_type -> slope(b, x, y, attrs): the elementwise family (filled by jacgraph.rules.slopes)

@@ -14,7 +14,8 @@ import onnx
 from onnx import helper
 
 from ..errors import JacgraphError
-from .jvp import JVP, reduce_axes, s, static, zeros_like
+from . import reductions
+from .jvp import JVP, lp_norm_parts, pow_base_slope, pow_exponent_slope, reduce_axes, s, static, zeros_like
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 
@@ -95,13 +96,6 @@ def scatter_add(b, x, where, g, unique=False):
                             f"cotangents of repeated indices; the model has opset {b.opset}. Re-export with "
                             "opset_version >= 16.")
     return b.Reshape(out, b.Shape(x))
-
-
-def keep_axes(b, g, axes, rank, keepdims):
-    """Reinsert reduced axes into a cotangent (None axes = all)."""
-    if keepdims:
-        return g
-    return b.Unsqueeze(g, b.ints(list(range(rank)) if axes is None else axes))
 
 
 def pad_none(outs, node):
@@ -363,16 +357,23 @@ def div(b, node, g):
 
 @rule("Pow")
 def pow_(b, node, g):
-    """x̄ = ḡ·p·x^(p-1), p̄ = ḡ·y·log(x)."""
+    """x̄ = ḡ·p·x^(p-1), p̄ = ḡ·y·log(x), with the JVP rule's edge cases (0 where p = 0, resp. x = 0)."""
     x, p, y = *node.input, node.output[0]
     ys = out_shape(b, node)
-    xb = pb = None
-    if need(b, x):
-        p_cast = p if b.src.dtype(p) == b.src.dtype(x) else b.Cast(p, to=b.src.dtype(x))
-        xb = sum_to(b, b.Mul(g, b.Mul(p_cast, b.Pow(x, b.Sub(p_cast, s(b, 1.0, x))))), ys, x)
-    if need(b, p):
-        pb = sum_to(b, b.Mul(g, b.Mul(y, b.Log(x))), ys, p)
+    xb = sum_to(b, b.Mul(g, pow_base_slope(b, x, p)), ys, x) if need(b, x) else None
+    pb = sum_to(b, b.Mul(g, pow_exponent_slope(b, x, y)), ys, p) if need(b, p) else None
     return [xb, pb]
+
+
+@rule("Mod")
+def mod(b, node, g):
+    """Float Mod (fmod): ā = ḡ, b̄ = -ḡ·round((a - y)/b) (the piecewise-constant quotient, as the JVP rule)."""
+    a, c, y = *node.input, node.output[0]
+    if not b.src.is_float(y):
+        return [None, None]
+    ys = out_shape(b, node)
+    cb = sum_to(b, b.Neg(b.Mul(g, b.Round(b.Div(b.Sub(a, y), c)))), ys, c) if need(b, c) else None
+    return [sum_to(b, g, ys, a), cb]
 
 
 @rule("MatMul")
@@ -640,32 +641,11 @@ def global_max_pool(b, node, g):
     return [b.Reshape(picked, b.Shape(x))]
 
 
-@rule("ReduceSum", "ReduceMean")
-def reduce_linear(b, node, g, *_):
-    """x̄ = ḡ broadcast back over the reduced axes (ReduceMean: divided by their size)."""
-    x = node.input[0]
-    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
-    axes = reduce_axes(b, node, rank)
-    if axes == []:
-        return pad_none([g], node)
-    g = keep_axes(b, g, axes, rank, keepdims)
-    if node.op_type == "ReduceMean":
-        g = b.Div(g, b.Cast(b.Div(b.Size(x), b.Size(g)), to=b.src.dtype(x)))
-    return pad_none([b.Expand(g, b.Shape(x))], node)
-
-
-@rule("ReduceMax", "ReduceMin")
-def reduce_max_min(b, node, g, *_):
-    """x̄ = ḡ shared evenly among the positions attaining the extreme (as the JVP rule, PyTorch and JAX)."""
-    x, y = node.input[0], node.output[0]
-    rank, keepdims = b.src.rank(x), b.src.attrs(node)["keepdims"]
-    axes = reduce_axes(b, node, rank)
-    if axes == []:
-        return pad_none([g], node)
-    y_kept = y if keepdims else b.reduce(node.op_type, x, axes, keepdims=1)
-    hit = b.Cast(b.Equal(x, y_kept), to=b.src.dtype(x))
-    count = b.reduce("ReduceSum", hit, axes, keepdims=1)
-    return pad_none([b.Mul(hit, b.Div(keep_axes(b, g, axes, rank, keepdims), count))], node)
+@rule(*reductions.REDUCE_OPS)
+def reduce(b, node, g, *_):
+    """x̄ = w·ḡ over the reduced axes, w = ∂y/∂x as in the JVP rule (jacgraph.rules.reductions); ReduceMax/Min:
+    ḡ shared evenly among the positions attaining the extreme (as PyTorch and JAX)."""
+    return pad_none([reductions.vjp(b, node, g)], node)
 
 
 # ---- CPA ops with several inputs -----------------------------------------------------------------
@@ -766,6 +746,13 @@ def lrn(b, node, g):
     inner = b.Mul(b.Mul(g, x), b.Pow(d, s(b, -beta - 1.0, x)))
     cross = b.Mul(window_sum(inner, size // 2, (size - 1) // 2), b.Mul(x, s(b, 2.0 * alpha * beta / size, x)))
     return [b.Sub(b.Mul(g, b.Pow(d, s(b, -beta, x))), cross)]
+
+
+@rule("LpNormalization")
+def lp_normalization(b, node, g):
+    """y = x/n: x̄ = (ḡ - w·Σ_axis y·ḡ)/n, w = ∂n/∂x (the transpose of the JVP rule)."""
+    norm, axis, _, w = lp_norm_parts(b, node)
+    return [b.Div(b.Sub(g, b.Mul(w, b.reduce("ReduceSum", b.Mul(g, node.output[0]), [axis], keepdims=1))), norm)]
 
 
 @rule("Where")
