@@ -101,13 +101,34 @@ def export_default(name, path):
     return path
 
 
-@pytest.mark.parametrize("name", ["lenet", "hardswish_se"])  # unet: 4e-4 off torch, under investigation
+def same_relu_pattern(name, source, x) -> bool:
+    """Whether every ReLU unit is on the same side of its kink in the ONNX graph (float64) and in PyTorch
+    (float64). The default exporter folds BatchNorm into the Conv weights in float32 (~1e-7 relative), so a
+    unit within ~1e-6 of its kink can flip: the two are then different functions at x and their Jacobians
+    differ (unet at seed 0: one of its 950,272 units has z = -6.0e-7 in ONNX, +9.3e-7 in PyTorch, and the
+    JVPs differ by 4.2e-4 while the forwards agree to 4.6e-7). Units are matched in call order."""
+    m64 = to_float64(source)
+    pre_onnx = [n.input[0] for n in m64.graph.node if n.op_type == "Relu"]
+    m64.graph.output.extend(onnx.helper.make_tensor_value_info(z, onnx.TensorProto.DOUBLE, None) for z in pre_onnx)
+    out = run_reference(reference_session(m64), {source.graph.input[0].name: x.astype(np.float64)})
+    model, pre_torch = architectures.build(name).double(), []
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.register_forward_hook(lambda mod, inp, o: pre_torch.append(inp[0].numpy().copy()))
+    with torch.no_grad():
+        model(torch.from_numpy(x).double())
+    assert len(pre_torch) == len(pre_onnx), "ReLU calls and Relu nodes must match one to one"
+    return all(np.array_equal(out[z] > 0, t > 0) for z, t in zip(pre_onnx, pre_torch))
+
+
+@pytest.mark.parametrize("name", ["lenet", "hardswish_se", "unet"])
 def test_default_exporter_with_external_weights(name, tmp_path, capsys):
     """What most users will have: the dynamo exporter's graph, weights in a .onnx.data file beside it.
 
     The CLI reads the weights from beside the model; the written JVP holds them itself, passes
     `jacgraph verify` (unet: Resize's float32 scales stay float32 in verify's float64 copy) and
-    matches torch.func.jvp in float64.
+    matches torch.func.jvp in float64 at the first input seed where the ONNX graph and PyTorch are the
+    same function locally (same_relu_pattern: unet's seed 0 is not; seed 1 is).
     """
     from jacgraph.cli import main
 
@@ -120,7 +141,9 @@ def test_default_exporter_with_external_weights(name, tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
     emitted = onnx.load(str(out))
     onnx.checker.check_model(emitted, full_check=True)
-    x = architectures.example_input(name, batch=2).numpy()
+    source = onnx.load(str(source_path))
+    x = next(x for x in (architectures.example_input(name, batch=2, seed=s).numpy() for s in range(4))
+             if same_relu_pattern(name, source, x))
     v = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
     out64 = run_reference(reference_session(to_float64(emitted)), {"x": x.astype(np.float64), "x_dot": v.astype(np.float64)})
     y_ref, y_dot_ref = torch_jvp(name, x, v)
