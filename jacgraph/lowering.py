@@ -7,7 +7,8 @@
    RMSNormalization, GroupNormalization, RotaryEmbedding, Mish, SoftmaxCrossEntropyLoss, ...), nested
    bodies included; an op with a native rule keeps it (native rules are faster and the CPA fast path
    reads them), so the tables are read at run time,
-4. lowers RNN, GRU and LSTM to MatMul/Add/activation ops unrolled over their (static) sequence length,
+4. lowers RNN, GRU and LSTM to MatMul/Add/activation ops, unrolled over a static sequence length up to
+   UNROLL_MAX steps, else a Scan over time (dynamic lengths; the control-flow rules differentiate it),
 5. folds shape arithmetic whose value is fixed (Shape of a static tensor, integer ops on constants) into
    initializers, so Reshape targets computed from Shape -> Slice -> Concat become constants.
 Parameters (float initializers) are never folded: a VJP with respect to them must still see them.
@@ -25,6 +26,7 @@ from onnx import helper, numpy_helper, shape_inference
 from .errors import JacgraphError
 
 RECURRENCES = ("RNN", "GRU", "LSTM")
+UNROLL_MAX = 32  # longer (or dynamic) sequences become a Scan over time instead of T copies of the step
 # Ops with a function body that must not be expanded: random ops are refused by the passes with a reason.
 NEVER_EXPAND = frozenset({"Bernoulli", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"})
 MAX_EXPANSION_DEPTH = 8  # bodies that call function ops (SoftmaxCrossEntropyLoss -> NegativeLogLikelihoodLoss)
@@ -331,7 +333,7 @@ ACTIVATIONS = {
 
 
 def lower_recurrences(proto) -> onnx.ModelProto:
-    """Every RNN/GRU/LSTM node replaced by its equations unrolled over time (the sequence length must be static)."""
+    """Every RNN/GRU/LSTM node replaced by its equations: unrolled over time, or a Scan (Recurrence.scan)."""
     from .builder import Builder
     from .model import SourceModel
 
@@ -344,7 +346,8 @@ def lower_recurrences(proto) -> onnx.ModelProto:
             b.copy(node)
     out = _copy(src.proto)
     del out.graph.node[:], out.graph.initializer[:], out.graph.value_info[:]
-    used = {i for n in b.nodes for i in n.input}
+    used = {i for n in b.nodes for i in n.input} | {i for n in b.nodes for a in n.attribute for m in _subgraph_nodes(a)
+                                                    for i in m.input}
     made = [t for t in b.initializers if t.name not in src.initializers and t.name in used]
     out.graph.node.extend(constant_nodes(made) + b.nodes)
     out.graph.initializer.extend(src.graph.initializer)
@@ -374,14 +377,12 @@ class Recurrence:
         self.X, self.W, self.R, self.B, self.seq_lens, self.h0 = inputs[:6]
         self.c0, self.P = (inputs[6], inputs[7]) if self.op == "LSTM" else ("", "")
         x_shape = src.shape(self.X)
-        T = x_shape[1 if self.layout else 0] if x_shape is not None and len(x_shape) == 3 else None
-        if not isinstance(T, int):
-            from .lowering import input_shape_hint
-            raise JacgraphError(
-                f"{self.op} '{self.name}' has a sequence length that is not static (input '{self.X}' has shape "
-                f"{list(x_shape) if x_shape else 'unknown'}); jacgraph unrolls recurrences over time. "
-                + input_shape_hint(src.proto))
-        self.T = T
+        if x_shape is None or len(x_shape) != 3:
+            raise JacgraphError(f"{self.op} '{self.name}': the shape of its input '{self.X}' is unknown after shape "
+                                f"inference. {input_shape_hint(src.proto)}")
+        T = x_shape[1 if self.layout else 0]
+        self.T = T if isinstance(T, int) and T <= UNROLL_MAX else None  # None: a Scan over time
+        self.dtype = src.np_dtype(self.X)
         self.hidden = attrs.get("hidden_size") or src.shape(self.R)[-1]
         self.directions = 2 if self.direction == "bidirectional" else 1
         given = {a.name for a in node.attribute}  # the schema's default list is written for two directions
@@ -403,7 +404,7 @@ class Recurrence:
 
     # ---- small emit helpers ----
     def scalar(self, v):
-        return self.b.scalar(v, like=self.X)
+        return self.b.const(np.asarray(v, dtype=self.dtype), hint="scalar")
 
     def act(self, x, index, clip=True):
         b = self.b
@@ -443,7 +444,7 @@ class Recurrence:
             state = b.Transpose(name, perm=[1, 0, 2]) if self.layout else name
             return self.per_direction(state, d)
         batch = b.Slice(b.Shape(self.x_tm), b.ints([1]), b.ints([2]))
-        zero = np.zeros(1, dtype=self.src.np_dtype(self.X))
+        zero = np.zeros(1, dtype=self.dtype)
         return b.op("ConstantOfShape", b.Concat(batch, b.ints([self.hidden]), axis=0), value=numpy_helper.from_array(zero))
 
     # ---- the equations ----
@@ -452,33 +453,29 @@ class Recurrence:
         self.x_tm = b.Transpose(self.X, perm=[1, 0, 2]) if self.layout else self.X
         mask = None
         if self.seq_lens:  # [T, batch, 1] booleans: step t is inside sequence b
-            steps = b.const(np.arange(self.T, dtype=np.int64).reshape(self.T, 1, 1), hint="steps")
+            if self.T is not None:
+                steps = b.const(np.arange(self.T, dtype=np.int64).reshape(self.T, 1, 1), hint="steps")
+            else:
+                length = b.Squeeze(b.Slice(b.Shape(self.x_tm), b.ints([0]), b.ints([1])), b.ints([0]))
+                one = b.const(np.array(1, np.int64))
+                steps = b.Unsqueeze(b.Range(b.const(np.array(0, np.int64)), length, one), b.ints([1, 2]))
             lens = b.Unsqueeze(b.Cast(self.seq_lens, to=onnx.TensorProto.INT64), b.ints([0, 2]))
-            mask = self.time_steps(b.Less(steps, lens))
+            mask = b.Less(steps, lens)
         ys, hs, cs = [], [], []
         for d in range(self.directions):
             reverse = self.direction == "reverse" or d == 1
-            W, R = self.per_direction(self.W, d), self.per_direction(self.R, d)
-            xw = b.MatMul(self.x_tm, b.Transpose(W, perm=[1, 0]))  # [T, batch, G*H]: all input projections at once
-            Rt = b.Transpose(R, perm=[1, 0])
-            wb = rb = None
-            if self.B:
-                wb, rb = b.split(self.per_direction(self.B, d), [G * H, G * H], axis=0)
-                # the GRU's hidden gate with linear_before_reset keeps its recurrent bias inside r * (...)
-                xw = b.Add(xw, wb if self.op == "GRU" and self.lbr else b.Add(wb, rb))
-            peep = self.gate_slices(b.Unsqueeze(self.per_direction(self.P, d), b.ints([0])), 3) if self.P else None
+            xw, w = self.direction_weights(d)
             h = self.initial_state(self.h0, d)
             c = self.initial_state(self.c0, d) if self.op == "LSTM" else None
-            y_steps, xw_steps = [None] * self.T, self.time_steps(xw)
-            for t in (range(self.T - 1, -1, -1) if reverse else range(self.T)):
-                h_new, c_new = self.step(xw_steps[t], h, c, Rt, rb, peep, d)
-                if mask is not None:
-                    h = b.Where(mask[t], h_new, h)
-                    c = b.Where(mask[t], c_new, c) if c is not None else None
-                    y_steps[t] = b.Where(mask[t], h_new, self.scalar(0.0))
-                else:
-                    h, c, y_steps[t] = h_new, c_new, h_new
-            ys.append(b.Concat(*[b.Unsqueeze(y, b.ints([0, 1])) for y in y_steps], axis=0))  # [T, 1, batch, H]
+            if self.T is None:
+                y, h, c = self.scan(xw, mask, h, c, w, d, reverse)
+                ys.append(b.Unsqueeze(y, b.ints([1])))  # [T, 1, batch, H]
+            else:
+                masks = self.time_steps(mask) if mask is not None else [None] * self.T
+                y_steps, xw_steps = [None] * self.T, self.time_steps(xw)
+                for t in (range(self.T - 1, -1, -1) if reverse else range(self.T)):
+                    y_steps[t], h, c = self.masked_step(xw_steps[t], masks[t], h, c, w, d)
+                ys.append(b.Concat(*[b.Unsqueeze(y, b.ints([0, 1])) for y in y_steps], axis=0))
             hs.append(b.Unsqueeze(h, b.ints([0])))
             cs.append(b.Unsqueeze(c, b.ints([0])) if c is not None else None)
         outputs = list(self.node.output) + [""] * 3
@@ -491,40 +488,88 @@ class Recurrence:
                 value = b.Transpose(value, perm=[2, 0, 1, 3] if parts is ys else [1, 0, 2])
             self.bind(value, name)
 
+    def masked_step(self, x_t, mask_t, h, c, w, d):
+        """(y_t, h_t, c_t): past a sequence's end (mask_t false) the state keeps its value and y_t is zero."""
+        b = self.b
+        h_new, c_new = self.step(x_t, h, c, w, d)
+        if mask_t is None:
+            return h_new, h_new, c_new
+        c_new = b.Where(mask_t, c_new, c) if c is not None else None
+        return b.Where(mask_t, h_new, self.scalar(0.0)), b.Where(mask_t, h_new, h), c_new
+
+    def scan(self, xw, mask, h, c, w, d, reverse):
+        """(Y [T, batch, H], h_T, c_T) by a Scan over time (the length is dynamic, or too long to unroll).
+
+        The body is emitted through the same Builder and moved into the Scan: it reads R, the biases and
+        the constants from the outer scope."""
+        b, H, dt = self.b, self.hidden, helper.np_dtype_to_tensor_dtype(self.dtype)
+        start = len(b.nodes)
+        h_in, x_in = b.fresh("h_prev"), b.fresh("x_t")
+        c_in = b.fresh("c_prev") if c is not None else None
+        m_in = b.fresh("mask_t") if mask is not None else None
+        y, h_out, c_out = self.masked_step(x_in, m_in, h_in, c_in, w, d)
+        if y == h_out:  # a body output is listed once: the scan output gets its own name
+            y = b.Identity(y)
+        body_nodes = b.nodes[start:]
+        del b.nodes[start:]
+        states = [h_in] + ([c_in] if c is not None else [])
+        scanned = [(x_in, GATES[self.op] * H)] + ([(m_in, 1)] if mask is not None else [])
+        inputs = [helper.make_tensor_value_info(n, dt, [None, H]) for n in states]
+        inputs += [helper.make_tensor_value_info(n, onnx.TensorProto.BOOL if n == m_in else dt, [None, width])
+                   for n, width in scanned]
+        outputs = [helper.make_tensor_value_info(n, dt, [None, H]) for n in [h_out] + ([c_out] if c is not None else []) + [y]]
+        body = helper.make_graph(body_nodes, b.fresh(f"{self.op.lower()}_step"), inputs, outputs)
+        outs = b.op("Scan", *([h] + ([c] if c is not None else []) + [xw] + ([mask] if mask is not None else [])),
+                    n_out=len(outputs), body=body, num_scan_inputs=len(scanned),
+                    scan_input_directions=[int(reverse)] * len(scanned), scan_output_directions=[int(reverse)])
+        return outs[-1], outs[0], outs[1] if c is not None else None
+
     def bind(self, value, name):
         """The lowering's value under the source's output name."""
         self.b.Identity(value)
         self.b.nodes[-1].output[0] = name
 
-    def step(self, x_t, h, c, Rt, rb, peep, d):
-        b, H = self.b, self.hidden
+    def direction_weights(self, d):
+        """(X W^T + biases [T, batch, G*H] for all steps at once, the recurrent weights the step reads)."""
+        b, H, G = self.b, self.hidden, GATES[self.op]
+        xw = b.MatMul(self.x_tm, b.Transpose(self.per_direction(self.W, d), perm=[1, 0]))
+        w = {"R": b.Transpose(self.per_direction(self.R, d), perm=[1, 0]), "peep": None, "rbh": None}
+        if self.B:
+            wb, rb = b.split(self.per_direction(self.B, d), [G * H, G * H], axis=0)
+            if self.op == "GRU" and self.lbr:  # the hidden gate keeps its recurrent bias inside r * (...)
+                rbz_rbr, w["rbh"] = b.split(rb, [2 * H, H], axis=0)
+                wb = b.Add(wb, b.Concat(rbz_rbr, b.const(np.zeros(H, self.dtype)), axis=0))
+                rb = None
+            xw = b.Add(xw, wb if rb is None else b.Add(wb, rb))
+        if self.op == "GRU":
+            w["R"], w["Rh"] = b.split(w["R"], [2 * H, H], axis=1)
+        if self.P:
+            w["peep"] = self.gate_slices(b.Unsqueeze(self.per_direction(self.P, d), b.ints([0])), 3)
+        return xw, w
+
+    def step(self, x_t, h, c, w, d):
+        """(h_t, c_t) from x_t W^T + biases, by the ONNX spec's equations for this op."""
+        b = self.b
         f = len(DEFAULT_ACTIVATIONS[self.op]) * d  # this direction's first activation
         if self.op == "RNN":
-            return self.act(b.Add(x_t, b.MatMul(h, Rt)), f), None
+            return self.act(b.Add(x_t, b.MatMul(h, w["R"])), f), None
         if self.op == "GRU":
-            rz_part, rh = b.split(Rt, [2 * H, H], axis=1)
             xz, xr, xh = self.gate_slices(x_t, 3)
-            hz, hr = self.gate_slices(b.MatMul(h, rz_part), 2)
-            if rb is not None and self.lbr:
-                rbz, rbr, rbh = b.split(rb, [H, H, H], axis=0)
-                hz, hr = b.Add(hz, rbz), b.Add(hr, rbr)
-            z = self.act(b.Add(xz, hz), f)
-            r = self.act(b.Add(xr, hr), f)
+            hz, hr = self.gate_slices(b.MatMul(h, w["R"]), 2)
+            z, r = self.act(b.Add(xz, hz), f), self.act(b.Add(xr, hr), f)
             if self.lbr:
-                hh = b.MatMul(h, rh)
-                if rb is not None:
-                    hh = b.Add(hh, rbh)
-                cand = self.act(b.Add(xh, b.Mul(r, hh)), f + 1)
+                hh = b.MatMul(h, w["Rh"])
+                cand = self.act(b.Add(xh, b.Mul(r, hh if w["rbh"] is None else b.Add(hh, w["rbh"]))), f + 1)
             else:
-                cand = self.act(b.Add(xh, b.MatMul(b.Mul(r, h), rh)), f + 1)
+                cand = self.act(b.Add(xh, b.MatMul(b.Mul(r, h), w["Rh"])), f + 1)
             # H_t = (1 - z) * cand + z * h = cand + z * (h - cand)
             return b.Add(cand, b.Mul(z, b.Sub(h, cand))), None
-        gi, go, gf, gc = self.gate_slices(b.Add(x_t, b.MatMul(h, Rt)), 4)
-        if peep is not None:
-            pi, po, pf = peep
+        gi, go, gf, gc = self.gate_slices(b.Add(x_t, b.MatMul(h, w["R"])), 4)
+        if w["peep"] is not None:
+            pi, po, pf = w["peep"]
             gi, gf = b.Add(gi, b.Mul(pi, c)), b.Add(gf, b.Mul(pf, c))
         i, fg = self.act(gi, f), self.act(gf, f)
         c_new = b.Add(b.Mul(fg, c), b.Mul(i, self.act(gc, f + 1)))
-        if peep is not None:
+        if w["peep"] is not None:
             go = b.Add(go, b.Mul(po, c_new))
         return b.Mul(self.act(go, f), self.act(c_new, f + 2, clip=False)), c_new

@@ -12,8 +12,9 @@ from onnx import TensorProto, helper
 import jacgraph
 from jacgraph import runtime
 from jacgraph.errors import JacgraphError
+from jacgraph.lowering import UNROLL_MAX
 from jacgraph.model import SourceModel
-from jacgraph.testing import check_jvp, relative_error, to_float64
+from jacgraph.testing import central_difference, check_jvp, relative_error, to_float64
 
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 T, BATCH, INPUT, HIDDEN = 4, 3, 5, 6
@@ -28,8 +29,9 @@ FD_TOL = 1e-6
 
 
 def recurrent_model(op, direction="forward", layout=0, seq_lens=False, initial=True, peepholes=False, bias=True,
-                    **attrs):
-    """One RNN/GRU/LSTM node with random weights; X, sequence_lens, initial_h/c are graph inputs."""
+                    steps=T, **attrs):
+    """One RNN/GRU/LSTM node with random weights; X, sequence_lens, initial_h/c are graph inputs.
+    `steps`: the sequence length X declares (an int, or a name for a dynamic length)."""
     rng = np.random.default_rng(0)
     G, D = GATES[op], 2 if direction == "bidirectional" else 1
 
@@ -40,7 +42,7 @@ def recurrent_model(op, direction="forward", layout=0, seq_lens=False, initial=T
     if bias:
         inits.append(weight("B", D, 2 * G * HIDDEN))
     state_shape = [BATCH, D, HIDDEN] if layout else [D, BATCH, HIDDEN]
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [BATCH, T, INPUT] if layout else [T, BATCH, INPUT])]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [BATCH, steps, INPUT] if layout else [steps, BATCH, INPUT])]
     if seq_lens:
         inputs.append(helper.make_tensor_value_info("seq_lens", TensorProto.INT32, [BATCH]))
     names = ["X", "W", "R", "B" if bias else "", "seq_lens" if seq_lens else "", "initial_h" if initial else ""]
@@ -62,12 +64,14 @@ def recurrent_model(op, direction="forward", layout=0, seq_lens=False, initial=T
     return model
 
 
-def feeds_for(model, seed=1, dtype=np.float32):
+def feeds_for(model, seed=1, dtype=np.float32, steps=T):
+    """Random inputs; a dynamic sequence length gets `steps`; sequence_lens cut at three places (capped at steps)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in model.graph.input:
-        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-        feeds[inp.name] = SEQ_LENS if inp.name == "seq_lens" else rng.standard_normal(shape).astype(dtype)
+        shape = [d.dim_value if d.HasField("dim_value") else steps for d in inp.type.tensor_type.shape.dim]
+        lens = np.minimum(SEQ_LENS, steps)
+        feeds[inp.name] = lens if inp.name == "seq_lens" else rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
@@ -156,13 +160,58 @@ def test_jvp_and_vjp_match_central_differences(case):
     assert abs(forward - reverse) <= 1e-10 * max(1.0, abs(forward))
 
 
-def test_dynamic_sequence_length_is_refused_with_the_input_shape_to_pass():
-    model = recurrent_model("LSTM")
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "seq"
-    with pytest.raises(JacgraphError, match=r"--input-shape X=seq,3,5"):
-        SourceModel(model)
-    fixed = SourceModel(model, input_shapes={"X": [T, BATCH, INPUT]})
-    assert fixed.shape("Y") == (T, 1, BATCH, HIDDEN)
+class OnnxruntimeOracle:
+    """onnxruntime in float64 as the central-difference oracle: onnx's reference evaluator has no reverse Scan."""
+
+    def __init__(self, model):
+        self.session = runtime.session(model)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, _, feeds):
+        return self.session.run(None, feeds)
+
+
+SCAN_CASES = [dict(op="LSTM", direction="bidirectional", seq_lens=True, peepholes=True, layout=1),
+              dict(op="GRU", direction="reverse", linear_before_reset=1, seq_lens=True),
+              dict(op="GRU", direction="bidirectional", clip=0.5),
+              dict(op="RNN", direction="bidirectional", seq_lens=True)]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=[case_id(c) for c in SCAN_CASES])
+def test_dynamic_sequence_length_becomes_a_scan(case):
+    """A dynamic length (or one above UNROLL_MAX) is a Scan over time; one emitted graph serves every length."""
+    model = recurrent_model(**case, steps="T")
+    proto = lowered(model)
+    assert "Scan" in {n.op_type for n in proto.graph.node}
+    jvp_model = jacgraph.compile(to_float64(model), emit="jvp")
+    vjp_model = jacgraph.compile(to_float64(model), emit="vjp")
+    rng = np.random.default_rng(4)
+    for steps in (3, 7):
+        feeds = feeds_for(model, steps=steps)
+        expected = native_reference(recurrent_model(**case, steps=steps), feeds)
+        got = runtime.run(runtime.session(proto), feeds)
+        assert all(relative_error(got[k], v) < FORWARD_TOL for k, v in expected.items())
+        feeds64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+        directions = {k: rng.standard_normal(v.shape) for k, v in feeds64.items() if v.dtype == np.float64}
+        jvp_out = runtime.run(runtime.session(jvp_model), {**feeds64, **{f"{k}_dot": v for k, v in directions.items()}})
+        fd = central_difference(OnnxruntimeOracle(to_float64(proto)), feeds64, directions)
+        assert max(relative_error(jvp_out[f"{y}_dot"], fd[y]) for y in fd) < FD_TOL
+        outputs = [o.name for o in model.graph.output]
+        cotangents = {f"{y}_bar": rng.standard_normal(jvp_out[y].shape) for y in outputs}
+        vjp_out = runtime.run(runtime.session(vjp_model), {**feeds64, **cotangents})
+        forward = sum(np.vdot(jvp_out[f"{y}_dot"], cotangents[f"{y}_bar"]) for y in outputs)
+        reverse = sum(np.vdot(directions[x], vjp_out[f"{x}_bar"]) for x in directions)
+        assert abs(forward - reverse) <= 1e-10 * max(1.0, abs(forward))
+
+
+def test_long_sequence_is_a_scan_not_unrolled():
+    model = recurrent_model("LSTM", direction="bidirectional", steps=UNROLL_MAX + 8)
+    proto = lowered(model)
+    assert sum(n.op_type == "Scan" for n in proto.graph.node) == 2 and len(proto.graph.node) < 100
+    feeds = feeds_for(model)
+    expected = native_reference(model, feeds)
+    got = runtime.run(runtime.session(proto), feeds)
+    assert all(relative_error(got[k], v) < FORWARD_TOL for k, v in expected.items())
 
 
 def test_input_forget_is_refused():
@@ -188,23 +237,29 @@ class Recurrent(torch.nn.Module):
         return (y, *state) if isinstance(state, tuple) else (y, state)
 
 
-def export(net, x, n_out):
+def export(net, x, n_out, dynamic):
     f = io.BytesIO()
     names = ["y", "h", "c"][:n_out]
-    torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, input_names=["x"], output_names=names)
+    axes = {"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}} if dynamic else None
+    torch.onnx.export(net, (x,), f, dynamo=False, opset_version=17, input_names=["x"], output_names=names,
+                      dynamic_axes=axes)
     return onnx.load_from_string(f.getvalue()), names
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_torch_recurrent_layers_jvp_and_vjp_match_torch(kind):
+@pytest.mark.parametrize("kind, dynamic", [("LSTM", False), ("LSTM", True), ("GRU", True), ("GRU", False),
+                                           ("RNN", False)])
+def test_torch_recurrent_layers_jvp_and_vjp_match_torch(kind, dynamic):
+    """dynamic: batch and sequence axes exported dynamic, so the layers become Scans and the emitted graphs keep both."""
     net = Recurrent(kind).eval()
     x32 = torch.randn(2, T, INPUT)
-    model, names = export(net, x32, 3 if kind == "LSTM" else 2)
+    model, names = export(net, x32, 3 if kind == "LSTM" else 2, dynamic)
     net64, x = net.double(), x32.double()
     v = torch.randn_like(x)
     ys, ys_dot = torch.func.jvp(net64, (x,), (v,))
     m64 = to_float64(model)
     jvp_model, vjp_model = jacgraph.compile(m64, emit="jvp"), jacgraph.compile(m64, emit="vjp")
+    if dynamic:
+        assert [d.dim_param for d in jvp_model.graph.input[0].type.tensor_type.shape.dim][:2] == ["batch", "seq"]
     out = runtime.run(runtime.session(jvp_model), {"x": x.numpy(), "x_dot": v.numpy()})
     for name, y, y_dot in zip(names, ys, ys_dot):
         # float64 throughout: the lowering and torch differ only by summation order (~1e-15 relative)
