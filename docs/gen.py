@@ -55,8 +55,8 @@ def _default(action) -> str:
 def _options_table(parser) -> list[str]:
     rows = ["| option | argument | default | what |", "|---|---|---|---|"]
     for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
-            continue
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+            continue  # hidden aliases stay hidden, as in --help
         names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}` (positional)"
         what = (action.help or "") + (" (required)" if action.required and action.option_strings else "")
         rows.append(f"| {names} | {_cell(_argument(action))} | {_default(action)} | {_cell(what)} |")
@@ -69,7 +69,9 @@ def cli_page() -> str:
 
     top = parser()
     lines = [HEADER.format(source="jacgraph.cli.parser()") + "# CLI reference", "", top.description or "", "",
-             "Every command exits with code 2 and one paragraph naming the problem and the fix on bad input.", ""]
+             "```", top.format_usage().strip().removeprefix("usage: "), "```", ""]
+    if len(_options_table(top)) > 2:
+        lines += _options_table(top) + [""]
     for name, help_text, sub in _subcommands(top):
         lines += [f"## jacgraph {name}", "", help_text[:1].upper() + help_text[1:] + ".", "",
                   "```", sub.format_usage().strip().removeprefix("usage: "), "```", ""]
