@@ -293,7 +293,7 @@ class SourceModel:
         """
         active, found = set(self.float_inputs()), set()
         for node in self.nodes:
-            live = [bool(i) and i in active for i in node.input]
+            live = [bool(i) and i in active for i in node_inputs(node)]  # a body's captures count
             if not any(live):
                 continue
             active.update(o for o in node.output if o)
@@ -417,6 +417,9 @@ def _infer_body(graph, outer, input_types):
         body.value_info.extend(declared)
         return body
     body.value_info.extend(vi for vi in inferred.value_info if vi.name not in {i.name for i in body.input})
+    for out, found in zip(body.output, inferred.output):  # inference types the body's outputs in place
+        if _shape_of(out.type) is None and found.type.HasField("tensor_type") and _shape_of(found.type) is not None:
+            out.type.CopyFrom(found.type)
     return body
 
 
@@ -449,20 +452,25 @@ class Subgraph(SourceModel):
 
     def __init__(self, graph, outer: SourceModel, input_types=None, carried=()):
         self.outer, self.proto, self.opset = outer, outer.proto, outer.opset
-        graph = _infer_body(graph, outer, input_types or [])  # re-inferred in its scope: ONNX leaves some types out
-        changed = False
+        types = list(input_types or [])
+        inferred = _infer_body(graph, outer, types)  # re-inferred in its scope: ONNX leaves some types out
+        self.reshaped = {}  # carried input name -> (its shape before, after one iteration)
         for i, o in carried:
-            given, got = _shape_of(graph.input[i].type), self._inferred_shape(graph, graph.output[o].name)
-            if given is not None and got is not None and given != got:
-                declared = graph.input[i].type.tensor_type
-                if len(given) != len(got):
-                    declared.ClearField("shape")
-                for d, a, c in zip(declared.shape.dim, given, got):
-                    if a != c:
-                        d.Clear()
-                changed = True
-        if changed:
-            graph = _infer_body(graph, outer, [])
+            given, got = _shape_of(inferred.input[i].type), self._inferred_shape(inferred, inferred.output[o].name)
+            if given is None or got is None or given == got or i >= len(types) or types[i] is None:
+                continue
+            if len(given) != len(got) or any(isinstance(a, int) and isinstance(c, int) and a != c
+                                              for a, c in zip(given, got)):
+                self.reshaped[inferred.input[i].name] = (given, got)
+            relaxed = onnx.TypeProto()  # the dims that change stay unknown
+            relaxed.CopyFrom(types[i])
+            if len(given) != len(got):
+                relaxed.tensor_type.ClearField("shape")
+            for d, a, c in zip(relaxed.tensor_type.shape.dim, given, got):
+                if a != c:
+                    d.Clear()
+            types[i] = relaxed
+        graph = _infer_body(graph, outer, types) if types != list(input_types or []) else inferred
         self.graph = graph
         self.initializers = {**outer.initializers, **{t.name: t for t in graph.initializer}}
         self.inputs, self.outputs = list(graph.input), list(graph.output)

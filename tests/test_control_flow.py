@@ -339,6 +339,21 @@ def test_missing_rule_inside_a_body_is_named():
             build(m)
 
 
+def test_growing_loop_state():
+    """A Loop that grows its carried value (Concat): forward mode follows it; reverse mode, which stacks each
+    iteration's state, refuses it with a reason instead of emitting a graph onnxruntime would fail on."""
+    body = h.make_graph([h.make_node("Concat", ["acc_in", "x"], ["acc_out"], axis=0),
+                         h.make_node("Identity", ["c_in"], ["c_out"])], "body",
+                        [vi("it", T.INT64, []), vi("c_in", T.BOOL, []), vi("acc_in", D, None)],
+                        [vi("c_out", T.BOOL, []), vi("acc_out", D, None)])
+    m = model([h.make_node("Loop", ["M", "true", "x"], ["acc"], body=body)], [vi("x", D, [3])], [vi("acc", D, ["n"])],
+              [init("M", np.int64(3)), init("true", np.array(True))])
+    rng = np.random.default_rng(7)
+    check_jvp(m, {"x": rng.standard_normal(3)}, rng, label="growing state")
+    with pytest.raises(JacgraphError, match=r"changes the shape of its carried value 'x' from \[3\] to \[6\]"):
+        vjp.build(m)
+
+
 torch = pytest.importorskip("torch")
 
 
@@ -418,3 +433,23 @@ def test_torch_exports_match_autograd(export, tmp_path):
         p = props(r)
         got = runtime.run(r, {**feeds, dict(p["jacgraph.cotangent_inputs"])[y_name]: u.astype(np.float32)})
         assert relative_error(got[dict(p["jacgraph.gradient_outputs"])[x_name]], x_bar.numpy()) < 1e-4
+
+
+def test_jvp_and_vjp_of_the_jfb_fixed_point_loop(tmp_path):
+    """jacgraph's own JFB pass emits a Loop that runs to a residual tolerance (a data-dependent trip count):
+    its JVP (the derivative of the iterations as run, not the implicit one) matches central differences of
+    the float64 fixed-point graph, and its VJP passes the dot-product test."""
+    from test_jfb import ResidualT, export
+
+    from jacgraph.passes import jfb
+    from jacgraph.testing import to_float64
+
+    torch.manual_seed(0)
+    path = export(ResidualT().eval(), (4, 10), (4, 4), tmp_path / "T.onnx", True)
+    fixed_point = to_float64(jfb.build(path, state="z")["fixed_point"])
+    assert any(n.op_type == "Loop" for n in fixed_point.graph.node)
+    rng = np.random.default_rng(6)
+    feeds = {"x": rng.standard_normal((4, 4))}  # the parameters are inputs defaulting to their values
+    assert 5 < Float64Session(fixed_point)(feeds)["iterations"] < 100  # stopped by the tolerance
+    check_jvp(fixed_point, feeds, rng, label="jfb fixed point")
+    check_dot_product(fixed_point, feeds, rng, label="jfb fixed point")

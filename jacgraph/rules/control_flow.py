@@ -46,8 +46,16 @@ def _set_attr(node, name, value):
     node.attribute.extend(kept + [helper.make_attribute(name, value)])
 
 
+def _is_tensor(src, name):
+    t = src._types.get(name)
+    return t is not None and t.HasField("tensor_type") and bool(t.tensor_type.elem_type)
+
+
 def _type(src, name, leading=()):
-    """The tensor type of `name` in `src`, with `leading` axes (the K of stacked tangents) prepended."""
+    """The tensor type of `name` in `src`, with `leading` axes (the K of stacked tangents) prepended
+    (None for a sequence or optional value, or an unknown type)."""
+    if not _is_tensor(src, name):
+        return None
     shape = src.shape(name)
     return helper.make_tensor_type_proto(src.dtype(name), None if shape is None else [*leading, *shape])
 
@@ -390,6 +398,25 @@ def _store_states(b, node, fwd_body, stored):
     return outs
 
 
+def _check_storable(b, node, body_src, state):
+    """The reverse sweep stacks each iteration's state into one tensor: every carried value must be a tensor
+    whose shape stays the same from one iteration to the next."""
+    where = f"{node.op_type} '{node.name or node.output[0]}'"
+    for body_in, body_out, position, _ in state:
+        start = node_inputs(node)[position]
+        if not _is_tensor(b.src, start):
+            raise JacgraphError(
+                f"{where} carries '{start}', which is not a tensor (a sequence or optional value). The VJP pass "
+                "stores every iteration's carried state as one stacked tensor; carry tensors instead (e.g. a "
+                "preallocated tensor updated with ScatterND rather than a growing sequence).")
+        if body_in in body_src.reshaped:
+            before, after = body_src.reshaped[body_in]
+            raise JacgraphError(
+                f"{where} changes the shape of its carried value '{start}' from {list(before)} to {list(after)} "
+                "in one iteration. The VJP pass stores every iteration's state as one stacked tensor, which "
+                "needs one shape; preallocate the value at its final size (the JVP pass handles this loop).")
+
+
 def _reverse_sweep(b, node, body, types, state, xs, ys, cts, stored, fixed=()):
     """The reverse sweep of a Loop/Scan: a Loop over the stored iterations, last first.
 
@@ -409,6 +436,7 @@ def _reverse_sweep(b, node, body, types, state, xs, ys, cts, stored, fixed=()):
     seeded = [y for y in ys if y[3] is not None]
     if not (active or moving or wanted):
         return {}
+    _check_storable(b, node, child.src, state)
     stored_names = _store_states(b, node, body, stored)
     # the trip count: rows stored by the forward node, or the length of a scan input
     trips = b.Gather(b.Shape(stored_names[0] if stored_names else reads[xs[0][0]]),
