@@ -446,6 +446,9 @@ class Worker:
 
 
 def run_all(cases, tools, checks, timeout, jobs, progress=True):
+    import jacgraph.passes.jvp  # noqa: F401  every worker forks from this one snapshot of the code
+    import jacgraph.passes.vjp  # noqa: F401  (a checkout edited during the run cannot mix versions)
+
     ctx = multiprocessing.get_context("fork")
     todo = list(range(len(cases)))[::-1]
     results = [None] * len(cases)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from .errors import JacgraphError
+from .errors import JacgraphError, NeedsOpset
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _source_root = os.path.dirname(_here)
@@ -41,7 +41,9 @@ def pass_module(emit: str):
 def compile(model, emit: str = "jvp", **options):
     """Compile an ONNX model (path, bytes or ModelProto) into a new model that computes `emit`.
 
-    Returns a ModelProto, or a dict of named ModelProtos for emits that write several graphs.
+    Returns a ModelProto, or a dict of named ModelProtos for emits that write several graphs. When a rule
+    needs a newer op version than the model declares (ScatterElements reduction='add' is opset 16), the
+    model is converted up to that opset (onnx.version_converter) and the emitted model declares it.
     The input model is never modified. `input_shapes={input: dims}` fixes dynamic input dims first (a name
     in dims keeps that axis symbolic), so shape arithmetic folds to constants (jacgraph.lowering).
     """
@@ -50,7 +52,13 @@ def compile(model, emit: str = "jvp", **options):
 
         model = with_input_shapes(model, options["input_shapes"])
     options.pop("input_shapes", None)
-    return pass_module(emit).build(model, **options)
+    module = pass_module(emit)
+    try:
+        return module.build(model, **options)
+    except NeedsOpset as e:  # convert the model up to the opset the rule needs, and emit again
+        from .model import upgrade_opset
+
+        return module.build(upgrade_opset(model, e.opset), **options)
 
 
 __all__ = ["compile", "JacgraphError", "EMITS"]

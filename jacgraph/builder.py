@@ -46,6 +46,8 @@ class Builder:
     def op(self, op_type, *inputs, n_out=1, domain="", **attrs):
         outputs = [self.fresh(f"{op_type.lower()}") for _ in range(n_out)]
         inputs = ["" if i is None else i for i in inputs]
+        while inputs and inputs[-1] == "":  # an omitted trailing optional input is left off: the slot may not
+            inputs.pop()                    # exist at the model's opset (Pad's axes before 18: the Swin failure)
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"jg_{op_type}"), domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs

@@ -128,13 +128,20 @@ def _old_hardmax_as_2d(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _convert_up(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _convert_up(proto: onnx.ModelProto, opset: int = MIN_OPSET) -> onnx.ModelProto:
     try:
-        return version_converter.convert_version(_old_hardmax_as_2d(proto), MIN_OPSET)
+        return version_converter.convert_version(_old_hardmax_as_2d(proto), opset)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise JacgraphError(
-            f"the model uses opset {_opset_of(proto)} and converting it to opset {MIN_OPSET} failed ({e}). "
-            f"Re-export it with opset_version >= {MIN_OPSET}.") from None
+            f"the model uses opset {_opset_of(proto)} and converting it to opset {opset} failed ({reason}). "
+            f"Re-export it with opset_version >= {opset}.") from None
+
+
+def upgrade_opset(model, opset: int) -> onnx.ModelProto:
+    """The model (path, bytes, ModelProto or SourceModel) converted up to `opset`; never down."""
+    proto = model.proto if isinstance(model, SourceModel) else load(model)
+    return proto if _opset_of(proto) >= opset else _convert_up(proto, opset)
 
 
 def _inference_reason(error) -> str:

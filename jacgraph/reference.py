@@ -14,7 +14,8 @@ def _exact_reference_ops():
     """Overrides for onnx 1.23's reference evaluator, which computes Erf and Gelu in float32, sums
     LRN's window over a range of the batch size instead of the channel count, and reports wrong
     MaxPool indices at stride 1 (MaxPool runs in onnxruntime instead: its float64 kernel and the
-    argmax it reports are the convention the JVP rule pins)."""
+    argmax it reports are the convention the JVP rule pins); GatherElements along an axis longer than 64
+    and GlobalLpPool, which it cannot run, are added."""
     from onnx.reference.op_run import OpRun
     from onnx.reference.ops import op_loop
     from scipy.special import erf
@@ -57,6 +58,17 @@ def _exact_reference_ops():
                 squares[:, c] = np.sum(x[:, max(0, c - below):min(channels, c + above + 1)] ** 2, axis=1)
             return ((x / (bias + (alpha / size) * squares) ** beta).astype(x.dtype),)
 
+    class GatherElements(OpRun):  # onnx's uses np.choose, which refuses an axis longer than 64
+        def _run(self, data, indices, axis=None):
+            indices = np.where(indices < 0, indices + data.shape[axis], indices)
+            corner = tuple(slice(None) if d == axis % data.ndim else slice(0, n) for d, n in enumerate(indices.shape))
+            return (np.take_along_axis(data[corner], indices, axis=axis),)  # indices may be shorter off the axis
+
+    class GlobalLpPool(OpRun):  # onnx's evaluator has none
+        def _run(self, x, p=None):
+            spatial = tuple(range(2, x.ndim))
+            return ((np.sum(np.abs(x) ** p, axis=spatial, keepdims=True) ** (1.0 / p)).astype(x.dtype),)
+
     class LpNormalization(OpRun):  # onnx's sums x**p, not |x|**p: wrong for p = 1 (onnxruntime uses |x|)
         def _run(self, x, axis=None, p=None):
             norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
@@ -82,7 +94,7 @@ def _exact_reference_ops():
             stacked = [np.stack([row[k] for row in self.rows]) if self.rows else np.empty((0,)) for k in range(self.scans)]
             return tuple(res[:len(res) - self.scans]) + tuple(stacked)
 
-    return [Erf, Gelu, LRN, MaxPool, LpNormalization, Loop]
+    return [Erf, Gelu, LRN, MaxPool, GatherElements, GlobalLpPool, LpNormalization, Loop]
 
 
 def reference_session(model: onnx.ModelProto):

@@ -9,11 +9,12 @@ from .model import SourceModel
 from .reference import _exact_reference_ops, reference_session, run_reference  # noqa: F401  (importable from here too)
 
 F32, F64 = TensorProto.FLOAT, TensorProto.DOUBLE
+NARROW = (F32, TensorProto.FLOAT16, TensorProto.BFLOAT16)  # float types the float64 copy widens
 
 
 def _retype(value_info):
     t = value_info.type.tensor_type
-    if t.elem_type in (F32, TensorProto.FLOAT16):
+    if t.elem_type in NARROW:
         t.elem_type = F64
 
 
@@ -43,7 +44,7 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     g = m.graph
     keep = _fixed_float32_inputs(m)
     for i, init in enumerate(g.initializer):
-        if init.data_type in (F32, TensorProto.FLOAT16) and init.name not in keep:
+        if init.data_type in NARROW and init.name not in keep:
             g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         _retype(vi)
@@ -51,9 +52,9 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
         for attr in node.attribute:
             if node.op_type == "Constant" and node.output[0] in keep:
                 continue
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in (F32, TensorProto.FLOAT16):
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in NARROW:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i in (F32, TensorProto.FLOAT16):
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i in NARROW:
                 attr.i = F64
             elif attr.type == onnx.AttributeProto.GRAPH:  # Loop/Scan/If bodies: the same widening
                 attr.g.CopyFrom(_subgraph_to_float64(m, attr.g))

@@ -115,6 +115,62 @@ CONTROL_FLOW_CASES = [
 ]
 AB = {"a": (2, 3), "b": (2, 3)}
 
+# Indexing, scatter and signal ops (jacgraph/rules: the "indexing, scatter and signal ops" sections).
+# Sampled values are standard normal: ties (scatter max/min, TopK) and zeros (CumProd, scatter mul,
+# LpPool) have probability zero.
+IDX2 = np.array([[1], [3]], np.int64)
+ELEMENT_IDX = np.array([[0, 2], [1, 0], [2, 1]], np.int64)
+INDEXING_CASES = [
+    Case("ScatterND", {"data": (4, 3), "updates": (2, 3)}, ["data", "idx", "updates"], consts={"idx": IDX2}),
+    Case("ScatterND", {"data": (4, 3), "updates": (2, 3)}, ["data", "idx", "updates"], attrs={"reduction": "add"},
+         consts={"idx": np.array([[1], [1]], np.int64)}, id="scatternd-add-repeated"),
+    Case("ScatterND", {"data": (4, 3), "updates": (2, 3)}, ["data", "idx", "updates"], attrs={"reduction": "mul"},
+         consts={"idx": np.array([[2], [2]], np.int64)}, id="scatternd-mul-repeated"),
+    Case("ScatterND", {"data": (4, 3), "updates": (2, 3)}, ["data", "idx", "updates"], attrs={"reduction": "max"},
+         consts={"idx": np.array([[0], [0]], np.int64)}, id="scatternd-max-repeated"),
+    Case("ScatterND", {"data": (2, 3, 4), "updates": (2,)}, ["data", "idx", "updates"],
+         consts={"idx": np.array([[0, 1, 2], [1, 2, 3]], np.int64)}, opset=13, id="scatternd-elements-opset13"),
+    Case("ScatterElements", {"data": (3, 3), "updates": (3, 2)}, ["data", "idx", "updates"], attrs={"axis": 1},
+         consts={"idx": ELEMENT_IDX}),
+    Case("ScatterElements", {"data": (3, 3), "updates": (3, 2)}, ["data", "idx", "updates"],
+         attrs={"axis": 0, "reduction": "add"}, consts={"idx": ELEMENT_IDX}, id="scatterelements-add"),
+    Case("ScatterElements", {"data": (3, 3), "updates": (3, 2)}, ["data", "idx", "updates"],
+         attrs={"axis": 1, "reduction": "min"}, consts={"idx": np.array([[0, 0], [1, 1], [2, 2]], np.int64)},
+         id="scatterelements-min-repeated"),
+    Case("GatherND", X, ["x", "idx"], consts={"idx": np.array([[0, 1], [1, 2], [0, 1]], np.int64)}),
+    Case("GatherND", X, ["x", "idx"], attrs={"batch_dims": 1}, consts={"idx": np.array([[2], [0]], np.int64)},
+         id="gathernd-batch-dims"),
+    Case("TopK", {"x": (3, 5)}, ["x", "k"], consts={"k": i64(2)}, n_out=2),
+    Case("TopK", {"x": (3, 5)}, ["x", "k"], attrs={"axis": 0, "largest": 0}, consts={"k": i64(2)}, n_out=2,
+         id="topk-smallest-axis0"),
+    Case("Compress", {"x": (3, 4)}, ["x", "cond"], attrs={"axis": 0}, consts={"cond": np.array([True, False, True])}),
+    Case("Compress", {"x": (3, 4)}, ["x", "cond"], consts={"cond": np.array([False, True, True, False, True])},
+         id="compress-flat"),
+    Case("CumProd", {"x": (2, 5)}, ["x", "axis"], consts={"axis": np.array(1, np.int64)}, kinks=(0,), opset=26),
+    Case("CumProd", {"x": (2, 5)}, ["x", "axis"], attrs={"exclusive": 1, "reverse": 1},
+         consts={"axis": np.array(-1, np.int64)}, kinks=(0,), opset=26, id="cumprod-exclusive-reverse"),
+    Case("LpPool", {"x": (1, 2, 5, 5)}, ["x"], attrs={"kernel_shape": [2, 2], "p": 2}, kinks=(0,)),
+    Case("LpPool", {"x": (1, 2, 5, 5)}, ["x"], attrs={"kernel_shape": [3, 3], "p": 3, "strides": [2, 2],
+                                                     "pads": [1, 1, 1, 1]}, kinks=(0,), id="lppool-p3-strided-padded"),
+    Case("GlobalLpPool", {"x": (2, 3, 4, 4)}, ["x"], attrs={"p": 2}, kinks=(0,)),
+    Case("Col2Im", {"x": (1, 8, 16)}, ["x", "image", "block"], consts={"image": i64(5, 5), "block": i64(2, 2)}),
+    Case("Col2Im", {"x": (1, 4, 9)}, ["x", "image", "block"], attrs={"strides": [2, 2], "pads": [1, 1, 1, 1]},
+         consts={"image": i64(5, 5), "block": i64(2, 2)}, id="col2im-strided-padded"),
+    Case("DFT", {"x": (2, 8, 1)}, ["x", "", "axis"], consts={"axis": np.array(1, np.int64)}, opset=20),
+    Case("DFT", {"x": (2, 8, 1)}, ["x", "", "axis"], attrs={"onesided": 1}, consts={"axis": np.array(1, np.int64)},
+         opset=20, id="dft-onesided"),
+    Case("DFT", {"x": (3, 6, 2)}, ["x", "len"], attrs={"inverse": 1, "axis": 1}, consts={"len": np.array(6, np.int64)},
+         opset=17, id="dft-inverse-complex-opset17"),
+    # (onesided given: onnx 1.23's shape inference reads a missing onesided as 0, the runtimes as the default 1)
+    Case("STFT", {"signal": (1, 16, 1), "window": (8,)}, ["signal", "step", "window"], attrs={"onesided": 1},
+         consts={"step": np.array(4, np.int64)}, opset=17),
+    Case("STFT", {"signal": (2, 16, 1)}, ["signal", "step", "", "length"], attrs={"onesided": 0},
+         consts={"step": np.array(3, np.int64), "length": np.array(6, np.int64)}, opset=17, id="stft-no-window"),
+    Case("Pad", {"x": (2, 3), "v": ()}, ["x", "pads", "v"], consts={"pads": i64(1, 0, 0, 2)}, id="pad-value-input"),
+    Case("Pad", {"v": ()}, ["x", "pads", "v"], consts={"x": f64(2, 3), "pads": i64(0, 1, 2, 0)},
+         id="pad-only-value-active"),
+]
+
 CASES = [
     # --- zero tangents (integer paths, comparisons, piecewise constant) --------------------------
     Case("Shape", X, ["x"]),
@@ -321,6 +377,7 @@ CASES = [
          id="layernorm-all-active"),
     Case("InstanceNormalization", X4, ["x", "scale", "bias"], consts={"scale": f64(3), "bias": f64(3)}),
     *CONTROL_FLOW_CASES,
+    *INDEXING_CASES,
 ]
 
 

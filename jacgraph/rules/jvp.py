@@ -218,11 +218,20 @@ def gather_elements(b, node, t, _):
 
 
 @rule("Pad")
-def pad(b, node, t, *_):
-    """ẏ = pad(ẋ) with the same mode and zero fill (the constant value is additive)."""
+def pad(b, node, t, _=None, t_value=None, *__):
+    """ẏ = pad(ẋ) with the same mode and zero fill; in constant mode a constant_value with a tangent fills
+    the padded cells with that tangent."""
     mode = b.src.attrs(node)["mode"]
     pads = node.input[1]
     axes = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    fill = None
+    if t_value is not None and mode == "constant":
+        x, y = node.input[0], node.output[0]
+        ones = b.Pad(b.Mul(x, s(b, 0.0, x)), pads, s(b, 1.0, x), axes, mode="constant")  # 1 on the padded cells
+        fill = b.Mul(align(b, b.Reshape(t_value, b.ints([-1] if b.K else [])), node.input[2], y), ones)
+        t = t if t is not None else zeros_like(b, x)
+    if t is None:
+        return [fill]
     if b.K is not None:
         if axes is not None:
             axes = taxes_tensor(b, axes)
@@ -230,7 +239,7 @@ def pad(b, node, t, *_):
             begin, end = b.split(pads, [b.src.rank(node.input[0])] * 2)
             zero = b.ints([0])
             pads = b.Concat(zero, begin, zero, end, axis=0)
-    return [b.Pad(t, pads, None, axes, mode=mode)]
+    return [add_all(b, [b.Pad(t, pads, None, axes, mode=mode), fill])]
 
 
 @rule("Expand")
@@ -873,3 +882,188 @@ def _batched_matmul(b, node, ta, tc):
 
 
 BATCHED["MatMul"] = _batched_matmul
+
+
+# ---- indexing, scatter and signal ops ----
+# Gathers and scatters of every kind are read as moves between flat positions: `where` holds, for
+# each element picked or written, its flat index in the data tensor (the same op applied to the
+# index map of the data). Tangents and cotangents then need one Gather or ScatterElements on a flat
+# axis, which takes stacked tangents ([K, N]) as they are.
+
+def flat_positions(b, x):
+    """The flat index of every element of x, shaped like x."""
+    return b.Reshape(b.Range(b.const(np.int64(0)), b.Size(x), b.const(np.int64(1))), b.Shape(x))
+
+
+def flatten_tangent(b, t):
+    """[N] ([K, N] when stacked)."""
+    return b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
+
+
+def gather_positions(b, t, where):
+    """The tangent at flat positions `where` of its primal, shaped like `where` (K in front when stacked)."""
+    return b.Gather(flatten_tangent(b, t), where, axis=lead(b))
+
+
+def scatter_positions(b, base, where, values, reduction="none"):
+    """ScatterElements into a flat tangent `base` ([N] or [K, N]) at flat positions `where` ([M])."""
+    if b.K is not None:
+        where = b.Expand(where, b.ints([b.K, 1]))
+    return b.ScatterElements(base, where, values, axis=lead(b), reduction=None if reduction == "none" else reduction)
+
+
+def scatter_where(b, node):
+    """For ScatterND/ScatterElements: the flat data position each update lands on, as a 1-D tensor."""
+    data, indices = node.input[0], node.input[1]
+    if node.op_type == "ScatterND":
+        where = b.GatherND(flat_positions(b, data), indices)
+    else:
+        where = b.GatherElements(flat_positions(b, data), indices, axis=b.src.attrs(node).get("axis", 0))
+    return b.Reshape(where, b.ints([-1]))
+
+
+def scatter_parts(b, node, where):
+    """Flat primal pieces the scatter rules share: data D, updates U, output Y, and per reduction
+    mul: R = the product scattered onto each data cell; max/min: the winner masks and their count."""
+    data, updates, y = node.input[0], node.input[2], node.output[0]
+    flat = lambda v: b.Reshape(v, b.ints([-1]))  # noqa: E731
+    parts = {"D": flat(data), "U": flat(updates), "Y": flat(y)}
+    reduction = b.src.attrs(node).get("reduction", "none")
+    dtype = b.src.dtype(data)
+    if reduction == "mul":
+        ones = b.ConstantOfShape(b.Shape(parts["D"]), value=helper.make_tensor("value", dtype, [1], [1]))
+        parts["R"] = b.ScatterElements(ones, where, parts["U"], axis=0, reduction="mul")
+    elif reduction in ("max", "min"):
+        zeros = b.ConstantOfShape(b.Shape(parts["D"]), value=helper.make_tensor("value", dtype, [1], [0]))
+        parts["hit_d"] = b.Cast(b.Equal(parts["D"], parts["Y"]), to=dtype)
+        parts["hit_u"] = b.Cast(b.Equal(parts["U"], b.Gather(parts["Y"], where)), to=dtype)
+        parts["count"] = b.Add(parts["hit_d"], b.ScatterElements(zeros, where, parts["hit_u"], axis=0, reduction="add"))
+    return reduction, parts
+
+
+@rule("ScatterND", "ScatterElements")
+def scatter(b, node, t_data, _, t_updates):
+    """none: ẏ = scatter(ḋ, u̇); add: scatter-add(ḋ, u̇); mul: ẏ = ḋ·R + scatter-add(0, u̇·y/u) (updates
+    nonzero); max/min: ẏ = the winner's tangent, shared evenly among ties (as ReduceMax)."""
+    data, updates, y = node.input[0], node.input[2], node.output[0]
+    where = scatter_where(b, node)
+    reduction, p = scatter_parts(b, node, where)
+    td = flatten_tangent(b, t_data if t_data is not None else zeros_like(b, data))
+    tu = flatten_tangent(b, t_updates if t_updates is not None else zeros_like(b, updates))
+    zeros = flatten_tangent(b, zeros_like(b, data))
+    if reduction in ("none", "add"):
+        out = scatter_positions(b, td, where, tu, reduction)
+    elif reduction == "mul":
+        spread = b.Mul(tu, b.Div(b.Gather(p["Y"], where), p["U"]))
+        out = b.Add(b.Mul(td, p["R"]), scatter_positions(b, zeros, where, spread, "add"))
+    else:
+        picked = b.Add(b.Mul(td, p["hit_d"]), scatter_positions(b, zeros, where, b.Mul(tu, p["hit_u"]), "add"))
+        out = b.Div(picked, p["count"])
+    return [b.Reshape(out, full_shape(b, y))]
+
+
+@rule("GatherND")
+def gather_nd(b, node, t, _):
+    """ẏ = ẋ at the gathered positions."""
+    where = b.GatherND(flat_positions(b, node.input[0]), node.input[1], batch_dims=b.src.attrs(node).get("batch_dims", 0))
+    return [gather_positions(b, t, where)]
+
+
+@rule("TopK")
+def top_k(b, node, t, _):
+    """values: ẏ = ẋ at the reported indices (ties: the index TopK reports); indices: no tangent."""
+    x, indices = node.input[0], node.output[1] if len(node.output) > 1 and node.output[1] else None
+    if indices is None:
+        indices = b.extra_output(node, 1, f"{node.output[0]}_indices")
+    axis = b.src.attrs(node)["axis"] % b.src.rank(x)
+    where = b.GatherElements(flat_positions(b, x), indices, axis=axis)
+    return [gather_positions(b, t, where), None]
+
+
+@rule("Compress")
+def compress(b, node, t, _):
+    """ẏ = ẋ at the kept positions."""
+    axis = b.src.attrs(node).get("axis")
+    where = b.Compress(flat_positions(b, node.input[0]), node.input[1], axis=axis)
+    return [gather_positions(b, t, where)]
+
+
+@rule("CumProd")
+def cum_prod(b, node, t, _):
+    """ẏ = y·cumsum(ẋ/x) with the same axis, exclusive and reverse (x nonzero, as the product rule needs)."""
+    x, y = node.input[0], node.output[0]
+    attrs = b.src.attrs(node)
+    summed = b.CumSum(b.Div(t, x), taxes_tensor(b, node.input[1]), exclusive=attrs["exclusive"], reverse=attrs["reverse"])
+    return [b.Mul(y, summed)]
+
+
+def window_sum(b, z, node):
+    """Σ over each window of an LpPool node (same geometry, zero padding), as two p=1 LpPools: exact for any sign."""
+    attrs = {k: v for k, v in b.src.attrs(node).items() if k != "p"}
+    return b.Sub(b.op("LpPool", b.Relu(z), p=1, **attrs), b.op("LpPool", b.Relu(b.Neg(z)), p=1, **attrs))
+
+
+def lp_slope(b, x, p):
+    """d|x|^p/dx / p = |x|^(p-1)·sign(x)."""
+    return b.Mul(b.Pow(b.Abs(x), s(b, float(p - 1), x)), b.Sign(x))
+
+
+@rule("LpPool")
+def lp_pool(b, node, t):
+    """y = (Σ_window |x|^p)^(1/p): ẏ = y^(1-p)·Σ_window |x|^(p-1)·sign(x)·ẋ (y > 0)."""
+    x, y = node.input[0], node.output[0]
+    p = b.src.attrs(node)["p"]
+    summed = unfold(b, window_sum(b, fold(b, b.Mul(t, lp_slope(b, x, p))), node))
+    return [b.Mul(summed, b.Pow(y, s(b, float(1 - p), x)))]
+
+
+@rule("GlobalLpPool")
+def global_lp_pool(b, node, t):
+    """y = (Σ_spatial |x|^p)^(1/p): ẏ = y^(1-p)·Σ_spatial |x|^(p-1)·sign(x)·ẋ (y > 0)."""
+    x, y = node.input[0], node.output[0]
+    p, rank = b.src.attrs(node)["p"], b.src.rank(x)
+    summed = tangent_reduce(b, "ReduceSum", b.Mul(t, lp_slope(b, x, p)), list(range(2, rank)), rank, 1)
+    return [b.Mul(summed, b.Pow(y, s(b, float(1 - p), x)))]
+
+
+@rule("Col2Im")
+def col2im(b, node, t, *_):
+    """Col2Im is linear in its input: ẏ = col2im(ẋ)."""
+    return [batch_first(b, t, "Col2Im", *node.input[1:], **b.src.attrs(node))]
+
+
+@rule("DFT")
+def dft(b, node, t, *_):
+    """The DFT is linear in its signal: ẏ = DFT(ẋ) with the same length, axis, inverse and onesided."""
+    return [batch_first(b, t, "DFT", *node.input[1:], **b.src.attrs(node))]
+
+
+@rule("STFT")
+def stft(b, node, t_signal, _, t_window=None, *__):
+    """Bilinear in signal and window: ẏ = STFT(ṡ, w) + STFT(s, ẇ) with the same step and frame length."""
+    signal, step = node.input[0], node.input[1]
+    window = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    rest, attrs = node.input[3:], b.src.attrs(node)
+    terms = [None if t_signal is None else batch_first(b, t_signal, "STFT", step, window, *rest, **attrs)]
+    if t_window is not None and b.K is None:
+        terms.append(b.op("STFT", signal, step, t_window, *rest, **attrs))
+    elif t_window is not None:  # K windows: DFT of the signal's frames times each window tangent
+        terms.append(_stft_of_windows(b, node, t_window))
+    return [add_all(b, terms)]
+
+
+def _stft_of_windows(b, node, t_window):
+    """[K, batch, frames, bins, 2]: the STFT of the signal with each of K windows (static shapes, constant step)."""
+    signal, y = node.input[0], node.output[0]
+    step, (batch, _, channels), frames = b.src.const(node.input[1]), b.src.shape(signal), b.src.shape(y)[1]
+    if step is None or not static(b.src.shape(signal)):
+        raise JacgraphError(f"STFT '{node.name}': a stacked window tangent needs static shapes and a constant frame_step.")
+    length = b.src.shape(node.input[2])[0]
+    index = np.arange(frames)[:, None] * int(step) + np.arange(length)[None, :]
+    cut = b.Gather(signal, b.const(index.astype(np.int64), hint="frame_index"), axis=1)  # [batch, frames, L, c]
+    windowed = b.Mul(b.Unsqueeze(cut, b.ints([0])), b.Reshape(t_window, b.ints([b.K, 1, 1, length, 1])))
+    flat = b.Reshape(windowed, b.ints([b.K * batch, frames, length, channels]))
+    onesided = b.src.attrs(node)["onesided"]
+    spectrum = (b.DFT(flat, None, b.const(np.int64(2)), onesided=onesided) if b.opset >= 20
+                else b.DFT(flat, axis=2, onesided=onesided))
+    return b.Reshape(spectrum, b.Concat(b.ints([b.K]), b.Shape(y), axis=0))

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import JacgraphError
+from ..errors import JacgraphError, NeedsOpset
 from . import reductions
 from .jvp import JVP, lp_norm_parts, pow_base_slope, pow_exponent_slope, reduce_axes, s, static, zeros_like
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
@@ -91,10 +91,9 @@ def scatter_add(b, x, where, g, unique=False):
         out = b.ScatterElements(flat, idx, vals, axis=0)
     elif b.opset >= 16:
         out = b.ScatterElements(flat, idx, vals, axis=0, reduction="add")
-    else:
-        raise JacgraphError(f"the reverse pass needs ScatterElements with reduction='add' (opset 16) to sum "
-                            f"cotangents of repeated indices; the model has opset {b.opset}. Re-export with "
-                            "opset_version >= 16.")
+    else:  # jacgraph.compile converts the model up and emits again
+        raise NeedsOpset(16, "the reverse pass sums cotangents of repeated indices with ScatterElements "
+                             "reduction='add', which", b.opset)
     return b.Reshape(out, b.Shape(x))
 
 
@@ -198,6 +197,13 @@ def pad(b, node, g):
     mode = b.src.attrs(node)["mode"]
     if mode != "constant":
         return pad_none([scatter_add(b, x, b.Pad(positions(b, x), pads, None, axes, mode=mode), g)], node)
+    value = node.input[2] if len(node.input) > 2 else ""
+    value_bar = None
+    if need(b, value):  # the fill value's cotangent: ḡ summed over the padded cells
+        ones = b.Pad(b.Mul(x, s(b, 0.0, x)), pads, s(b, 1.0, x), axes, mode="constant")
+        value_bar = b.Reshape(b.ReduceSum(b.Mul(g, ones), keepdims=0), b.Shape(value))
+    if not need(b, x):
+        return pad_none([None, None, value_bar], node)
     # fill cells (and cells cropped by negative pads) point at a spare slot past the end, dropped after the scatter
     size = b.Size(x)
     where = b.Pad(positions(b, x), pads, b.const(np.int64(-1)), axes, mode="constant")
@@ -205,7 +211,7 @@ def pad(b, node, g):
     spare = b.ConstantOfShape(b.Reshape(b.Add(size, b.const(np.int64(1))), b.ints([1])),
                               value=helper.make_tensor("value", b.src.dtype(x), [1], [0]))
     flat = b.ScatterElements(spare, where, b.Reshape(g, b.ints([-1])), axis=0)
-    return pad_none([b.Reshape(b.Slice(flat, b.ints([0]), b.Reshape(size, b.ints([1]))), b.Shape(x))], node)
+    return pad_none([b.Reshape(b.Slice(flat, b.ints([0]), b.Reshape(size, b.ints([1]))), b.Shape(x)), None, value_bar], node)
 
 
 @rule("Expand")
@@ -261,8 +267,14 @@ def _resize_matrices(b, node):
     attrs = b.src.attrs(node)
     inputs = (list(node.input[1:]) + ["", "", ""])[:3]
     consts = [b.src.const(n) if n else None for n in inputs]
-    if not (static(xs) and static(ys)) or any(n and c is None for n, c in zip(inputs, consts)):
-        raise JacgraphError(f"Resize '{node.name}': the reverse pass needs static shapes and constant roi/scales/sizes.")
+    crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+    # roi matters only to tf_crop_and_resize, and computed sizes only through y's (static) shape, which the probe uses
+    needed = [n and c is None and not (k == 0 and not crop) and not (k == 2 and static(ys))
+              for k, (n, c) in enumerate(zip(inputs, consts))]
+    if not (static(xs) and static(ys)) or any(needed):
+        what = ", ".join(w for w, miss in zip(("roi", "scales", "sizes"), needed) if miss) or "x and y shapes"
+        raise JacgraphError(f"Resize '{node.name}': the reverse pass needs static shapes and a constant {what} "
+                            "(its interpolation matrices are built at compile time); export with a fixed input size.")
     if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise JacgraphError(f"Resize '{node.name}': keep_aspect_ratio_policy other than 'stretch' is not supported.")
     rank = len(xs)
@@ -274,7 +286,6 @@ def _resize_matrices(b, node):
             full_roi[a], full_roi[rank + a] = float(roi[k]), float(roi[len(axes) + k])
         if scales is not None and scales.size:
             full_scales[a] = float(scales[k])
-    crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
     changed = [a for a in range(rank) if xs[a] != ys[a] or full_scales[a] != 1.0
                or (crop and (full_roi[a], full_roi[rank + a]) != (0.0, 1.0))]
     probe_attrs = {k: v for k, v in attrs.items() if k != "axes"}
@@ -789,3 +800,195 @@ def depth_space(b, node, g):
     moved = [split[p] for p in perm]  # the shape between the forward transpose and the final reshape
     back = b.Transpose(b.Reshape(g, b.ints(moved)), perm=[int(i) for i in np.argsort(perm)])
     return [b.Reshape(back, b.ints(xs))]
+
+
+# ---- indexing, scatter and signal ops ----
+# The transposes of the flat-position rules in jacgraph.rules.jvp: a gather's transpose scatters
+# (adds where positions repeat), a scatter's transpose gathers.
+
+from .jvp import flat_positions, lp_slope, scatter_parts, scatter_where  # noqa: E402
+
+def _flat(b, v):
+    return b.Reshape(v, b.ints([-1]))
+
+
+@rule("ScatterND", "ScatterElements")
+def scatter(b, node, g):
+    """none: d̄ = ḡ with the overwritten cells zeroed, ū = ḡ[where]; add: d̄ = ḡ; mul: d̄ = ḡ·R, ū = (ḡ·y)[where]/u;
+    max/min: ḡ shared evenly among the tied winners (the transpose of the JVP rule)."""
+    data, updates = node.input[0], node.input[2]
+    where = scatter_where(b, node)
+    reduction, p = scatter_parts(b, node, where)
+    G = _flat(b, g)
+    if reduction == "none":
+        d_bar, u_bar = b.ScatterElements(G, where, b.Mul(b.Gather(G, where), s(b, 0.0, data)), axis=0), b.Gather(G, where)
+    elif reduction == "add":
+        d_bar, u_bar = G, b.Gather(G, where)
+    elif reduction == "mul":
+        d_bar, u_bar = b.Mul(G, p["R"]), b.Div(b.Gather(b.Mul(G, p["Y"]), where), p["U"])
+    else:
+        shared = b.Div(G, p["count"])
+        d_bar, u_bar = b.Mul(shared, p["hit_d"]), b.Mul(b.Gather(shared, where), p["hit_u"])
+    return [b.Reshape(d_bar, b.Shape(data)) if need(b, data) else None, None,
+            b.Reshape(u_bar, b.Shape(updates)) if need(b, updates) else None]
+
+
+@rule("GatherND")
+def gather_nd(b, node, g):
+    """x̄ = scatter-add of ḡ at the gathered positions."""
+    x = node.input[0]
+    where = b.GatherND(flat_positions(b, x), node.input[1], batch_dims=b.src.attrs(node).get("batch_dims", 0))
+    return [scatter_add(b, x, where, g), None]
+
+
+@rule("TopK")
+def top_k(b, node, g, *_):
+    """x̄ = ḡ scattered to the reported indices (distinct along the axis, so no sums)."""
+    x = node.input[0]
+    indices = node.output[1] if len(node.output) > 1 and node.output[1] else b.extra_output(node, 1, f"{node.output[0]}_indices")
+    where = b.GatherElements(flat_positions(b, x), indices, axis=b.src.attrs(node)["axis"] % b.src.rank(x))
+    return [scatter_add(b, x, where, g, unique=True), None]
+
+
+@rule("Compress")
+def compress(b, node, g):
+    """x̄ = ḡ scattered back to the kept positions, zero elsewhere."""
+    x = node.input[0]
+    where = b.Compress(flat_positions(b, x), node.input[1], axis=b.src.attrs(node).get("axis"))
+    return [scatter_add(b, x, where, g, unique=True), None]
+
+
+@rule("CumProd")
+def cum_prod(b, node, g):
+    """y = cumprod(x): x̄ = cumsum(ḡ·y) in the opposite direction, divided by x (x nonzero)."""
+    x, y = node.input[0], node.output[0]
+    attrs = b.src.attrs(node)
+    summed = b.CumSum(b.Mul(g, y), node.input[1], exclusive=attrs["exclusive"], reverse=1 - attrs["reverse"])
+    return [b.Div(summed, x), None]
+
+
+@rule("LpPool")
+def lp_pool(b, node, g):
+    """x̄ = |x|^(p-1)·sign(x)·Sᵀ(ḡ·y^(1-p)), Sᵀ the transpose of the window sum (a ConvTranspose by ones)."""
+    x, y = node.input[0], node.output[0]
+    p = b.src.attrs(node)["p"]
+    kernel = list(b.src.attrs(node)["kernel_shape"])
+    geometry = _geometry(b, node)
+    ys = geometry[5]
+    if ys is None:
+        raise JacgraphError(f"LpPool '{node.name}': the reverse pass needs static spatial shapes; export with a fixed input size.")
+    scaled = b.Reshape(b.Mul(g, b.Pow(y, s(b, float(1 - p), x))), b.ints([-1, 1] + ys))
+    window = b.const(np.ones([1, 1] + kernel, b.src.np_dtype(x)), hint="window_ones")
+    spread = b.Reshape(_transpose_windows(b, scaled, window, kernel, geometry, x=x), shape_of(b, x))
+    return [b.Mul(spread, lp_slope(b, x, p))]
+
+
+@rule("GlobalLpPool")
+def global_lp_pool(b, node, g):
+    """x̄ = |x|^(p-1)·sign(x)·ḡ·y^(1-p), broadcast over the spatial axes."""
+    x, y = node.input[0], node.output[0]
+    p = b.src.attrs(node)["p"]
+    return [b.Mul(b.Mul(g, b.Pow(y, s(b, float(1 - p), x))), lp_slope(b, x, p))]
+
+
+@rule("Col2Im")
+def col2im(b, node, g):
+    """Col2Im sums blocks into the image; its transpose cuts them out again (Im2Col by a one-hot Conv)."""
+    x, image_shape, block_shape = node.input[:3]
+    block = b.src.const(block_shape)
+    if block is None:
+        raise JacgraphError(f"Col2Im '{node.name}': the reverse pass needs a constant block_shape.")
+    block = [int(v) for v in block.reshape(-1)]
+    attrs = b.src.attrs(node)
+    d = len(block)
+    taps = int(np.prod(block))
+    onehot = b.const(np.eye(taps).reshape([taps, 1] + block).astype(b.src.np_dtype(x)), hint="window_taps")
+    single = b.Reshape(g, b.Concat(b.ints([-1, 1]), b.shape(g, 2), axis=0))
+    windows = b.Conv(single, onehot, kernel_shape=block, strides=attrs.get("strides") or [1] * d,
+                     dilations=attrs.get("dilations") or [1] * d, pads=attrs.get("pads") or [0] * 2 * d)
+    return [b.Reshape(windows, shape_of(b, x)), None, None]
+
+
+def dft_matrix(opset, n, c_in, onesided=0, inverse=0, length=None):
+    """The real matrix M [n·c_in, m·2] with DFT(x) = x M along the signal axis, x [.., n, c_in]; read off the op
+    itself at compile time (the DFT of each basis vector, onnx's reference evaluator in float64)."""
+    from ..reference import reference_session
+
+    basis = np.eye(n * c_in).reshape(n * c_in, n, c_in)
+    inputs, inits, attrs = ["x"], [], {"onesided": onesided, "inverse": inverse}
+    if length is not None:
+        inputs.append("length")
+        inits.append(onnx.numpy_helper.from_array(np.asarray(length, np.int64).reshape(()), "length"))
+    if opset >= 20:
+        inputs += [""] * (2 - len(inputs)) + ["axis"]
+        inits.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "axis"))
+    else:
+        attrs["axis"] = 1
+    graph = helper.make_graph([helper.make_node("DFT", inputs, ["y"], **attrs)], "probe",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, basis.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 17))])
+    return np.asarray(reference_session(model).run(None, {"x": basis})[0]).reshape(n * c_in, -1)
+
+
+def dft_transpose(b, g, matrix, axis, rank, n, c_in, like):
+    """x̄ = ḡ Mᵀ along the signal axis `axis` of a rank-`rank` signal: ḡ [.., m, 2] -> x̄ [.., n, c_in]."""
+    perm = [i for i in range(rank - 1) if i != axis] + [axis, rank - 1]  # the signal axis beside the complex one
+    moved = b.Transpose(g, perm=perm)
+    lead_shape = b.shape(moved, 0, rank - 2)
+    rows = b.Reshape(moved, b.Concat(lead_shape, b.ints([-1]), axis=0))
+    back = b.MatMul(rows, b.const(matrix.T.copy().astype(b.src.np_dtype(like)), hint="dft_matrix"))
+    back = b.Reshape(back, b.Concat(lead_shape, b.ints([n, c_in]), axis=0))
+    return b.Transpose(back, perm=[int(i) for i in np.argsort(perm)])
+
+
+def _constant_input(b, node, i, what):
+    if len(node.input) <= i or not node.input[i]:
+        return None
+    value = b.src.const(node.input[i])
+    if value is None:
+        raise JacgraphError(f"{node.op_type} '{node.name}': the reverse pass needs a constant {what}.")
+    return int(np.asarray(value).reshape(-1)[0])
+
+
+@rule("DFT")
+def dft(b, node, g):
+    """The DFT is a real-linear map along its axis: x̄ = ḡ Mᵀ with M read off the op (see dft_matrix)."""
+    x = node.input[0]
+    xs, attrs = b.src.shape(x), b.src.attrs(node)
+    if not static(xs):
+        raise JacgraphError(f"DFT '{node.name}': the reverse pass needs a static signal shape.")
+    length = _constant_input(b, node, 1, "dft_length")
+    axis = _constant_input(b, node, 2, "axis")
+    axis = (attrs.get("axis", 1) if axis is None else axis) % len(xs)
+    n, c_in = xs[axis], xs[-1]
+    matrix = dft_matrix(b.opset, n, c_in, attrs.get("onesided", 0), attrs.get("inverse", 0), length)
+    return pad_none([dft_transpose(b, g, matrix, axis, len(xs), n, c_in, x)], node)
+
+
+@rule("STFT")
+def stft(b, node, g):
+    """y[b, f] = DFT(w·s[b, f·step : f·step + L]): s̄ = scatter-add over the frames of w·DFTᵀ(ḡ[b, f]),
+    w̄ = Σ_{b, f} s-frame·DFTᵀ(ḡ[b, f])."""
+    signal = node.input[0]
+    window = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    ss, ys = b.src.shape(signal), b.src.shape(node.output[0])
+    step = _constant_input(b, node, 1, "frame_step")
+    if not (static(ss) and static(ys)):
+        raise JacgraphError(f"STFT '{node.name}': the reverse pass needs static shapes.")
+    batch, length, c_in = ss
+    frames = ys[1]
+    frame_length = (b.src.shape(window) or [None])[0] if window else _constant_input(b, node, 3, "frame_length")
+    index = np.arange(frames)[:, None] * step + np.arange(frame_length)[None, :]  # [frames, L]
+    matrix = dft_matrix(b.opset, frame_length, c_in, b.src.attrs(node)["onesided"])
+    frames_bar = dft_transpose(b, g, matrix, 2, 4, frame_length, c_in, signal)  # [batch, frames, L, c_in]
+    outs = [None] * len(node.input)
+    if need(b, signal):
+        weighted = frames_bar if window is None else b.Mul(frames_bar, b.Reshape(window, b.ints([1, 1, frame_length, 1])))
+        where = (np.arange(batch)[:, None, None, None] * length * c_in + index[None, :, :, None] * c_in
+                 + np.arange(c_in)[None, None, None, :])
+        outs[0] = scatter_add(b, signal, b.const(where.astype(np.int64), hint="frame_positions"), weighted)
+    if window is not None and need(b, window):
+        cut = b.Gather(signal, b.const(index.astype(np.int64), hint="frame_index"), axis=1)  # [batch, frames, L, c_in]
+        outs[2] = b.reduce("ReduceSum", b.Mul(frames_bar, cut), [0, 1, 3], keepdims=0)
+    return outs
