@@ -173,6 +173,12 @@ def with_input_shapes(model, input_shapes) -> onnx.ModelProto:
     return prepare(model.proto if isinstance(model, SourceModel) else load(model), input_shapes=input_shapes)
 
 
+def _is_static(type_proto) -> bool:
+    t = type_proto.tensor_type
+    return (type_proto.HasField("tensor_type") and t.HasField("shape")
+            and all(d.HasField("dim_value") for d in t.shape.dim))
+
+
 def _copy(proto):
     out = onnx.ModelProto()
     out.CopyFrom(proto)
@@ -180,12 +186,8 @@ def _copy(proto):
 
 
 def _static_shapes(proto) -> dict:
-    shapes = {}
-    for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output):
-        t = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-            shapes[vi.name] = [d.dim_value for d in t.shape.dim]
-    return shapes
+    values = list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
+    return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in values if _is_static(vi.type)}
 
 
 def fold_constants(proto) -> onnx.ModelProto:
@@ -235,7 +237,8 @@ def fold_constants(proto) -> onnx.ModelProto:
             used |= {i for n in _subgraph_nodes(a) for i in n.input}
     out = _copy(proto)
     del out.graph.node[:], out.graph.value_info[:]
-    out.graph.node.extend(constant_nodes([numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]))
+    tensors = [numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]
+    out.graph.node.extend(constant_nodes(tensors))
     out.graph.node.extend(keep)
     return out
 
@@ -292,7 +295,8 @@ def fill_unknown_ranks(proto) -> onnx.ModelProto:
                 vi.CopyFrom(symbolic.pop(vi.name))
         have = {vi.name for vi in list(out.graph.value_info) + list(out.graph.output)}
         out.graph.value_info.extend(vi for name, vi in symbolic.items() if name not in have)
-    unknown = [vi for vi in out.graph.value_info if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    unknown = [vi for vi in out.graph.value_info
+               if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
     for vi in unknown:
         out.graph.value_info.remove(vi)
     return out
@@ -304,7 +308,7 @@ def dynamic_inputs(proto) -> list:
     hints = []
     for i in proto.graph.input:
         dims = i.type.tensor_type.shape.dim
-        if i.name not in inits and (not i.type.tensor_type.HasField("shape") or not all(d.HasField("dim_value") for d in dims)):
+        if i.name not in inits and not _is_static(i.type):
             shown = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
             hints.append(f"{i.name}={','.join(shown) or 'DIMS'}")
     return hints
@@ -383,6 +387,7 @@ class Recurrence:
         T = x_shape[1 if self.layout else 0]
         self.T = T if isinstance(T, int) and T <= UNROLL_MAX else None  # None: a Scan over time
         self.dtype = src.np_dtype(self.X)
+        self.x_tm = self.X  # X time-major: emit() transposes a layout=1 input
         self.hidden = attrs.get("hidden_size") or src.shape(self.R)[-1]
         self.directions = 2 if self.direction == "bidirectional" else 1
         given = {a.name for a in node.attribute}  # the schema's default list is written for two directions
@@ -445,11 +450,12 @@ class Recurrence:
             return self.per_direction(state, d)
         batch = b.Slice(b.Shape(self.x_tm), b.ints([1]), b.ints([2]))
         zero = np.zeros(1, dtype=self.dtype)
-        return b.op("ConstantOfShape", b.Concat(batch, b.ints([self.hidden]), axis=0), value=numpy_helper.from_array(zero))
+        shape = b.Concat(batch, b.ints([self.hidden]), axis=0)
+        return b.op("ConstantOfShape", shape, value=numpy_helper.from_array(zero))
 
     # ---- the equations ----
     def emit(self):
-        b, H, G = self.b, self.hidden, GATES[self.op]
+        b = self.b
         self.x_tm = b.Transpose(self.X, perm=[1, 0, 2]) if self.layout else self.X
         mask = None
         if self.seq_lens:  # [T, batch, 1] booleans: step t is inside sequence b
@@ -517,7 +523,8 @@ class Recurrence:
         inputs = [helper.make_tensor_value_info(n, dt, [None, H]) for n in states]
         inputs += [helper.make_tensor_value_info(n, onnx.TensorProto.BOOL if n == m_in else dt, [None, width])
                    for n, width in scanned]
-        outputs = [helper.make_tensor_value_info(n, dt, [None, H]) for n in [h_out] + ([c_out] if c is not None else []) + [y]]
+        returned = [h_out] + ([c_out] if c is not None else []) + [y]
+        outputs = [helper.make_tensor_value_info(n, dt, [None, H]) for n in returned]
         body = helper.make_graph(body_nodes, b.fresh(f"{self.op.lower()}_step"), inputs, outputs)
         outs = b.op("Scan", *([h] + ([c] if c is not None else []) + [xw] + ([mask] if mask is not None else [])),
                     n_out=len(outputs), body=body, num_scan_inputs=len(scanned),

@@ -33,7 +33,8 @@ def paddle_style(target="static_slice", output_shape=("N", "M", 3)):
     """
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "W")
-    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]), helper.make_node("MatMul", ["xt", "W"], ["a"]),
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["xt", "W"], ["a"]),
              helper.make_node("Tanh", ["a"], ["b"]), helper.make_node("Shape", ["b"], ["s"]), const("zero", [0]),
              const("one", [1])]
     if target == "static_slice":
@@ -56,7 +57,8 @@ def computed_unsqueeze():
     """Unsqueeze with axes computed from the shape (rank(x) - 1): ONNX loses the rank, symbolic inference keeps it."""
     nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["s"], ["n"]), const("one", np.int64(1)),
              helper.make_node("Sub", ["n", "one"], ["last"]), const("zero", [0]),
-             helper.make_node("Unsqueeze", ["last", "zero"], ["axes"]), helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
+             helper.make_node("Unsqueeze", ["last", "zero"], ["axes"]),
+             helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
              helper.make_node("Softmax", ["u"], ["y"], axis=1)]
     graph = helper.make_graph(nodes, "computed_unsqueeze", [helper.make_tensor_value_info("x", F32, ["N", 5, "L"])],
                               [helper.make_tensor_value_info("y", F32, ["N", 5, 1, "L"])])

@@ -130,7 +130,8 @@ def test_model_local_functions_are_inlined():
         helper.make_node("Sigmoid", ["h"], ["b"])],
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
     graph = helper.make_graph([helper.make_node("block", ["x"], ["y"], domain="local")], "g",
-                              [helper.make_tensor_value_info("x", F32, [2, 3])], [helper.make_tensor_value_info("y", F32, [2, 3])])
+                              [helper.make_tensor_value_info("x", F32, [2, 3])],
+                              [helper.make_tensor_value_info("y", F32, [2, 3])])
     model = helper.make_model(graph, functions=[inner, outer],
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)])
     model.ir_version = runtime.max_ir_version()
@@ -139,7 +140,8 @@ def test_model_local_functions_are_inlined():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3))
     expected = runtime.run(runtime.session(model), {"x": x.astype(np.float32)})["y"]  # onnxruntime runs the calls
-    assert relative_error(runtime.run(runtime.session(src.proto), {"x": x.astype(np.float32)})["y"], expected) < FORWARD_TOL
+    got = runtime.run(runtime.session(src.proto), {"x": x.astype(np.float32)})["y"]
+    assert relative_error(got, expected) < FORWARD_TOL
     m64 = to_float64(src.proto)  # onnx's reference evaluator cannot run attribute references with defaults
     errors = check_jvp(m64, jacgraph.compile(m64, emit="jvp"), {"x": x}, {"x": rng.standard_normal((2, 3))})
     assert errors["y"] < FD_TOL

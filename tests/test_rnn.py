@@ -42,7 +42,8 @@ def recurrent_model(op, direction="forward", layout=0, seq_lens=False, initial=T
     if bias:
         inits.append(weight("B", D, 2 * G * HIDDEN))
     state_shape = [BATCH, D, HIDDEN] if layout else [D, BATCH, HIDDEN]
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [BATCH, steps, INPUT] if layout else [steps, BATCH, INPUT])]
+    x_shape = [BATCH, steps, INPUT] if layout else [steps, BATCH, INPUT]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
     if seq_lens:
         inputs.append(helper.make_tensor_value_info("seq_lens", TensorProto.INT32, [BATCH]))
     names = ["X", "W", "R", "B" if bias else "", "seq_lens" if seq_lens else "", "initial_h" if initial else ""]
@@ -249,7 +250,7 @@ def export(net, x, n_out, dynamic):
 @pytest.mark.parametrize("kind, dynamic", [("LSTM", False), ("LSTM", True), ("GRU", True), ("GRU", False),
                                            ("RNN", False)])
 def test_torch_recurrent_layers_jvp_and_vjp_match_torch(kind, dynamic):
-    """dynamic: batch and sequence axes exported dynamic, so the layers become Scans and the emitted graphs keep both."""
+    """dynamic: batch and sequence axes exported dynamic; the layers become Scans, the emitted graphs keep both axes."""
     net = Recurrent(kind).eval()
     x32 = torch.randn(2, T, INPUT)
     model, names = export(net, x32, 3 if kind == "LSTM" else 2, dynamic)
@@ -264,11 +265,12 @@ def test_torch_recurrent_layers_jvp_and_vjp_match_torch(kind, dynamic):
     for name, y, y_dot in zip(names, ys, ys_dot):
         # float64 throughout: the lowering and torch differ only by summation order (~1e-15 relative)
         assert relative_error(out[name], y.detach().numpy()) < 1e-10
-        assert relative_error(out[f"{name}_dot"], y_dot.detach().numpy()) < 1e-10, f"{kind}: {name}_dot differs from torch.func.jvp"
+        assert relative_error(out[f"{name}_dot"], y_dot.detach().numpy()) < 1e-10, f"{kind}: {name}_dot vs torch.func.jvp"
     xg = x.clone().requires_grad_(True)
     us = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(net64(xg), us)
-    grads = runtime.run(runtime.session(vjp_model), {"x": x.numpy(), **{f"{n}_bar": u.numpy() for n, u in zip(names, us)}})
+    cotangents = {f"{n}_bar": u.numpy() for n, u in zip(names, us)}
+    grads = runtime.run(runtime.session(vjp_model), {"x": x.numpy(), **cotangents})
     assert relative_error(grads["x_bar"], xg.grad.numpy()) < 1e-10, f"{kind}: x_bar differs from torch.autograd"
     # the float32 source runs too: primal within float32 rounding of torch's
     out32 = runtime.run(runtime.session(jacgraph.compile(model, emit="jvp")),
