@@ -20,6 +20,7 @@ if not os.path.isdir(os.path.join(_here, "passes")) and os.path.isfile(os.path.j
 EMITS = {
     "jvp": "jvp",
     "vjp": "vjp",
+    "hvp": "hvp",
     "jfb": "jfb",
     "jacobian": "jacobian",
     "recurjac": "recurjac",

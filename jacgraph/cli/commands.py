@@ -15,6 +15,7 @@ from .report import finite_or_none, print_json, say
 EMIT_OPTIONS = {
     "jvp": ("inputs", "tangents", "strategy"),
     "vjp": ("inputs", "wrt"),
+    "hvp": ("inputs", "tangents", "strategy", "y_bar"),
     "jfb": ("state", "tol", "max_iter", "fixed_iterations", "readout", "loss", "wrt"),
     "jacobian": ("inputs", "sparse", "probes"),
     "recurjac": ("norm", "input_shape"),
@@ -97,6 +98,8 @@ def add_compile(sub):
     c.add_argument("--tangents", type=integer(1), help="jvp: K directions in one run (x_dot gets a leading axis of K)")
     c.add_argument("--strategy", choices=["twopass", "batched"], help="jvp: tangent ops separate, or batched with the primal")
     c.add_argument("--wrt", help="vjp/jfb: 'params' or comma-separated initializer names to differentiate")
+    c.add_argument("--y-bar", action="store_true",
+                   help="hvp: f = <y, y_bar> with y_bar an input (the default when no output is one scalar)")
     c.add_argument("--state", help="jfb: the state input z of T(z, x)")
     c.add_argument("--tol", type=real(above=0), help="jfb: relative residual tolerance (> 0)")
     c.add_argument("--max-iter", type=integer(1), help="jfb: iteration cap")
@@ -119,13 +122,13 @@ def emit_support(src, emit):
     """True if `emit` can compile this model, else the reason in a few words."""
     try:
         pass_module(emit)
-        if emit in ("jvp", "vjp", "jacobian"):
+        if emit in ("jvp", "vjp", "jacobian", "hvp"):
             from ..passes.jvp import missing_rules
 
             table_module = {"jvp": "jacgraph.rules.jvp", "vjp": "jacgraph.rules.transpose",
-                            "jacobian": "jacgraph.rules.jvp"}[emit]
+                            "jacobian": "jacgraph.rules.jvp", "hvp": "jacgraph.rules.transpose"}[emit]
             table = importlib.import_module(table_module)
-            table = table.JVP if emit != "vjp" else table.VJP
+            table = table.JVP if emit not in ("vjp", "hvp") else table.VJP
             if not src.float_inputs():
                 return "no float input"
             missing = missing_rules(src, src.float_inputs(), table)

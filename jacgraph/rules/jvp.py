@@ -12,7 +12,7 @@ from onnx import helper
 
 from ..errors import JacgraphError
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
-from .reductions import REDUCE_OPS, WEIGHTS, reduction
+from .reductions import REDUCE_OPS, WEIGHTS, reduction, with_rank
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 JVP = RuleTable("JVP", "the JVP pass")
@@ -434,7 +434,8 @@ def reduce(b, node, t, *_):
         t, op = b.Mul(t, WEIGHTS[op][0](b, r)), "ReduceSum"
     if not r.computed:
         return [tangent_reduce(b, op, t, r.axes, r.rank, r.keepdims)]
-    return [b.op(op, t, _stacked_axes(b, r), keepdims=r.keepdims, noop_with_empty_axes=r.noop)]
+    out = b.op(op, t, _stacked_axes(b, r), keepdims=r.keepdims, noop_with_empty_axes=r.noop)
+    return [with_rank(b, out, r.rank + lead(b), r.x) if r.keepdims else out]
 
 
 def _stacked_axes(b, r):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import helper
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
               "ReduceLogSumExp", "ReduceProd", "ReduceMax", "ReduceMin")
@@ -52,8 +53,15 @@ def reduction(b, node) -> Reduction:
 def reduce_kept(b, r: Reduction, op_type, v):
     """`op_type` over r's axes of an x-shaped v, keepdims=1."""
     if r.computed:
-        return b.op(op_type, v, r.axes, keepdims=1, noop_with_empty_axes=r.noop)
+        return with_rank(b, b.op(op_type, v, r.axes, keepdims=1, noop_with_empty_axes=r.noop), r.rank, r.x)
     return b.reduce(op_type, v, r.axes, keepdims=1)
+
+
+def with_rank(b, name, rank, like):
+    """Record that `name` has `rank` (dims unknown): ONNX shape inference finds no rank for a Reduce with computed
+    axes even with keepdims=1, and a pass run on this graph later (jvp of jvp) needs it."""
+    b.value_info.append(helper.make_tensor_value_info(name, b.src.dtype(like), [None] * rank))
+    return name
 
 
 def kept(b, r: Reduction, v):
