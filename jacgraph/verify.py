@@ -93,13 +93,13 @@ def verify(path, seed=0, h=1e-7, tol=1e-4, source=None, x0=None, eps=None, sampl
     return kind, checks
 
 
-def _all_finite(out: dict) -> list:
+def _nonfinite_outputs(out: dict) -> list:
     return [name for name, v in out.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
             and not np.all(np.isfinite(v))]
 
 
 def _nonfinite_check(out) -> list:
-    bad = _all_finite(out)
+    bad = _nonfinite_outputs(out)
     return [Check(f"{name} finite", float("inf"), 0.0, "output holds NaN or inf") for name in bad]
 
 
@@ -129,6 +129,8 @@ def _worst(errors) -> float:
 def check_vjp(m64, props, sess, feeds, rng, h, tol) -> list:
     ybars = json.loads(props["jacgraph.cotangent_inputs"])
     grads = json.loads(props["jacgraph.gradient_outputs"])
+    if not ybars or not grads:
+        return []
     inits = {t.name: t for t in m64.graph.initializer}
     for name, _ in grads:  # differentiated parameters are inputs whose default is the initializer
         if name not in feeds and name in inits:
@@ -141,8 +143,6 @@ def check_vjp(m64, props, sess, feeds, rng, h, tol) -> list:
     # scale without cancellation: the sums of absolute products bound both sides
     scale = max(sum(float(np.sum(np.abs(Jv[y] * feeds[bar]))) for y, bar in ybars),
                 sum(float(np.sum(np.abs(v[name] * out[bar]))) for name, bar in grads), 1e-30)
-    if not ybars or not grads:
-        return []
     return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
                                           f"dot-product identity over {len(grads)} gradient(s), J v by float64 "
                                           "central differences")]

@@ -260,9 +260,9 @@ def cmd_verify(args) -> int:
         return 0 if ok else 1
     for c in checks:
         print(f"{'ok    ' if c.ok else 'FAILED'} {c.name}: {c.value:.3g} (limit {c.limit:g}; {c.what})")
-    worst = max((c for c in checks if not c.ok), key=lambda c: c.name, default=None)
+    failed = [c.name for c in checks if not c.ok]
     print(f"{'OK' if ok else 'FAILED'}: {kind} graph, {len(checks)} check(s)"
-          + ("" if ok else f", first failure: {worst.name}"))
+          + (f", failed: {', '.join(failed)}" if failed else ""))
     return 0 if ok else 1
 
 

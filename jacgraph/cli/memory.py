@@ -68,22 +68,10 @@ def fixed_shapes(src: SourceModel, input_shape=None, x: str | None = None) -> Sh
     proto.CopyFrom(src.proto)
     x = x or (src.float_inputs() or [None])[0]
     for inp in proto.graph.input:
-        if inp.name in src.initializers:
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if inp.name == x and input_shape is not None:
-            shape = list(input_shape)
-            if len(shape) == len(dims) - 1:
-                shape = [1] + shape
-            if len(shape) == len(dims):
-                for d, s in zip(dims, shape):
-                    if isinstance(s, int) or str(s).isdigit():
-                        d.Clear()
-                        d.dim_value = int(s)
-        for d in dims:
-            if not d.HasField("dim_value"):
-                d.Clear()
-                d.dim_value = 1
+        if inp.name not in src.initializers:
+            dims = inp.type.tensor_type.shape.dim
+            shape = list(input_shape) if inp.name == x and input_shape is not None else []
+            _set_dims(dims, [1] + shape if len(shape) == len(dims) - 1 else shape)
     del proto.graph.value_info[:]
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
@@ -96,6 +84,15 @@ def fixed_shapes(src: SourceModel, input_shape=None, x: str | None = None) -> Sh
         raise JacgraphError(f"{given} does not fit the model: ONNX shape inference fails at "
                             f"{_inference_reason(e)}. Give the shape the model was exported for.") from None
     return _sizes(src, proto, x)
+
+
+def _set_dims(dims, sizes):
+    """Each dim to its size in `sizes` (when given as a number), a symbolic one left over to 1."""
+    given = {i: int(v) for i, v in enumerate(sizes) if str(v).isdigit()} if len(sizes) == len(dims) else {}
+    for i, d in enumerate(dims):
+        if i in given or not d.HasField("dim_value"):
+            d.Clear()
+            d.dim_value = given.get(i, 1)
 
 
 def fixed_shapes_loose(src, proto, x) -> Shapes:
