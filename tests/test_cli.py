@@ -166,6 +166,16 @@ def test_verify_fails_on_a_nan_tangent(tmp_path, capsys):
     assert report["ok"] is False and any(c["value"] is None for c in report["checks"])
 
 
+def test_verify_fails_when_it_compares_nothing(tmp_path, capsys):
+    """A graph whose metadata names no tangent output leaves nothing to compare: that is a failure, not an OK."""
+    _, out = emitted(tmp_path, "jvp")
+    model = onnx.load(out)
+    next(p for p in model.metadata_props if p.key == "jacgraph.tangent_outputs").value = "[]"
+    onnx.save(model, out)
+    assert run_cli("verify", out) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("h", ["0", "-1e-7", "nan", "inf"])
 def test_verify_refuses_a_step_that_is_not_positive(tmp_path, capsys, h):
     """Old verify accepted --h 0 and printed OK (every difference quotient NaN)."""
@@ -198,10 +208,10 @@ def test_verify_samples_recurjac_bounds(tmp_path, capsys):
     assert "--source" in capsys.readouterr().err
     x0 = tmp_path / "x0.npy"
     np.save(x0, np.array([0.3, -0.2, 0.5, 0.1]))
-    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5", "--samples", "600") == 0
-    assert "outside the bounds: 0" in capsys.readouterr().out
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5") == 0  # 2000 points
+    assert "outside the bounds: 0 (limit 0; of 2000 points" in capsys.readouterr().out
     tamper(out, "J_upper", "Add", -1.0)  # the upper bound pushed below the true Jacobian
-    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5", "--samples", "600") == 1
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0.5") == 1
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -349,6 +359,29 @@ def test_input_shape_that_does_not_fit_is_refused_fast(tmp_path, capsys):
     assert run_cli("lipschitz", path, "--input-shape", "1,3,4,4", "--method", "autolip", "--json") == 0
 
 
+def test_a_damaged_name_is_a_clear_error(tmp_path, capsys):
+    """A byte-flipped op type is not UTF-8; protobuf hands it back as bytes and get_schema crashed (found by
+    tests/test_cli_properties.py)."""
+    data = bytearray(mlp_model(tmp_path / "m.onnx").read_bytes())
+    at = data.index(b"Relu")
+    data[at] = 0x80
+    (tmp_path / "m.onnx").write_bytes(bytes(data))
+    for argv in (["inspect", tmp_path / "m.onnx"], ["compile", tmp_path / "m.onnx", "--emit", "jvp", "-o", tmp_path / "o.onnx"]):
+        assert run_cli(*argv) == 2
+        assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_bench_api_checks_its_counts(tmp_path):
+    """bench --runs 0 printed `nan ms`; the Python API refuses it too."""
+    from jacgraph.bench import bench
+    from jacgraph.errors import JacgraphError
+
+    src = mlp_model(tmp_path / "m.onnx")
+    for bad in ({"runs": 0}, {"threads": -3}, {"tangents": 0}, {"runs": 2.5}):
+        with pytest.raises(JacgraphError, match=next(iter(bad))):
+            bench(src, memory=False, **bad)
+
+
 # ---- issue 11: the memory guard ------------------------------------------------------------------
 
 def conv_net(path, spatial=("h", "w")):
@@ -480,6 +513,21 @@ def test_external_data_models_compile_from_any_folder(tmp_path, monkeypatch):
         assert sorted(os.listdir(tmp_path / "out")) == files
         y, y_dot = session(str(tmp_path / "out" / "j.onnx")).run(None, feeds)
         assert np.all(np.isfinite(y_dot)) and y_dot.shape == (1, 3)
+        assert run_cli("verify", tmp_path / "out" / "j.onnx", "-q") == 0
+
+
+def test_a_graph_over_the_protobuf_limit_needs_external_data(tmp_path, monkeypatch, capsys):
+    """Above 2 GiB (here: a limit of 100 bytes) a graph cannot be one protobuf file: a clear error naming
+    --external-data, nothing written; with the flag it is written with its .data file."""
+    from jacgraph.cli import files
+
+    monkeypatch.setattr(files, "EXTERNAL_DATA_LIMIT", 100)
+    src, out = mlp_model(tmp_path / "m.onnx"), tmp_path / "j.onnx"
+    assert run_cli("compile", src, "--emit", "jvp", "-o", out) == 2
+    assert "--external-data" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    assert run_cli("compile", src, "--emit", "jvp", "-o", out, "--external-data") == 0
+    assert sorted(os.listdir(tmp_path)) == ["j.onnx", "j.onnx.data", "m.onnx"]
 
 
 # ---- issue 11: Ctrl-C ------------------------------------------------------------------------------

@@ -262,7 +262,8 @@ def cmd_verify(args) -> int:
         print(f"{'ok    ' if c.ok else 'FAILED'} {c.name}: {c.value:.3g} (limit {c.limit:g}; {c.what})")
     failed = [c.name for c in checks if not c.ok]
     print(f"{'OK' if ok else 'FAILED'}: {kind} graph, {len(checks)} check(s)"
-          + (f", failed: {', '.join(failed)}" if failed else ""))
+          + (f", failed: {', '.join(failed)}" if failed else "")
+          + ("" if checks else " (the graph names no output to compare: nothing was checked)"))
     return 0 if ok else 1
 
 
