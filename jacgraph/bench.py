@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from . import compile as compile_model
+from .errors import JacgraphError
 from .model import SourceModel, load
 from .runtime import session
 from .testing import random_feeds
@@ -123,8 +124,19 @@ def format_profile(forward: dict, emitted: dict, emit: str = "jvp") -> str:
     return "\n".join(lines)
 
 
+def _check_counts(**counts):
+    """Each (value, least) pair an integer >= least (None allowed for tangents): `runs=0` would time nothing."""
+    for name, (value, least) in counts.items():
+        if value is None and name == "tangents":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise JacgraphError(f"bench: {name}={value!r} is not an integer >= {least}; give one, e.g. "
+                                f"{name}={max(least, 1)}.")
+
+
 def bench(model_path, emit="jvp", runs=50, threads=0, tangents=None, strategy=None, memory=True,
           profile_runs=0) -> dict:
+    _check_counts(runs=(runs, 1), threads=(threads, 0), tangents=(tangents, 1), profile_runs=(profile_runs, 0))
     model = load(model_path)
     options = {"tangents": tangents}
     if strategy:
