@@ -10,6 +10,13 @@ from onnx import helper, numpy_helper
 from .errors import JacgraphError
 from .model import SourceModel, Subgraph, subgraph_names
 
+def _min_inputs(op_type, opset, domain) -> int:
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain).min_input
+    except onnx.defs.SchemaError:
+        return 0
+
+
 class Builder:
     """Emits into a new graph that starts empty; source value names are reserved so copies keep them.
 
@@ -46,8 +53,9 @@ class Builder:
     def op(self, op_type, *inputs, n_out=1, domain="", **attrs):
         outputs = [self.fresh(f"{op_type.lower()}") for _ in range(n_out)]
         inputs = ["" if i is None else i for i in inputs]
-        while inputs and inputs[-1] == "":  # an omitted trailing optional input is left off: the slot may not
-            inputs.pop()                    # exist at the model's opset (Pad's axes before 18: the Swin failure)
+        required = _min_inputs(op_type, self.opset, domain)  # (Loop's cond slot stays, even when empty)
+        while len(inputs) > required and inputs[-1] == "":  # an omitted trailing optional input is left off: the
+            inputs.pop()                    # slot may not exist at the model's opset (Pad's axes before 18: Swin)
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"jg_{op_type}"), domain=domain, **attrs))
         return outputs[0] if n_out == 1 else outputs

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from onnx import numpy_helper
 
 from .errors import JacgraphError
-from .model import SourceModel
+from .model import SourceModel, node_inputs
 from .rules.pattern import PATTERN, Chain, run_node
 
 
@@ -75,7 +75,7 @@ def _fold_constants(src: SourceModel) -> SourceModel:
             outs = [np.array(shape[attrs.get("start", 0):attrs.get("end")], np.int64)]
         elif node.op_type == "Size" and static:
             outs = [np.array(int(np.prod(shape)), np.int64)]
-        elif node.op_type == "Constant" or (node.input and all(not i or i in values for i in node.input)
+        elif node.op_type == "Constant" or (node.input and all(not i or i in values for i in node_inputs(node))
                                             and node.domain in ("", "ai.onnx") and "Random" not in node.op_type):
             try:
                 outs = run_node(src, node, {i: values[i] for i in node.input if i})
@@ -91,7 +91,7 @@ def _fold_constants(src: SourceModel) -> SourceModel:
         values.update((o, np.asarray(v)) for o, v in zip(node.output, outs) if o)
     if len(keep) == len(src.nodes):
         return src
-    used = {i for node in keep for i in node.input} | outputs
+    used = {i for node in keep for i in node_inputs(node)} | outputs  # bodies' captures too
     proto = onnx.ModelProto()
     proto.CopyFrom(src.proto)
     del proto.graph.node[:], proto.graph.initializer[:], proto.graph.value_info[:]
