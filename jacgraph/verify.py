@@ -4,6 +4,7 @@ The kind comes from the graph's `jacgraph.emit` metadata. Each check returns num
 a NaN or infinite value anywhere is a failure, never a pass, and a check that compared nothing fails.
 
 - jvp: y_dot against float64 central differences of the graph's own primal outputs (y(x+hv)-y(x-hv))/2h.
+- hvp: H v against float64 central differences of the graph's own gradient output along v.
 - vjp: the dot-product identity <J v, u> = <v, Jᵀu>: Jᵀu is the graph's gradient output for the cotangent
   u, J v the central difference of its own primal outputs (inputs and differentiated parameters moved).
 - jacobian: J v from the emitted J against central differences of the graph's own primal outputs.
@@ -25,7 +26,7 @@ from .model import SourceModel, load
 from .reference import reference_session, run_reference
 from .testing import central_difference, random_feeds, relative_error, to_float64
 
-KINDS = ("jvp", "vjp", "jacobian", "recurjac")
+KINDS = ("jvp", "vjp", "hvp", "jacobian", "recurjac")
 
 
 @dataclass
@@ -86,7 +87,8 @@ def verify(path, seed=0, h=1e-7, tol=1e-4, source=None, x0=None, eps=None, sampl
     m64 = to_float64(model)
     sess = float64_session(m64)
     feeds = random_feeds(SourceModel(m64), rng)
-    checks = {"jvp": check_jvp, "vjp": check_vjp, "jacobian": check_jacobian}[kind](m64, props, sess, feeds, rng, h, tol)
+    check = {"jvp": check_jvp, "hvp": check_hvp, "vjp": check_vjp, "jacobian": check_jacobian}[kind]
+    checks = check(m64, props, sess, feeds, rng, h, tol)
     return kind, checks  # empty when the graph names nothing to compare: the caller reports that as a failure
 
 
@@ -101,9 +103,23 @@ def _nonfinite_check(out) -> list:
 
 
 def check_jvp(m64, props, sess, feeds, rng, h, tol) -> list:
+    """y_dot against central differences of y."""
+    pairs = [(y, y_dot, y) for y, y_dot in json.loads(props["jacgraph.tangent_outputs"])]
+    return _directional(props, sess, feeds, rng, h, tol, pairs, "y_dot")
+
+
+def check_hvp(m64, props, sess, feeds, rng, h, tol) -> list:
+    """H v against central differences of the graph's own gradient output: (∇f(x+hv) - ∇f(x-hv)) / 2h."""
+    grads = dict(json.loads(props["jacgraph.gradient_outputs"]))
+    pairs = [(x, x_hvp, grads[x]) for x, x_hvp in json.loads(props["jacgraph.hvp_outputs"])]
+    return _directional(props, sess, feeds, rng, h, tol, pairs, "H v")
+
+
+def _directional(props, sess, feeds, rng, h, tol, pairs, what) -> list:
+    """For each (name, tangent output, output): the tangent output (every one of K stacked tangents) against
+    the central difference of the output along the random tangent inputs."""
     K = int(props.get("jacgraph.tangents", 0)) or None
     tangent_inputs = json.loads(props["jacgraph.tangent_inputs"])
-    tangent_outputs = json.loads(props["jacgraph.tangent_outputs"])
     for _, d in tangent_inputs:
         feeds[d] = rng.standard_normal(feeds[d].shape)
     out = run_reference(sess, feeds)
@@ -111,11 +127,12 @@ def check_jvp(m64, props, sess, feeds, rng, h, tol) -> list:
     for k in range(K or 1):
         directions = {x: (feeds[d] if K is None else feeds[d][k]) for x, d in tangent_inputs}
         fd = central_difference(sess, feeds, directions, h)
-        for y, y_dot in tangent_outputs:
-            got = out[y_dot] if K is None else out[y_dot][k]
-            errors.setdefault(y, []).append(compared(y, got, fd[y], tol, "").value)
+        for name, tangent, differenced in pairs:
+            got = out[tangent] if K is None else out[tangent][k]
+            errors.setdefault(name, []).append(compared(name, got, fd[differenced], tol, "").value)
     return _nonfinite_check(out) + [
-        Check(y, _worst(e), tol, "relative error of y_dot vs float64 central differences") for y, e in errors.items()]
+        Check(name, _worst(e), tol, f"relative error of {what} vs float64 central differences")
+        for name, e in errors.items()]
 
 
 def compared(name, actual, expected, tol, what) -> Check:

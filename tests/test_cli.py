@@ -202,6 +202,19 @@ def test_verify_checks_vjp_and_jacobian_graphs(tmp_path, capsys, emit, extra, ou
     assert "FAILED" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("extra", [[], ["--tangents", "3"]])
+def test_verify_checks_hvp_graphs(tmp_path, capsys, extra):
+    """H v against central differences of the graph's own gradient; a smooth (tanh) model, so H v is not 0."""
+    src = mlp_model(tmp_path / "m.onnx", extra_nodes=[helper.make_node("Tanh", ["y"], ["t"])])
+    out = tmp_path / "m.hvp.onnx"
+    assert run_cli("compile", src, "--emit", "hvp", "-o", out, "-q", *extra) == 0
+    assert run_cli("verify", out) == 0
+    assert "OK: hvp graph" in capsys.readouterr().out
+    tamper(out, "x_hvp", "Mul", 1.01)
+    assert run_cli("verify", out) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
 def test_verify_samples_recurjac_bounds(tmp_path, capsys):
     src, out = emitted(tmp_path, "recurjac")
     assert run_cli("verify", out) == 2  # a bound graph holds no copy of the network: --source is needed
@@ -218,7 +231,7 @@ def test_verify_samples_recurjac_bounds(tmp_path, capsys):
 def test_verify_refuses_graphs_it_cannot_check(tmp_path, capsys):
     src = mlp_model(tmp_path / "m.onnx")
     assert run_cli("verify", src) == 2  # a source model, not an emitted graph
-    assert "verify checks graphs emitted with --emit jvp, vjp, jacobian, recurjac" in capsys.readouterr().err
+    assert "verify checks graphs emitted with --emit jvp, vjp, hvp, jacobian, recurjac" in capsys.readouterr().err
 
 
 # ---- issue 11: inputs are never destroyed, outputs checked before any work ------------------------
