@@ -112,22 +112,49 @@ def _inline_local_functions(proto):
     return inlined
 
 
+EXPANDED_DOMAIN = "jacgraph.expanded"  # each expanded node becomes a call of its own local function, then inlined
+
+
 def _expand(proto, ops):
-    """Replace every node of the op types `ops` by its schema function body (fresh names, attributes resolved)."""
+    """Replace every node of the op types `ops` by its schema function body (fresh names, attributes resolved).
+
+    The body is built per node (context-dependent functions depend on the input types and attributes, and
+    onnx's schema inliner cannot type a skipped optional input), held as a model-local function and inlined.
+    """
     proto = _copy(proto)
     opset = opset_of(proto)
-    for node in proto.graph.node:  # a body reads omitted attributes by reference: give it the schema defaults
-        if node.op_type in ops and node.domain in ("", "ai.onnx"):
-            given = {a.name for a in node.attribute}
-            node.attribute.extend(a.default_value for name, a in _schema(node.op_type, opset).attributes.items()
-                                  if name not in given and a.default_value.type != onnx.AttributeProto.UNDEFINED)
-    try:
-        return onnx.inliner.inline_selected_functions(proto, [("", op) for op in sorted(ops)],
-                                                      inline_schema_functions=True)
-    except Exception as e:
-        raise JacgraphError(f"expanding {', '.join(sorted(ops))} into their ONNX function bodies failed "
-                            f"({type(e).__name__}: {_first_line(e)}). These ops have no native rule; check the "
-                            "input types the model declares for them.") from None
+    values = list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
+    types = {vi.name: vi.type for vi in values}
+    types.update((t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims))) for t in proto.graph.initializer)
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+            continue
+        schema = _schema(node.op_type, opset)
+        given = {a.name for a in node.attribute}  # a body reads omitted attributes by reference: the schema defaults
+        node.attribute.extend(a.default_value for name, a in schema.attributes.items()
+                              if name not in given and a.default_value.type != onnx.AttributeProto.UNDEFINED)
+        body = onnx.FunctionProto()
+        try:
+            if schema.has_function:
+                version = max(v for v in schema.function_opset_versions if v <= opset)
+                body.ParseFromString(schema.get_function_with_opset_version(version))
+            else:
+                version = max(v for v in schema.context_dependent_function_opset_versions if v <= opset)
+                input_types = [types.get(name, onnx.TypeProto()).SerializeToString() for name in node.input]
+                body.ParseFromString(schema.get_context_dependent_function_with_opset_version(
+                    version, node.SerializeToString(), input_types))
+        except Exception as e:
+            raise JacgraphError(f"{node.op_type} '{node.name or node.output[0]}' has no native rule and its ONNX "
+                                f"function body could not be built ({type(e).__name__}: {_first_line(e)}). Check "
+                                "the input types the model declares for it.") from None
+        body.domain, body.name = EXPANDED_DOMAIN, f"{node.op_type}_{index}"
+        node.domain, node.op_type = body.domain, body.name
+        proto.functions.append(body)
+    proto.opset_import.append(helper.make_opsetid(EXPANDED_DOMAIN, 1))
+    expanded = _inline_local_functions(proto)
+    del expanded.opset_import[:]
+    expanded.opset_import.extend(imp for imp in proto.opset_import if imp.domain != EXPANDED_DOMAIN)
+    return expanded
 
 
 def _first_line(error) -> str:

@@ -150,3 +150,28 @@ def test_model_local_functions_are_inlined():
 def test_plain_model_is_left_alone():
     model = mlp_with("Relu")
     assert lowering.prepare(model) is model
+
+
+def test_attention_with_a_skipped_optional_input_and_a_kv_cache():
+    """Inputs Q, K, V, '' (no mask), past_key, past_value; outputs Y, present_key, present_value: the body is
+    built for this node's inputs (onnx's schema inliner cannot type the skipped one)."""
+    shapes = {"q": [2, 3, 4, 8], "k": [2, 3, 2, 8], "v": [2, 3, 2, 8],
+              "past_key": [2, 3, 5, 8], "past_value": [2, 3, 5, 8]}
+    node = helper.make_node("Attention", ["q", "k", "v", "", "past_key", "past_value"],
+                            ["y", "present_key", "present_value"], is_causal=1)
+    graph = helper.make_graph([node], "attention_cache",
+                              [helper.make_tensor_value_info(n, F32, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info(n, F32, None) for n in node.output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = runtime.max_ir_version()
+    src = SourceModel(model, native=lowering.native_ops() - {"Attention"})
+    assert "Attention" not in {n.op_type for n in src.nodes}
+    rng = np.random.default_rng(0)
+    feeds = feeds_for(model, rng)
+    expected, got = runtime.run(runtime.session(model), feeds), runtime.run(runtime.session(src.proto), feeds)
+    assert all(relative_error(got[k], v) < FORWARD_TOL for k, v in expected.items())
+    m64 = to_float64(src.proto)
+    feeds64 = {k: v.astype(np.float64) for k, v in feeds.items()}
+    directions = {k: rng.standard_normal(v.shape) for k, v in feeds64.items()}
+    errors = check_jvp(m64, jacgraph.compile(m64, emit="jvp"), feeds64, directions)
+    assert max(errors.values()) < FD_TOL, errors
