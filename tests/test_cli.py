@@ -446,6 +446,22 @@ def test_every_argument_has_help_text():
     assert not missing, missing
 
 
+def test_every_command_takes_the_common_options():
+    """Old: --json missing on compile/verify/sense, --no-progress only on sense, --out on bound/sense."""
+    from jacgraph.cli import parser
+
+    commands = parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        flags = {flag for action in sub._actions for flag in action.option_strings}
+        assert {"--json", "-q", "--quiet"} <= flags, name
+        if name in ("compile", "bound", "sense"):
+            assert {"-o", "--output"} <= flags, name
+        if name in ("bench", "bound"):
+            assert "--threads" in flags, name
+        if name in ("compile", "bench", "bound", "sense"):
+            assert "--max-memory" in flags, name
+
+
 def test_json_everywhere_is_valid_json(tmp_path, capsys):
     src, out = emitted(tmp_path, "jvp")
     capsys.readouterr()
@@ -499,6 +515,9 @@ def test_jacobian_summary_does_not_say_n_probes_instead_of_n(tmp_path, capsys):
     emitted(tmp_path, "jacobian")
     out = capsys.readouterr().out
     assert "using 4 JVP probes" in out and "instead of 4" not in out
+    emitted(tmp_path, "jacobian", "--probes", "rows")
+    out = capsys.readouterr().out
+    assert "using 3 VJP probes" in out and "instead of 3" not in out
 
 
 # ---- issue 11: external data -----------------------------------------------------------------------
