@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import scipy.sparse as sp
 from onnx import helper
 
 from jacgraph.errors import JacgraphError
@@ -46,6 +47,7 @@ METHODS = ("recurjac", "interval")
 MEMORY_LIMIT = 2 << 30   # bytes one back-substitution may hold (per coefficient tensor, times TEMPORARIES)
 TEMPORARIES = 6          # live tensors of a coefficient's size in one back-substitution step
 PROTO_LIMIT = 1 << 30    # bytes of dense lowered weights an emitted graph may embed (protobuf caps at 2 GiB)
+DENSE_OP_BYTES = 16 << 20  # a linear operator up to this size is a dense MatMul in the bound graph, else sparse (ELL)
 
 
 # ---- factored back-substitution ----------------------------------------------------------------
@@ -212,7 +214,10 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     if lowering == "graph" or (lowering == "auto" and not is_chain(src)):
         return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
     stages = lower(src, input_shape)
-    _check_dense_weights(sum(8 * s.in_features * s.out_features for s in stages))
+    dense = sum(8 * s.in_features * s.out_features for s in stages)
+    if lowering == "auto" and dense > PROTO_LIMIT:  # too big for dense stages: sparse operators in the graph pass
+        return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
+    _check_dense_weights(dense)
     b = BoundBuilder(src, dtype)
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     w = _Weights(b, stages)
@@ -304,6 +309,70 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
 # ---- DAG models (jacgraph.layers.lower_graph): dense coefficients, contributions summed at forks ----
 
 
+class _Operator:
+    """A linear node's matrix M [n_out, n_in] (scipy sparse) in the bound graph, applied to the last axis:
+    fwd(X) = X M^T, adj(X) = X M, and the same for |M|, max(M, 0), min(M, 0) (kind abs, pos, neg).
+
+    Small matrices are dense constants (MatMul). A large one (a convolution, a pooling, a selection) is
+    kept sparse in ELL form, one row of K (index, value) pairs per output: Gather the K inputs, multiply,
+    ReduceSum. Memory then grows with n_out x K, the operator's own size, not with n_out x n_in
+    (onnxruntime has no float64 Conv kernel, so this is also how a float64 convolution runs)."""
+
+    def __init__(self, b, M):
+        self.b = b
+        self.M = sp.csr_matrix(M)
+        self.dense = self.M.shape[0] * self.M.shape[1] * 8 <= DENSE_OP_BYTES
+        self.width = 1 if self.dense else max(_ell_width(self.M), _ell_width(self.M.T.tocsr()))
+        self._consts = {}
+
+    def _const(self, kind, transpose):
+        key = (kind, transpose)
+        if key not in self._consts:
+            b = self.b
+            M = self.M.T.tocsr() if transpose else self.M
+            f = {"M": lambda v: v, "abs": np.abs, "pos": lambda v: np.maximum(v, 0), "neg": lambda v: np.minimum(v, 0)}[kind]
+            if self.dense:  # X @ M^T (fwd) multiplies by M^T: the transposed matrix's transpose
+                self._consts[key] = b.c(np.asarray(f(M.toarray()).T, b.dtype), hint="M")
+            else:
+                idx, val = _ell(M)
+                self._consts[key] = (b.const(idx, hint="ell_idx"), b.c(f(val).astype(b.dtype), hint="ell_val"))
+        return self._consts[key]
+
+    def _apply(self, X, kind, transpose):
+        b, c = self.b, self._const(kind, transpose)
+        if self.dense:
+            return b.MatMul(X, c)
+        idx, val = c
+        return b.reduce("ReduceSum", b.Mul(b.Gather(X, idx, axis=-1), val), [-1], keepdims=0)
+
+    def fwd(self, X, kind="M"):
+        return self._apply(X, kind, False)
+
+    def adj(self, X, kind="M"):
+        return self._apply(X, kind, True)
+
+    def nbytes(self) -> int:
+        """Bytes of its constants in the bound graph (four kinds, both directions)."""
+        if self.dense:
+            return 8 * 8 * self.M.shape[0] * self.M.shape[1]
+        return 4 * 16 * (self.M.shape[0] * _ell_width(self.M) + self.M.shape[1] * _ell_width(self.M.T.tocsr()))
+
+
+def _ell_width(M) -> int:
+    return max(int(np.diff(M.indptr).max(initial=0)), 1)
+
+
+def _ell(M):
+    """(indices, values) [rows, K] of a csr matrix; short rows padded with index 0, value 0."""
+    K = _ell_width(M)
+    counts = np.diff(M.indptr)
+    idx, val = np.zeros((M.shape[0], K), np.int64), np.zeros((M.shape[0], K))
+    slot = np.arange(M.nnz) - np.repeat(M.indptr[:-1], counts)
+    rows = np.repeat(np.arange(M.shape[0]), counts)
+    idx[rows, slot], val[rows, slot] = M.indices, M.data
+    return idx, val
+
+
 class _DagBounds:
     """Emits CROWN pre-activation bounds and RecurJac Jacobian bounds for a lowered Graph.
 
@@ -324,25 +393,23 @@ class _DagBounds:
         self.box, self.rel, self.sel, self.deriv, self.G, self.grel, self.part = {}, {}, {}, {}, {}, {}, {}
         self.interval_only = []  # nodes whose bounds are interval-only: back-substitution over the memory limit
 
-    def mat(self, c, k, kind="M"):
-        """The dense matrix of linear node c on its input k, or a form of it (T, absT, pos, neg)."""
-        key = (c, k, kind)
-        if key not in self._mats:
-            b = self.b
-            if kind == "M":
-                node = self.nodes[c]
-                M = node.mats[node.inputs.index(k)]
-                self._mats[key] = b.c(np.asarray(M.toarray() if hasattr(M, "toarray") else M, b.dtype), hint="M")
-            else:
-                M = self.mat(c, k)
-                self._mats[key] = {"T": lambda: b.Transpose(M, perm=[1, 0]),
-                                   "absT": lambda: b.Transpose(b.Abs(M), perm=[1, 0]),
-                                   "pos": lambda: b.Relu(M), "neg": lambda: b.Min(M, b.c(0.0))}[kind]()
-        return self._mats[key]
+    def op(self, c, k) -> "_Operator":
+        """Linear node c's operator on its input k (built once)."""
+        if (c, k) not in self._mats:
+            node = self.nodes[c]
+            self._mats[(c, k)] = _Operator(self.b, node.mats[node.inputs.index(k)])
+        return self._mats[(c, k)]
 
     def fits(self, rows, k_range, m=1):
-        need = 8 * m * rows * max((self.nodes[j].n for j in k_range), default=1) * TEMPORARIES
-        return need <= self.limit
+        """Whether a back-substitution of `rows` rows (times m outputs) over nodes k_range fits the limit:
+        its coefficients are rows x n_j, a gathered operator's product rows x n_j x K."""
+        widest = max((self.nodes[j].n * self._width(j) for j in k_range), default=1)
+        return 8 * m * rows * widest * TEMPORARIES <= self.limit
+
+    def _width(self, j):
+        ops = [self.op(c, j) for c in self.cons[j] if self.nodes[c].kind == "linear"]
+        ops += [self.op(j, i) for i in self.nodes[j].inputs] if self.nodes[j].kind == "linear" else []
+        return max([o.width for o in ops] + [1])
 
     # -- forward: interval boxes, CROWN, relaxations --------------------------------------------
     def forward(self, x, eps, x3):
@@ -355,7 +422,7 @@ class _DagBounds:
                 for j in node.inputs:
                     l_j, h_j = self.box[j]
                     mid, half = b.Mul(b.Add(l_j, h_j), b.c(0.5)), b.Mul(b.Sub(h_j, l_j), b.c(0.5))
-                    c_, s_ = b.MatMul(mid, self.mat(k, j, "T")), b.MatMul(half, self.mat(k, j, "absT"))
+                    c_, s_ = self.op(k, j).fwd(mid), self.op(k, j).fwd(half, "abs")
                     lo = b.Sub(c_, s_) if lo is None else b.Add(lo, b.Sub(c_, s_))
                     hi = b.Add(c_, s_) if hi is None else b.Add(hi, b.Add(c_, s_))
                 bias = b.c(node.bias)
@@ -437,8 +504,7 @@ class _DagBounds:
                 bias = b.c(node.bias)
                 C = _add_pair(b, C, (b.MatMul(up, bias), b.MatMul(lo, bias)))
                 for j in node.inputs:
-                    M = self.mat(k, j)
-                    _add_to(store, j, b, b.MatMul(up, M), b.MatMul(lo, M))
+                    _add_to(store, j, b, self.op(k, j).adj(up), self.op(k, j).adj(lo))
             elif node.kind in ("act", "max"):
                 C = self._through(node.kind, k, up, lo, store, C)
             else:
@@ -480,8 +546,8 @@ class _DagBounds:
         Lc, Uc = self.G[c]
         kind = self.nodes[c].kind
         if kind == "linear":
-            P, N = self.mat(c, k, "pos"), self.mat(c, k, "neg")
-            return (b.Add(b.MatMul(Lc, P), b.MatMul(Uc, N)), b.Add(b.MatMul(Uc, P), b.MatMul(Lc, N)))
+            M = self.op(c, k)
+            return (b.Add(M.adj(Lc, "pos"), M.adj(Uc, "neg")), b.Add(M.adj(Uc, "pos"), M.adj(Lc, "neg")))
         if kind == "act":
             return interval_mul(b, Lc, Uc, *self.deriv[c])
         _, _, _, DL, DU = self.sel[c]
@@ -508,8 +574,7 @@ class _DagBounds:
             for c in self.cons[j]:
                 kind = self.nodes[c].kind
                 if kind == "linear":
-                    T = self.mat(c, j, "T")
-                    _add_to(store, c, b, b.MatMul(up, T), b.MatMul(lo, T))
+                    _add_to(store, c, b, self.op(c, j).fwd(up), self.op(c, j).fwd(lo))
                 elif kind == "act":
                     r = self.grel[c]
                     _add_to(store, c, b, b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
@@ -535,15 +600,15 @@ def _check_dense_weights(weights):
     """Refuse, before anything is allocated, a bound graph whose dense lowered weights are too big."""
     if weights > PROTO_LIMIT:
         raise JacgraphError(
-            f"the bound graph would embed {weights / 2**30:.1f} GiB of dense lowered weights (convolutions are "
-            f"lowered to dense matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
+            f"the bound graph would embed {weights / 2**30:.1f} GiB of lowered weights (chain models: dense "
+            f"matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
             "this pass accepts (and about 4x that in memory when run). Bound a smaller model or a cropped input "
             "(--input-shape), or use `jacgraph lipschitz` for a global bound.")
 
 
 def _dense_bytes(graph) -> int:
-    """Bytes of the dense lowered weights the bound graph embeds (each also transposed/|.|/split by sign)."""
-    return sum(8 * M.shape[0] * M.shape[1] for node in graph.nodes for M in node.mats)
+    """Bytes of the lowered weights the bound graph embeds (dense or ELL, with |M|, M+, M- and transposes)."""
+    return sum(_Operator(None, M).nbytes() for node in graph.nodes for M in node.mats)
 
 
 def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit):
