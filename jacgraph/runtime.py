@@ -88,12 +88,29 @@ def session(model, threads: int | None = None, optimize: bool = True, provider: 
         lowered.CopyFrom(model)
         lowered.ir_version = max_ir_version()
         model = lowered
-    data = model.SerializeToString()
     chosen = (provider,) if provider else providers()
     try:
-        return ort.InferenceSession(data, sess_options=opts, providers=list(chosen))
+        if model.ByteSize() > PROTOBUF_LIMIT:  # one message cannot hold it: onnxruntime reads it from files
+            return _session_from_files(ort, model, opts, list(chosen))
+        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(chosen))
     except Exception as e:
         raise JacgraphError(f"onnxruntime could not load the model: {str(e).strip().splitlines()[0]}") from None
+
+
+PROTOBUF_LIMIT = (2 << 30) - 1  # bytes of one serialized protobuf message
+
+
+def _session_from_files(ort, model, opts, providers):
+    """A model over 2 GiB: written with its weights as external data to a temporary folder, loaded from there
+    (onnxruntime reads the weights while building the session, so the folder can go afterwards)."""
+    import tempfile
+
+    copy = onnx.ModelProto()  # onnx.save with external data moves the caller's tensors out of the proto
+    copy.CopyFrom(model)
+    with tempfile.TemporaryDirectory(prefix="jacgraph-session-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        return ort.InferenceSession(path, sess_options=opts, providers=providers)
 
 
 def run(model_or_session, feeds: dict, outputs=None) -> dict:

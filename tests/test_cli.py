@@ -562,6 +562,21 @@ def test_a_graph_over_the_protobuf_limit_needs_external_data(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["j.onnx", "j.onnx.data", "m.onnx"]
 
 
+def test_sessions_of_graphs_over_the_protobuf_limit(tmp_path, monkeypatch):
+    """runtime.session of a graph over 2 GiB (here: a limit of 10 bytes) goes through files with external
+    data, and leaves the caller's model whole."""
+    from jacgraph import runtime
+
+    model = onnx.load(mlp_model(tmp_path / "m.onnx"))
+    before = model.SerializeToString()
+    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 10)
+    x = np.array([[0.5, -1.0, 2.0, 0.1]], np.float32)
+    y = runtime.run(runtime.session(model), {"x": x})["y"]
+    w, c = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    np.testing.assert_allclose(y, np.maximum(x @ w + c, 0), rtol=1e-6)
+    assert model.SerializeToString() == before
+
+
 # ---- issue 11: Ctrl-C ------------------------------------------------------------------------------
 
 def dense_tanh(path, n=64):
