@@ -92,7 +92,11 @@ def _is_float(value_info):
 
 
 def differentiable_inputs(model):
-    """Float graph inputs that some node reads through an input its schema does not mark non-differentiable."""
+    """Float graph inputs that some node reads through an input its schema does not mark non-differentiable.
+
+    An input whose schema type is tensor(float) itself, not the op's type variable (Resize/Upsample scales),
+    is a parameter of the op, not data: it is not differentiated (nor widened by the float64 copy).
+    """
     from onnx.defs import OpSchema
 
     graph = model.graph
@@ -113,7 +117,7 @@ def differentiable_inputs(model):
             slots = [k for k, name in enumerate(node.input) if name == inp.name]
             formals = [schema.inputs[min(k, len(schema.inputs) - 1)] for k in slots if schema.inputs]
             if not slots or any(f.differentiation_category != OpSchema.DifferentiationCategory.NonDifferentiable
-                                for f in formals):
+                                and f.type_str != "tensor(float)" for f in formals):
                 chosen.append(inp.name)
                 break
     return chosen
@@ -200,7 +204,10 @@ class Oracle:
             out = self(moved)
             return {y: np.asarray(out[y], np.float64) for y in outputs}
 
-        f0, fp, fm, fp10, fm10 = at(0.0), at(H), at(-H), at(10 * H), at(-10 * H)
+        try:
+            f0, fp, fm, fp10, fm10 = at(0.0), at(H), at(-H), at(10 * H), at(-10 * H)
+        except Exception as e:
+            raise OracleUnstable(f"the reference cannot run at a perturbed point: {one_line(e)}") from None
         if not all(np.all(np.isfinite(v)) for f in (f0, fp, fm, fp10, fm10) for v in f.values()):
             raise OracleUnstable("the reference gives a non-finite value at or near the point")
         if any(fp[y].shape != f0[y].shape or fm[y].shape != f0[y].shape for y in outputs):
@@ -536,8 +543,8 @@ def summarize(records, tools, checks):
 
 
 def _reason_kind(reason):
-    for key in ("central differences", "one-sided", "non-finite", "shape changes", "disagrees with", "cannot run",
-                "has shape"):
+    for key in ("central differences", "one-sided", "non-finite", "shape changes", "disagrees with",
+                "cannot run the case", "perturbed point", "has shape"):
         if key in reason:
             return key
     return reason[:60]

@@ -169,6 +169,25 @@ INDEXING_CASES = [
     Case("Pad", {"x": (2, 3), "v": ()}, ["x", "pads", "v"], consts={"pads": i64(1, 0, 0, 2)}, id="pad-value-input"),
     Case("Pad", {"v": ()}, ["x", "pads", "v"], consts={"x": f64(2, 3), "pads": i64(0, 1, 2, 0)},
          id="pad-only-value-active"),
+    Case("Pad", X, ["x", "pads"], consts={"pads": i64(0, 1, 0, 0, 2, 1)}, opset=17, id="pad-opset17"),  # Swin's jg_Pad
+    Case("MaxUnpool", {"x": (1, 1, 2, 2)}, ["x", "idx"], attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+         consts={"idx": np.array([5, 7, 13, 15], np.int64).reshape(1, 1, 2, 2)}),
+    Case("ReverseSequence", {"x": (4, 3)}, ["x", "lens"], attrs={"time_axis": 0, "batch_axis": 1},
+         consts={"lens": i64(4, 2, 1)}),
+    Case("DepthToSpace", {"x": (1, 8, 2, 3)}, ["x"], attrs={"blocksize": 2, "mode": "DCR"}, id="depthtospace-dcr"),
+    Case("TensorScatter", {"cache": (2, 5, 3), "update": (2, 2, 3)}, ["cache", "update", "at"],
+         consts={"at": i64(1, 3)}, opset=24),
+    Case("TensorScatter", {"cache": (2, 4, 3), "update": (2, 2, 3)}, ["cache", "update", "at"], attrs={"mode": "circular"},
+         consts={"at": i64(3, 0)}, opset=24, id="tensorscatter-circular"),
+    Case("Einsum", {"a": (4,), "b": (4,)}, ["a", "b"], attrs={"equation": "i,i"}, id="einsum-implicit-inner"),
+    Case("Einsum", {"a": (2, 3, 3)}, ["a"], attrs={"equation": "...ii->...i"}, id="einsum-ellipsis-diagonal"),
+    Case("Einsum", {"a": (3, 4)}, ["a"], attrs={"equation": "ij->i"}, id="einsum-sum"),
+    Case("Einsum", {"a": (3, 3)}, ["a"], attrs={"equation": "ii"}, id="einsum-trace"),
+    Case("Tile", {"x": (2, 3)}, ["x", "rep"], extra_nodes=[helper.make_node("Shape", ["x"], ["rep"])],
+         covers=("Shape",), id="tile-computed-repeats"),
+    Case("Resize", X4, ["x", "", "", "sizes"], attrs={"mode": "linear"}, consts={"hw": i64(7, 4)},
+         extra_nodes=[helper.make_node("Shape", ["x"], ["s"], end=2), helper.make_node("Concat", ["s", "hw"], ["sizes"], axis=0)],
+         covers=("Shape", "Concat"), id="resize-computed-sizes"),
 ]
 
 CASES = [

@@ -380,3 +380,25 @@ def test_relu_gradient_at_zero_is_zero():
     out = runtime.run(runtime.session(emitted), {"x0": ZERO, "y_bar": np.ones(6, np.float32)})
     np.testing.assert_array_equal(out["x0_bar"], [0, 0, 1, 0, 1, 0])
     assert relative_error(out["y"], np.maximum(ZERO, 0)) == 0
+
+
+# ---- indexing, scatter and signal ops ----
+
+@pytest.mark.parametrize("case", [
+    Case("Gather", X, ["x", "idx"], attrs={"axis": 1}, consts={"idx": i64(0, 2, 0)}, opset=13, id="gather-repeated"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [3, 3], "strides": [1, 1]}, opset=13, id="maxpool-overlapping"),
+], ids=case_id)
+def test_reverse_pass_at_opset_13_converts_the_model_up(case, monkeypatch):
+    """Repeated gather indices and overlapping MaxPool windows sum cotangents with ScatterElements reduction='add'
+    (opset 16): jacgraph.compile converts an opset-13 model up rather than refusing it; a direct pass call says why."""
+    import jacgraph
+    from jacgraph.errors import NeedsOpset
+
+    with pytest.raises(NeedsOpset, match="needs opset 16; the model has opset 13"):
+        vjp.build(case.model())
+    emitted = jacgraph.compile(case.model(), emit="vjp")
+    assert {i.domain: i.version for i in emitted.opset_import}[""] == 16
+    runtime.session(emitted)  # loads in onnxruntime
+    monkeypatch.setattr(vjp, "build", lambda *_, **__: emitted)
+    lhs, rhs, scale = dot_product(case)
+    assert abs(lhs - rhs) <= DOT_TOL * scale

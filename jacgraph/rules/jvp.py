@@ -7,8 +7,11 @@ CPA ops freeze their state at x; additive inputs (biases, constants) never reach
 """
 from __future__ import annotations
 
+import string
+from collections import Counter
+
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from ..errors import JacgraphError
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
@@ -268,12 +271,6 @@ def cumsum(b, node, t, axis):
     return [b.CumSum(t, taxes_tensor(b, node.input[1]), exclusive=attrs["exclusive"], reverse=attrs["reverse"])]
 
 
-@rule("DepthToSpace", "SpaceToDepth")
-def depth_space(b, node, t):
-    """ẏ = the same rearrangement of ẋ."""
-    return [batch_first(b, t, node.op_type, **b.src.attrs(node))]
-
-
 @rule("Resize")
 def resize(b, node, t, *_):
     """ẏ = resize(ẋ): every mode interpolates with weights that do not depend on x."""
@@ -453,13 +450,10 @@ def _stacked_axes(b, r):
 
 @rule("Einsum")
 def einsum(b, node, *ts):
-    """ẏ = Σ_i einsum(..., ẋ_i, ...): multilinear in its operands."""
-    eq = b.src.attrs(node)["equation"].replace(" ", "")
-    lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
-    if rhs is None:
-        raise JacgraphError(f"Einsum '{node.name}': implicit-output equations are not supported; write '->'.")
-    subs = lhs.split(",")
-    k = next(c for c in "ZYXWVUTSRQPONMLKJIHGFEDCBAzyxwvutsrqponmlkjihgfedcba" if c not in eq)
+    """ẏ = Σ_i einsum(..., ẋ_i, ...): multilinear in its operands (the equation made explicit first)."""
+    subs, rhs = explicit_einsum(b, node)
+    eq = ",".join(subs) + "->" + rhs
+    k = next(c for c in string.ascii_letters if c not in eq)
     terms = []
     for i, t in enumerate(ts):
         if t is None:
@@ -1068,3 +1062,71 @@ def _stft_of_windows(b, node, t_window):
     spectrum = (b.DFT(flat, None, b.const(np.int64(2)), onesided=onesided) if b.opset >= 20
                 else b.DFT(flat, axis=2, onesided=onesided))
     return b.Reshape(spectrum, b.Concat(b.ints([b.K]), b.Shape(y), axis=0))
+
+
+def unpooled_shape(b, node):
+    """The shape MaxUnpool scatters into before an output_shape pads it at the end (the spec's reference; onnxruntime
+    1.31 scatters into output_shape itself and disagrees with ONNX's own test cases)."""
+    xs, attrs = b.src.shape(node.input[0]), b.src.attrs(node)
+    kernel = list(attrs["kernel_shape"])
+    d = len(kernel)
+    strides, pads = list(attrs.get("strides") or [1] * d), list(attrs.get("pads") or [0] * 2 * d)
+    if not static(xs):
+        raise JacgraphError(f"MaxUnpool '{node.name}': jacgraph needs a static input shape.")
+    return list(xs[:2]) + [(xs[2 + i] - 1) * strides[i] - pads[i] - pads[d + i] + kernel[i] for i in range(d)]
+
+
+@rule("MaxUnpool")
+def max_unpool(b, node, t, *_):
+    """y = zeros with x written at the flat indices I (then padded at the end to output_shape): ẏ = the same of ẋ."""
+    shape = unpooled_shape(b, node)
+    where = b.Reshape(node.input[1], b.ints([-1]))
+    zeros = flatten_tangent(b, b.ConstantOfShape(b.ints(([b.K] if b.K else []) + shape),
+                                                 value=helper.make_tensor("value", b.src.dtype(node.input[0]), [1], [0])))
+    out = b.Reshape(scatter_positions(b, zeros, where, flatten_tangent(b, t)), b.ints(([b.K] if b.K else []) + shape))
+    if len(node.input) > 2 and node.input[2]:
+        short = b.Sub(node.input[2], b.ints(shape))  # pads: none at the start (K axis included), `short` at the end
+        out = b.Pad(out, b.Concat(b.ints([0] * (len(shape) + 2 * lead(b))), short, axis=0))
+    return [out]
+
+
+def moved_positions(b, node):
+    """For an op that only moves elements: where each output element comes from (the op applied to x's index map).
+    The map goes through float64 (exact below 2^53): onnxruntime has no int64 DepthToSpace/SpaceToDepth."""
+    positions = b.Cast(flat_positions(b, node.input[0]), to=TensorProto.DOUBLE)
+    return b.Cast(b.op(node.op_type, positions, *node.input[1:], **b.src.attrs(node)), to=TensorProto.INT64)
+
+
+@rule("ReverseSequence", "DepthToSpace", "SpaceToDepth")
+def permute_elements(b, node, t, *_):
+    """Ops that only move elements: ẏ = ẋ at the positions the op moves x's own index map to."""
+    return [gather_positions(b, t, moved_positions(b, node))]
+
+
+@rule("TensorScatter")
+def tensor_scatter(b, node, t_cache, t_update, _=None):
+    """Linear in (past_cache, update): ẏ = TensorScatter(ċ, u̇) with the same write indices, axis and mode."""
+    cache, update = node.input[0], node.input[1]
+    indices = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if indices is not None and b.K is not None:  # the batch axis folds K in front: k·N + n reads indices[n]
+        indices = b.Tile(indices, b.ints([b.K]))
+    t_cache = t_cache if t_cache is not None else zeros_like(b, cache)
+    t_update = t_update if t_update is not None else zeros_like(b, update)
+    return [unfold(b, b.op("TensorScatter", fold(b, t_cache), fold(b, t_update), indices, **b.src.attrs(node)))]
+
+
+def explicit_einsum(b, node):
+    """(operand subscripts, output subscripts) of an Einsum with '...' spelled out in spare letters (from the
+    operands' ranks) and an implicit output made explicit: the ellipsis axes, then the letters used once, sorted."""
+    eq = b.src.attrs(node)["equation"].replace(" ", "")
+    lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
+    subs = lhs.split(",")
+    spare = iter(c for c in string.ascii_letters if c not in eq)
+    ellipsis_ranks = [b.src.rank(x) - (len(sub) - 3) for x, sub in zip(node.input, subs) if "..." in sub]
+    ellipsis = "".join(next(spare) for _ in range(max(ellipsis_ranks, default=0)))
+    subs = [sub.replace("...", ellipsis[len(ellipsis) - (b.src.rank(x) - (len(sub) - 3)):]) if "..." in sub else sub
+            for x, sub in zip(node.input, subs)]
+    if rhs is None:
+        counts = Counter("".join(subs))
+        rhs = ellipsis + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ellipsis))
+    return subs, rhs.replace("...", ellipsis)

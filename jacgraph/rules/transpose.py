@@ -9,6 +9,8 @@ symmetric Jacobian (diagonal, or Softmax) reuse the JVP rule itself: Jᵀḡ = J
 """
 from __future__ import annotations
 
+import string
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -225,8 +227,8 @@ def tile(b, node, g):
     """x̄ = Σ over the tiles: reshape ḡ to [r0, d0, r1, d1, ...] and sum the repeat axes."""
     x = node.input[0]
     xs, reps = b.src.shape(x), b.src.const(node.input[1])
-    if not static(xs) or reps is None:
-        raise JacgraphError(f"Tile '{node.name}': the reverse pass needs a static input shape and constant repeats.")
+    if not static(xs) or reps is None:  # in general: ḡ scatter-added back to the positions tiled from x
+        return [scatter_add(b, x, b.Tile(positions(b, x), node.input[1]), g), None]
     split = [v for r, d in zip(reps.tolist(), xs) for v in (r, d)]
     summed = b.reduce("ReduceSum", b.Reshape(g, b.ints(split)), list(range(0, 2 * len(xs), 2)), keepdims=0)
     return [summed, None]
@@ -440,23 +442,32 @@ def gemm(b, node, g):
 
 @rule("Einsum")
 def einsum(b, node, g):
-    """x̄_i = einsum(other operands, ḡ -> subscripts of x_i) (no repeated or operand-only subscripts)."""
-    eq = b.src.attrs(node)["equation"].replace(" ", "")
-    if "->" not in eq or "." in eq:
-        raise JacgraphError(f"Einsum '{node.name}': the reverse pass needs an explicit '->' and no ellipsis.")
-    lhs, rhs = eq.split("->")
-    subs = lhs.split(",")
+    """x̄_i = einsum(other operands, ḡ -> subscripts of x_i); a repeated subscript (a diagonal) is tied to a fresh
+    one by an identity matrix, and a subscript only x_i has (summed away) gets ḡ's value broadcast back."""
+    subs, rhs = explicit_einsum(b, node)
+    spare = iter(c for c in string.ascii_letters if c not in "".join(subs) + rhs)
     outs = []
     for i, x in enumerate(node.input):
         if not need(b, x):
             outs.append(None)
             continue
-        others = [sub for j, sub in enumerate(subs) if j != i] + [rhs]
-        if len(set(subs[i])) != len(subs[i]) or not set(subs[i]) <= set("".join(others)):
-            raise JacgraphError(f"Einsum '{node.name}': operand {i} has repeated or operand-only subscripts; "
-                                "the reverse pass does not support them.")
-        names = [n for j, n in enumerate(node.input) if j != i] + [g]
-        outs.append(b.Einsum(*names, equation=",".join(others) + "->" + subs[i]))
+        xs, target, eye_subs, eyes = b.src.shape(x), "", [], []
+        for axis, c in enumerate(subs[i]):
+            if c not in target:
+                target += c
+                continue
+            if not isinstance(xs[axis], int):
+                raise JacgraphError(f"Einsum '{node.name}': the reverse pass needs a static size for repeated subscript {c}.")
+            fresh = next(spare)
+            target += fresh
+            eye_subs.append(c + fresh)
+            eyes.append(b.const(np.eye(xs[axis], dtype=b.src.np_dtype(x)), hint="einsum_eye"))
+        others = [sub for j, sub in enumerate(subs) if j != i] + [rhs] + eye_subs
+        kept = "".join(c for c in target if c in "".join(others))
+        names = [n for j, n in enumerate(node.input) if j != i] + [g] + eyes
+        bar = b.Einsum(*names, equation=",".join(others) + "->" + kept)
+        summed = [axis for axis, c in enumerate(target) if c not in kept]
+        outs.append(b.Expand(b.Unsqueeze(bar, b.ints(summed)), b.Shape(x)) if summed else bar)
     return outs
 
 
@@ -782,31 +793,12 @@ def cast(b, node, g):
     return [b.Cast(g, to=b.src.dtype(x)) if need(b, x) else None]
 
 
-@rule("DepthToSpace", "SpaceToDepth")
-def depth_space(b, node, g):
-    """Reshape-transpose-reshape: x̄ = ḡ through the inverse transpose (static shapes)."""
-    x, y = node.input[0], node.output[0]
-    xs, ys = b.src.shape(x), b.src.shape(y)
-    attrs = b.src.attrs(node)
-    if not (static(xs) and static(ys)):
-        raise JacgraphError(f"{node.op_type} '{node.name}': the reverse pass needs static shapes.")
-    k, (n, c, h, w) = attrs["blocksize"], xs
-    if node.op_type == "SpaceToDepth":
-        split, perm = [n, c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4]
-    elif attrs.get("mode", "DCR") == "DCR":
-        split, perm = [n, k, k, c // (k * k), h, w], [0, 3, 4, 1, 5, 2]
-    else:
-        split, perm = [n, c // (k * k), k, k, h, w], [0, 1, 4, 2, 5, 3]
-    moved = [split[p] for p in perm]  # the shape between the forward transpose and the final reshape
-    back = b.Transpose(b.Reshape(g, b.ints(moved)), perm=[int(i) for i in np.argsort(perm)])
-    return [b.Reshape(back, b.ints(xs))]
-
-
 # ---- indexing, scatter and signal ops ----
 # The transposes of the flat-position rules in jacgraph.rules.jvp: a gather's transpose scatters
 # (adds where positions repeat), a scatter's transpose gathers.
 
-from .jvp import flat_positions, lp_slope, scatter_parts, scatter_where  # noqa: E402
+from .jvp import (explicit_einsum, flat_positions, lp_slope, moved_positions, scatter_parts,  # noqa: E402
+                  scatter_where, unpooled_shape)
 
 def _flat(b, v):
     return b.Reshape(v, b.ints([-1]))
@@ -992,3 +984,40 @@ def stft(b, node, g):
         cut = b.Gather(signal, b.const(index.astype(np.int64), hint="frame_index"), axis=1)  # [batch, frames, L, c_in]
         outs[2] = b.reduce("ReduceSum", b.Mul(frames_bar, cut), [0, 1, 3], keepdims=0)
     return outs
+
+
+@rule("MaxUnpool")
+def max_unpool(b, node, g):
+    """x̄ = ḡ at the flat indices I."""
+    x = node.input[0]
+    shape = unpooled_shape(b, node)
+    if len(node.input) > 2 and node.input[2]:  # the corner output_shape padded
+        g = b.Slice(g, b.ints([0] * len(shape)), b.ints(shape))
+    picked = b.Gather(_flat(b, g), b.Reshape(node.input[1], b.ints([-1])))
+    return pad_none([b.Reshape(picked, b.Shape(x))], node)
+
+
+@rule("ReverseSequence", "DepthToSpace", "SpaceToDepth")
+def permute_elements(b, node, g):
+    """x̄ = ḡ moved back to the positions the op took each element from (distinct, so no sums)."""
+    return pad_none([scatter_add(b, node.input[0], moved_positions(b, node), g, unique=True)], node)
+
+
+@rule("TensorScatter")
+def tensor_scatter(b, node, g):
+    """c̄ = ḡ with the written cells zeroed; ū = ḡ at the cells each update element was written to."""
+    cache, update = node.input[0], node.input[1]
+    rest, attrs = node.input[2:], b.src.attrs(node)
+    zeros = b.Mul(update, s(b, 0.0, update)) if b.src.is_float(update) else None
+    cache_bar = b.op("TensorScatter", g, zeros, *rest, **attrs) if need(b, cache) else None
+    update_bar = None
+    if need(b, update):  # which update element landed in each cell (-1: none), then ḡ moved to those elements
+        unset = b.ConstantOfShape(b.Shape(cache), value=helper.make_tensor("value", onnx.TensorProto.INT64, [1], [-1]))
+        source = _flat(b, b.op("TensorScatter", unset, flat_positions(b, update), *rest, **attrs))
+        size = b.Size(update)
+        slot = b.Where(b.Less(source, b.const(np.int64(0))), size, source)  # unwritten cells go to a spare slot
+        spare = b.ConstantOfShape(b.Reshape(b.Add(size, b.const(np.int64(1))), b.ints([1])),
+                                  value=helper.make_tensor("value", b.src.dtype(update), [1], [0]))
+        moved = b.ScatterElements(spare, slot, _flat(b, g), axis=0)
+        update_bar = b.Reshape(b.Slice(moved, b.ints([0]), b.Reshape(size, b.ints([1]))), b.Shape(update))
+    return pad_none([cache_bar, update_bar], node)
