@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -13,8 +14,19 @@ from jacgraph.model import SourceModel, node_inputs
 from jacgraph.rules import control_flow  # noqa: F401  (registers If/Loop/Scan into the JVP and VJP tables)
 from jacgraph.rules.jvp import BATCHED, JVP, zeros_like
 
-STRATEGIES = ("twopass", "batched")
-DEFAULT_STRATEGY = "twopass"
+STRATEGIES = ("twopass", "batched", "auto")
+DEFAULT_STRATEGY = "auto"
+
+
+def weight_bound(src: SourceModel, node) -> bool:
+    """The `auto` strategy's choice: batch a linear op's tangent with its primal (one call over concat(x, ẋ))
+    when the op reads at least as many weights as it writes outputs per sample, so that reading the
+    weights once for both pays for the Concat and Split (measured in docs/benchmarks/speed.md)."""
+    w, y = src.shape(node.input[1]), src.shape(node.output[0])
+    if not (w and y and all(isinstance(d, int) for d in list(w) + list(y[1:]))):
+        return False
+    weights = math.prod(w)
+    return weights >= 2**14 and weights >= 16 * math.prod(y[1:])
 
 
 def missing_rules(src: SourceModel, wrt, table) -> Counter:
@@ -36,7 +48,7 @@ def differentiate(b, env):
             b.copy(node)
             continue
         outs = NotImplemented
-        if strategy == "batched" and node.op_type in BATCHED:
+        if node.op_type in BATCHED and (strategy == "batched" or strategy == "auto" and weight_bound(b.src, node)):
             outs = BATCHED[node.op_type](b, node, *tangents_in)
         if outs is NotImplemented:
             b.copy(node)

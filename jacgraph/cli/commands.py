@@ -96,7 +96,9 @@ def add_compile(sub):
                    help="keep the weights in PATH.data beside the output (needed above protobuf's 2 GiB)")
     c.add_argument("--inputs", type=names, help="comma-separated inputs to differentiate (default: every float input)")
     c.add_argument("--tangents", type=integer(1), help="jvp: K directions in one run (x_dot gets a leading axis of K)")
-    c.add_argument("--strategy", choices=["twopass", "batched"], help="jvp: tangent ops separate, or batched with the primal")
+    c.add_argument("--strategy", choices=["twopass", "batched", "auto"],
+                   help="jvp: tangent ops separate, batched with the primal, or auto (batched where the op is "
+                        "weight-bound; the default)")
     c.add_argument("--wrt", help="vjp/jfb: 'params' or comma-separated initializer names to differentiate")
     c.add_argument("--y-bar", action="store_true",
                    help="hvp: f = <y, y_bar> with y_bar an input (the default when no output is one scalar)")
@@ -235,7 +237,7 @@ def add_bench(sub):
     b.add_argument("--emit", default="jvp", choices=["jvp"], help="the graph to time (jvp)")
     b.add_argument("--runs", type=integer(1), default=50, help="timed runs of each graph (median reported; default 50)")
     b.add_argument("--tangents", type=integer(1), help="K directions in one JVP run")
-    b.add_argument("--strategy", choices=["twopass", "batched"], help="jvp strategy (default: the pass's)")
+    b.add_argument("--strategy", choices=["twopass", "batched", "auto"], help="jvp strategy (default: the pass's)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess runs")
     b.add_argument("--profile", action="store_true", help="per-op kernel times of both graphs (onnxruntime profiler)")
     add_common(b, memory=True)

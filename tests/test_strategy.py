@@ -1,0 +1,44 @@
+"""The JVP pass's `auto` strategy batches exactly the weight-bound linear ops, and computes the same JVP."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jacgraph import runtime
+from jacgraph.passes import jvp
+
+
+def dense_then_conv():
+    """Gemm 512 -> 64 (32K weights for 64 outputs: weight-bound), then a 3x3 conv 1 -> 8 on 8x8 (72 weights)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((512, 64)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "K"),
+             numpy_helper.from_array(np.array([1, 1, 8, 8], np.int64), "shape")]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["img"]),
+             helper.make_node("Conv", ["img", "K"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_batches_the_weight_bound_gemm_not_the_small_conv():
+    model = dense_then_conv()
+    emitted = jvp.build(model, strategy="auto")
+    ops = [n.op_type for n in emitted.graph.node]
+    assert ops.count("Gemm") == 1 and ops.count("Conv") == 2  # one Gemm over concat(x, ẋ); conv twice
+    assert {n.op_type for n in emitted.graph.node if "x" in n.input} >= {"Concat"}
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, 512)).astype(np.float32),
+             "x_dot": rng.standard_normal((1, 512)).astype(np.float32)}
+    auto = runtime.run(emitted, feeds)
+    twopass = runtime.run(jvp.build(model, strategy="twopass"), feeds)
+    for name in ("y", "y_dot"):
+        np.testing.assert_allclose(auto[name], twopass[name], rtol=1e-5, atol=1e-4)  # float32, summation order
+
+
+def test_auto_is_the_default_and_recorded():
+    emitted = jvp.build(dense_then_conv())
+    assert {p.key: p.value for p in emitted.metadata_props}["jacgraph.strategy"] == "auto"
+    onnx.checker.check_model(emitted, full_check=True)
