@@ -188,6 +188,14 @@ INDEXING_CASES = [
     Case("Resize", X4, ["x", "", "", "sizes"], attrs={"mode": "linear"}, consts={"hw": i64(7, 4)},
          extra_nodes=[helper.make_node("Shape", ["x"], ["s"], end=2), helper.make_node("Concat", ["s", "hw"], ["sizes"], axis=0)],
          covers=("Shape", "Concat"), id="resize-computed-sizes"),
+    # computed scales / roi: the reverse pass probes the interpolation matrices in the emitted graph
+    Case("Resize", X4, ["x", "", "sc"], attrs={"mode": "cubic"}, consts={"s0": np.array([1, 1, 2.0, 1.5], np.float32)},
+         extra_nodes=[helper.make_node("Identity", ["s0"], ["sc"])], covers=("Identity",), id="resize-computed-scales"),
+    Case("Resize", X4, ["x", "roi", "", "sz"], attrs={"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize",
+                                                    "extrapolation_value": 3.0},
+         consts={"r0": np.array([0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3]), "s0": i64(2, 3, 4, 7)},
+         extra_nodes=[helper.make_node("Identity", ["r0"], ["roi"]), helper.make_node("Identity", ["s0"], ["sz"])],
+         covers=("Identity",), id="resize-computed-crop-extrapolated"),
 ]
 
 CASES = [

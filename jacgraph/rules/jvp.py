@@ -278,7 +278,10 @@ def resize(b, node, t, *_):
     if b.K is not None and sizes:
         sizes = b.Concat(b.Mul(b.Slice(sizes, b.ints([0]), b.ints([1])), b.ints([b.K])),
                          b.Slice(sizes, b.ints([1]), b.ints([2**62])), axis=0)
-    return [batch_first(b, t, "Resize", roi or None, scales or None, sizes or None, **b.src.attrs(node))]
+    attrs = b.src.attrs(node)
+    if "extrapolation_value" in attrs:  # a constant fill outside the image: no tangent there
+        attrs["extrapolation_value"] = 0.0
+    return [batch_first(b, t, "Resize", roi or None, scales or None, sizes or None, **attrs)]
 
 
 @rule("Neg")

@@ -249,9 +249,12 @@ def resize(b, node, g, *_):
     axis, onnx's reference evaluator in float64), so every mode and coordinate transform is covered.
     """
     x = node.input[0]
-    for axis, matrix in _resize_matrices(b, node):
+    matrices = _resize_matrices(b, node)
+    if matrices is None:  # roi, scales or sizes computed: the same probes, run in the emitted graph
+        matrices = _resize_matrices_at_run_time(b, node)
+    for axis, matrix in matrices:
         rank = b.src.rank(x)
-        a = b.const(matrix.astype(b.src.np_dtype(x)), hint="resize_matrix")  # [m, n]
+        a = b.const(matrix.astype(b.src.np_dtype(x)), hint="resize_matrix") if isinstance(matrix, np.ndarray) else matrix
         if axis == rank - 1:
             g = b.MatMul(g, a)
         else:
@@ -261,7 +264,7 @@ def resize(b, node, g, *_):
 
 
 def _resize_matrices(b, node):
-    """[(axis, A [out, in])] for every axis the Resize changes."""
+    """[(axis, A [out, in])] for every axis the Resize changes; None when roi/scales/sizes are computed."""
     from ..reference import reference_session
 
     x, y = node.input[0], node.output[0]
@@ -274,9 +277,7 @@ def _resize_matrices(b, node):
     needed = [n and c is None and not (k == 0 and not crop) and not (k == 2 and static(ys))
               for k, (n, c) in enumerate(zip(inputs, consts))]
     if not (static(xs) and static(ys)) or any(needed):
-        what = ", ".join(w for w, miss in zip(("roi", "scales", "sizes"), needed) if miss) or "x and y shapes"
-        raise JacgraphError(f"Resize '{node.name}': the reverse pass needs static shapes and a constant {what} "
-                            "(its interpolation matrices are built at compile time); export with a fixed input size.")
+        return None
     if attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise JacgraphError(f"Resize '{node.name}': keep_aspect_ratio_policy other than 'stretch' is not supported.")
     rank = len(xs)
@@ -290,7 +291,7 @@ def _resize_matrices(b, node):
             full_scales[a] = float(scales[k])
     changed = [a for a in range(rank) if xs[a] != ys[a] or full_scales[a] != 1.0
                or (crop and (full_roi[a], full_roi[rank + a]) != (0.0, 1.0))]
-    probe_attrs = {k: v for k, v in attrs.items() if k != "axes"}
+    probe_attrs = _probe_attrs(attrs)
     out = []
     for a in changed:
         basis = next((j for j in range(rank) if j not in changed), None)
@@ -327,6 +328,49 @@ def _resize_matrices(b, node):
             raise JacgraphError(f"Resize '{node.name}': probing axis {a} gave {result.shape[1]} outputs, "
                                 f"shape inference says {m}.")
         out.append((a, result.T.copy()))
+    return out
+
+
+def _probe_attrs(attrs):
+    """The Resize's attributes for a probe over every axis, with no extrapolated constant (it is not linear in x)."""
+    probe = {k: v for k, v in attrs.items() if k != "axes"}
+    if "extrapolation_value" in probe:
+        probe["extrapolation_value"] = 0.0
+    return probe
+
+
+def _resize_matrices_at_run_time(b, node):
+    """[(axis, A [out, in] as a graph value)] when roi, scales or sizes are computed: the probe of
+    _resize_matrices emitted into the graph and fed the node's own inputs. Each resized axis is probed with
+    the identity laid along it and the next axis, whose scale is 1 (every mode maps a scale-1 axis to itself)."""
+    x = node.input[0]
+    xs, attrs = b.src.shape(x), b.src.attrs(node)
+    rank = len(xs or [])
+    if not static(xs) or rank < 2 or attrs.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise JacgraphError(f"Resize '{node.name}': with computed roi/scales/sizes the reverse pass needs a static "
+                            "input shape of rank >= 2 and keep_aspect_ratio_policy 'stretch'; export with a fixed size.")
+    roi, scales, sizes = (list(node.input[1:]) + ["", "", ""])[:3]
+    axes = [a % rank for a in (attrs.get("axes") or range(rank))]
+    crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+    entry = lambda v, i: b.Slice(v, b.ints([i]), b.ints([i + 1]))  # noqa: E731
+    out = []
+    for k, a in enumerate(axes):
+        c, n = (a + 1) % rank, xs[a]
+        eye = np.eye(n).reshape([n if i in (a, c) else 1 for i in range(rank)]).astype(b.src.np_dtype(x))
+        probe_roi = probe_scales = probe_sizes = None
+        if scales:
+            ones = b.const(np.ones(1, np.float32))
+            probe_scales = b.Concat(*[entry(scales, k) if i == a else ones for i in range(rank)], axis=0)
+        else:
+            probe_sizes = b.Concat(*[entry(sizes, k) if i == a else b.ints([n if i == c else 1]) for i in range(rank)], axis=0)
+        if crop and roi:
+            zero, one = (b.const(np.array([v], b.src.np_dtype(roi))) for v in (0.0, 1.0))
+            probe_roi = b.Concat(*[entry(roi, k) if i == a else zero for i in range(rank)],
+                                 *[entry(roi, len(axes) + k) if i == a else one for i in range(rank)], axis=0)
+        probe = b.op("Resize", b.const(eye, hint="resize_probe"), probe_roi, probe_scales, probe_sizes, **_probe_attrs(attrs))
+        others = [i for i in range(rank) if i not in (a, c)]
+        pair = b.Squeeze(probe, b.ints(others)) if others else probe  # [m, n] when a < c, else [n, m]
+        out.append((a, pair if a < c else b.Transpose(pair, perm=[1, 0])))
     return out
 
 
