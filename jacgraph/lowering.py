@@ -45,10 +45,10 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
         proto, changed = fix_input_shapes(proto, input_shapes), True
     keep = native_ops() if native is None else set(native)
     for _ in range(MAX_EXPANSION_DEPTH):
-        ops = expandable_ops(proto, keep)
-        if not ops:
+        nodes = expandable_nodes(proto, keep)
+        if not nodes:
             break
-        proto, changed = _expand(_inferred(proto), ops), True
+        proto, changed = _expand(_inferred(proto), nodes), True
     if any(n.op_type in RECURRENCES and n.domain in ("", "ai.onnx") for n in proto.graph.node):
         proto, changed = lower_recurrences(_inferred(proto)), True
     if changed:
@@ -72,15 +72,24 @@ def _schema(op_type, opset):
         return None
 
 
-def expandable_ops(proto, keep) -> set:
-    """Op types of the default domain with no rule in `keep` whose schema (at the model's opset) has a function body."""
+# Node forms a native rule does not cover, expanded although the op has a rule: LayerNormalization's rule
+# gives its Mean/InvStdDev outputs no tangent (JVP) or refuses them (VJP); its function body computes them.
+NATIVE_GAPS = {"LayerNormalization": lambda node: any(node.output[1:])}
+
+
+def expandable_nodes(proto, keep) -> list:
+    """Indices of default-domain nodes whose schema (at the model's opset) has a function body and whose op
+    has no rule in `keep` (or whose form its rule does not cover: NATIVE_GAPS)."""
     opset = opset_of(proto)
-    ops = {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")} - set(keep) - NEVER_EXPAND
-    found = set()
-    for op in ops:
-        schema = _schema(op, opset)
+    found = []
+    for index, node in enumerate(proto.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_EXPAND:
+            continue
+        if node.op_type in keep and not NATIVE_GAPS.get(node.op_type, lambda n: False)(node):
+            continue
+        schema = _schema(node.op_type, opset)
         if schema is not None and (schema.has_function or schema.has_context_dependent_function):
-            found.add(op)
+            found.append(index)
     return found
 
 
@@ -115,8 +124,8 @@ def _inline_local_functions(proto):
 EXPANDED_DOMAIN = "jacgraph.expanded"  # each expanded node becomes a call of its own local function, then inlined
 
 
-def _expand(proto, ops):
-    """Replace every node of the op types `ops` by its schema function body (fresh names, attributes resolved).
+def _expand(proto, nodes):
+    """Replace the nodes at indices `nodes` by their schema function bodies (fresh names, attributes resolved).
 
     The body is built per node (context-dependent functions depend on the input types and attributes, and
     onnx's schema inliner cannot type a skipped optional input), held as a model-local function and inlined.
@@ -127,7 +136,7 @@ def _expand(proto, ops):
     types = {vi.name: vi.type for vi in values}
     types.update((t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims))) for t in proto.graph.initializer)
     for index, node in enumerate(proto.graph.node):
-        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+        if index not in nodes:
             continue
         schema = _schema(node.op_type, opset)
         given = {a.name for a in node.attribute}  # a body reads omitted attributes by reference: the schema defaults

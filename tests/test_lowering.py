@@ -175,3 +175,32 @@ def test_attention_with_a_skipped_optional_input_and_a_kv_cache():
     directions = {k: rng.standard_normal(v.shape) for k, v in feeds64.items()}
     errors = check_jvp(m64, jacgraph.compile(m64, emit="jvp"), feeds64, directions)
     assert max(errors.values()) < FD_TOL, errors
+
+
+def test_layer_norm_with_mean_and_inv_std_outputs_expands():
+    """LayerNormalization keeps its native rule for Y alone; with Mean/InvStdDev used (NATIVE_GAPS) it is expanded,
+    and all three outputs get checked derivatives."""
+    rng = np.random.default_rng(0)
+    bias = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "bias")
+
+    def model(outputs):
+        node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], outputs, axis=1)
+        graph = helper.make_graph([node], "ln", [helper.make_tensor_value_info("x", F32, [2, 3, 4]),
+                                                 helper.make_tensor_value_info("scale", F32, [3, 4])],
+                                  [helper.make_tensor_value_info(o, F32, None) for o in outputs], [bias])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = runtime.max_ir_version()
+        return m
+
+    assert [n.op_type for n in SourceModel(model(["y"])).nodes] == ["LayerNormalization"]
+    full = model(["y", "mean", "inv_std"])
+    src = SourceModel(full)
+    assert "LayerNormalization" not in {n.op_type for n in src.nodes}
+    feeds = feeds_for(full, rng)
+    expected, got = runtime.run(runtime.session(full), feeds), runtime.run(runtime.session(src.proto), feeds)
+    assert all(relative_error(got[k], v) < FORWARD_TOL for k, v in expected.items())
+    m64 = to_float64(src.proto)
+    feeds64 = {k: v.astype(np.float64) for k, v in feeds.items()}
+    directions = {k: rng.standard_normal(v.shape) for k, v in feeds64.items()}
+    errors = check_jvp(m64, jacgraph.compile(m64, emit="jvp"), feeds64, directions)
+    assert set(errors) == {"y", "mean", "inv_std"} and max(errors.values()) < FD_TOL, errors
