@@ -36,6 +36,7 @@ from test_rules_jvp import CASES, case_id
 from test_rules_transpose import EXTRA, reference
 
 torch = pytest.importorskip("torch")
+from examples.bench_hvp import CNN, MLP, Block  # noqa: E402  (the models the benchmark times)
 
 TOL = 1e-6      # against central differences (see the module docstring)
 H = 1e-6
@@ -44,48 +45,6 @@ ORT_TOL = 1e-3
 
 
 # ---- exported models ----------------------------------------------------------------------------
-
-class MLP(torch.nn.Module):
-    def __init__(self, scalar=False):
-        super().__init__()
-        self.scalar = scalar
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.GELU(),
-                                       torch.nn.Linear(8, 3), torch.nn.Softplus())
-
-    def forward(self, x):
-        y = self.net(x)
-        return (y * y).sum() if self.scalar else y
-
-
-class CNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
-        self.head = torch.nn.Linear(6 * 2 * 2, 5)
-
-    def forward(self, x):
-        h = torch.nn.functional.max_pool2d(torch.nn.functional.silu(self.c1(x)), 2)
-        h = torch.tanh(self.c2(h))
-        return torch.nn.functional.log_softmax(self.head(h.flatten(1)), dim=-1)
-
-
-class Block(torch.nn.Module):
-    """Pre-norm attention + GELU MLP, with residuals (a transformer layer, one head)."""
-
-    def __init__(self, d=8, scalar=False):
-        super().__init__()
-        self.scalar = scalar
-        self.n1, self.n2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
-
-    def forward(self, x):
-        h = self.n1(x)
-        scores = self.q(h) @ self.k(h).transpose(-1, -2) / h.shape[-1] ** 0.5
-        x = x + self.o(torch.softmax(scores, dim=-1) @ self.v(h))
-        y = x + self.mlp(self.n2(x))
-        return (y * y).mean() if self.scalar else y
-
 
 MODELS = {  # name -> (module, input shape)
     "mlp": (lambda: MLP(), (2, 6)),
