@@ -455,6 +455,10 @@ def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, ex
     if method not in ("autolip", "seqlip", "lipsdp", "all"):
         raise JacgraphError(f"--method {method!r} is not known; use autolip, seqlip, lipsdp or all.")
     src = model if isinstance(model, SourceModel) else SourceModel(model)
+    from jacgraph import layers
+
+    if not layers.is_chain(src):
+        return analyze_graph(src, method, input_shape)
     stages = lower(src, input_shape)
     report = Report()
     slopes = [max_slope(s.activation, s.act_attrs) for s in stages]
@@ -494,6 +498,94 @@ def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, ex
         report.seqlip = result
     if method in ("lipsdp", "all"):
         report.lipsdp = run_lipsdp(stages, slopes[-1], explicit=method == "lipsdp")
+    return report
+
+
+# ---- AutoLip over a DAG (residual joins, concat, pooling, max selections) ----------------------------
+
+def sparse_bound(M) -> tuple:
+    """(certified bound on ||M||_2, how) for a scipy sparse matrix: Gram iteration on the dense matrix
+    when it fits, else sqrt(||M||_1 ||M||_inf) (Hoelder; exact for selections and averages)."""
+    M = M.tocsr()
+    absM = abs(M)
+    col, row = np.asarray(absM.sum(axis=0)).ravel(), np.asarray(absM.sum(axis=1)).ravel()
+    holder = math.sqrt(float(col.max(initial=0)) * float(row.max(initial=0)))
+    if M.shape[0] * M.shape[1] <= DENSE_LIMIT:
+        return min((gram_bound(M.toarray()), "gram"), (holder * (1 + 4 * EPS * max(M.shape)), "hoelder"))
+    return holder * (1 + 4 * EPS * max(M.shape)), "hoelder"
+
+
+def _norm_estimate(M) -> float:
+    """||M||_2 by a Lanczos SVD (an estimate from below, not a bound)."""
+    from scipy.sparse.linalg import svds
+
+    if min(M.shape) < 3:
+        return float(np.linalg.norm(M.toarray(), 2))
+    return float(svds(M.astype(np.float64), k=1, return_singular_vectors=False, random_state=0)[0])
+
+
+def _max_overlap(windows) -> int:
+    """The largest number of windows any input belongs to (each window's members counted once)."""
+    counts = np.zeros(int(windows.max()) + 1, np.int64)
+    for row in windows:
+        counts[np.unique(row)] += 1
+    return int(counts.max())
+
+
+def graph_lipschitz(graph) -> dict:
+    """Per node k, a bound L_k on the l2 Lipschitz constant of x -> node_k(x) (and an estimate E_k):
+
+      linear node   sum_j ||M_kj|| L_j, or ||[M_k1 .. M_kJ]|| sqrt(sum_j L_j^2) when smaller
+                    (||sum_j M_j d_j|| <= ||[M_j]|| ||stacked d||, ||stacked d||^2 = sum_j ||d_j||^2)
+      activation    max |sigma'| L_j
+      max node      sqrt(c) L_j, c the largest number of windows one input is in
+                    (sum_o max_{i in W_o} d_i^2 <= sum_o sum_{i in W_o} d_i^2 <= c ||d||^2).
+    A residual block h + f(h) is one linear node whose inputs are h and f's last activation, so its
+    identity and f's matrix are bounded jointly where they are one operator."""
+    import scipy.sparse as sp
+
+    L, E, layers_ = [1.0], [1.0], []
+    for k, node in enumerate(graph.nodes[1:], start=1):
+        j = node.inputs[0] if node.inputs else None
+        if node.kind == "act":
+            slope = max_slope(node.activation, node.act_attrs)
+            L.append(slope * L[j])
+            E.append(slope * E[j])
+        elif node.kind == "max":
+            c = math.sqrt(_max_overlap(node.windows))
+            L.append(c * L[j])
+            E.append(E[j])  # no estimate from below beyond the input's
+        else:
+            t0 = time.perf_counter()
+            parts = [sparse_bound(M) for M in node.mats]
+            total = sum(b_ * L[i] for (b_, _), i in zip(parts, node.inputs))
+            estimate = sum(_norm_estimate(M) * E[i] for M, i in zip(node.mats, node.inputs))
+            if len(node.mats) > 1:
+                joint, how = sparse_bound(sp.hstack(node.mats))
+                total = min(total, joint * math.sqrt(sum(L[i] ** 2 for i in node.inputs)))
+            L.append(total)
+            E.append(min(estimate, total))
+            layers_.append({"layer": k, "op": "linear" if len(parts) == 1 else f"join of {len(parts)}",
+                            "in": [graph.nodes[i].n for i in node.inputs], "out": [node.n],
+                            "activation": None, "norm_estimate": max(_norm_estimate(M) for M in node.mats),
+                            "iterations": 0, "bound": max(parts)[0], "bound_method": max(parts)[1],
+                            "power_seconds": 0.0, "bound_seconds": time.perf_counter() - t0})
+    return {"bound": L[-1], "estimate": E[-1], "layers": layers_}
+
+
+def analyze_graph(src, method, input_shape) -> Report:
+    """AutoLip for a model that is not a chain; SeqLip and LipSDP need a chain of dense layers."""
+    from jacgraph import layers
+
+    if method in ("seqlip", "lipsdp"):
+        raise JacgraphError(f"--method {method} needs a plain chain of layers; this model has residual joins, "
+                            "concatenation or pooling. Use --method autolip (it bounds any such DAG).")
+    t0 = time.perf_counter()
+    result = graph_lipschitz(layers.lower_graph(src, tuple(input_shape) if input_shape else None))
+    report = Report(layers=result.pop("layers"))
+    report.autolip = {**result, "seconds": time.perf_counter() - t0}
+    if method == "all":
+        report.lipsdp = {"skipped": "LipSDP and SeqLip need a plain chain of layers; this model is a DAG"}
     return report
 
 
