@@ -6,11 +6,12 @@
 3. expands every op that has no native rule but whose schema defines a function body (Attention,
    RMSNormalization, GroupNormalization, RotaryEmbedding, Mish, SoftmaxCrossEntropyLoss, ...), nested
    bodies included; an op with a native rule keeps it (native rules are faster and the CPA fast path
-   reads them), so the tables are read at run time,
+   reads them), so the tables are read at run time; NATIVE_GAPS lists node forms a rule does not cover.
+   Only top-level nodes: function ops and recurrences inside If/Loop/Scan bodies are left as they are,
 4. lowers RNN, GRU and LSTM to MatMul/Add/activation ops, unrolled over a static sequence length up to
    UNROLL_MAX steps, else a Scan over time (dynamic lengths; the control-flow rules differentiate it),
 5. folds shape arithmetic whose value is fixed (Shape of a static tensor, integer ops on constants) into
-   initializers, so Reshape targets computed from Shape -> Slice -> Concat become constants.
+   Constant nodes, so Reshape targets computed from Shape -> Slice -> Concat become constants.
 Parameters (float initializers) are never folded: a VJP with respect to them must still see them.
 
 `fill_unknown_ranks(proto)`: where ONNX shape inference leaves a rank unknown, onnxruntime's symbolic
