@@ -52,17 +52,21 @@ def feeds_for(model: onnx.ModelProto, seed=0) -> dict:
     return {k: v.astype(src.np_dtype(k)) if src.is_float(k) else v for k, v in random_feeds(src, rng).items()}
 
 
-def time_calls(calls: dict, runs: int, warmup: int = 3) -> dict:
-    """Median milliseconds of each zero-argument call, runs interleaved so machine noise hits all alike."""
+def time_calls(calls: dict, runs: int, warmup: int = 3, clock=time.perf_counter) -> dict:
+    """Median milliseconds of each zero-argument call, runs interleaved so machine noise hits all alike.
+
+    clock=time.thread_time counts only this thread's CPU time: on a shared machine that leaves out the
+    time other processes hold the core, valid when every call runs in the calling thread (onnxruntime
+    and PyTorch with one intra-op thread)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times = {k: [] for k in calls}
     for _ in range(runs):
         for k, call in calls.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             call()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: float(np.median(t)) * 1e3 for k, t in times.items()}
 
 
