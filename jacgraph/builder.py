@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import JacgraphError
+from .errors import JacgraphError, internal_error
 from .model import SourceModel, Subgraph, subgraph_names
 
 def _min_inputs(op_type, opset, domain) -> int:
@@ -40,6 +41,8 @@ class Builder:
         self._counter = itertools.count()
         self._consts: dict[tuple, str] = {}
         self.root = self  # constants live in the top-level graph; a child Builder for a body shares them
+        self.source = None  # the source node whose rule is running (passes set it)
+        self.origin: dict = {}  # emitted node name -> that source node
 
     # ---- names --------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -57,8 +60,21 @@ class Builder:
         while len(inputs) > required and inputs[-1] == "":  # an omitted trailing optional input is left off: the
             inputs.pop()                    # slot may not exist at the model's opset (Pad's axes before 18: Swin)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.fresh(f"jg_{op_type}"), domain=domain, **attrs))
+        name = self.fresh(f"jg_{op_type}")
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        self.origin[name] = self.source  # the source node whose rule emitted it (named in internal errors)
         return outputs[0] if n_out == 1 else outputs
+
+    def apply(self, rule, node, *states):
+        """rule(self, node, *states), remembering `node` as the source of what it emits; an exception that is
+        not a JacgraphError (a bug in the rule or a library) becomes the one-paragraph error naming the node."""
+        self.source = node
+        try:
+            return rule(self, node, *states)
+        except JacgraphError:
+            raise
+        except Exception as e:
+            raise internal_error("a rule raised an unexpected exception", e, node) from None
 
     def identity_as(self, value: str, name: str) -> str:
         """Emit Identity(value) under a given name (a graph output, or a body value rules read by name)."""
@@ -168,5 +184,11 @@ class Builder:
         model.ir_version = min(onnx.IR_VERSION, max_ir_version())
         model.functions.extend(self.src.proto.functions)
         helper.set_model_props(model, {k: str(v) for k, v in (metadata or {}).items()})
-        onnx.checker.check_model(model, full_check=True)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:  # a rule emitted an invalid node: name the source node it was emitted for
+            found = re.search(r"[Nn]ode name: ([^\s)]+)|Node\(([^)]+)\)|Name: (\S+)", str(e))
+            emitted = next((g for g in found.groups() if g), None) if found else None
+            raise internal_error(f"the emitted graph fails onnx.checker at node {emitted or '?'}", e,
+                                 self.origin.get(emitted)) from None
         return model

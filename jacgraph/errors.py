@@ -14,3 +14,13 @@ class NeedsOpset(JacgraphError):
         super().__init__(f"{what} needs opset {opset}; the model has opset {have}. jacgraph.compile (and the CLI) "
                          f"upgrade the model to opset {opset} first; a direct pass call needs the model re-exported "
                          f"with opset_version >= {opset}.")
+
+
+def internal_error(what: str, error: Exception, node=None) -> JacgraphError:
+    """A failure inside jacgraph or a library it drives (a rule, onnx.checker, onnxruntime), said in one paragraph
+    that names the source node: the library's own multi-line report is cut to its first informative sentence."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.strip().startswith("==>")]
+    detail = (lines[0] if lines else type(error).__name__)[:240]
+    where = f" while differentiating {node.op_type} node '{node.name or node.output[0]}'" if node is not None else ""
+    return JacgraphError(f"jacgraph failed{where}: {what} ({type(error).__name__}: {detail}). This is a bug in "
+                         "jacgraph, not in your model: please report it with the model attached.")

@@ -94,7 +94,21 @@ def session(model, threads: int | None = None, optimize: bool = True, provider: 
             return _session_from_files(ort, model, opts, list(chosen))
         return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(chosen))
     except Exception as e:
-        raise JacgraphError(f"onnxruntime could not load the model: {str(e).strip().splitlines()[0]}") from None
+        raise ort_error("could not load the model", e, model) from None
+
+
+def ort_error(what: str, error: Exception, model=None) -> JacgraphError:
+    """An onnxruntime failure as one paragraph naming the node it reports (its status prefix and dumps cut)."""
+    import re
+
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    found = re.search(r"node with name '([^']+)'|Node \(([^)]+)\)|node name: ([^\s)]+)", text)
+    name = next((g for g in found.groups() if g), None) if found else None
+    op = next((n.op_type for n in (model.graph.node if model is not None else []) if n.name == name), None)
+    where = f" at {op + ' ' if op else ''}node '{name}'" if name else ""
+    return JacgraphError(f"onnxruntime {what}{where}: {text[:300]}. If jacgraph emitted this model, this is a bug in "
+                         "jacgraph: please report it with the source model attached.")
 
 
 PROTOBUF_LIMIT = (2 << 30) - 1  # bytes of one serialized protobuf message
@@ -117,4 +131,9 @@ def run(model_or_session, feeds: dict, outputs=None) -> dict:
     """Run once; returns {output name: numpy array}."""
     sess = model_or_session if hasattr(model_or_session, "run") else session(model_or_session)
     names = outputs or [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})))
+    try:
+        values = sess.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+    except Exception as e:
+        model = model_or_session if isinstance(model_or_session, onnx.ModelProto) else None
+        raise ort_error("failed while running the model", e, model) from None
+    return dict(zip(names, values))

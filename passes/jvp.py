@@ -49,10 +49,10 @@ def differentiate(b, env):
             continue
         outs = NotImplemented
         if node.op_type in BATCHED and (strategy == "batched" or strategy == "auto" and weight_bound(b.src, node)):
-            outs = BATCHED[node.op_type](b, node, *tangents_in)
+            outs = b.apply(BATCHED[node.op_type], node, *tangents_in)
         if outs is NotImplemented:
             b.copy(node)
-            outs = JVP[node.op_type](b, node, *tangents_in)
+            outs = b.apply(JVP[node.op_type], node, *tangents_in)
         env.update((name, t) for name, t in zip(node.output, outs) if name)
 
 

@@ -57,7 +57,7 @@ def sweep(b, nodes, cts):
         out_cts = [summed_cotangent(b, cts, o) if o else None for o in node.output]
         if all(c is None for c in out_cts):
             continue
-        in_cts = VJP[node.op_type](b, node, *out_cts)
+        in_cts = b.apply(VJP[node.op_type], node, *out_cts)
         for name, ct in zip(node_inputs(node), in_cts):
             if name and ct is not None and name in b.active and b.src.is_float(name):
                 cts.setdefault(name, []).append(ct)
