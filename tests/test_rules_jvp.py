@@ -403,6 +403,8 @@ CASES = [
     Case("LayerNormalization", {"x": (2, 3, 4), "scale": (3, 4), "bias": (3, 4)}, ["x", "scale", "bias"], attrs={"axis": 1},
          id="layernorm-all-active"),
     Case("InstanceNormalization", X4, ["x", "scale", "bias"], consts={"scale": f64(3), "bias": f64(3)}),
+    Case("InstanceNormalization", {"x": (2, 3, 4, 5), "scale": (3,), "bias": (3,)}, ["x", "scale", "bias"],
+         attrs={"epsilon": 1e-3}, id="instancenorm-all-active"),
     *CONTROL_FLOW_CASES,
     *INDEXING_CASES,
 ]

@@ -395,10 +395,15 @@ def conv(b, node, tx, tw=None, tbias=None):
              None if tw is None else b.op(node.op_type, node.input[0], tw, **attrs)]
     out = add_all(b, terms)
     if tbias is not None:
-        rank, k = b.src.rank(node.output[0]), lead(b)
-        axes = [1] * k + list(range(1 + 2 * k, rank - 1 + 2 * k))  # [C] -> [C, 1..]; [K, C] -> [K, 1, C, 1..]
-        out = add_all(b, [out, b.Unsqueeze(tbias, b.ints(axes))])
+        out = add_all(b, [out, per_channel(b, tbias, b.src.rank(node.output[0]))])
     return [out]
+
+
+def per_channel(b, t, rank):
+    """A per-channel tangent ([C], or [K, C] stacked) shaped to broadcast against [(K,) N, C, *spatial] of `rank`
+    source axes: [C] -> [C, 1..]; [K, C] -> [K, 1, C, 1..]."""
+    k = lead(b)
+    return b.Unsqueeze(t, b.ints([1] * k + list(range(1 + 2 * k, rank - 1 + 2 * k))))
 
 
 @rule("BatchNormalization")
@@ -819,9 +824,7 @@ def layer_norm(b, node, t, tscale=None, tbias=None):
 
 @rule("InstanceNormalization")
 def instance_norm(b, node, t, tscale=None, tbias=None):
-    """Per (sample, channel) over spatial axes: ẏ = γ/σ·(ẋ - mean(ẋ) - x̂·mean(x̂·ẋ))."""
-    if tscale is not None or tbias is not None:
-        raise JacgraphError(f"InstanceNormalization '{node.name}': tangents on scale/bias are not supported.")
+    """Per (sample, channel) over spatial axes: ẏ = γ/σ·(ẋ - mean(ẋ) - x̂·mean(x̂·ẋ)) + x̂·γ̇ + β̇."""
     x, scale = node.input[0], node.input[1]
     rank = b.src.rank(x)
     axes = list(range(2, rank))
@@ -830,10 +833,14 @@ def instance_norm(b, node, t, tscale=None, tbias=None):
     var = b.reduce("ReduceMean", b.Mul(centred, centred), axes)
     inv_std = b.Reciprocal(b.Sqrt(b.Add(var, s(b, b.src.attrs(node)["epsilon"], x))))
     x_hat = b.Mul(centred, inv_std)
-    t_mean = tangent_reduce(b, "ReduceMean", t, axes, rank, 1)
-    proj = tangent_reduce(b, "ReduceMean", b.Mul(t, x_hat), axes, rank, 1)
-    gamma = b.Unsqueeze(scale, b.ints(range(1, rank - 1)))
-    return [b.Mul(b.Sub(b.Sub(t, t_mean), b.Mul(x_hat, proj)), b.Mul(inv_std, gamma))]
+    terms = [None if tscale is None else b.Mul(per_channel(b, tscale, rank), x_hat),
+             None if tbias is None else per_channel(b, tbias, rank)]
+    if t is not None:
+        t_mean = tangent_reduce(b, "ReduceMean", t, axes, rank, 1)
+        proj = tangent_reduce(b, "ReduceMean", b.Mul(t, x_hat), axes, rank, 1)
+        gamma = b.Unsqueeze(scale, b.ints(range(1, rank - 1)))
+        terms.append(b.Mul(b.Sub(b.Sub(t, t_mean), b.Mul(x_hat, proj)), b.Mul(inv_std, gamma)))
+    return [add_all(b, terms)]
 
 
 # ---- batched strategy: primal and tangent through one call of the linear op ----------------------
