@@ -188,6 +188,8 @@ INDEXING_CASES = [
     Case("Resize", X4, ["x", "", "", "sizes"], attrs={"mode": "linear"}, consts={"hw": i64(7, 4)},
          extra_nodes=[helper.make_node("Shape", ["x"], ["s"], end=2), helper.make_node("Concat", ["s", "hw"], ["sizes"], axis=0)],
          covers=("Shape", "Concat"), id="resize-computed-sizes"),
+    Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [3, 3], "strides": [1, 2], "storage_order": 1}, n_out=2,
+         id="maxpool-storage-order-1"),  # column-major Indices: the rules read a row-major copy's
     # computed scales / roi: the reverse pass probes the interpolation matrices in the emitted graph
     Case("Resize", X4, ["x", "", "sc"], attrs={"mode": "cubic"}, consts={"s0": np.array([1, 1, 2.0, 1.5], np.float32)},
          extra_nodes=[helper.make_node("Identity", ["s0"], ["sc"])], covers=("Identity",), id="resize-computed-scales"),

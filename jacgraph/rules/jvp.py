@@ -565,8 +565,6 @@ def max_pool(b, node, t):
     _max_pool_unfolded. Measured per architecture in docs/benchmarks/speed.md.
     """
     attrs = b.src.attrs(node)
-    if attrs.get("storage_order", 0):
-        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
     geometry = window_geometry(b.src, node)
     x, y = node.input[0], node.output[0]
     has_indices = len(node.output) > 1 and node.output[1]  # the source pays for the Indices kernel anyway
@@ -574,7 +572,7 @@ def max_pool(b, node, t):
     # dynamic shapes, or a ceil_mode window count that ONNX shape inference and onnxruntime disagree on:
     # onnxruntime's own argmax
     if counts is None or counts != geometry.out_spatial or has_indices:
-        indices = b.extra_output(node, 1, f"{y}_argmax")
+        indices = row_major_argmax(b, node)
         flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
         return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
     spans = [dil * (k - 1) + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
@@ -1140,3 +1138,12 @@ def explicit_einsum(b, node):
         counts = Counter("".join(subs))
         rhs = ellipsis + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ellipsis))
     return subs, rhs.replace("...", ellipsis)
+
+
+def row_major_argmax(b, node):
+    """A MaxPool's Indices in row-major order (the flat positions its JVP and VJP read): its own Indices output,
+    or, under storage_order=1 (column-major Indices), those of a row-major copy of the pool."""
+    attrs = b.src.attrs(node)
+    if not attrs.get("storage_order", 0):
+        return b.extra_output(node, 1, f"{node.output[0]}_argmax")
+    return b.op("MaxPool", node.input[0], n_out=2, **{**attrs, "storage_order": 0})[1]

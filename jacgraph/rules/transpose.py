@@ -690,9 +690,7 @@ def global_average_pool(b, node, g):
 def max_pool(b, node, g, *_):
     """x̄ = ḡ scatter-added at the argmax MaxPool reports (ties: the first maximum, as the JVP rule)."""
     x = node.input[0]
-    if b.src.attrs(node).get("storage_order", 0):
-        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order (the default).")
-    indices = b.extra_output(node, 1, f"{node.output[0]}_argmax")
+    indices = row_major_argmax(b, node)
     return [scatter_add(b, x, indices, g, unique=window_geometry(b.src, node).disjoint)]
 
 
@@ -841,8 +839,8 @@ def cast(b, node, g):
 # The transposes of the flat-position rules in jacgraph.rules.jvp: a gather's transpose scatters
 # (adds where positions repeat), a scatter's transpose gathers.
 
-from .jvp import (explicit_einsum, flat_positions, lp_slope, moved_positions, scatter_parts,  # noqa: E402
-                  scatter_where, unpooled_shape)
+from .jvp import (explicit_einsum, flat_positions, lp_slope, moved_positions, row_major_argmax,  # noqa: E402
+                  scatter_parts, scatter_where, unpooled_shape)
 
 def _flat(b, v):
     return b.Reshape(v, b.ints([-1]))
