@@ -68,14 +68,18 @@ def if_model():
 
 def loop_body(dynamic):
     """s_out = tanh(s_in @ W + x), k_out = k_in + 1 (an integer counter), scan output s_out * s_in.
-    dynamic: cond_out = sum(s_out²) < limit (a data-dependent stop)."""
+    dynamic: cond_out = sum(s_out²)·(it + 1) < limit (a data-dependent stop); "while": and it < 20."""
     nodes = [h.make_node("MatMul", ["s_in", "W"], ["m"]), h.make_node("Add", ["m", "x"], ["a"]),
              h.make_node("Tanh", ["a"], ["s_out"]), h.make_node("Add", ["k_in", "one"], ["k_out"]),
              h.make_node("Mul", ["s_out", "s_in"], ["scan"])]
     if dynamic:
         nodes += [h.make_node("Mul", ["s_out", "s_out"], ["sq"]), h.make_node("ReduceSum", ["sq"], ["ss"], keepdims=0),
-                  h.make_node("Less", ["ss", "limit"], ["c_out"])]
-    else:
+                  h.make_node("Cast", ["it"], ["fit"], to=D), h.make_node("Add", ["fit", "oned"], ["steps"]),
+                  h.make_node("Mul", ["ss", "steps"], ["score"]),
+                  h.make_node("Less", ["score", "limit"], ["c_out" if dynamic != "while" else "below"])]
+    if dynamic == "while":  # no trip count: the body itself stops after 20 steps at most
+        nodes += [h.make_node("Less", ["it", "twenty"], ["early"]), h.make_node("And", ["below", "early"], ["c_out"])]
+    elif not dynamic:
         nodes.append(h.make_node("Identity", ["c_in"], ["c_out"]))
     return h.make_graph(nodes, "body", [vi("it", T.INT64, []), vi("c_in", T.BOOL, []), vi("s_in", D, [3]),
                                         vi("k_in", T.INT64, [])],
@@ -83,11 +87,15 @@ def loop_body(dynamic):
 
 
 def loop_model(dynamic=False, start="s0"):
+    """dynamic: the trip count M is an input and the body's cond stops early; "while": no M at all."""
     inputs = [vi("x", D, [3])] + ([vi("s0", D, [3])] if start == "s0" else [])
-    inputs += [vi("M", T.INT64, []), vi("limit", D, [])] if dynamic else []
-    inits = [init("W", W), init("one", np.int64(1)), init("k0", np.int64(0)), init("true", np.array(True))]
+    inputs += [vi("M", T.INT64, []), vi("limit", D, [])] if dynamic is True else []
+    inputs += [vi("limit", D, [])] if dynamic == "while" else []
+    inits = [init("W", W), init("one", np.int64(1)), init("k0", np.int64(0)), init("true", np.array(True)),
+             init("twenty", np.int64(20)), init("oned", np.array(1.0))]
     inits += [] if dynamic else [init("M", np.int64(4))]
-    return model([h.make_node("Loop", ["M", "true", start, "k0"], ["s", "k", "ys"], body=loop_body(dynamic))], inputs,
+    trips = "" if dynamic == "while" else "M"
+    return model([h.make_node("Loop", [trips, "true", start, "k0"], ["s", "k", "ys"], body=loop_body(dynamic))], inputs,
                  [vi("s", D, [3]), vi("k", T.INT64, []), vi("ys", D, ["T", 3])], inits)
 
 
@@ -147,9 +155,10 @@ def feeds_for(name, rng):
         "if-else": (if_model, {**x, "c": np.array(False)}),
         "loop-fixed": (loop_model, {**x, "s0": rng.standard_normal(3)}),
         "loop-state-is-capture": (lambda: loop_model(start="x"), x),
-        # a data-dependent stop: sum(s²) < 1.5 ends these after 2 of at most 10 steps
+        # a data-dependent stop: sum(s²)·(it + 1) < 6 ends these after a few of at most 10 (20) steps
         "loop-dynamic": (lambda: loop_model(True), {**x, "s0": rng.standard_normal(3), "M": np.array(10, np.int64),
-                                                    "limit": np.array(1.5)}),
+                                                    "limit": np.array(6.0)}),
+        "loop-while": (lambda: loop_model("while"), {**x, "s0": rng.standard_normal(3), "limit": np.array(6.0)}),
         "loop-zero-trips": (lambda: loop_model(True), {**x, "s0": rng.standard_normal(3), "M": np.array(0, np.int64),
                                                        "limit": np.array(1.5)}),
         "scan": (scan_model, scan),
@@ -159,7 +168,7 @@ def feeds_for(name, rng):
     }[name]
 
 
-NAMES = ["if-then", "if-else", "loop-fixed", "loop-state-is-capture", "loop-dynamic", "loop-zero-trips", "scan",
+NAMES = ["if-then", "if-else", "loop-fixed", "loop-state-is-capture", "loop-dynamic", "loop-while", "loop-zero-trips", "scan",
          "loop-in-if-then", "loop-in-if-else", "scan-in-loop"]
 
 
@@ -308,19 +317,22 @@ def test_gradient_of_captured_parameter(name):
 
 
 def test_reverse_sweep_replays_the_dynamic_trip_count():
-    """The forward Loop stores one row per executed iteration; the reverse Scan runs over exactly those."""
+    """The forward Loop stores one row per executed iteration; the reverse Loop runs over exactly those."""
     rng = np.random.default_rng(3)
     _, feeds = feeds_for("loop-dynamic", rng)
-    emitted = vjp.build(loop_model(True), inputs=["x", "s0"])
+    m = loop_model(True)
+    trips = Float64Session(m)(feeds)["ys"].shape[0]
+    assert 1 < trips < 10  # the cond stopped the loop after some steps, before M = 10
+    emitted = vjp.build(m, inputs=["x", "s0"])
     loop = next(n for n in emitted.graph.node if n.op_type == "Loop")
     stored = next(o for o in loop.output if o.startswith("s_in_stored"))  # s_in of every iteration
     probe = onnx.ModelProto()
     probe.CopyFrom(emitted)
     probe.graph.output.append(vi(stored, D, None))
     p = props(emitted)
-    out = Float64Session(probe)({**feeds, **{bar: np.ones(3) if y == "s" else np.ones((2, 3))
+    out = Float64Session(probe)({**feeds, **{bar: np.ones(3) if y == "s" else np.ones((trips, 3))
                                              for y, bar in p["jacgraph.cotangent_inputs"]}})
-    assert out[stored].shape[0] == out["ys"].shape[0] < 10  # the cond stopped the loop before M = 10
+    assert out[stored].shape[0] == trips
 
 
 # ---- errors and exports ---------------------------------------------------------------------------
