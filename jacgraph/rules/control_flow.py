@@ -47,8 +47,10 @@ def _set_attr(node, name, value):
 
 
 def _is_tensor(src, name):
-    t = src._types.get(name)
-    return t is not None and t.HasField("tensor_type") and bool(t.tensor_type.elem_type)
+    try:
+        return bool(src.dtype(name))
+    except JacgraphError:  # a sequence or optional value, or no type at all
+        return False
 
 
 def _type(src, name, leading=()):
@@ -100,6 +102,12 @@ def _check_rules(child, table, live, node):
     missing = table.missing(child.src, sorted(live))
     if missing:
         raise unsupported_error(missing, f"{table.what} (inside {node.op_type} '{node.name or node.output[0]}')")
+
+
+def _tangent_in(child, env, name):
+    """A fresh body input carrying the tangent of body value `name` (entered into `env`)."""
+    env[name] = child.fresh(f"{name}_dot")
+    child.inputs.append(_value_info(child.src, name, env[name], [child.K] if child.K else []))
 
 
 def _tangent_out(child, env, name):
@@ -188,8 +196,7 @@ def loop_jvp(b, node, *tangents):
 
     child.inputs.extend(g.input)
     for k in active:
-        env[state_in[k]] = child.fresh(f"{state_in[k]}_dot")
-        child.inputs.append(_value_info(child.src, state_in[k], env[state_in[k]], K))
+        _tangent_in(child, env, state_in[k])
     differentiate(child, env)
     child.outputs.extend(g.output[:1 + n_state])
     for k in active:
@@ -251,13 +258,10 @@ def scan_jvp(b, node, *tangents):
 
     child.inputs.extend(g.input[:n_state])
     for k in active:
-        env[g.input[k].name] = child.fresh(f"{g.input[k].name}_dot")
-        child.inputs.append(_value_info(child.src, g.input[k].name, env[g.input[k].name], K))
+        _tangent_in(child, env, g.input[k].name)
     child.inputs.extend(g.input[n_state:])
     for m in moving:
-        x = g.input[n_state + m].name
-        env[x] = child.fresh(f"{x}_dot")
-        child.inputs.append(_value_info(child.src, x, env[x], K))
+        _tangent_in(child, env, g.input[n_state + m].name)
     differentiate(child, env)
     child.outputs.extend(g.output[:n_state])
     for k in active:
@@ -402,7 +406,7 @@ def _check_storable(b, node, body_src, state):
     """The reverse sweep stacks each iteration's state into one tensor: every carried value must be a tensor
     whose shape stays the same from one iteration to the next."""
     where = f"{node.op_type} '{node.name or node.output[0]}'"
-    for body_in, body_out, position, _ in state:
+    for body_in, _, position, _ in state:
         start = node_inputs(node)[position]
         if not _is_tensor(b.src, start):
             raise JacgraphError(
