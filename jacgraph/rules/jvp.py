@@ -1147,3 +1147,15 @@ def row_major_argmax(b, node):
     if not attrs.get("storage_order", 0):
         return b.extra_output(node, 1, f"{node.output[0]}_argmax")
     return b.op("MaxPool", node.input[0], n_out=2, **{**attrs, "storage_order": 0})[1]
+
+
+@rule("DequantizeLinear")
+def dequantize_linear(b, node, _, t_scale, *__):
+    """y = (x - zero_point)·scale is linear in the scale (x and zero_point are integers): ẏ = the op with ṡ as scale;
+    K stacked scale tangents run as K copies (the op takes one scale tensor)."""
+    x, rest, attrs = node.input[0], node.input[2:], b.src.attrs(node)
+    if b.K is None:
+        return [b.op("DequantizeLinear", x, t_scale, *rest, **attrs)]
+    copies = [b.Unsqueeze(b.op("DequantizeLinear", x, b.Gather(t_scale, b.const(np.int64(k)), axis=0), *rest, **attrs),
+                          b.ints([0])) for k in range(b.K)]
+    return [b.Concat(*copies, axis=0)]

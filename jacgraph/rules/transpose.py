@@ -1063,3 +1063,25 @@ def tensor_scatter(b, node, g):
         moved = b.ScatterElements(spare, slot, _flat(b, g), axis=0)
         update_bar = b.Reshape(b.Slice(moved, b.ints([0]), b.Reshape(size, b.ints([1]))), b.Shape(update))
     return pad_none([cache_bar, update_bar], node)
+
+
+@rule("DequantizeLinear")
+def dequantize_linear(b, node, g):
+    """s̄ = Σ ḡ·(x - zero_point) over the elements each scale entry multiplies (all, per axis, or per block)."""
+    x, scale = node.input[0], node.input[1]
+    if not need(b, scale):
+        return pad_none([], node)
+    attrs, rank = b.src.attrs(node), b.src.rank(x)
+    ones = b.Add(b.Mul(scale, s(b, 0.0, scale)), s(b, 1.0, scale))
+    spread = b.Mul(g, b.op("DequantizeLinear", x, ones, *node.input[2:], **attrs))  # ḡ·(x - zero_point)
+    scale_rank, axis, block = b.src.rank(scale), attrs.get("axis", 1) % max(rank, 1), attrs.get("block_size", 0)
+    if scale_rank == 0 or (scale_rank == 1 and b.src.shape(scale)[0] == 1 and not block):
+        return pad_none([None, b.Reshape(b.ReduceSum(spread, keepdims=0), b.Shape(scale))], node)
+    if not block:
+        return pad_none([None, b.reduce("ReduceSum", spread, [i for i in range(rank) if i != axis], keepdims=0)], node)
+    xs = b.src.shape(x)
+    if not static(xs) or xs[axis] % block:
+        raise JacgraphError(f"DequantizeLinear '{node.name}': the reverse pass needs a static shape whose blocked axis "
+                            "the block size divides.")
+    split = list(xs[:axis]) + [xs[axis] // block, block] + list(xs[axis + 1:])
+    return pad_none([None, b.reduce("ReduceSum", b.Reshape(spread, b.ints(split)), [axis + 1], keepdims=0)], node)
