@@ -6,12 +6,14 @@
 3. expands every op that has no native rule but whose schema defines a function body (Attention,
    RMSNormalization, GroupNormalization, RotaryEmbedding, Mish, SoftmaxCrossEntropyLoss, ...), nested
    bodies included; an op with a native rule keeps it (native rules are faster and the CPA fast path
-   reads them), so the tables are read at run time; NATIVE_GAPS lists node forms a rule does not cover.
-   Only top-level nodes: function ops and recurrences inside If/Loop/Scan bodies are left as they are,
+   reads them), so the tables are read at run time; NATIVE_GAPS lists node forms a rule does not cover;
+   inside If/Loop/Scan bodies too,
 4. lowers RNN, GRU and LSTM to MatMul/Add/activation ops, unrolled over a static sequence length up to
    UNROLL_MAX steps, else a Scan over time (dynamic lengths; the control-flow rules differentiate it),
+   inside bodies too (an exported voice model runs its LSTM in an If branch),
 5. folds shape arithmetic whose value is fixed (Shape of a static tensor, integer ops on constants) into
-   Constant nodes, so Reshape targets computed from Shape -> Slice -> Concat become constants.
+   Constant nodes, bodies included, so Reshape targets computed from Shape -> Slice -> Concat (and an
+   expanded body's axes computed from its input's rank) become constants.
 Parameters (float initializers) are never folded: a VJP with respect to them must still see them.
 
 `fill_unknown_ranks(proto)`: where ONNX shape inference leaves a rank unknown, onnxruntime's symbolic
@@ -46,11 +48,10 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
         proto, changed = fix_input_shapes(proto, input_shapes), True
     keep = native_ops() if native is None else set(native)
     for _ in range(MAX_EXPANSION_DEPTH):
-        nodes = expandable_nodes(proto, keep)
-        if not nodes:
+        if not any(_needs_expansion(n, keep, opset_of(proto)) for n in all_nodes(proto.graph)):
             break
-        proto, changed = _expand(_inferred(proto), nodes), True
-    if any(n.op_type in RECURRENCES and n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        proto, changed = _expand(_inferred(proto), keep), True
+    if any(_is_recurrence(n) for n in all_nodes(proto.graph)):
         proto, changed = lower_recurrences(_inferred(proto)), True
     if changed:
         proto = fold_constants(_inferred(proto))
@@ -78,20 +79,32 @@ def _schema(op_type, opset):
 NATIVE_GAPS = {"LayerNormalization": lambda node: any(node.output[1:])}
 
 
-def expandable_nodes(proto, keep) -> list:
-    """Indices of default-domain nodes whose schema (at the model's opset) has a function body and whose op
-    has no rule in `keep` (or whose form its rule does not cover: NATIVE_GAPS)."""
-    opset = opset_of(proto)
-    found = []
-    for index, node in enumerate(proto.graph.node):
-        if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_EXPAND:
-            continue
-        if node.op_type in keep and not NATIVE_GAPS.get(node.op_type, lambda n: False)(node):
-            continue
-        schema = _schema(node.op_type, opset)
-        if schema is not None and (schema.has_function or schema.has_context_dependent_function):
-            found.append(index)
-    return found
+def _needs_expansion(node, keep, opset) -> bool:
+    """A default-domain node whose schema (at `opset`) has a function body and whose op has no rule in `keep`
+    (or whose form its rule does not cover: NATIVE_GAPS)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_EXPAND:
+        return False
+    if node.op_type in keep and not NATIVE_GAPS.get(node.op_type, lambda n: False)(node):
+        return False
+    schema = _schema(node.op_type, opset)
+    return schema is not None and (schema.has_function or schema.has_context_dependent_function)
+
+
+def _is_recurrence(node) -> bool:
+    return node.op_type in RECURRENCES and node.domain in ("", "ai.onnx")
+
+
+def all_graphs(graph):
+    """`graph` and every If/Loop/Scan body nested in it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from all_graphs(body)
+
+
+def all_nodes(graph):
+    return (node for g in all_graphs(graph) for node in g.node)
 
 
 def opset_of(proto) -> int:
@@ -125,19 +138,21 @@ def _inline_local_functions(proto):
 EXPANDED_DOMAIN = "jacgraph.expanded"  # each expanded node becomes a call of its own local function, then inlined
 
 
-def _expand(proto, nodes):
-    """Replace the nodes at indices `nodes` by their schema function bodies (fresh names, attributes resolved).
+def _expand(proto, keep):
+    """Replace every node (bodies included) that _needs_expansion by its schema function body (fresh names,
+    attributes resolved).
 
     The body is built per node (context-dependent functions depend on the input types and attributes, and
     onnx's schema inliner cannot type a skipped optional input), held as a model-local function and inlined.
     """
     proto = _copy(proto)
     opset = opset_of(proto)
-    values = list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
-    types = {vi.name: vi.type for vi in values}
-    types.update((t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims))) for t in proto.graph.initializer)
-    for index, node in enumerate(proto.graph.node):
-        if index not in nodes:
+    types = {}
+    for g in all_graphs(proto.graph):
+        types.update((vi.name, vi.type) for vi in list(g.input) + list(g.value_info) + list(g.output))
+        types.update((t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims))) for t in g.initializer)
+    for index, node in enumerate(list(all_nodes(proto.graph))):
+        if not _needs_expansion(node, keep, opset):
             continue
         schema = _schema(node.op_type, opset)
         given = {a.name for a in node.attribute}  # a body reads omitted attributes by reference: the schema defaults
@@ -223,30 +238,51 @@ def _copy(proto):
 
 
 def _static_shapes(proto) -> dict:
-    values = list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output)
+    values = [vi for g in all_graphs(proto.graph) for vi in list(g.input) + list(g.value_info) + list(g.output)]
     return {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in values if _is_static(vi.type)}
 
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
 def fold_constants(proto) -> onnx.ModelProto:
-    """Fold nodes whose outputs are fixed (Shape/Size of a static tensor, ops on non-parameter constants).
+    """Fold nodes whose outputs are fixed (Shape/Size of a static tensor, ops on non-parameter constants),
+    inside If/Loop/Scan bodies too (an expanded function body there computes its axes from shapes).
 
     Float initializers are parameters and never count as constants here, so nothing that reads a weight
     is folded (the VJP with respect to parameters still sees them). `proto` must carry inferred value_info.
     """
+    graph, changed = _fold_graph(proto.graph, {}, _static_shapes(proto), opset_of(proto))
+    if not changed:
+        return proto
+    out = _copy(proto)
+    out.graph.CopyFrom(graph)
+    return out
+
+
+def _fold_graph(graph, outer_values, shapes, opset):
+    """(graph with its fixed values as Constant nodes, whether anything changed); `outer_values` are the
+    enclosing scopes' constants, which a body may read."""
     from onnx.reference import ReferenceEvaluator
 
-    opset = opset_of(proto)
-    shapes = _static_shapes(proto)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.data_type not in floats}
-    outputs = {o.name for o in proto.graph.output}
-    keep, folded = [], {}
-    for node in proto.graph.node:
+    values = dict(outer_values)
+    values.update((t.name, numpy_helper.to_array(t)) for t in graph.initializer if t.data_type not in FLOAT_TYPES)
+    outputs = {o.name for o in graph.output}
+    keep, folded, changed = [], {}, False
+    for node in graph.node:
         outs = None
-        if node.op_type == "Constant" and node.attribute[0].name == "value":
+        bodies = [a for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+        if bodies:
+            node = _copy_node(node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    body, body_changed = _fold_graph(attr.g, values, shapes, opset)
+                    attr.g.CopyFrom(body)
+                    changed |= body_changed
+        elif node.op_type == "Constant" and node.attribute[0].name == "value":
             outs = [numpy_helper.to_array(node.attribute[0].t)]  # no evaluator needed (exports hold hundreds)
         elif node.domain not in ("", "ai.onnx") or "Random" in node.op_type or node.op_type == "Bernoulli" \
-                or any(o in outputs for o in node.output) or node.attribute and any(a.g.node for a in node.attribute):
+                or any(o in outputs for o in node.output):
             pass
         elif node.op_type in ("Shape", "Size") and node.input[0] in shapes:
             shape = shapes[node.input[0]]
@@ -266,17 +302,20 @@ def fold_constants(proto) -> onnx.ModelProto:
         for name, value in zip(node.output, outs):
             if name:
                 values[name] = folded[name] = np.asarray(value)
-    if not folded:
-        return proto
-    used = {i for node in keep for i in node.input} | outputs
-    for node in keep:  # names read inside subgraph bodies (Loop/If/Scan capture outer values)
-        for a in node.attribute:
-            used |= {i for n in _subgraph_nodes(a) for i in n.input}
-    out = _copy(proto)
-    del out.graph.node[:], out.graph.value_info[:]
-    tensors = [numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]
-    out.graph.node.extend(constant_nodes(tensors))
-    out.graph.node.extend(keep)
+    if not folded and not changed:
+        return graph, False
+    used = reads(keep) | outputs
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    del out.node[:], out.value_info[:]
+    out.node.extend(constant_nodes([numpy_helper.from_array(v, name) for name, v in folded.items() if name in used]))
+    out.node.extend(keep)
+    return out, True
+
+
+def _copy_node(node):
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
     return out
 
 
@@ -286,13 +325,9 @@ def constant_nodes(tensors):
     return [helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_const") for t in tensors]
 
 
-def _subgraph_nodes(attr):
-    graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-    for g in graphs:
-        for node in g.node:
-            yield node
-            for a in node.attribute:
-                yield from _subgraph_nodes(a)
+def reads(nodes) -> set:
+    """Names the nodes read, inside their If/Loop/Scan bodies too (bodies read outer values by name)."""
+    return {i for n in all_nodes(helper.make_graph(nodes, "reads", [], [])) for i in n.input}
 
 
 # ---- unknown ranks --------------------------------------------------------------------------------
@@ -374,25 +409,41 @@ ACTIVATIONS = {
 
 
 def lower_recurrences(proto) -> onnx.ModelProto:
-    """Every RNN/GRU/LSTM node replaced by its equations: unrolled over time, or a Scan (Recurrence.scan)."""
+    """Every RNN/GRU/LSTM node replaced by its equations: unrolled over time, or a Scan (Recurrence.scan);
+    those inside If/Loop/Scan bodies too (an exported voice model runs its LSTM in an If branch)."""
     from .builder import Builder
     from .model import SourceModel
 
     src = SourceModel(proto, prepare=False)
     b = Builder(src)
-    for node in src.nodes:
-        if node.op_type in RECURRENCES and node.domain in ("", "ai.onnx"):
-            Recurrence(b, src, node).emit()
-        else:
-            b.copy(node)
+    _lower_nodes(b, src.nodes)
     out = _copy(src.proto)
     del out.graph.node[:], out.graph.initializer[:], out.graph.value_info[:]
-    used = {i for n in b.nodes for i in n.input} | {i for n in b.nodes for a in n.attribute for m in _subgraph_nodes(a)
-                                                    for i in m.input}
+    used = reads(b.nodes)
     made = [t for t in b.initializers if t.name not in src.initializers and t.name in used]
     out.graph.node.extend(constant_nodes(made) + b.nodes)
     out.graph.initializer.extend(src.graph.initializer)
     return out
+
+
+def _lower_nodes(b, nodes):
+    for node in nodes:
+        if _is_recurrence(node):
+            Recurrence(b, b.src, node).emit()
+            continue
+        copied = b.copy(node)
+        for attr in copied.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH and any(_is_recurrence(n) for n in all_nodes(attr.g)):
+                attr.g.CopyFrom(_lower_body(b, attr.g))
+
+
+def _lower_body(b, graph):
+    """An If/Loop/Scan body with its recurrences lowered, in the body's scope. The constants the lowering
+    makes go to the outer graph (bodies read outer values), so none is defined only inside one body."""
+    child = b.subgraph(graph)
+    _lower_nodes(child, child.src.nodes)
+    b.initializers.extend(child.initializers[len(graph.initializer):])
+    return helper.make_graph(child.nodes, graph.name, list(graph.input), list(graph.output), list(graph.initializer))
 
 
 class Recurrence:
@@ -611,11 +662,11 @@ class Recurrence:
         if w["peep"] is None:  # i, o, f share f: one activation over all three
             iof, gc = b.split(gates, [3 * self.hidden, self.hidden], axis=1)
             i, o, fg = self.gate_slices(self.act(iof, f), 3)
+            c_new = b.Add(b.Mul(fg, c), b.Mul(i, self.act(gc, f + 1)))
         else:  # peepholes: i and f read c_{t-1}, o reads c_t
             gi, go, gf, gc = self.gate_slices(gates, 4)
             pi, po, pf = w["peep"]
             i, fg = self.act(b.Add(gi, b.Mul(pi, c)), f), self.act(b.Add(gf, b.Mul(pf, c)), f)
-        c_new = b.Add(b.Mul(fg, c), b.Mul(i, self.act(gc, f + 1)))
-        if w["peep"] is not None:
+            c_new = b.Add(b.Mul(fg, c), b.Mul(i, self.act(gc, f + 1)))
             o = self.act(b.Add(go, b.Mul(po, c_new)), f)
         return b.Mul(o, self.act(c_new, f + 2, clip=False)), c_new

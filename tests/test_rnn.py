@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 import jacgraph
 from jacgraph import runtime
 from jacgraph.errors import JacgraphError
-from jacgraph.lowering import UNROLL_MAX
+from jacgraph.lowering import UNROLL_MAX, all_nodes
 from jacgraph.model import SourceModel
 from jacgraph.testing import central_difference, check_jvp, relative_error, to_float64
 
@@ -265,7 +265,7 @@ def test_torch_recurrent_layers_jvp_and_vjp_match_torch(kind, dynamic):
     for name, y, y_dot in zip(names, ys, ys_dot):
         # float64 throughout: the lowering and torch differ only by summation order (~1e-15 relative)
         assert relative_error(out[name], y.detach().numpy()) < 1e-10
-        assert relative_error(out[f"{name}_dot"], y_dot.detach().numpy()) < 1e-10, f"{kind}: {name}_dot vs torch.func.jvp"
+        assert relative_error(out[f"{name}_dot"], y_dot.detach().numpy()) < 1e-10, f"{kind}: {name}_dot vs torch"
     xg = x.clone().requires_grad_(True)
     us = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(net64(xg), us)
@@ -302,3 +302,50 @@ def test_parameter_gradients_are_the_source_weights():
             values.append(np.vdot(u, runtime.run(runtime.session(lowered(moved)), feeds)["Y"]))
         fd = (values[0] - values[1]) / (2 * h)
         assert abs(np.vdot(direction, grads[f"{name}_bar"]) - fd) <= 1e-6 * max(1.0, abs(fd)), name
+
+
+def test_recurrence_and_function_op_inside_if_branches():
+    """An exported voice model runs its LSTM inside an If branch: bodies are lowered and expanded in place."""
+    rng = np.random.default_rng(5)
+    weights = {"W": (1, 4 * HIDDEN, INPUT), "R": (1, 4 * HIDDEN, HIDDEN), "B": (1, 8 * HIDDEN), "Wp": (INPUT, HIDDEN),
+               "scale": (HIDDEN,)}
+    inits = [onnx.numpy_helper.from_array((0.5 * rng.standard_normal(s)).astype(np.float32), n)
+             for n, s in weights.items()]
+    state = [1, BATCH, HIDDEN]
+    then = helper.make_graph([helper.make_node("LSTM", ["X", "W", "R", "B"], ["", "h_then"], hidden_size=HIDDEN)],
+                             "then", [], [helper.make_tensor_value_info("h_then", TensorProto.FLOAT, state)])
+    axes = onnx.numpy_helper.from_array(np.array([0], np.int64))
+    other = helper.make_graph([helper.make_node("Constant", [], ["time_axis"], value=axes),
+                               helper.make_node("ReduceMean", ["X", "time_axis"], ["m"]),
+                               helper.make_node("MatMul", ["m", "Wp"], ["p"]),
+                               helper.make_node("RMSNormalization", ["p", "scale"], ["h_else"])],
+                              "else", [], [helper.make_tensor_value_info("h_else", TensorProto.FLOAT, state)])
+    graph = helper.make_graph([helper.make_node("If", ["use_lstm"], ["h"], then_branch=then, else_branch=other)],
+                              "voice",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [T, BATCH, INPUT]),
+                               helper.make_tensor_value_info("use_lstm", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, state)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = runtime.max_ir_version()
+    proto = lowered(model)
+    body_ops = {n.op_type for n in all_nodes(proto.graph)}
+    assert not body_ops & {"LSTM", "RMSNormalization"}, body_ops
+    m64 = to_float64(proto)
+    # float64 after lowering: RMSNormalization's body computes in float32 (stash_type) until converted
+    jvp_model, vjp_model = jacgraph.compile(m64, emit="jvp"), jacgraph.compile(m64, emit="vjp")
+    runtime.session(jacgraph.compile(model, emit="vjp"))  # the float32 source compiles and loads as well
+    for use_lstm in (True, False):
+        x = rng.standard_normal((T, BATCH, INPUT)).astype(np.float32)
+        feeds = {"X": x, "use_lstm": np.array(use_lstm)}
+        expected = runtime.run(runtime.session(model), feeds)["h"]
+        assert relative_error(runtime.run(runtime.session(proto), feeds)["h"], expected) < FORWARD_TOL
+        feeds64 = {"X": x.astype(np.float64), "use_lstm": np.array(use_lstm)}
+        v, u = rng.standard_normal(x.shape), rng.standard_normal(state)
+        errors = check_jvp(m64, jvp_model, feeds64, {"X": v})
+        assert errors["h"] < FD_TOL, (use_lstm, errors)
+        h_dot_name = jvp_model.graph.output[1].name  # the pass may name it h_dot_N when h_dot is taken inside
+        h_dot = runtime.run(runtime.session(jvp_model), {**feeds64, "X_dot": v})[h_dot_name]
+        names = [i.name for i in vjp_model.graph.input][2:] + [o.name for o in vjp_model.graph.output][1:]
+        h_bar_name, x_bar_name = names  # positional, like h_dot: the pass may suffix a taken name
+        x_bar = runtime.run(runtime.session(vjp_model), {**feeds64, h_bar_name: u})[x_bar_name]
+        assert abs(np.vdot(h_dot, u) - np.vdot(v, x_bar)) <= 1e-10 * max(1.0, abs(np.vdot(h_dot, u)))
