@@ -1,6 +1,7 @@
 """The emitted HVP graphs (`--emit hvp`, forward-over-reverse) on the example architectures, against PyTorch.
 
     python examples/bench_hvp.py [--threads 1] [--runs 20] [--only mlp,lenet]
+    python examples/bench_hvp.py --default-exporter   # torch.onnx.export(dynamo=True), dynamic batch: H v vs torch.func
 
 For three smooth models (a GELU MLP, a SiLU/tanh CNN, an attention block) and each example architecture
 (batch 1, f = <y, y_bar> with a fixed random y_bar): compile time, the relative
@@ -137,13 +138,60 @@ def bench_one(name, folder, threads, runs):
     return {"name": name, "compile_s": compile_s, "error": error, "hv_norm": float(norm), "how": how, **ms}
 
 
+class CausalBlock(torch.nn.Module):
+    """A GPT-style causal-mask attention (masked_fill -> Where) in front of a Block."""
+
+    def __init__(self, d=16, tokens=6):
+        super().__init__()
+        self.block, self.embed = Block(d), torch.nn.Linear(d, d)
+        self.register_buffer("mask", torch.tril(torch.ones(tokens, tokens)).bool())
+
+    def forward(self, x):
+        h = self.embed(x)
+        attention = (h @ h.transpose(-1, -2)).masked_fill(~self.mask, float("-inf")).softmax(-1)
+        return self.block(attention @ h)
+
+
+def default_exporter_check():
+    """HVP of models from PyTorch's default (torch.export-based) exporter with a dynamic batch axis, run at batch 3
+    (exported at 2), against torch.func in float64 (the emitted graph's float64 copy, onnx's reference evaluator)."""
+    from jacgraph.testing import reference_session, relative_error, run_reference, to_float64
+
+    models = {"attention block": (Block(16), (6, 16)), "causal attention": (CausalBlock(), (6, 16)),
+              "smooth cnn": (CNN(8), (3, 8, 8))}
+    for name, (module, shape) in models.items():
+        torch.manual_seed(0)
+        module = module.eval()
+        program = torch.onnx.export(module, (torch.randn(2, *shape),), dynamo=True,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        result = hvp.emit(program.model_proto)
+        x_name = program.model_proto.graph.input[0].name
+        (bar,) = result.cotangent_inputs.values()
+        rng = np.random.default_rng(0)
+        x, v = rng.standard_normal((3, *shape)), rng.standard_normal((3, *shape))
+        y_bar = rng.standard_normal(tuple(module(torch.tensor(x, dtype=torch.float32)).shape))
+        out = run_reference(reference_session(to_float64(result.model)), {x_name: x, bar: y_bar,
+                                                                           result.tangent_inputs[x_name]: v})
+        module = module.double()
+        _, hv = torch.func.jvp(torch.func.grad(lambda z: (module(z) * torch.tensor(y_bar)).sum()),
+                               (torch.tensor(x),), (torch.tensor(v),))
+        error = relative_error(out[result.hvp_outputs[x_name]], hv.detach().numpy())
+        print(f"| {name} | {', '.join(sorted({n.op_type for n in program.model_proto.graph.node}))} | {error:.1e} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--only", help="comma-separated model names (default: the smooth models, then every architecture)")
+    parser.add_argument("--default-exporter", action="store_true",
+                        help="instead: the HVP of models from torch.onnx.export(dynamo=True), dynamic batch, vs torch.func")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.default_exporter:
+        print("| model | ops | H v vs torch.func (rel., float64) |")
+        print("|---|---|---|")
+        return default_exporter_check()
     names = args.only.split(",") if args.only else list(SMOOTH) + list(architectures.ARCHITECTURES)
     print("| model | compile s | ‖Hv‖ | H v vs PyTorch (rel.) | forward ms | HVP ms | PyTorch ms | HVP/forward | PyTorch by |")
     print("|---|---|---|---|---|---|---|---|---|")
