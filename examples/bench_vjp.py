@@ -1,9 +1,10 @@
 """Benchmark the emitted VJP graphs (input gradient, and all parameter gradients) against PyTorch's backward.
 
-    python examples/bench_vjp.py [--threads 1] [--runs 50] [--only mlp,lenet]
+    python examples/bench_vjp.py [--threads 1] [--runs 50] [--only mlp,lenet] [--cpu-time]
 
-onnxruntime forward, `--emit vjp`, `--emit vjp --wrt params` and PyTorch forward+backward are timed
-interleaved in one process (median of --runs), so machine noise hits all alike.
+onnxruntime forward, `--emit vjp`, `--emit vjp --wrt params` are timed interleaved in one process
+(median of --runs), so machine noise hits all alike, and PyTorch forward+backward in a loop of its own.
+--cpu-time: this thread's CPU time instead of the wall clock (see examples/bench_jvp.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -25,7 +27,7 @@ from jacgraph.runtime import session  # noqa: E402
 DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "unet"]
 
 
-def bench_one(name, folder, threads, runs):
+def bench_one(name, folder, threads, runs, clock):
     path = os.path.join(folder, name + ".onnx")
     architectures.export(name, path, batch=1)
     src, x = onnx.load(path), architectures.example_input(name, batch=1).numpy()
@@ -43,9 +45,11 @@ def bench_one(name, folder, threads, runs):
 
     calls = {"forward": lambda: forward.run(None, {"x": x}),
              "vjp_x": lambda: grad_x.run(None, {"x": x, "y_bar": u}),
-             "vjp_params": lambda: grad_all.run(None, {"x": x, "y_bar": u}),
-             "torch_fwd_bwd": torch_step}
-    return time_calls(calls, runs)
+             "vjp_params": lambda: grad_all.run(None, {"x": x, "y_bar": u})}
+    times = time_calls(calls, runs, clock=clock)
+    # PyTorch in its own loop: an onnxruntime call right after a PyTorch call runs measurably slower
+    times.update(time_calls({"torch_fwd_bwd": torch_step}, runs, clock=clock))
+    return times
 
 
 def main():
@@ -53,18 +57,21 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--only", help="comma-separated architecture names")
+    p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
     args = p.parse_args()
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
     print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio | PyTorch fwd+bwd ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            t = bench_one(name, folder, args.threads, args.runs)
+            t = bench_one(name, folder, args.threads, args.runs, clock)
             print(f"| {name} | {t['forward']:.3f} | {t['vjp_x']:.3f} | {t['vjp_x'] / t['forward']:.2f} | "
                   f"{t['vjp_params']:.3f} | {t['vjp_params'] / t['forward']:.2f} | {t['torch_fwd_bwd']:.3f} |",
                   flush=True)
-    print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs")
+    print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs, "
+          f"{'thread CPU time' if args.cpu_time else 'wall clock'}")
 
 
 if __name__ == "__main__":

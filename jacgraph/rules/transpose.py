@@ -564,12 +564,17 @@ def _weight_grad(b, data, cot, kernel, geometry, group, data_channels, cot_chann
     onehot = b.const(np.eye(taps).reshape([taps, 1] + kernel).astype(b.src.np_dtype(like)), hint="window_taps")
     single = b.Reshape(data, b.Concat(b.ints([-1, 1]), b.shape(data, 2), axis=0))
     windows = b.Conv(single, onehot, kernel_shape=kernel, strides=strides, dilations=dilations, pads=begin + end)
+    shape = [cot_channels, data_channels // group] + kernel
+    if group == 1 and (b.src.shape(like) or [None])[0] == 1:  # one sample: Gemm reads cot·patchesᵀ as they lie
+        patches = b.Reshape(windows, b.ints([data_channels * taps, -1]))
+        return b.Reshape(b.Gemm(b.Reshape(cot, b.ints([cot_channels, -1])), patches, transB=1), b.ints(shape))
+    # else patches·cotᵀ per sample and group: the transposed operand is cot, 1/taps the size of the patches
     batch = b.shape(data, 0, 1)
     patches = b.Reshape(windows, b.Concat(batch, b.ints([group, data_channels // group * taps, -1]), axis=0))
     cots = b.Reshape(cot, b.Concat(batch, b.ints([group, cot_channels // group, -1]), axis=0))
-    per_sample = b.MatMul(cots, b.Transpose(patches, perm=[0, 1, 3, 2]))  # [N, G, M/G, C/G·taps]
-    total = b.reduce("ReduceSum", per_sample, [0], keepdims=0)
-    return b.Reshape(total, b.ints([cot_channels, data_channels // group] + kernel))
+    per_sample = b.MatMul(patches, b.Transpose(cots, perm=[0, 1, 3, 2]))  # [N, G, C/G·taps, M/G]
+    total = b.Transpose(b.reduce("ReduceSum", per_sample, [0], keepdims=0), perm=[0, 2, 1])
+    return b.Reshape(total, b.ints(shape))
 
 
 def _bias_grad(b, node, g):
