@@ -281,6 +281,20 @@ def test_unusable_output_paths_exit_2_before_any_work(tmp_path, capsys, out, wor
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
+def test_a_failed_write_is_an_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A full disk (or a read-only folder) while writing: exit 2 naming the path, the old output intact."""
+    src, out = mlp_model(tmp_path / "m.onnx"), tmp_path / "j.onnx"
+    out.write_bytes(b"previous")
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    assert run_cli("compile", src, "--emit", "jvp", "-o", out) == 2
+    assert "could not be written (No space left on device)" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["j.onnx", "m.onnx"]
+
+
 # ---- issue 11: arrays and numbers checked at parse time -------------------------------------------
 
 @pytest.mark.parametrize("array, words", [

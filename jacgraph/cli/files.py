@@ -25,16 +25,20 @@ def atomic_output(path, suffix=".onnx", flag="-o"):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise JacgraphError(f"the output folder {folder} does not exist. Create it or choose another {flag} path.")
-    fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=suffix, dir=folder)
-    os.close(fd)
-    LIVE_TEMPORARIES.add(tmp)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".jacgraph-", suffix=suffix, dir=folder)
+        os.close(fd)
+        LIVE_TEMPORARIES.add(tmp)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; an output is an ordinary file
         os.replace(tmp, path)
+    except OSError as e:  # a read-only folder, a full disk: the user's to fix, and nothing is left behind
+        raise JacgraphError(f"{path} could not be written ({e.strerror or type(e).__name__}). Check that its "
+                            f"folder is writable and the disk has space, or choose another {flag} path.") from None
     finally:
         LIVE_TEMPORARIES.discard(tmp)
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
