@@ -20,13 +20,15 @@ DEFAULT_STRATEGY = "auto"
 
 def weight_bound(src: SourceModel, node) -> bool:
     """The `auto` strategy's choice: batch a linear op's tangent with its primal (one call over concat(x, ẋ))
-    when the op reads at least as many weights as it writes outputs per sample, so that reading the
-    weights once for both pays for the Concat and Split (measured in docs/benchmarks/speed.md)."""
+    when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds) and at
+    least 16x its outputs per sample, so that reading the weights once for both pays for the Concat,
+    Split and bias Add (and the Conv+activation fusion the split primal loses). Measured in
+    docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4 1x1 convs and lost."""
     w, y = src.shape(node.input[1]), src.shape(node.output[0])
     if not (w and y and all(isinstance(d, int) for d in list(w) + list(y[1:]))):
         return False
     weights = math.prod(w)
-    return weights >= 2**14 and weights >= 16 * math.prod(y[1:])
+    return weights >= 2**17 and weights >= 16 * math.prod(y[1:])
 
 
 def missing_rules(src: SourceModel, wrt, table) -> Counter:
