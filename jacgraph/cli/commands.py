@@ -67,7 +67,7 @@ def cmd_compile(args) -> int:
 
 def guard_compile(args, proto, given):
     """Refuse before compiling what would not fit in memory: the graph itself, a dense Jacobian, bound matrices."""
-    src = SourceModel(proto)
+    src = SourceModel(proto, input_shapes=given.get("input_shapes"))
     x = (given.get("inputs") or src.float_inputs() or [None])[0]
     shape = given.get("input_shape") or given.get("input_shapes", {}).get(x)
     shapes = memory.fixed_shapes(src, shape, x)
