@@ -193,29 +193,25 @@ def _unrolled_steps(b, src, state, start, steps):
 def _solver_loop(b, src, state, start, tol, max_iter):
     """An ONNX Loop iterating z <- T(z, x) until the residual is <= tol or max_iter steps: (z_star, residual, iterations)."""
     dtype, elem, zshape = src.np_dtype(state), src.dtype(state), list(src.shape(state))
-    outer = b.nodes
-    b.nodes = []
-    it, cond, z_in, res_in, k_in = (b.fresh(n) for n in ("iter", "cond_in", f"{state}_k", "res_in", "k_in"))
-    z_next = _inline_T(b, src, state, z_in)
-    res = _residual(b, z_in, z_next, len(zshape), dtype)
-    go_on = b.Greater(res, b.const(np.asarray(tol, dtype), hint="tol"))
-    k_out = b.Add(it, b.const(np.asarray(1, np.int64), hint="one"))
-    outs = [b.Identity(go_on), b.Identity(z_next), b.Identity(res), b.Identity(k_out)]
-    body = helper.make_graph(
-        b.nodes, "fixed_point_step",
-        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
-         helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-         helper.make_tensor_value_info(z_in, elem, zshape),
-         helper.make_tensor_value_info(res_in, elem, []),
-         helper.make_tensor_value_info(k_in, TensorProto.INT64, [])],
-        [helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []),
-         helper.make_tensor_value_info(outs[1], elem, zshape),
-         helper.make_tensor_value_info(outs[2], elem, []),
-         helper.make_tensor_value_info(outs[3], TensorProto.INT64, [])])
-    b.nodes = outer
+    body = b.subgraph(onnx.GraphProto())  # the Loop body, emitted through a child Builder
+    it, cond, z_in, res_in, k_in = (body.fresh(n) for n in ("iter", "cond_in", f"{state}_k", "res_in", "k_in"))
+    z_next = _inline_T(body, src, state, z_in)
+    res = _residual(body, z_in, z_next, len(zshape), dtype)
+    go_on = body.Greater(res, body.const(np.asarray(tol, dtype), hint="tol"))
+    k_out = body.Add(it, body.const(np.asarray(1, np.int64), hint="one"))
+    outs = [body.Identity(go_on), body.Identity(z_next), body.Identity(res), body.Identity(k_out)]
+    body.inputs.extend([helper.make_tensor_value_info(it, TensorProto.INT64, []),
+                        helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+                        helper.make_tensor_value_info(z_in, elem, zshape),
+                        helper.make_tensor_value_info(res_in, elem, []),
+                        helper.make_tensor_value_info(k_in, TensorProto.INT64, [])])
+    body.outputs.extend([helper.make_tensor_value_info(outs[0], TensorProto.BOOL, []),
+                         helper.make_tensor_value_info(outs[1], elem, zshape),
+                         helper.make_tensor_value_info(outs[2], elem, []),
+                         helper.make_tensor_value_info(outs[3], TensorProto.INT64, [])])
     return b.op("Loop", b.const(np.asarray(max_iter, np.int64), hint="max_iter"), b.const(np.asarray(True), hint="true"),
                 start, b.const(np.asarray(np.inf, dtype), hint="inf"), b.const(np.asarray(0, np.int64), hint="zero"),
-                n_out=3, body=body)
+                n_out=3, body=body.graph("fixed_point_step"))
 
 
 def build_fixed_point(src, state, params, tol=1e-4, max_iter=100, fixed_iterations=None, z0=None):
