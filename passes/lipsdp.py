@@ -30,7 +30,9 @@ Size: M is block tridiagonal, so Clarabel's chordal decomposition splits it into
 consecutive blocks (x_{k-1}, x_k); an interior-point step costs about the fourth to sixth power of a cone's
 size. Models with more than ROW_LIMIT rows (n_0 + hidden units) or a pair n_{k-1} + n_k above PAIR_LIMIT
 are refused (measured on one CPU core: a 64-16x9 MLP, 208 rows and pairs <= 80, takes ~7 s; the same with
-width 32, 352 rows, 100 s and 2 GB; one hidden layer with n_0 + n_1 = 128, 100 s and 2.5 GB).
+width 32, 352 rows, 100 s and 2 GB; one hidden layer with n_0 + n_1 = 128, 100 s and 2.5 GB). The input block
+counts as min(n_0, n_1) rows: a wide first layer is first reduced to its row space (reduce_input), so
+LipSDP's own 784-50-10 MNIST shape is a 100-row SDP (159 s, 1.4 GB on the shared 2-core VM).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ import numpy as np
 from jacgraph.errors import JacgraphError
 
 ROW_LIMIT = 256      # rows of the LMI (inputs + hidden units) we hand to the SDP solver
-PAIR_LIMIT = 96      # rows of one consecutive pair of blocks n_{k-1} + n_k (one PSD cone after decomposition)
+PAIR_LIMIT = 128     # rows of one consecutive pair of blocks n_{k-1} + n_k (one PSD cone after decomposition)
 # the SDP asks for M <= -delta I (normalised units): room for the solver's residual to pass the float64 check
 # (SCS, first order, leaves residuals ~1e-4 relative: with 1e-7 its T failed the check on the digits MLP)
 DELTA = {"CLARABEL": 1e-7, "SCS": 1e-5}
@@ -52,14 +54,32 @@ EPS = np.finfo(np.float64).eps
 
 
 def too_big(sizes) -> str | None:
-    """Why the SDP is too large (None when it fits); sizes = [n_0, n_1, ..., n_l], the input and hidden widths."""
+    """Why the SDP is too large (None when it fits); sizes = [n_0, n_1, ..., n_l], the input and hidden widths
+    (the input block counts as at most n_1 rows: reduce_input restricts it to W_0's row space)."""
     if len(sizes) == 1:  # no hidden layer: no SDP, the layer's norm
         return None
+    sizes = [min(sizes[0], sizes[1])] + list(sizes[1:])
     pair = max(a + b for a, b in zip(sizes, sizes[1:]))
     if sum(sizes) > ROW_LIMIT or pair > PAIR_LIMIT:
         return (f"the LipSDP matrix would have {sum(sizes)} rows (inputs + hidden units; limit {ROW_LIMIT}) and its "
                 f"largest pair of consecutive layers {pair} units (limit {PAIR_LIMIT})")
     return None
+
+
+def reduce_input(mats):
+    """(mats', factor, rest) for a first layer wider than it is tall (n_0 > n_1): W_0 = U S V^T, A = W_0 V
+    [n_1, n_1]. f(x) = F(W_0 x + b_0) and g(u) = F(A u + b_0) satisfy J_f = J_F W_0 = J_g V^T + J_F E with
+    E = W_0 - A V^T (float64 round-off only), so Lip(f) <= Lip(g) * factor + Lip(F) * rest with
+    factor >= ||V|| = sqrt(||V^T V||) and rest >= ||E||; the LMI shrinks from n_0 + ... to n_1 + ... rows,
+    exactly (in real arithmetic, on W_0's null space the LMI is -rho I and uncoupled). None: no reduction."""
+    W0 = np.asarray(mats[0], np.float64)
+    if W0.shape[1] <= W0.shape[0]:
+        return None
+    V = np.linalg.svd(W0, full_matrices=False)[2].T  # [n_0, n_1], orthonormal columns
+    A = W0 @ V
+    gram_err = np.linalg.norm(V.T @ V - np.eye(V.shape[1])) + 16 * V.size * EPS
+    rest = 2 * np.linalg.norm(W0 - A @ V.T) + 16 * W0.shape[1] * EPS * np.linalg.norm(W0)
+    return [A] + list(mats[1:]), math.sqrt(1 + gram_err) * (1 + 4 * EPS), rest
 
 
 def widths(mats) -> list:
@@ -171,12 +191,24 @@ def certify(mats, boxes, t, tries=8):
     return None
 
 
-def lipsdp(mats, boxes, last_slope=1.0, solver=None) -> dict:
+def lipsdp(mats, boxes, last_slope=1.0, solver=None, reduce=True) -> dict:
     """LipSDP-Neuron over dense layer matrices; boxes[k] is the slope range of the activation after layer k.
 
     value: sqrt(rho) of the solver (an estimate); bound: sqrt(rho') verified in float64 (None if the check
     fails), both times 2^e (normalisation) and the last activation's slope."""
     t0 = time.perf_counter()
+    reduced = reduce_input(mats) if reduce and len(mats) > 1 else None
+    if reduced is not None:  # LipSDP on g(u) = F(A u + b_0), then back to f (see reduce_input)
+        from jacgraph.passes.lipschitz import gram_bound
+
+        result = lipsdp(reduced[0], boxes, last_slope, solver)
+        lip_F = last_slope * math.prod(gram_bound(W) * max(abs(a), abs(b)) for W, (a, b) in zip(mats[1:], boxes))
+        for key in ("value", "bound"):
+            if result[key] is not None:
+                result[key] = (result[key] * reduced[1] + lip_F * reduced[2]) * (1 + 4 * EPS)
+        result.update(rows=sum(widths(reduced[0])), input_reduced_from=mats[0].shape[1],
+                      seconds=time.perf_counter() - t0)
+        return result
     reason = too_big(widths(mats))
     if reason:
         raise JacgraphError(f"{reason}: too large for the semidefinite program. Use --method seqlip or "

@@ -461,8 +461,8 @@ def test_cli_lipsdp_printout_json_and_size_limit(tmp_path, capsys):
     assert report["autolip"] is None and report["seqlip"] is None
     assert report["lipsdp"]["guaranteed"] and report["lipsdp"]["bound"] >= exact and report["lipsdp"]["solver"] == "CLARABEL"
 
-    big = tmp_path / "big.onnx"  # input 8 + 100 hidden units: one pair of 108 > PAIR_LIMIT
-    onnx.save(mlp_onnx(*random_mlp(1, dims=[8, 100, 2])), big)
+    big = tmp_path / "big.onnx"  # input 8 + 130 hidden units: one pair of 138 > PAIR_LIMIT
+    onnx.save(mlp_onnx(*random_mlp(1, dims=[8, 130, 2])), big)
     assert main(["lipschitz", str(big), "--method", "lipsdp"]) == 2
     err = capsys.readouterr().err
     assert f"limit {S.PAIR_LIMIT}" in err and "--method seqlip" in err and "--method autolip" in err
@@ -570,3 +570,22 @@ def test_seqlip_on_a_dag_is_a_clear_error():
     with pytest.raises(JacgraphError, match="--method autolip"):
         L.analyze(model, method="seqlip")
     assert "skipped" in L.analyze(model, method="all").lipsdp
+
+
+def test_lipsdp_input_reduction_to_the_row_space_gives_the_same_bound():
+    """A first layer wider than tall (12 -> 5) is reduced to its 5-dim row space: the same LipSDP bound
+    (to the solver's accuracy) from a smaller SDP, still above the sampled Jacobian norms."""
+    from jacgraph.passes import lipsdp as S
+
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal((5, 12)), rng.standard_normal((4, 5)), rng.standard_normal((3, 4))]
+    boxes = [(0.0, 1.0), (0.0, 1.0), (1.0, 1.0)]
+    full, reduced = S.lipsdp(ws, boxes, reduce=False), S.lipsdp(ws, boxes)
+    assert full["guaranteed"] and reduced["guaranteed"]
+    assert reduced["rows"] == 5 + 5 + 4 and full["rows"] == 12 + 5 + 4 and reduced["input_reduced_from"] == 12
+    np.testing.assert_allclose(reduced["bound"], full["bound"], rtol=1e-4)
+    X = rng.standard_normal((4000, 12)) * 3
+    h1 = X @ ws[0].T > 0
+    h2 = (np.maximum(X @ ws[0].T, 0) @ ws[1].T) > 0
+    norms = [np.linalg.norm(ws[2] @ (m2[:, None] * ws[1]) @ (m1[:, None] * ws[0]), 2) for m1, m2 in zip(h1, h2)]
+    assert max(norms) <= reduced["bound"]
