@@ -17,6 +17,7 @@ def _exact_reference_ops():
     argmax it reports are the convention the JVP rule pins); GatherElements along an axis longer than 64
     and GlobalLpPool, which it cannot run, are added."""
     from onnx.reference.op_run import OpRun
+    from onnx.reference.ops import op_grid_sample
     from onnx.reference.ops import op_loop
     from scipy.special import erf
 
@@ -64,15 +65,19 @@ def _exact_reference_ops():
             corner = tuple(slice(None) if d == axis % data.ndim else slice(0, n) for d, n in enumerate(indices.shape))
             return (np.take_along_axis(data[corner], indices, axis=axis),)  # indices may be shorter off the axis
 
+    class LpNormalization(OpRun):  # onnx's sums x**p, not |x|**p: wrong for p = 1 (onnxruntime uses |x|)
+        def _run(self, x, axis=None, p=None):
+            norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
+            return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
+
     class GlobalLpPool(OpRun):  # onnx's evaluator has none
         def _run(self, x, p=None):
             spatial = tuple(range(2, x.ndim))
             return ((np.sum(np.abs(x) ** p, axis=spatial, keepdims=True) ** (1.0 / p)).astype(x.dtype),)
 
-    class LpNormalization(OpRun):  # onnx's sums x**p, not |x|**p: wrong for p = 1 (onnxruntime uses |x|)
-        def _run(self, x, axis=None, p=None):
-            norm = np.sum(np.abs(x) ** p, axis=axis, keepdims=True) ** (1.0 / p)
-            return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
+    class GridSample(op_grid_sample.GridSample):  # onnx's turns grid coordinates into pixels in float32
+        def _gs_denormalize_coordinates(self, n, dims, align_corners: bool):
+            return np.array([self._gs_denormalize(n=v, length=d, align_corners=align_corners) for v, d in zip(n, dims)])
 
     class Loop(op_loop.Loop):
         """onnx's Loop joins scan-output rows of rank >= 2 with np.vstack (concatenated, not stacked on a new
@@ -94,7 +99,7 @@ def _exact_reference_ops():
             stacked = [np.stack([row[k] for row in self.rows]) if self.rows else np.empty((0,)) for k in range(self.scans)]
             return tuple(res[:len(res) - self.scans]) + tuple(stacked)
 
-    return [Erf, Gelu, LRN, MaxPool, GatherElements, GlobalLpPool, LpNormalization, Loop]
+    return [Erf, Gelu, LRN, MaxPool, GatherElements, GlobalLpPool, GridSample, LpNormalization, Loop]
 
 
 def reference_session(model: onnx.ModelProto):

@@ -190,6 +190,16 @@ INDEXING_CASES = [
          covers=("Shape", "Concat"), id="resize-computed-sizes"),
     Case("MaxPool", X4, ["x"], attrs={"kernel_shape": [3, 3], "strides": [1, 2], "storage_order": 1}, n_out=2,
          id="maxpool-storage-order-1"),  # column-major Indices: the rules read a row-major copy's
+    # GridSample: image and grid both differentiated (ONNX's own cases differentiate the image only)
+    Case("GridSample", {"x": (1, 2, 3, 4), "grid": (1, 2, 3, 2)}, ["x", "grid"], attrs={"mode": "linear"}, opset=20),
+    Case("GridSample", {"x": (2, 1, 3, 4), "grid": (2, 3, 2, 2)}, ["x", "grid"],
+         attrs={"mode": "linear", "padding_mode": "border", "align_corners": 1}, opset=20, id="gridsample-border-aligned"),
+    Case("GridSample", {"x": (1, 1, 2, 3, 4), "grid": (1, 2, 2, 2, 3)}, ["x", "grid"], attrs={"mode": "linear"}, opset=20,
+         id="gridsample-volumetric"),
+    Case("GridSample", {"x": (1, 2, 3, 4), "grid": (1, 2, 3, 2)}, ["x", "grid"], attrs={"mode": "nearest"}, opset=20,
+         id="gridsample-nearest"),
+    Case("GridSample", {"x": (1, 2, 3, 4)}, ["x", "grid"], attrs={"mode": "cubic"}, consts={"grid": f64(1, 2, 3, 2) / 2},
+         opset=20, id="gridsample-cubic-image"),
     # computed scales / roi: the reverse pass probes the interpolation matrices in the emitted graph
     Case("Resize", X4, ["x", "", "sc"], attrs={"mode": "cubic"}, consts={"s0": np.array([1, 1, 2.0, 1.5], np.float32)},
          extra_nodes=[helper.make_node("Identity", ["s0"], ["sc"])], covers=("Identity",), id="resize-computed-scales"),

@@ -1159,3 +1159,52 @@ def dequantize_linear(b, node, _, t_scale, *__):
     copies = [b.Unsqueeze(b.op("DequantizeLinear", x, b.Gather(t_scale, b.const(np.int64(k)), axis=0), *rest, **attrs),
                           b.ints([0])) for k in range(b.K)]
     return [b.Concat(*copies, axis=0)]
+
+
+def grid_slopes(b, node):
+    """∂y/∂grid[..., d] of a linear-mode GridSample, one [N, C, *out] tensor per grid component d: between the
+    integer pixel coordinates around the sample point the interpolant is linear in that coordinate, so the slope
+    is the op itself at the two neighbouring integer coordinates, differenced, times the pixel-per-grid-unit factor
+    (border and zeros padding and the clipping they imply included: a clipped coordinate gives equal values)."""
+    x, grid = node.input[0], node.input[1]
+    xs, attrs = b.src.shape(x), b.src.attrs(node)
+    if not static(xs[2:]):
+        raise JacgraphError(f"GridSample '{node.name}': a tangent of the grid needs static spatial input dimensions.")
+    if attrs.get("mode") not in ("linear", "bilinear"):
+        raise JacgraphError(f"GridSample '{node.name}': the grid's derivative is supported in linear mode "
+                            f"(and is zero in nearest mode), not in mode {attrs.get('mode')!r}.")
+    spatial, align = list(xs[2:]), attrs.get("align_corners", 0)
+    dims = len(spatial)
+    parts = b.op("Split", grid, b.ints([1] * dims), axis=-1, n_out=dims) if dims > 1 else [grid]
+    slopes = []
+    for d in range(dims):
+        size = spatial[dims - 1 - d]  # grid component d (x, y, z) indexes the last, second-last, ... axis
+        per_unit = (size - 1) / 2.0 if align else size / 2.0  # pixels per grid unit
+        offset = 0.0 if align else -0.5
+        pixel = b.Add(b.Mul(b.Add(parts[d], s(b, 1.0, grid)), s(b, per_unit, grid)), s(b, offset, grid))
+        below = b.Floor(pixel)
+        values = []
+        for corner in (below, b.Add(below, s(b, 1.0, grid))):
+            moved = list(parts)
+            moved[d] = b.Sub(b.Div(b.Sub(corner, s(b, offset, grid)), s(b, per_unit, grid)), s(b, 1.0, grid))
+            values.append(b.op("GridSample", x, b.Concat(*moved, axis=-1) if dims > 1 else moved[0], **attrs))
+        slopes.append(b.Mul(b.Sub(values[1], values[0]), s(b, per_unit, x)))
+    return slopes
+
+
+@rule("GridSample")
+def grid_sample(b, node, t_x, t_grid):
+    """Linear in the image: GridSample(ẋ, grid); in the grid (linear mode): Σ_d ∂y/∂grid_d·ġrid_d (grid_slopes);
+    nearest mode is piecewise constant in the grid (tangent 0 there)."""
+    x, grid = node.input[0], node.input[1]
+    attrs = b.src.attrs(node)
+    terms = []
+    if t_x is not None:
+        tiled = grid if b.K is None else b.Tile(grid, b.ints([b.K] + [1] * (b.src.rank(grid) - 1)))
+        terms.append(unfold(b, b.op("GridSample", fold(b, t_x), tiled, **attrs)))
+    if t_grid is not None and attrs.get("mode") != "nearest":
+        channel = 1 + lead(b)  # ġrid [K?, N, *out, D] -> [K?, N, 1, *out] per component, against y's channels
+        for d, slope in enumerate(grid_slopes(b, node)):
+            component = b.Gather(t_grid, b.const(np.int64(d)), axis=-1)
+            terms.append(b.Mul(slope, b.Unsqueeze(component, b.ints([channel]))))
+    return [add_all(b, terms)]

@@ -844,7 +844,7 @@ def cast(b, node, g):
 # The transposes of the flat-position rules in jacgraph.rules.jvp: a gather's transpose scatters
 # (adds where positions repeat), a scatter's transpose gathers.
 
-from .jvp import (explicit_einsum, flat_positions, lp_slope, moved_positions, row_major_argmax,  # noqa: E402
+from .jvp import (explicit_einsum, flat_positions, grid_slopes, lp_slope, moved_positions, row_major_argmax,  # noqa: E402
                   scatter_parts, scatter_where, unpooled_shape)
 
 def _flat(b, v):
@@ -1090,3 +1090,25 @@ def dequantize_linear(b, node, g):
                             "the block size divides.")
     split = list(xs[:axis]) + [xs[axis] // block, block] + list(xs[axis + 1:])
     return pad_none([None, b.reduce("ReduceSum", b.Reshape(spread, b.ints(split)), [axis + 1], keepdims=0)], node)
+
+
+@rule("GridSample")
+def grid_sample(b, node, g):
+    """x̄ = ḡ through the transpose of each sample's sampling matrix, read off the op applied to the pixel basis
+    ([N, H·W, H, W] images: memory H·W times the output's, for small images); ḡrid_d = Σ_channels ḡ·∂y/∂grid_d."""
+    x, grid = node.input[0], node.input[1]
+    xs, ys, attrs = b.src.shape(x), b.src.shape(node.output[0]), b.src.attrs(node)
+    outs = [None, None]
+    if need(b, x):
+        if not (static(xs) and static(ys)):
+            raise JacgraphError(f"GridSample '{node.name}': the reverse pass needs static shapes.")
+        pixels, samples = int(np.prod(xs[2:])), int(np.prod(ys[2:]))
+        basis = b.const(np.eye(pixels).reshape([1, pixels] + list(xs[2:])).astype(b.src.np_dtype(x)), hint="pixel_basis")
+        basis = b.Expand(basis, b.ints([xs[0], pixels] + list(xs[2:])))
+        sampled = b.Reshape(b.op("GridSample", basis, grid, **attrs), b.ints([xs[0], pixels, samples]))  # [N, P, Q]
+        flat_g = b.Reshape(g, b.ints([xs[0], xs[1], samples]))
+        outs[0] = b.Reshape(b.MatMul(flat_g, b.Transpose(sampled, perm=[0, 2, 1])), b.ints(xs))
+    if need(b, grid) and attrs.get("mode") != "nearest":
+        parts = [b.ReduceSum(b.Mul(g, slope), b.ints([1]), keepdims=0) for slope in grid_slopes(b, node)]
+        outs[1] = b.Concat(*[b.Unsqueeze(p, b.ints([-1])) for p in parts], axis=-1)
+    return outs
