@@ -1,5 +1,7 @@
 """The one error type users see: a message that names the problem and the fix (CLI exit code 2)."""
 
+import re
+
 
 class JacgraphError(Exception):
     """Bad input or an unsupported model. str(e) is the one-paragraph message shown to the user."""
@@ -20,7 +22,7 @@ def internal_error(what: str, error: Exception, node=None) -> JacgraphError:
     """A failure inside jacgraph or a library it drives (a rule, onnx.checker, onnxruntime), said in one paragraph
     that names the source node: the library's own multi-line report is cut to its first informative sentence."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip() and not ln.strip().startswith("==>")]
-    detail = (lines[0] if lines else type(error).__name__)[:240]
+    detail = re.sub(r"\[\w+Error\] |Inference error\(s\): ", "", lines[0] if lines else type(error).__name__)[:240]
     where = f" while differentiating {node.op_type} node '{node.name or node.output[0]}'" if node is not None else ""
     return JacgraphError(f"jacgraph failed{where}: {what} ({type(error).__name__}: {detail}). This is a bug in "
                          "jacgraph, not in your model: please report it with the model attached.")
