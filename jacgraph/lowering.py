@@ -16,8 +16,8 @@
    expanded body's axes computed from its input's rank) become constants.
 Parameters (float initializers) are never folded: a VJP with respect to them must still see them.
 
-`fill_unknown_ranks(proto)`: where ONNX shape inference leaves a rank unknown, onnxruntime's symbolic
-shape inference is tried (it keeps symbolic dims, so a dynamic batch axis stays dynamic).
+`symbolic_types(proto)`: where ONNX shape inference leaves a rank unknown and a rule needs it, SourceModel.rank
+tries onnxruntime's symbolic shape inference (it keeps symbolic dims, so a dynamic batch axis stays dynamic).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
     `native`: op types that have rules (default: those with both a JVP and a VJP rule, plus the
     zero-derivative ops). Returns `proto` itself when there is nothing to do.
     """
-    changed = False
+    changed, original = False, proto
     if proto.functions:
         proto, changed = _inline_local_functions(proto), True
     if input_shapes:
@@ -53,8 +53,11 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
         proto, changed = _expand(_inferred(proto), keep), True
     if any(_is_recurrence(n) for n in all_nodes(proto.graph)):
         proto, changed = lower_recurrences(_inferred(proto)), True
-    if changed:
-        proto = fold_constants(_inferred(proto))
+    inferred = _inferred(proto)
+    if changed or unknown_rank_values(inferred):  # a torch MultiheadAttention export loses ranks that folding finds
+        proto = fold_constants(inferred)
+        if not changed and proto is inferred:  # nothing folded: hand back the caller's model itself
+            return original
     return proto
 
 
@@ -345,33 +348,36 @@ def _non_tensor_output(node) -> bool:
     return node.op_type.startswith("Sequence") or node.op_type in ("SplitToSequence", "Optional", "OptionalGetElement")
 
 
-def fill_unknown_ranks(proto) -> onnx.ModelProto:
-    """Try onnxruntime's symbolic shape inference where ONNX's left ranks unknown.
-
-    Values whose rank stays unknown lose their value_info entry (the checker refuses a type without a
-    shape); SourceModel.rank then names them with the --input-shape to pass, if a rule needs the rank.
-    """
-    if not unknown_rank_values(proto):
+def drop_shapeless(proto) -> onnx.ModelProto:
+    """`proto` without value_info entries that have a type but no shape (ONNX's inference writes them where it
+    loses the rank; the checker refuses them). SourceModel.rank finds those ranks on demand (symbolic_types)."""
+    shapeless = [vi for vi in proto.graph.value_info
+                 if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    if not shapeless:
         return proto
     out = _copy(proto)
+    names = {vi.name for vi in shapeless}
+    kept = [vi for vi in out.graph.value_info if vi.name not in names]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
+
+
+def symbolic_types(proto) -> dict:
+    """{value: TypeProto with a shape} from onnxruntime's symbolic shape inference, for the values whose rank
+    ONNX's inference left unknown; {} when it gives up. Seconds on a large model: called only on demand."""
+    if not unknown_rank_values(proto):
+        return {}
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         inferred = SymbolicShapeInference.infer_shapes(_copy(proto), auto_merge=True, guess_output_rank=True)
-    except Exception:  # symbolic inference gives up on some graphs; a rule that needs the rank then refuses
-        inferred = None
-    if inferred is not None:
-        symbolic = {vi.name: vi for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
-        for vi in out.graph.value_info:
-            if not vi.type.tensor_type.HasField("shape") and vi.name in symbolic:
-                vi.CopyFrom(symbolic.pop(vi.name))
-        have = {vi.name for vi in list(out.graph.value_info) + list(out.graph.output)}
-        out.graph.value_info.extend(vi for name, vi in symbolic.items() if name not in have)
-    unknown = [vi for vi in out.graph.value_info
-               if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
-    for vi in unknown:
-        out.graph.value_info.remove(vi)
-    return out
+    except Exception:  # symbolic inference gives up on some graphs; the caller then refuses with a clear message
+        return {}
+    if inferred is None:
+        return {}
+    return {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
 
 
 def dynamic_inputs(proto) -> list:

@@ -176,8 +176,8 @@ class SourceModel:
             raise JacgraphError(f"ONNX shape inference failed on the model: {_inference_reason(e)}. The shapes of that "
                                 "node's inputs do not fit together; check the input shapes the model declares, "
                                 "or re-export it.") from None
-        if prepare:  # ranks ONNX's inference leaves unknown: onnxruntime's symbolic inference, before a refusal
-            proto = lowering.fill_unknown_ranks(proto)
+        if prepare:  # a value whose rank ONNX's inference lost: no entry (rank() asks symbolic inference on demand)
+            proto = lowering.drop_shapeless(proto)
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as e:
@@ -238,12 +238,23 @@ class SourceModel:
 
     def rank(self, name) -> int:
         shape = self.shape(name)
+        if shape is None and self._add_symbolic_shapes():
+            shape = self.shape(name)
         if shape is None:
             node = self.producer.get(name)
             made_by = f", the output of {node.op_type} node '{node.name or name}'," if node is not None else ""
             raise JacgraphError(f"the rank of tensor '{name}'{made_by} is unknown after ONNX and symbolic shape "
                                 f"inference. {lowering.input_shape_hint(self.proto)}")
         return len(shape)
+
+    def _add_symbolic_shapes(self) -> bool:
+        """Once, when a rank is missing: onnxruntime's symbolic shape inference (seconds on a large model)."""
+        if getattr(self, "_symbolic_tried", False):
+            return False
+        self._symbolic_tried = True
+        found = {n: t for n, t in lowering.symbolic_types(self.proto).items() if self.shape(n) is None}
+        self._types.update(found)
+        return bool(found)
 
     def dtype(self, name) -> int:
         t = self._types.get(name)

@@ -151,3 +151,33 @@ def test_cli_input_shape_on_jvp_and_vjp(tmp_path, capsys):
         assert input_dims(onnx.load(str(out))) == [2, 4, 5]
     assert main(["compile", str(src), "--emit", "jvp", "--input-shape", "x=2,4", "-o", str(tmp_path / "bad.onnx")]) == 2
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_torch_multihead_attention_export_gets_its_ranks_by_folding():
+    """torch's TorchScript export of nn.TransformerEncoder computes Reshape/Unsqueeze targets from Shape ops
+    that ONNX's inference loses the rank of (and symbolic inference asserts on); with static input shapes
+    the folding resolves them. JVP vs float64 central differences of torch, VJP vs torch.autograd."""
+    torch = pytest.importorskip("torch", reason="compares against PyTorch")
+    import io
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1,
+                                        enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    f = io.BytesIO()
+    torch.onnx.export(layer, (x,), f, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    model = onnx.load_from_string(f.getvalue())
+    m64, layer64, x64 = to_float64(model), layer.double(), x.double()
+    v, u = torch.randn_like(x64), torch.randn_like(x64)
+    with torch.no_grad():  # torch.func.jvp has no forward-mode rule for CPU flash attention: float64 differences
+        y_dot = ((layer64(x64 + 1e-6 * v) - layer64(x64 - 1e-6 * v)) / 2e-6).numpy()
+    out = runtime.run(runtime.session(jacgraph.compile(m64, emit="jvp")), {"x": x64.numpy(), "x_dot": v.numpy()})
+    assert np.linalg.norm(out["y_dot"] - y_dot) <= FD_TOL * np.linalg.norm(y_dot)
+    xg = x64.clone().requires_grad_(True)
+    layer64(xg).backward(u)
+    grads = runtime.run(runtime.session(jacgraph.compile(m64, emit="vjp")), {"x": x64.numpy(), "y_bar": u.numpy()})
+    # the exported LayerNormalization keeps stash_type=1 (float32 statistics): even the primal differs from
+    # torch's float64 by ~4e-9 (measured), so autograd is matched to 1e-6 and the JVP/VJP pair to 1e-10
+    assert np.linalg.norm(grads["x_bar"] - xg.grad.numpy()) <= 1e-6 * np.linalg.norm(xg.grad.numpy())
+    forward, reverse = np.vdot(out["y_dot"], u.numpy()), np.vdot(v.numpy(), grads["x_bar"])
+    assert abs(forward - reverse) <= 1e-10 * max(1.0, abs(forward))
