@@ -33,6 +33,7 @@ from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel, load
 
 PATTERNS = ("structural", "dense")
+CLIP = 1e3  # robust scales: the ADMM of the robust fit sees calls clipped there (see _fit_l1_rows)
 OUTLIER_CUT = 5.0  # residuals beyond 5 robust standard deviations (1.4826·MAD) are flagged as corrupted
 
 
@@ -173,18 +174,20 @@ def _fit_l1(A, y):
     return z, keep
 
 
-def _fit_l1_rows(A, Y, iterations=3000, check_every=25, gap=1e-6):
+def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=1e-3):
     """Robust fits of the columns of Y that share the design A (N x s), all at once.
 
     ADMM on min ‖A z - y‖₁ (split r = A z - y; the z-step is the projection A M onto A's range,
     M = (AᵀA)⁻¹Aᵀ from one Cholesky factorisation shared by every row and iteration; the r-step is
-    a soft threshold),
-    with each row's residual scale normalised to 1 and the penalty rebalanced as it runs. Every
-    `check_every` iterations each row's duality gap is measured: its multiplier, projected onto
-    null(Aᵀ) and scaled into |ν| <= 1, is a feasible point of the dual max -bᵀν, so -bᵀν is a lower
-    bound on the optimum. A row whose objective is within a relative `gap` of that bound is solved;
-    its outlier flags are read off the residuals, and the least-squares refit on the calls kept must
-    reproduce them (_refit). A row that does not get there falls back to the linear program (_fit_l1).
+    a soft threshold), each row's residual scale normalised to 1, its calls clipped at ±CLIP robust
+    scales, the penalty rebalanced as it runs. Every `check_every` iterations each row's duality gap
+    is measured: its multiplier, projected onto null(Aᵀ) and scaled into |ν| <= 1, is a feasible
+    point of the dual max -bᵀν, so -bᵀν bounds the clipped problem's optimum from below. A row whose
+    objective is within a relative `gap` of that bound, with every fitted value well inside the clip
+    (so its residuals keep their signs and the clipped and original problems agree), is solved: its
+    outlier flags are read off the residuals, the least-squares refit on the calls kept must
+    reproduce them (_refit) and be as good an L1 fit as the certified one. A row that does not get
+    there falls back to the exact linear program (_fit_l1).
     """
     from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
@@ -200,11 +203,15 @@ def _fit_l1_rows(A, Y, iterations=3000, check_every=25, gap=1e-6):
     scale = 1.4826 * np.median(np.abs(Y - centre), axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     B = (Y - centre) / scale
-    fit, resid, dual = np.zeros_like(B), B.copy(), np.zeros_like(B)  # A z, r, scaled multiplier u
+    # ADMM runs on B clipped to ±CLIP robust scales (corrupted calls may lie 1e7 scales out, which stalls
+    # it): an L1 fit depends on a residual only through its sign, so a minimiser of the clipped problem
+    # whose fitted values stay inside the clip (checked, with a factor 2 margin) minimises the original
+    clipped = np.clip(B, -CLIP, CLIP)
+    fit, resid, dual = np.zeros_like(B), clipped.copy(), np.zeros_like(B)  # A z, r, scaled multiplier u
     rho = np.ones(R)
     open_rows = np.arange(R)
     for it in range(1, iterations + 1):
-        b, r, u = B[:, open_rows], resid[:, open_rows], dual[:, open_rows]
+        b, r, u = clipped[:, open_rows], resid[:, open_rows], dual[:, open_rows]
         f = A @ (M @ (b + r - u))
         r_new = f - b + u
         r_new = np.sign(r_new) * np.maximum(np.abs(r_new) - 1.0 / rho[open_rows], 0.0)
@@ -218,12 +225,17 @@ def _fit_l1_rows(A, Y, iterations=3000, check_every=25, gap=1e-6):
         nu = dual[:, open_rows] * rho[open_rows]
         nu -= A @ (M @ nu)
         nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
-        objective = np.abs(fit[:, open_rows] - B[:, open_rows]).sum(axis=0)
-        bound = -(B[:, open_rows] * nu).sum(axis=0)
-        for j, obj, low in zip(open_rows, objective, bound):
-            if obj - low <= gap * max(obj, 1e-12):
+        objective = np.abs(fit[:, open_rows] - clipped[:, open_rows]).sum(axis=0)
+        bound = -(clipped[:, open_rows] * nu).sum(axis=0)
+        inside = np.abs(fit[:, open_rows]).max(axis=0) < CLIP / 2  # every residual keeps its sign
+        for j, obj, low, ok in zip(open_rows, objective, bound, inside):
+            if ok and obj - low <= gap * max(obj, 1e-12):
                 z = M @ (fit[:, j] * scale[j] + centre[j])
-                keeps[j] = _refit(A, Y[:, j], _inliers(A, Y[:, j], z), factors) or False
+                refit = _refit(A, Y[:, j], _inliers(A, Y[:, j], z), factors)
+                # the refit must be as good an L1 fit of the clipped calls as the certified one
+                better = refit is not None and np.abs(A @ refit[0] - (clipped[:, j] * scale[j] + centre[j])).sum() \
+                    <= (obj + gap * obj) * scale[j]
+                keeps[j] = refit if better else False
         open_rows = np.array([j for j in open_rows if keeps[j] is None], int)
         if not len(open_rows):
             break

@@ -214,7 +214,7 @@ def test_rows_the_admm_does_not_certify_fall_back_to_the_linear_program(monkeypa
     solved = []
     exact = sensing._fit_l1
     monkeypatch.setattr(sensing, "_fit_l1", lambda A, y: solved.append(1) or exact(A, y))
-    got, _ = sensing._fit_l1_rows(A, Y, iterations=10)  # too few iterations for a duality gap of 1e-6
+    got, _ = sensing._fit_l1_rows(A, Y, iterations=10)  # too few iterations to reach the duality gap
     assert len(solved) == 2
     np.testing.assert_allclose(got, Z, rtol=0, atol=1e-8)
 
