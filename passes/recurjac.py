@@ -47,7 +47,7 @@ METHODS = ("recurjac", "interval")
 MEMORY_LIMIT = 2 << 30   # bytes one back-substitution may hold (per coefficient tensor, times TEMPORARIES)
 TEMPORARIES = 6          # live tensors of a coefficient's size in one back-substitution step
 PROTO_LIMIT = 1 << 30    # bytes of dense lowered weights an emitted graph may embed (protobuf caps at 2 GiB)
-DENSE_OP_BYTES = 16 << 20  # a linear operator up to this size is a dense MatMul in the bound graph, else sparse (ELL)
+DENSE_OP_BYTES = 64 << 20  # a linear operator up to this size is a dense MatMul in the bound graph, else sparse (ELL)
 
 
 # ---- factored back-substitution ----------------------------------------------------------------
@@ -322,7 +322,9 @@ class _Operator:
         self.b = b
         self.M = sp.csr_matrix(M)
         self.dense = self.M.shape[0] * self.M.shape[1] * 8 <= DENSE_OP_BYTES
-        self.width = 1 if self.dense else max(_ell_width(self.M), _ell_width(self.M.T.tocsr()))
+        # entries per row of the largest product it forms (fwd: n_out x K, adj: n_in x K^T)
+        self.gathered = 0 if self.dense else max(self.M.shape[0] * _ell_width(self.M),
+                                                 self.M.shape[1] * _ell_width(self.M.T.tocsr()))
         self._consts = {}
 
     def _const(self, kind, transpose):
@@ -402,14 +404,12 @@ class _DagBounds:
 
     def fits(self, rows, k_range, m=1):
         """Whether a back-substitution of `rows` rows (times m outputs) over nodes k_range fits the limit:
-        its coefficients are rows x n_j, a gathered operator's product rows x n_j x K."""
-        widest = max((self.nodes[j].n * self._width(j) for j in k_range), default=1)
+        its coefficients are rows x n_j, a gathered (ELL) operator's product rows x n x K."""
+        widest = max((self.nodes[j].n for j in k_range), default=1)
+        for c in k_range:
+            if self.nodes[c].kind == "linear":
+                widest = max([widest] + [self.op(c, j).gathered for j in self.nodes[c].inputs])
         return 8 * m * rows * widest * TEMPORARIES <= self.limit
-
-    def _width(self, j):
-        ops = [self.op(c, j) for c in self.cons[j] if self.nodes[c].kind == "linear"]
-        ops += [self.op(j, i) for i in self.nodes[j].inputs] if self.nodes[j].kind == "linear" else []
-        return max([o.width for o in ops] + [1])
 
     # -- forward: interval boxes, CROWN, relaxations --------------------------------------------
     def forward(self, x, eps, x3):
