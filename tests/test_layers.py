@@ -289,3 +289,29 @@ def test_graph_lowering_matches_the_torch_model(name):
     np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
     kinds = [n.kind for n in graph.nodes]
     assert kinds[0] == "input" and kinds[-1] == "linear"
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_graph_lowering_of_pad_matches_the_reference(mode):
+    """Pad with constant pads (constant value 0.5 / reflect / edge) before a Conv and a residual Sub."""
+    rng = np.random.default_rng(7)
+    W = numpy_helper.from_array(rng.standard_normal((1, 1, 3, 3)).astype(np.float32), "W")
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads")
+    value = numpy_helper.from_array(np.array(0.5, np.float32), "value")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
+    nodes = [helper.make_node("Pad", ["x", "pads"] + (["value"] if mode == "constant" else []), ["p"], mode=mode),
+             helper.make_node("Conv", ["p", "W"], ["c"]),  # 7x7 -> 5x5
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Slice", ["p", "starts", "ends", "axes"], ["s"]),
+             helper.make_node("Sub", ["r", "s"], ["d"]),
+             helper.make_node("Reshape", ["d", "shape"], ["y"])]
+    starts = numpy_helper.from_array(np.array([1, 1], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([6, 6], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 25])],
+                              [W, pads, value, shape, starts, ends, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 1, 4, 4))
+    lowered = lower_graph(model)
+    np.testing.assert_allclose(graph_numpy(lowered, x.reshape(3, -1)), reference_output(model, x), rtol=TOL, atol=TOL)
