@@ -552,7 +552,7 @@ def _transpose_windows(b, g, weight, kernel, geometry, group=1, x=None):
 
 
 def _weight_grad(b, data, cot, kernel, geometry, group, data_channels, cot_channels, like):
-    """W̄[m, c, k] = Σ_{n,o} cot[n, m, o]·data_pad[n, g(m)·C/G + c, o·s + k·d]: unfold data, then one MatMul.
+    """W̄[m, c, k] = Σ_{n,o} cot[n, m, o]·data_pad[n, g(m)·C/G + c, o·s + k·d]: unfold data, then one Gemm/MatMul.
 
     The windows of data are unfolded by a Conv with one-hot filters (each channel on its own, as a
     batch of one-channel images), giving [N, G, C/G·taps, L] patches against cot's [N, G, M/G, L].
