@@ -26,7 +26,7 @@ from .model import SourceModel, load
 from .reference import reference_session, run_reference
 from .testing import central_difference, random_feeds, relative_error, to_float64
 
-KINDS = ("jvp", "vjp", "hvp", "jacobian", "recurjac")
+KINDS = ("jvp", "vjp", "hvp", "jacobian", "recurjac", "jfb")
 
 
 @dataclass
@@ -79,6 +79,8 @@ def verify(path, seed=0, h=1e-7, tol=1e-4, source=None, x0=None, eps=None, sampl
         raise JacgraphError(f"--h {h} is not a positive finite step; central differences need one, e.g. --h 1e-7.")
     props = {p.key: p.value for p in model.metadata_props}
     rng = np.random.default_rng(seed)
+    if kind == "jfb":
+        return kind, check_jfb(model, props, source, rng, h, tol)
     if kind == "recurjac":
         if source is None:
             raise JacgraphError("a recurjac bound graph holds no copy of the network it bounds. Give the source "
@@ -191,6 +193,73 @@ def _dense(out, names, m, n):
     values, idx = out[names[0]], out[names[1]]
     np.add.at(J, (idx[:, 0], idx[:, 1]), values)
     return J
+
+
+# ---- JFB ------------------------------------------------------------------------------------------
+
+def check_jfb(model, props, source, rng, h, tol) -> list:
+    """fixed_point: z_star is T applied `iterations` times from the start, and a converged loop's last step is
+    within its tol; jfb_grad: the dot-product identity against central differences of one T step at z*
+    (inputs and parameters moved, z* held). Both need T (--source); the readout graph is not checked yet."""
+    graph = props.get("jacgraph.jfb.graph")
+    if graph not in ("fixed_point", "jfb_grad") or source is None:
+        raise JacgraphError(f"verify checks a JFB fixed_point or jfb_grad graph given T with --source T.onnx; this is "
+                            f"the {graph} graph{'' if source is not None else ' and no --source was given'}.")
+    T64, state = to_float64(load(source)), props["jacgraph.state"]
+    m64 = to_float64(model)
+    feeds = random_feeds(SourceModel(m64), rng)
+    return (_check_fixed_point if graph == "fixed_point" else _check_jfb_grad)(m64, props, T64, state, feeds, rng, h, tol)
+
+
+def _step(T64, state, z, feeds, params=None):
+    """One T step in float64: T(z, x) with T's other inputs from feeds and its parameters (optionally) replaced."""
+    if params:
+        T64 = onnx.ModelProto.FromString(T64.SerializeToString())
+        for i, t in enumerate(T64.graph.initializer):
+            if t.name in params:
+                T64.graph.initializer[i].CopyFrom(numpy_helper.from_array(params[t.name], t.name))
+    names = [i.name for i in T64.graph.input if i.name not in {t.name for t in T64.graph.initializer}]
+    out = run_reference(float64_session(T64), {n: (z if n == state else feeds[n]) for n in names})
+    return out[T64.graph.output[0].name]
+
+
+def _check_fixed_point(m64, props, T64, state, feeds, rng, h, tol) -> list:
+    out = run_reference(float64_session(m64), feeds)
+    z_star, iterations = out["z_star"], int(out["iterations"])
+    T_inputs = {i.name for i in T64.graph.input}
+    z = next((v for k, v in feeds.items() if k not in T_inputs), np.zeros_like(z_star))  # z0, or zeros
+    for _ in range(iterations):
+        previous, z = z, _step(T64, state, z, feeds)
+    checks = _nonfinite_check(out) + [compared(f"z_star = T^{iterations}(start)", z_star, z, tol,
+                                               "relative error vs T iterated in float64 from the start")]
+    converged = not int(props.get("jacgraph.fixed_iterations", 0)) and iterations < int(props["jacgraph.max_iter"])
+    if converged and iterations:
+        axes = tuple(range(1, z.ndim)) or None
+        step = np.max(np.linalg.norm((z - previous).reshape(len(z), -1) if axes else z - previous, axis=-1)
+                      / (np.linalg.norm(previous.reshape(len(z), -1) if axes else previous, axis=-1) + 1e-12))
+        checks.append(Check("last step within the loop's tol", float(step), float(props["jacgraph.tol"]),
+                            "relative change of the last T step (float64), which the loop stopped on"))
+    return checks
+
+
+def _check_jfb_grad(m64, props, T64, state, feeds, rng, h, tol) -> list:
+    (y, bar), = json.loads(props["jacgraph.cotangent_inputs"])
+    grads = json.loads(props["jacgraph.gradient_outputs"])
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in T64.graph.initializer}
+    out = run_reference(float64_session(m64), feeds)
+    v = {n: rng.standard_normal(np.shape(feeds[n] if n in feeds else inits[n])) for n, _ in grads}
+    z_star = feeds[f"{state}_star"]
+    sides = []
+    for sign in (1, -1):
+        moved = {n: (feeds[n] if n in feeds else inits[n]) + sign * h * v[n] for n, _ in grads}
+        sides.append(_step(T64, state, z_star, {**feeds, **moved}, {n: moved[n] for n in moved if n in inits}))
+    Jv = (sides[0] - sides[1]) / (2 * h)
+    lhs, rhs = float(np.sum(Jv * feeds[bar])), sum(float(np.sum(v[n] * out[b])) for n, b in grads)
+    scale = max(float(np.sum(np.abs(Jv * feeds[bar]))), sum(float(np.sum(np.abs(v[n] * out[b]))) for n, b in grads),
+                1e-30)
+    return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
+                                          f"one T step at z* held, over {len(grads)} gradient(s), J v by float64 "
+                                          "central differences of T")]
 
 
 # ---- bounds -----------------------------------------------------------------------------------------

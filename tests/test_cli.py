@@ -228,10 +228,40 @@ def test_verify_samples_recurjac_bounds(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def fixed_point_T(path):
+    """T(z, x) = tanh(z W + x U + b) with ||W|| < 1: a contraction, so z <- T(z, x) converges."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.3 * rng.standard_normal((6, 6)) / np.sqrt(6)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "U"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["z", "W"], ["zw"]), helper.make_node("MatMul", ["x", "U"], ["xu"]),
+             helper.make_node("Add", ["zw", "xu"], ["s"]), helper.make_node("Add", ["s", "b"], ["t"]),
+             helper.make_node("Tanh", ["t"], ["z_next"])]
+    graph = helper.make_graph(nodes, "T", [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 6]),
+                                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("z_next", TensorProto.FLOAT, [2, 6])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("graph, output, op, value", [
+    ("fixed_point", "z_star", "Mul", 1.01), ("jfb_grad", "x_bar", "Mul", 2.0), ("jfb_grad", "W_bar", "Add", 0.1)])
+def test_verify_checks_jfb_graphs_against_T(tmp_path, capsys, graph, output, op, value):
+    T = fixed_point_T(tmp_path / "T.onnx")
+    assert run_cli("compile", T, "--emit", "jfb", "--state", "z", "-o", tmp_path / "jfb", "-q") == 0
+    path = tmp_path / f"jfb.{graph}.onnx"
+    assert run_cli("verify", path) == 2  # T is not in the graph: --source is needed
+    assert run_cli("verify", path, "--source", T) == 0
+    assert "OK: jfb graph" in capsys.readouterr().out
+    tamper(path, output, op, value)
+    assert run_cli("verify", path, "--source", T) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
 def test_verify_refuses_graphs_it_cannot_check(tmp_path, capsys):
     src = mlp_model(tmp_path / "m.onnx")
     assert run_cli("verify", src) == 2  # a source model, not an emitted graph
-    assert "verify checks graphs emitted with --emit jvp, vjp, hvp, jacobian, recurjac" in capsys.readouterr().err
+    assert "verify checks graphs emitted with --emit jvp, vjp, hvp, jacobian, recurjac, jfb" in capsys.readouterr().err
 
 
 # ---- issue 11: inputs are never destroyed, outputs checked before any work ------------------------

@@ -273,14 +273,16 @@ def add_verify(sub):
     v = sub.add_parser("verify", help="check an emitted graph numerically (exit 1 when it fails)",
                        description="Check a graph emitted by jacgraph: jvp against float64 central differences, vjp "
                                    "by the dot-product identity, jacobian against J v by central differences, "
-                                   "recurjac bounds by sampling true Jacobians in the ball (needs --source). "
+                                   "hvp against central differences of its gradient, recurjac bounds by sampling "
+                                   "true Jacobians in the ball and jfb fixed_point/jfb_grad graphs against T (both "
+                                   "need --source). "
                                    "NaN or inf anywhere fails. Exit 0: OK, 1: FAILED, 2: bad input.")
     v.add_argument("model", help="the emitted graph to check")
     v.add_argument("--seed", type=integer(0), default=0, help="seed of the random point and directions (default 0)")
     v.add_argument("--h", type=real(above=0), default=1e-7, help="central-difference step, float64 (default 1e-7)")
     v.add_argument("--tol", type=real(above=0), default=1e-4,
                    help="largest relative error that passes (default 1e-4)")
-    v.add_argument("--source", help="recurjac: the source model the bounds are for")
+    v.add_argument("--source", help="recurjac: the source model the bounds are for; jfb: the T(z, x) model")
     v.add_argument("--x0", help="recurjac: .npy point(s) at the ball's centre (default: a random point)")
     v.add_argument("--eps", type=real(low=0), help="recurjac: the ball's radius (default 0.1)")
     v.add_argument("--samples", type=integer(1), default=2000, help="recurjac: points sampled (default 2000)")
