@@ -88,7 +88,8 @@ def table(rows):
     ad = "onnx_ad_ratio" in rows[0]
     head = (["architecture", "ORT forward ms"] + [f"{s} / forward" for s in STRATEGIES]
             + (["onnx-ad / forward", f"onnx-ad / {DEFAULT}"] if ad else [])
-            + ["torch.func.jvp ms", f"torch.func.jvp / {DEFAULT}", "peak RSS MB forward, JVP", "peak RSS JVP / forward"])
+            + ["torch.func.jvp ms", f"torch.func.jvp / {DEFAULT}", "peak RSS MB forward, JVP",
+               "peak RSS JVP / forward"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = ([r["name"], f"{r['forward_ms']:.3f}"] + [f"{r[s + '_ratio']:.2f}" for s in STRATEGIES]
