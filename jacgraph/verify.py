@@ -150,9 +150,15 @@ def _worst(errors) -> float:
 
 
 def check_vjp(m64, props, sess, feeds, rng, h, tol) -> list:
-    ybars = json.loads(props["jacgraph.cotangent_inputs"])
-    grads = json.loads(props["jacgraph.gradient_outputs"])
-    if not ybars or not grads:
+    """<J v, u> = <v, Jᵀu> with u the random cotangent inputs."""
+    cotangents = [(y, feeds[bar]) for y, bar in json.loads(props["jacgraph.cotangent_inputs"])]
+    return _dot_product(m64, sess, feeds, cotangents, json.loads(props["jacgraph.gradient_outputs"]), rng, h, tol)
+
+
+def _dot_product(m64, sess, feeds, cotangents, grads, rng, h, tol) -> list:
+    """<J v, u> = <v, Jᵀu>: Jᵀu from the graph's gradient outputs (grads: [name, gradient output]), J v by
+    central differences of the outputs in `cotangents` ([output, u]) with every differentiated name moved."""
+    if not cotangents or not grads:
         return []
     inits = {t.name: t for t in m64.graph.initializer}
     for name, _ in grads:  # differentiated parameters are inputs whose default is the initializer
@@ -161,10 +167,10 @@ def check_vjp(m64, props, sess, feeds, rng, h, tol) -> list:
     out = run_reference(sess, feeds)
     v = {name: rng.standard_normal(np.shape(feeds[name])) for name, _ in grads}
     Jv = central_difference(sess, feeds, v, h)
-    lhs = sum(float(np.sum(Jv[y] * feeds[bar])) for y, bar in ybars)
+    lhs = sum(float(np.sum(Jv[y] * u)) for y, u in cotangents)
     rhs = sum(float(np.sum(v[name] * out[bar])) for name, bar in grads)
     # scale without cancellation: the sums of absolute products bound both sides
-    scale = max(sum(float(np.sum(np.abs(Jv[y] * feeds[bar]))) for y, bar in ybars),
+    scale = max(sum(float(np.sum(np.abs(Jv[y] * u))) for y, u in cotangents),
                 sum(float(np.sum(np.abs(v[name] * out[bar]))) for name, bar in grads), 1e-30)
     return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
                                           f"dot-product identity over {len(grads)} gradient(s), J v by float64 "
@@ -200,8 +206,15 @@ def _dense(out, names, m, n):
 def check_jfb(model, props, source, rng, h, tol) -> list:
     """fixed_point: z_star is T applied `iterations` times from the start, and a converged loop's last step is
     within its tol; jfb_grad: the dot-product identity against central differences of one T step at z*
-    (inputs and parameters moved, z* held). Both need T (--source); the readout graph is not checked yet."""
+    (inputs and parameters moved, z* held); both need T (--source). readout: the dot-product identity of its
+    loss (u = 1) against central differences of the graph's own loss output."""
     graph = props.get("jacgraph.jfb.graph")
+    if graph == "readout":  # d loss / d (z*, readout parameters): the loss is the graph's first output, u = 1
+        m64 = to_float64(model)
+        inputs = {i.name for i in m64.graph.input}
+        grads = [[n if n in inputs else f"{n}_star", bar] for n, bar in json.loads(props["jacgraph.gradient_outputs"])]
+        sess, feeds = float64_session(m64), random_feeds(SourceModel(m64), rng)
+        return _dot_product(m64, sess, feeds, [(m64.graph.output[0].name, 1.0)], grads, rng, h, tol)
     if graph not in ("fixed_point", "jfb_grad") or source is None:
         raise JacgraphError(f"verify checks a JFB fixed_point or jfb_grad graph given T with --source T.onnx; this is "
                             f"the {graph} graph{'' if source is not None else ' and no --source was given'}.")

@@ -244,17 +244,31 @@ def fixed_point_T(path):
     return path
 
 
+def readout_R(path):
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32), "V")
+    graph = helper.make_graph([helper.make_node("MatMul", ["h", "V"], ["logits"])], "R",
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 @pytest.mark.parametrize("graph, output, op, value", [
-    ("fixed_point", "z_star", "Mul", 1.01), ("jfb_grad", "x_bar", "Mul", 2.0), ("jfb_grad", "W_bar", "Add", 0.1)])
-def test_verify_checks_jfb_graphs_against_T(tmp_path, capsys, graph, output, op, value):
-    T = fixed_point_T(tmp_path / "T.onnx")
-    assert run_cli("compile", T, "--emit", "jfb", "--state", "z", "-o", tmp_path / "jfb", "-q") == 0
+    ("fixed_point", "z_star", "Mul", 1.01), ("jfb_grad", "x_bar", "Mul", 2.0), ("jfb_grad", "W_bar", "Add", 0.1),
+    ("readout", "z_bar", "Mul", 2.0)])
+def test_verify_checks_jfb_graphs(tmp_path, capsys, graph, output, op, value):
+    """fixed_point and jfb_grad against T (--source); readout against its own loss output."""
+    T, R = fixed_point_T(tmp_path / "T.onnx"), readout_R(tmp_path / "R.onnx")
+    assert run_cli("compile", T, "--emit", "jfb", "--state", "z", "--readout", R, "--loss", "cross_entropy",
+                   "-o", tmp_path / "jfb", "-q") == 0
     path = tmp_path / f"jfb.{graph}.onnx"
-    assert run_cli("verify", path) == 2  # T is not in the graph: --source is needed
-    assert run_cli("verify", path, "--source", T) == 0
+    source = [] if graph == "readout" else ["--source", T]
+    if source:
+        assert run_cli("verify", path) == 2  # T is not in the graph: --source is needed
+    assert run_cli("verify", path, *source) == 0
     assert "OK: jfb graph" in capsys.readouterr().out
     tamper(path, output, op, value)
-    assert run_cli("verify", path, "--source", T) == 1
+    assert run_cli("verify", path, *source) == 1
     assert "FAILED" in capsys.readouterr().out
 
 

@@ -282,7 +282,8 @@ def add_verify(sub):
     v.add_argument("--h", type=real(above=0), default=1e-7, help="central-difference step, float64 (default 1e-7)")
     v.add_argument("--tol", type=real(above=0), default=1e-4,
                    help="largest relative error that passes (default 1e-4)")
-    v.add_argument("--source", help="recurjac: the source model the bounds are for; jfb: the T(z, x) model")
+    v.add_argument("--source", help="recurjac: the source model the bounds are for; jfb fixed_point/jfb_grad: the "
+                                    "T(z, x) model")
     v.add_argument("--x0", help="recurjac: .npy point(s) at the ball's centre (default: a random point)")
     v.add_argument("--eps", type=real(low=0), help="recurjac: the ball's radius (default 0.1)")
     v.add_argument("--samples", type=integer(1), default=2000, help="recurjac: points sampled (default 2000)")
