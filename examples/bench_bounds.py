@@ -86,8 +86,8 @@ def main():
     args = p.parse_args()
     if args.lipschitz:
         return lipschitz_table(args.models.split(","), args.samples)
-    print(f"| model | input | RecurJac: build+session s | run s | mean width | interval-only nodes | "
-          f"interval chain: mean width | sampled range (lower bound) | peak RSS GB |")
+    print("| model | input | RecurJac: build+session s | run s | mean width | interval-only nodes | "
+          "interval chain: mean width | sampled range (lower bound) | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model, net, shape = model_and_net(name)

@@ -827,7 +827,6 @@ def lower_graph(model, input_shape=None) -> Graph:
     out = src.outputs[0].name
     if out not in low.env:
         raise JacgraphError(f"the model's output '{out}' does not depend on its input '{x}'.")
-    low._materialised.pop(out, None)
     value = low.env[out]
     ks = sorted(value.terms)
     low.nodes.append(Node("linear", value.shape, inputs=ks, mats=[value.terms[k] for k in ks], bias=value.bias))

@@ -470,7 +470,7 @@ class _DagBounds:
         self.sel[k] = (PU, PL, cmax, PU, DU)
         self.box[k] = (b.Squeeze(lmax, b.ints([2])), umax)
 
-    def _through(self, kind, k, up, lo, store, C):
+    def _through(self, k, up, lo, store, C):
         """Push coefficients (up, lo) on node k's values one step down (CROWN) into store; C the constants."""
         b = self.b
         node = self.nodes[k]
@@ -506,7 +506,7 @@ class _DagBounds:
                 for j in node.inputs:
                     _add_to(store, j, b, self.op(k, j).adj(up), self.op(k, j).adj(lo))
             elif node.kind in ("act", "max"):
-                C = self._through(node.kind, k, up, lo, store, C)
+                C = self._through(k, up, lo, store, C)
             else:
                 xv = lambda coef: b.Squeeze(b.MatMul(coef, x3), b.ints([2]))  # noqa: E731  [b, rows]
                 e = eps  # [b, 1]
