@@ -1,4 +1,4 @@
-"""Lowering of a feed-forward model into stages (affine map, elementwise activation) for the bound passes.
+"""Lowering of a model for the bound passes: a chain of stages (lower), or a DAG (lower_graph, below).
 
     stages = lower(model, input_shape=None)
     stage.matrix()   # dense float64 [out_features, in_features]; Conv lowered for the stage's input shape

@@ -7,7 +7,7 @@ For every x with ||x - x0[b]||_p <= eps[b] (p = inf or 2), J_lower[b] <= dy/dx (
 elementwise, with y and x flattened in C order (per sample, the batch axis dropped). Kinks included:
 an interval touching a ReLU kink allows both slopes. `eps` has shape [batch] (one radius per point).
 
-The model is lowered to stages z_s = W_s h_{s-1} + b_s, h_s = sigma_s(z_s) (jacgraph.layers; Conv
+A chain model is lowered to stages z_s = W_s h_{s-1} + b_s, h_s = sigma_s(z_s) (jacgraph.layers; Conv
 becomes its dense matrix). The graph then computes, in `dtype` (float64 by default):
 
 1. Pre-activation bounds l_s <= z_s <= u_s, CROWN-style: back-substitute the linear relaxations
@@ -25,6 +25,14 @@ becomes its dense matrix). The graph then computes, in `dtype` (float64 by defau
 Cost: back-substituted coefficients are kept factored as a matrix shared by every output row and by
 upper and lower bound (stable units merge into it), plus one low-rank term per layer over the
 units selected as unstable (TopK of a mask, so the graph keeps static ranks and handles a batch).
+
+Models that are not a chain (residual joins, Concat/Split/Slice, pooling, MaxPool/ReduceMax) take the
+graph lowering (jacgraph.layers.lower_graph, `_DagBounds` below): the same three steps over a DAG of
+linear joins and nonlinear nodes, coefficients dense [.., rows, units] and summed over every consumer
+at a fork; a max node is relaxed like an activation (lower line through the argmax of the lower
+bounds, upper line exact only where one input dominates) with derivatives in {0}, {1} or [0, 1].
+Large operators (convolutions) stay sparse there (ELL gather-multiply-reduce); a back-substitution
+over `memory_limit` keeps the interval step for that node (sound, looser).
 """
 from __future__ import annotations
 
