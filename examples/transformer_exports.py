@@ -1,0 +1,227 @@
+"""Hugging Face transformer exports (tiny configs, random weights): JVP, VJP and HVP against torch.func.
+
+    python examples/transformer_exports.py [--only bert,swin] [--exporter legacy|dynamo|both]
+
+Each model is built from a tiny config with a fixed seed (no weights are downloaded) and wrapped so that its one
+float input is the embeddings (inputs_embeds) or the image (pixel_values) and its one output the last hidden state.
+It is exported with torch.onnx.export (legacy: dynamo=False, opset 17; dynamo: the default torch.export-based
+exporter), compiled with jacgraph.compile(emit="jvp" | "vjp" | "hvp"), and each emitted graph is run in onnxruntime
+(CPU, float32, graph optimizations off, so that onnxruntime's fusions do not change the arithmetic being checked)
+and compared with the same module in float64: torch.func.jvp, torch.autograd's vjp (J^T y_bar), and
+forward-over-reverse torch.func.jvp(torch.func.grad(<f(x), y_bar>)) for H v. Errors are ||a - b|| / ||b||; the
+"forward" column is the primal output's own float32-vs-float64 error, the scale the derivative errors are read
+against. Every emitted graph is also checked with onnx.checker (full_check) and loaded with all optimizations on.
+transformers is a test/example-only dependency of jacgraph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jacgraph  # noqa: E402
+from jacgraph.testing import relative_error  # noqa: E402
+
+SEQ, IMAGE = 5, 32
+
+
+class LastHidden(torch.nn.Module):
+    """model(**{key: x}).last_hidden_state: one float input, one float output."""
+
+    def __init__(self, model, key):
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, x):
+        return self.model(**{self.key: x}).last_hidden_state
+
+
+def _text(config_cls, model_cls, **config):
+    model = model_cls(config_cls(**config, attn_implementation="eager"))
+    return LastHidden(model, "inputs_embeds"), (1, SEQ, config.get("hidden_size") or config.get("n_embd")
+                                                or config["d_model"])
+
+
+def _vision(config_cls, model_cls, **config):
+    model = model_cls(config_cls(**config, attn_implementation="eager"))
+    return LastHidden(model, "pixel_values"), (1, config.get("num_channels", 3), IMAGE, IMAGE)
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+    return _text(BertConfig, BertModel, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=37, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+    return _text(GPT2Config, GPT2Model, n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaModel
+    return _text(LlamaConfig, LlamaModel, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=37, vocab_size=99, max_position_embeddings=64)
+
+
+def t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+    return _text(T5Config, T5EncoderModel, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2, vocab_size=99,
+                 dropout_rate=0.0)
+
+
+def vit():
+    from transformers import ViTConfig, ViTModel
+    return _vision(ViTConfig, ViTModel, image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=2, intermediate_size=37, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+
+
+def swin():
+    # window_size 3 does not divide the 8x8 patch grid: Swin pads each window partition (the Pad that failed)
+    from transformers import SwinConfig, SwinModel
+    return _vision(SwinConfig, SwinModel, image_size=IMAGE, patch_size=4, embed_dim=16, depths=[1, 1],
+                   num_heads=[1, 2], window_size=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   drop_path_rate=0.0)
+
+
+def convnext():
+    from transformers import ConvNextConfig, ConvNextModel
+    model = ConvNextModel(ConvNextConfig(image_size=IMAGE, patch_size=4, hidden_sizes=[8, 16], depths=[1, 1],
+                                         num_stages=2, drop_path_rate=0.0))
+    return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
+
+
+MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5_encoder": t5_encoder, "vit": vit, "swin": swin,
+          "convnext": convnext}
+
+
+def build(name):
+    """(module in eval mode, float32, seeded weights; example input x as float32 numpy)."""
+    torch.manual_seed(0)
+    module, shape = MODELS[name]()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    return module.eval(), x.numpy()
+
+
+def export(module, x, exporter) -> onnx.ModelProto:
+    xt = torch.from_numpy(x)
+    if exporter == "legacy":
+        import io
+        buffer = io.BytesIO()
+        torch.onnx.export(module, (xt,), buffer, input_names=["x"], output_names=["y"], opset_version=17,
+                          dynamo=False)
+        return onnx.load_from_string(buffer.getvalue())
+    return torch.onnx.export(module, (xt,), dynamo=True, verbose=False).model_proto
+
+
+def run(model, feeds, optimize=False):
+    """Run in onnxruntime on the CPU (graph optimizations off unless optimize) -> {output name: array}."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds)))
+
+
+def emitted(model, emit, **options):
+    """jacgraph.compile, then the checks every emitted graph must pass; (model, its metadata as a dict)."""
+    out = jacgraph.compile(model, emit=emit, **options)
+    onnx.checker.check_model(out, full_check=True)
+    meta = {p.key: p.value for p in out.metadata_props}
+    return out, meta
+
+
+def torch_references(module, x, v, y_bar):
+    """float64 torch: y, J v, J^T y_bar, H v for f = <module(x), y_bar>."""
+    module = module.double()
+    xt, vt, ut = (torch.from_numpy(a).double() for a in (x, v, y_bar))
+    y, jv = torch.func.jvp(module, (xt,), (vt,))
+    _, pullback = torch.func.vjp(module, xt)
+    (vjp,) = pullback(ut)
+    _, hv = torch.func.jvp(torch.func.grad(lambda z: (module(z) * ut).sum()), (xt,), (vt,))
+    module.float()
+    return {key: t.detach().numpy() for key, t in {"y": y, "jvp": jv, "vjp": vjp, "hvp": hv}.items()}
+
+
+def check(name, exporter):
+    """One row: {model, exporter, ops, forward, jvp, vjp, hvp (relative errors or None), status}."""
+    module, x = build(name)
+    row = {"model": name, "exporter": exporter, "ops": None, "forward": None, "jvp": None, "vjp": None,
+           "hvp": None, "status": "ok"}
+    t0 = time.perf_counter()
+    try:
+        source = export(module, x, exporter)
+    except Exception as e:  # an export failure is PyTorch's, not jacgraph's: say so and go on
+        row["status"] = f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return row
+    x_name = source.graph.input[0].name
+    row["ops"] = len({n.op_type for n in source.graph.node})
+    rng = np.random.default_rng(2)
+    y_shape = module(torch.from_numpy(x)).shape
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    y_bar = rng.standard_normal(tuple(y_shape)).astype(np.float32)
+    ref = torch_references(module, x, v, y_bar)
+    y_name = source.graph.output[0].name
+    row["forward"] = relative_error(run(source, {x_name: x})[y_name], ref["y"])
+    failures = []
+    for emit in ("jvp", "vjp", "hvp"):
+        try:
+            model, meta = emitted(source, emit, **({"y_bar": True} if emit == "hvp" else {}))
+            if emit == "jvp":
+                (dot,) = dict(json.loads(meta["jacgraph.tangent_inputs"])).values()
+                feeds, out = {x_name: x, dot: v}, dict(json.loads(meta["jacgraph.tangent_outputs"]))[y_name]
+            elif emit == "vjp":
+                (bar,) = dict(json.loads(meta["jacgraph.cotangent_inputs"])).values()
+                feeds, out = {x_name: x, bar: y_bar}, dict(json.loads(meta["jacgraph.gradient_outputs"]))[x_name]
+            else:
+                (dot,) = dict(json.loads(meta["jacgraph.tangent_inputs"])).values()
+                (bar,) = dict(json.loads(meta["jacgraph.cotangent_inputs"])).values()
+                feeds, out = {x_name: x, bar: y_bar, dot: v}, dict(json.loads(meta["jacgraph.hvp_outputs"]))[x_name]
+            row[emit] = relative_error(run(model, feeds)[out], ref[emit])
+            run(model, feeds, optimize=True)  # every emitted graph must also load and run fully optimized
+        except jacgraph.JacgraphError as e:
+            failures.append(f"{emit}: {str(e).splitlines()[0][:200]}")
+        except Exception as e:  # a raw library error: a jacgraph bug to report, with its type
+            failures.append(f"{emit}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if failures:
+        row["status"] = "; ".join(failures)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def fmt(value):
+    return "—" if value is None else f"{value:.1e}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model names: " + ", ".join(MODELS))
+    parser.add_argument("--exporter", choices=["legacy", "dynamo", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.only.split(",") if args.only else list(MODELS)
+    exporters = ["legacy", "dynamo"] if args.exporter == "both" else [args.exporter]
+    print("| model | exporter | op types | forward | JVP | VJP | HVP | seconds | status |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for exporter in exporters:
+            r = check(name, exporter)
+            print(f"| {r['model']} | {r['exporter']} | {r['ops'] or '—'} | {fmt(r['forward'])} | {fmt(r['jvp'])} | "
+                  f"{fmt(r['vjp'])} | {fmt(r['hvp'])} | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
