@@ -403,21 +403,33 @@ def per_channel(b, t, rank):
     """A per-channel tangent ([C], or [K, C] stacked) shaped to broadcast against [(K,) N, C, *spatial] of `rank`
     source axes: [C] -> [C, 1..]; [K, C] -> [K, 1, C, 1..]."""
     k = lead(b)
-    return b.Unsqueeze(t, b.ints([1] * k + list(range(1 + 2 * k, rank - 1 + 2 * k))))
+    axes = [1] * k + list(range(1 + 2 * k, rank - 1 + 2 * k))
+    return b.Unsqueeze(t, b.ints(axes)) if axes else t
 
 
 @rule("BatchNormalization")
-def batch_norm(b, node, t, *params):
-    """Inference BN is affine per channel: ẏ = ẋ·scale/√(var+ε); mean and bias are additive."""
+def batch_norm(b, node, t, tscale=None, tbias=None, tmean=None, tvar=None):
+    """Inference BN y = γ(x-μ)r + β, r = 1/√(σ²+ε), is affine per channel in x: ẋ's term is BN itself with bias and
+    mean 0; tangents on the parameters add x̂·γ̇ + β̇ - γr·μ̇ - ½γx̂r²·σ̇² (x̂ = (x-μ)r)."""
     attrs = b.src.attrs(node)
     if attrs.get("training_mode", 0):
         raise JacgraphError(f"BatchNormalization '{node.name}' is in training mode; export the model in eval() mode.")
-    if any(p is not None for p in params):
-        raise JacgraphError(f"BatchNormalization '{node.name}': tangents on scale/bias/mean/var are not supported.")
     x, scale, bias, mean, var = node.input[:5]
-    zero = b.Mul(bias, s(b, 0.0, x))
-    out = batch_first(b, t, "BatchNormalization", scale, zero, zero, var, epsilon=attrs["epsilon"])
-    return [out] + [None] * (len(node.output) - 1)
+    terms = []
+    if t is not None:
+        zero = b.Mul(bias, s(b, 0.0, x))
+        terms.append(batch_first(b, t, "BatchNormalization", scale, zero, zero, var, epsilon=attrs["epsilon"]))
+    if any(p is not None for p in (tscale, tbias, tmean, tvar)):
+        rank = b.src.rank(x)
+        chan = (lambda v: b.Unsqueeze(v, b.ints(range(1, rank - 1)))) if rank > 2 else (lambda v: v)  # [C] -> [C, 1..]
+        r = b.Reciprocal(b.Sqrt(b.Add(var, s(b, attrs["epsilon"], x))))
+        x_hat = b.Mul(b.Sub(x, chan(mean)), chan(r))
+        terms += [None if tscale is None else b.Mul(per_channel(b, tscale, rank), x_hat),
+                  None if tbias is None else per_channel(b, tbias, rank),
+                  None if tmean is None else b.Neg(b.Mul(per_channel(b, tmean, rank), chan(b.Mul(scale, r)))),
+                  None if tvar is None else b.Mul(per_channel(b, tvar, rank),
+                                                  b.Mul(x_hat, chan(b.Mul(b.Mul(scale, b.Mul(r, r)), s(b, -0.5, x)))))]
+    return [add_all(b, terms)] + [None] * (len(node.output) - 1)
 
 
 @rule("AveragePool", "GlobalAveragePool")
