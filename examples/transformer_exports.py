@@ -63,8 +63,8 @@ def bert():
 
 def gpt2():
     from transformers import GPT2Config, GPT2Model
-    return _text(GPT2Config, GPT2Model, n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _text(GPT2Config, GPT2Model, n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64,
+                 bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def llama():
@@ -87,9 +87,10 @@ def vit():
 
 
 def swin():
-    # window_size 3 does not divide the 8x8 patch grid: Swin pads each window partition (the Pad that failed)
+    # window_size 3 does not divide the 8x8 patch grid: Swin pads each window partition (the Pad that failed);
+    # depth 2 per stage: the second block's windows are shifted (torch.roll, an attention mask)
     from transformers import SwinConfig, SwinModel
-    return _vision(SwinConfig, SwinModel, image_size=IMAGE, patch_size=4, embed_dim=16, depths=[1, 1],
+    return _vision(SwinConfig, SwinModel, image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2],
                    num_heads=[1, 2], window_size=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                    drop_path_rate=0.0)
 
@@ -156,7 +157,7 @@ def torch_references(module, x, v, y_bar):
 
 
 def check(name, exporter):
-    """One row: {model, exporter, ops, forward, jvp, vjp, hvp (relative errors or None), status}."""
+    """One row: {model, exporter, ops (the op types), forward, jvp, vjp, hvp (relative errors or None), status}."""
     module, x = build(name)
     row = {"model": name, "exporter": exporter, "ops": None, "forward": None, "jvp": None, "vjp": None,
            "hvp": None, "status": "ok"}
@@ -167,7 +168,7 @@ def check(name, exporter):
         row["status"] = f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return row
     x_name = source.graph.input[0].name
-    row["ops"] = len({n.op_type for n in source.graph.node})
+    row["ops"] = sorted({n.op_type for n in source.graph.node})
     rng = np.random.default_rng(2)
     y_shape = module(torch.from_numpy(x)).shape
     v = rng.standard_normal(x.shape).astype(np.float32)
@@ -219,7 +220,7 @@ def main():
     for name in names:
         for exporter in exporters:
             r = check(name, exporter)
-            print(f"| {r['model']} | {r['exporter']} | {r['ops'] or '—'} | {fmt(r['forward'])} | {fmt(r['jvp'])} | "
+            print(f"| {r['model']} | {r['exporter']} | {len(r['ops']) if r['ops'] else '—'} | {fmt(r['forward'])} | {fmt(r['jvp'])} | "
                   f"{fmt(r['vjp'])} | {fmt(r['hvp'])} | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
 
 
