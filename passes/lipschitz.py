@@ -596,7 +596,8 @@ def run_lipsdp(stages, last_slope, explicit=True) -> dict:
 
     big = [i for i, s in enumerate(stages) if size(s) > DENSE_LIMIT]
     why = (f"layer(s) {big} exceed {DENSE_LIMIT} matrix entries" if big else
-           lipsdp.too_big([stages[0].in_features] + [s.out_features for s in stages[:-1]]))
+           lipsdp.too_big([stages[0].in_features] + [s.out_features for s in stages[:-1]],
+                          lipsdp.PAIR_LIMIT if explicit else lipsdp.AUTO_PAIR_LIMIT))
     if why:
         if explicit:
             raise JacgraphError(f"{why}: too large for the LipSDP semidefinite program. Use --method seqlip or "

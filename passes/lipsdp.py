@@ -46,6 +46,7 @@ from jacgraph.errors import JacgraphError
 
 ROW_LIMIT = 256      # rows of the LMI (inputs + hidden units) we hand to the SDP solver
 PAIR_LIMIT = 128     # rows of one consecutive pair of blocks n_{k-1} + n_k (one PSD cone after decomposition)
+AUTO_PAIR_LIMIT = 96  # the same under --method all, which should not start a multi-minute SDP unasked
 # the SDP asks for M <= -delta I (normalised units): room for the solver's residual to pass the float64 check
 # (SCS, first order, leaves residuals ~1e-4 relative: with 1e-7 its T failed the check on the digits MLP)
 DELTA = {"CLARABEL": 1e-7, "SCS": 1e-5}
@@ -53,16 +54,16 @@ SOLVERS = ["CLARABEL", "SCS"]   # interior point first; SCS when Clarabel fails 
 EPS = np.finfo(np.float64).eps
 
 
-def too_big(sizes) -> str | None:
+def too_big(sizes, pair_limit=PAIR_LIMIT) -> str | None:
     """Why the SDP is too large (None when it fits); sizes = [n_0, n_1, ..., n_l], the input and hidden widths
     (the input block counts as at most n_1 rows: reduce_input restricts it to W_0's row space)."""
     if len(sizes) == 1:  # no hidden layer: no SDP, the layer's norm
         return None
     sizes = [min(sizes[0], sizes[1])] + list(sizes[1:])
     pair = max(a + b for a, b in zip(sizes, sizes[1:]))
-    if sum(sizes) > ROW_LIMIT or pair > PAIR_LIMIT:
+    if sum(sizes) > ROW_LIMIT or pair > pair_limit:
         return (f"the LipSDP matrix would have {sum(sizes)} rows (inputs + hidden units; limit {ROW_LIMIT}) and its "
-                f"largest pair of consecutive layers {pair} units (limit {PAIR_LIMIT})")
+                f"largest pair of consecutive layers {pair} units (limit {pair_limit})")
     return None
 
 
