@@ -1,6 +1,6 @@
 """Hugging Face transformer exports (tiny configs, random weights): JVP, VJP and HVP against torch.func.
 
-    python examples/transformer_exports.py [--only bert,swin] [--exporter legacy|dynamo|both]
+    python examples/transformer_exports.py [--only bert,swin] [--exporter legacy|dynamo|both] [--float64]
 
 Each model is built from a tiny config with a fixed seed (no weights are downloaded) and wrapped so that its one
 float input is the embeddings (inputs_embeds) or the image (pixel_values) and its one output the last hidden state.
@@ -10,7 +10,10 @@ exporter), compiled with jacgraph.compile(emit="jvp" | "vjp" | "hvp"), and each 
 and compared with the same module in float64: torch.func.jvp, torch.autograd's vjp (J^T y_bar), and
 forward-over-reverse torch.func.jvp(torch.func.grad(<f(x), y_bar>)) for H v. Errors are ||a - b|| / ||b||; the
 "forward" column is the primal output's own float32-vs-float64 error, the scale the derivative errors are read
-against. Every emitted graph is also checked with onnx.checker (full_check) and loaded with all optimizations on.
+against. With --float64, each emitted graph's float64 copy also runs in onnx's reference evaluator (slow:
+seconds per graph) against the same references, which separates float32 round-off from a wrong derivative (what
+remains is the export's float32-rounded constants). Every emitted graph is also checked with onnx.checker
+(full_check) and loaded with all optimizations on.
 transformers is a test/example-only dependency of jacgraph.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jacgraph  # noqa: E402
-from jacgraph.testing import relative_error  # noqa: E402
+from jacgraph.testing import reference_session, relative_error, run_reference, to_float64  # noqa: E402
 
 SEQ, IMAGE = 5, 32
 
@@ -156,15 +159,21 @@ def torch_references(module, x, v, y_bar):
     return {key: t.detach().numpy() for key, t in {"y": y, "jvp": jv, "vjp": vjp, "hvp": hv}.items()}
 
 
-def check(name, exporter):
-    """One row: {model, exporter, ops (the op types), forward, jvp, vjp, hvp (relative errors or None), status}."""
+def run_float64(model, feeds):
+    """The emitted graph's float64 copy in onnx's reference evaluator (float32 feeds widened exactly)."""
+    return run_reference(reference_session(to_float64(model)), {k: a.astype(np.float64) for k, a in feeds.items()})
+
+
+def check(name, exporter, float64=False):
+    """One row: {model, exporter, ops (the op types), forward, jvp, vjp, hvp (relative errors or None), status};
+    float64=True adds jvp64, vjp64, hvp64 (the float64 copies in the reference evaluator)."""
     module, x = build(name)
     row = {"model": name, "exporter": exporter, "ops": None, "forward": None, "jvp": None, "vjp": None,
            "hvp": None, "status": "ok"}
     t0 = time.perf_counter()
     try:
         source = export(module, x, exporter)
-    except Exception as e:  # an export failure is PyTorch's, not jacgraph's: say so and go on
+    except Exception as e:  # pylint: disable=broad-exception-caught  # an export failure is PyTorch's, not jacgraph's: say so and go on
         row["status"] = f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return row
     x_name = source.graph.input[0].name
@@ -192,9 +201,11 @@ def check(name, exporter):
                 feeds, out = {x_name: x, bar: y_bar, dot: v}, dict(json.loads(meta["jacgraph.hvp_outputs"]))[x_name]
             row[emit] = relative_error(run(model, feeds)[out], ref[emit])
             run(model, feeds, optimize=True)  # every emitted graph must also load and run fully optimized
+            if float64:
+                row[emit + "64"] = relative_error(run_float64(model, feeds)[out], ref[emit])
         except jacgraph.JacgraphError as e:
             failures.append(f"{emit}: {str(e).splitlines()[0][:200]}")
-        except Exception as e:  # a raw library error: a jacgraph bug to report, with its type
+        except Exception as e:  # pylint: disable=broad-exception-caught  # a raw library error: a jacgraph bug to report, with its type
             failures.append(f"{emit}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     if failures:
         row["status"] = "; ".join(failures)
@@ -211,17 +222,22 @@ def main():
     parser.add_argument("--only", help="comma-separated model names: " + ", ".join(MODELS))
     parser.add_argument("--exporter", choices=["legacy", "dynamo", "both"], default="both")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--float64", action="store_true",
+                        help="also run each emitted graph's float64 copy in onnx's reference evaluator")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else list(MODELS)
     exporters = ["legacy", "dynamo"] if args.exporter == "both" else [args.exporter]
-    print("| model | exporter | op types | forward | JVP | VJP | HVP | seconds | status |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    wide = " JVP f64 | VJP f64 | HVP f64 |" if args.float64 else ""
+    print("| model | exporter | op types | forward | JVP | VJP | HVP |" + wide + " seconds | status |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (2 + 3 * args.float64))
     for name in names:
         for exporter in exporters:
-            r = check(name, exporter)
-            print(f"| {r['model']} | {r['exporter']} | {len(r['ops']) if r['ops'] else '—'} | {fmt(r['forward'])} | {fmt(r['jvp'])} | "
-                  f"{fmt(r['vjp'])} | {fmt(r['hvp'])} | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
+            r = check(name, exporter, args.float64)
+            errors = ["forward", "jvp", "vjp", "hvp"] + (["jvp64", "vjp64", "hvp64"] if args.float64 else [])
+            print(f"| {r['model']} | {r['exporter']} | {len(r['ops']) if r['ops'] else '—'} | "
+                  + " | ".join(fmt(r.get(key)) for key in errors)
+                  + f" | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
 
 
 if __name__ == "__main__":
