@@ -4,7 +4,11 @@ HVP graphs jacgraph emits, run in onnxruntime float32, against torch.func on the
 Tolerance: 1e-5 relative (||a - b|| / ||b||). The graphs run in float32 (unit round-off 6e-8) and the reference in
 float64, so the error measured is float32 round-off through a few hundred ops: on these models the forward output
 alone is 0.6-2.4e-7 off and the JVP/VJP/HVP 0.7-5.0e-7 (docs/benchmarks/transformers.md). 1e-5 is 20x the largest of
-those; a wrong rule (a dropped term, a transposed weight, a missed branch) moves the result by 1e-3 or more.
+those, so anything that moves a derivative by more than 1e-5 of its norm fails.
+ConvNeXt's graphs are also run as float64 copies in onnx's reference evaluator: its export has no float32-rounded
+constant on the derivative's path and its torch module no float32 cast, so float64 round-off (1.1e-16 per op) is all
+that separates the two; measured 1.4-1.7e-15, tolerance 1e-12. (In BERT/GPT-2/ViT/Swin the export's float32
+constants leave 5e-11 to 4e-9, and LLaMA's RMSNorm/T5's norm compute in float32 inside torch itself.)
 The examples module builds, exports and checks; see examples/transformer_exports.py for the full table.
 """
 import pytest
@@ -15,13 +19,16 @@ pytest.importorskip("torch")
 from examples import transformer_exports  # noqa: E402
 
 TOLERANCE = 1e-5
+FLOAT64_TOLERANCE = {"convnext": 1e-12}
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5_encoder", "vit", "swin", "convnext"])
 def test_transformer_export_derivatives_match_torch(name):
-    row = transformer_exports.check(name, "legacy")
+    row = transformer_exports.check(name, "legacy", float64=name in FLOAT64_TOLERANCE)
     assert row["status"] == "ok", row["status"]
     if name == "swin":  # the export that used to fail: its window padding is a Pad with computed pads
         assert "Pad" in row["ops"]
     for emit in ("jvp", "vjp", "hvp"):
         assert row[emit] < TOLERANCE, (emit, row)
+        if name in FLOAT64_TOLERANCE:
+            assert row[emit + "64"] < FLOAT64_TOLERANCE[name], (emit, row)
