@@ -166,7 +166,7 @@ def run_float64(model, feeds):
 
 def check(name, exporter, float64=False):
     """One row: {model, exporter, ops (the op types), forward, jvp, vjp, hvp (relative errors or None), status};
-    float64=True adds jvp64, vjp64, hvp64 (the float64 copies in the reference evaluator)."""
+    float64=True adds forward64, jvp64, vjp64, hvp64 (the float64 copies in the reference evaluator)."""
     module, x = build(name)
     row = {"model": name, "exporter": exporter, "ops": None, "forward": None, "jvp": None, "vjp": None,
            "hvp": None, "status": "ok"}
@@ -185,6 +185,8 @@ def check(name, exporter, float64=False):
     ref = torch_references(module, x, v, y_bar)
     y_name = source.graph.output[0].name
     row["forward"] = relative_error(run(source, {x_name: x})[y_name], ref["y"])
+    if float64:  # the source's own float64 copy: how far the export itself is from torch in float64
+        row["forward64"] = relative_error(run_float64(source, {x_name: x})[y_name], ref["y"])
     failures = []
     for emit in ("jvp", "vjp", "hvp"):
         try:
@@ -228,13 +230,13 @@ def main():
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else list(MODELS)
     exporters = ["legacy", "dynamo"] if args.exporter == "both" else [args.exporter]
-    wide = " JVP f64 | VJP f64 | HVP f64 |" if args.float64 else ""
+    wide = " forward f64 | JVP f64 | VJP f64 | HVP f64 |" if args.float64 else ""
     print("| model | exporter | op types | forward | JVP | VJP | HVP |" + wide + " seconds | status |")
-    print("|---|---|---|---|---|---|---|" + "---|" * (2 + 3 * args.float64))
+    print("|---|---|---|---|---|---|---|" + "---|" * (2 + 4 * args.float64))
     for name in names:
         for exporter in exporters:
             r = check(name, exporter, args.float64)
-            errors = ["forward", "jvp", "vjp", "hvp"] + (["jvp64", "vjp64", "hvp64"] if args.float64 else [])
+            errors = ["forward", "jvp", "vjp", "hvp"] + (["forward64", "jvp64", "vjp64", "hvp64"] if args.float64 else [])
             print(f"| {r['model']} | {r['exporter']} | {len(r['ops']) if r['ops'] else '—'} | "
                   + " | ".join(fmt(r.get(key)) for key in errors)
                   + f" | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
