@@ -510,14 +510,14 @@ def test_residual_affine_network_gives_zero_width():
 
 
 def test_lenet_from_the_quickstart_is_bounded_soundly():
-    """examples/quickstart.py's LeNet (Conv-ReLU-MaxPool x2, three Linear): 1x28x28, 10 outputs. A 256 MiB
+    """examples/quickstart.py's LeNet (Conv-ReLU-MaxPool x2, three Linear): 1x28x28, 10 outputs. A 32 MiB
     limit keeps the test fast: the largest back-substitutions fall back to interval bounds (still sound)."""
     from examples import architectures
 
     net = architectures.build("lenet").double()
     model = bounds_models.export_bytes(net, (1, 28, 28))
     x0 = architectures.example_input("lenet").double().numpy()
-    widths, _ = assert_dag_sound(model, net, (1, 28, 28), x0, [0.0, 0.01], memory_limit=256 << 20)
+    widths, _ = assert_dag_sound(model, net, (1, 28, 28), x0, [0.0, 0.01], memory_limit=32 << 20)
     assert widths[0] < 1e-12 < widths[1]
 
 
