@@ -55,13 +55,20 @@ def _text(config_cls, model_cls, **config):
 
 def _vision(config_cls, model_cls, **config):
     model = model_cls(config_cls(**config, attn_implementation="eager"))
-    return LastHidden(model, "pixel_values"), (1, config.get("num_channels", 3), IMAGE, IMAGE)
+    size = config["image_size"]
+    return LastHidden(model, "pixel_values"), (1, config.get("num_channels", 3), size, size)
 
 
 def bert():
     from transformers import BertConfig, BertModel
     return _text(BertConfig, BertModel, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=37, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def bert_wide():
+    from transformers import BertConfig, BertModel
+    return _text(BertConfig, BertModel, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=512, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def gpt2():
@@ -98,6 +105,14 @@ def swin():
                    drop_path_rate=0.0)
 
 
+def swin_w7():
+    # Swin's usual window 7 on a 16x16 patch grid (64x64 image): every partition pads 16 -> 21
+    from transformers import SwinConfig, SwinModel
+    return _vision(SwinConfig, SwinModel, image_size=64, patch_size=4, embed_dim=24, depths=[2, 2],
+                   num_heads=[2, 4], window_size=7, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   drop_path_rate=0.0)
+
+
 def convnext():
     from transformers import ConvNextConfig, ConvNextModel
     model = ConvNextModel(ConvNextConfig(image_size=IMAGE, patch_size=4, hidden_sizes=[8, 16], depths=[1, 1],
@@ -105,8 +120,8 @@ def convnext():
     return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
 
 
-MODELS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5_encoder": t5_encoder, "vit": vit, "swin": swin,
-          "convnext": convnext}
+MODELS = {"bert": bert, "bert_wide": bert_wide, "gpt2": gpt2, "llama": llama, "t5_encoder": t5_encoder, "vit": vit,
+          "swin": swin, "swin_w7": swin_w7, "convnext": convnext}
 
 
 def build(name):
@@ -236,7 +251,8 @@ def main():
     for name in names:
         for exporter in exporters:
             r = check(name, exporter, args.float64)
-            errors = ["forward", "jvp", "vjp", "hvp"] + (["forward64", "jvp64", "vjp64", "hvp64"] if args.float64 else [])
+            errors = ["forward", "jvp", "vjp", "hvp"]
+            errors += ["forward64", "jvp64", "vjp64", "hvp64"] if args.float64 else []
             print(f"| {r['model']} | {r['exporter']} | {len(r['ops']) if r['ops'] else '—'} | "
                   + " | ".join(fmt(r.get(key)) for key in errors)
                   + f" | {r.get('seconds', 0):.1f} | {r['status']} |", flush=True)
