@@ -676,3 +676,16 @@ def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path, argv):
     assert waited < 2.0
     assert "interrupted; nothing partial was written" in "".join(lines) and "Traceback" not in "".join(lines)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "x.npy"]
+
+
+def test_a_closed_pipe_is_a_quiet_exit_not_an_internal_error():
+    """`jacgraph inspect M | head`: the reader leaving is exit 141 (SIGPIPE's code), no message, no traceback."""
+    import subprocess
+    import sys as _sys
+
+    code = ("import argparse, sys; from jacgraph.cli import run_command\n"
+            "def func(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "sys.exit(run_command(argparse.Namespace(func=func, command='inspect', quiet=True)))\n")
+    done = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 141, done
+    assert done.stderr == "", done.stderr

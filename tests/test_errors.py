@@ -59,3 +59,42 @@ def test_onnxruntime_failing_at_run_time_is_named():
         runtime.run(model, {"x": np.ones(5, np.float32), "shape": np.array([2, 2], np.int64)})
     one_paragraph(str(e.value))
     assert "bad_reshape" in str(e.value)
+
+
+def dropout_model(training_mode):
+    """x -> Dropout(x, ratio 0.5, training_mode) -> y; training_mode None: omitted, else a Constant or an input."""
+    nodes, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])]
+    if isinstance(training_mode, bool):
+        nodes.append(helper.make_node("Constant", [], ["t"], value=helper.make_tensor("t", TensorProto.BOOL, [], [training_mode])))
+    elif training_mode == "input":
+        inputs.append(helper.make_tensor_value_info("t", TensorProto.BOOL, []))
+    nodes.append(helper.make_node("Constant", [], ["r"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])))
+    nodes.append(helper.make_node("Dropout", ["x", "r"] + ([] if training_mode is None else ["t"]), ["y"], name="drop"))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("emit", ["jvp", "vjp"])
+@pytest.mark.parametrize("training_mode", [True, "input"])
+def test_training_mode_dropout_is_refused_with_a_reason(emit, training_mode):
+    """Training-mode Dropout is random: no derivative exists, so the passes refuse it (they used to treat it as identity)."""
+    import jacgraph
+
+    with pytest.raises(JacgraphError) as e:
+        jacgraph.compile(dropout_model(training_mode), emit=emit)
+    one_paragraph(str(e.value))
+    assert "Dropout 'drop' runs in training mode" in str(e.value) and "eval()" in str(e.value)
+
+
+@pytest.mark.parametrize("emit", ["jvp", "vjp"])
+@pytest.mark.parametrize("training_mode", [None, False])
+def test_inference_dropout_is_the_identity(emit, training_mode):
+    import jacgraph
+
+    model = jacgraph.compile(dropout_model(training_mode), emit=emit)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    v = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    feeds = {"x": x, "x_dot": v} if emit == "jvp" else {"x": x, "y_bar": v}
+    out = runtime.session(model).run(None, feeds)
+    names = [o.name for o in model.graph.output]
+    np.testing.assert_array_equal(out[names.index("y_dot" if emit == "jvp" else "x_bar")], v)

@@ -86,6 +86,9 @@ def run_command(args) -> int:
         return _error(error)
     if isinstance(error, KeyboardInterrupt):
         _interrupted(args)
+    if isinstance(error, BrokenPipeError):  # `jacgraph inspect M | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no flush error at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     if error is not None:
         return _internal_error(error)
     return outcome.get("code", 0)

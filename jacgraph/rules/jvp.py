@@ -150,16 +150,30 @@ def identity(b, node, t):
     return [t]
 
 
+def inference_dropout(b, node):
+    """Refuse a Dropout that may run in training mode: its output is random, there is no derivative to emit."""
+    mode = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    value = None if mode is None else b.src.const(mode)
+    if mode is not None and (value is None or bool(np.any(value))):
+        state = "is not a constant" if value is None else "is true"
+        raise JacgraphError(
+            f"Dropout '{node.name or node.output[0]}' runs in training mode (its training_mode input {mode!r} {state}): "
+            "it drops random units, so it has no derivative to emit. Export the model in eval() mode, or feed "
+            "training_mode=False as a constant.")
+
+
 @rule("Dropout")
 def dropout(b, node, t, *_):
-    """Inference Dropout is the identity: ẏ = ẋ, mask has no tangent."""
+    """Inference Dropout is the identity: ẏ = ẋ, mask has no tangent. Training mode is refused."""
+    inference_dropout(b, node)
     return [t] + [None] * (len(node.output) - 1)
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape_like(b, node, t, *_):
     """Shape-only ops keep element order: ẏ = reshape(ẋ, shape(y))."""
-    return [b.Reshape(t, full_shape(b, node.output[0]))]
+    # the target is y's actual shape, so a 0 in it is a real empty axis (allowzero), never "copy this axis"
+    return [b.Reshape(t, full_shape(b, node.output[0]), allowzero=1 if b.opset >= 14 else None)]
 
 
 @rule("Transpose")

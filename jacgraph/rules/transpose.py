@@ -17,7 +17,7 @@ from onnx import helper
 
 from ..errors import JacgraphError, NeedsOpset
 from . import reductions
-from .jvp import JVP, lp_norm_parts, pow_base_slope, pow_exponent_slope, reduce_axes, s, static, zeros_like
+from .jvp import JVP, inference_dropout, lp_norm_parts, pow_base_slope, pow_exponent_slope, reduce_axes, s, static, zeros_like
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 
@@ -126,7 +126,8 @@ for _op in ("Identity", "Neg", "Relu", "LeakyRelu", "Clip", "HardSigmoid", "Abs"
 
 @rule("Dropout")
 def dropout(b, node, g, *_):
-    """Inference Dropout is the identity: x̄ = ḡ (ratio and training_mode get none)."""
+    """Inference Dropout is the identity: x̄ = ḡ (ratio and training_mode get none). Training mode is refused."""
+    inference_dropout(b, node)
     return pad_none([g], node)
 
 
@@ -135,7 +136,7 @@ def dropout(b, node, g, *_):
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape_like(b, node, g, *_):
     """x̄ = reshape(ḡ, shape(x))."""
-    return pad_none([b.Reshape(g, shape_of(b, node.input[0]))], node)
+    return pad_none([b.Reshape(g, shape_of(b, node.input[0]), allowzero=1 if b.opset >= 14 else None)], node)
 
 
 @rule("Transpose")
