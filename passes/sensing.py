@@ -263,43 +263,12 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     dtype = src.np_dtype(x)
     f = black_box(proto, x, dtype)
     x0 = x0.astype(dtype)
-    if pattern == "dense":  # the rows are known once the first call returns
-        P, colours, K = None, np.arange(x0.size), int(x0.size)
-    else:
-        try:
-            P, colours, K = support(proto, x0, pattern, [x])
-        except JacgraphError as e:
-            raise JacgraphError(f"{e} For a model whose structure jacgraph cannot read, use --pattern dense "
-                                "(no structure assumed; needs more calls).") from None
+    P, colours, K = _structure(proto, x0, pattern, x)
     min_calls = K + 1
-    if budget is None:
-        budget = 4 * K if robust else 2 * min_calls
-    if budget < min_calls:
-        raise JacgraphError(f"--budget {budget} is below the minimum of {min_calls} calls for this pattern "
-                            f"({K} colours + 1, since f(x0) is unknown too). Give --budget {min_calls} or more "
-                            f"(about {4 * K} with --robust).")
+    budget = _checked_budget(budget, K, robust)
     rng = np.random.default_rng(seed)
-    if step is None:
-        step = 1e-3 * max(1.0, float(np.sqrt(np.mean(np.asarray(x0, np.float64) ** 2))))
-    if not (np.isfinite(step) and step > 0):
-        raise JacgraphError(f"--step {step} is not a positive number; give the perturbation size, e.g. --step 1e-3.")
-    G = rng.standard_normal((budget, K))
-    from tqdm import tqdm
-
-    Y = []
-    for p in tqdm(range(budget), desc="jacgraph sense: forward calls", unit="call", file=sys.stderr, leave=False,
-                  disable=None if progress is None else not progress):
-        d = G[p][colours]
-        y = f(x0 + (step * d).reshape(x0.shape).astype(dtype))
-        if corrupt is not None:
-            y = np.asarray(corrupt(p, y), np.float64)
-        Y.append(y)
-    Y = np.stack(Y)
-    finite = np.all(np.isfinite(Y), axis=1)  # a call that returned NaN/inf says nothing: leave it out
-    if finite.sum() < min_calls:
-        raise JacgraphError(f"only {int(finite.sum())} of {budget} calls returned finite values, fewer than the "
-                            f"{min_calls} needed. Check the model at x0, or raise --budget.")
-    G, Y = G[finite], Y[finite]
+    step = _checked_step(step, x0)
+    G, Y, nonfinite = _probe(f, x0, rng.standard_normal((budget, K)), colours, step, corrupt, progress, min_calls)
     m = Y.shape[1]
     if P is None:
         P = sp.csr_matrix(np.ones((m, K), bool))
@@ -307,8 +276,59 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
         raise JacgraphError(f"the model returned {m} output values but its pattern has {P.shape[0]} rows; the "
                             "declared output shapes do not match what onnxruntime computes. Use --pattern dense.")
     res = _recover(P, colours, G, Y, step, robust, pattern, len(Y), K, min_calls, progress)
-    res.calls, res.nonfinite_calls = budget, int((~finite).sum())
+    res.calls, res.nonfinite_calls = budget, nonfinite
     return res
+
+
+def _structure(proto, x0, pattern, x):
+    """(P, colours, K): the Jacobian's sparsity pattern (None for dense: the rows are known after the first call),
+    each input's colour, and the number of colours."""
+    if pattern == "dense":
+        return None, np.arange(x0.size), int(x0.size)
+    try:
+        return support(proto, x0, pattern, [x])
+    except JacgraphError as e:
+        raise JacgraphError(f"{e} For a model whose structure jacgraph cannot read, use --pattern dense "
+                            "(no structure assumed; needs more calls).") from None
+
+
+def _checked_budget(budget, K, robust) -> int:
+    min_calls = K + 1  # K colours + f(x0), which is unknown too
+    if budget is None:
+        return 4 * K if robust else 2 * min_calls
+    if budget < min_calls:
+        raise JacgraphError(f"--budget {budget} is below the minimum of {min_calls} calls for this pattern "
+                            f"({K} colours + 1, since f(x0) is unknown too). Give --budget {min_calls} or more "
+                            f"(about {4 * K} with --robust).")
+    return budget
+
+
+def _checked_step(step, x0) -> float:
+    if step is None:
+        return 1e-3 * max(1.0, float(np.sqrt(np.mean(np.asarray(x0, np.float64) ** 2))))
+    if not (np.isfinite(step) and step > 0):
+        raise JacgraphError(f"--step {step} is not a positive number; give the perturbation size, e.g. --step 1e-3.")
+    return step
+
+
+def _probe(f, x0, G, colours, step, corrupt, progress, min_calls):
+    """Call the black box at x0 + step·G[p] (spread over the colours); (G, Y, calls left out) over the finite calls."""
+    from tqdm import tqdm
+
+    Y = []
+    for p in tqdm(range(len(G)), desc="jacgraph sense: forward calls", unit="call", file=sys.stderr, leave=False,
+                  disable=None if progress is None else not progress):
+        d = G[p][colours]
+        y = f(x0 + (step * d).reshape(x0.shape).astype(x0.dtype))
+        if corrupt is not None:
+            y = np.asarray(corrupt(p, y), np.float64)
+        Y.append(y)
+    Y = np.stack(Y)
+    finite = np.all(np.isfinite(Y), axis=1)  # a call that returned NaN/inf says nothing: leave it out
+    if finite.sum() < min_calls:
+        raise JacgraphError(f"only {int(finite.sum())} of {len(G)} calls returned finite values, fewer than the "
+                            f"{min_calls} needed. Check the model at x0, or raise --budget.")
+    return G[finite], Y[finite], int((~finite).sum())
 
 
 def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, progress=False) -> Sensed:
