@@ -698,7 +698,8 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
 
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     graph = build(src, norm=norm, input_shape=input_shape, dtype=dtype, method=method)
-    in_shape = json.loads({p.key: p.value for p in graph.metadata_props}["jacgraph.input_shape"])
+    x0_input = next(i for i in graph.graph.input if i.name == "x0")  # [batch, *input shape]
+    in_shape = [d.dim_value for d in x0_input.type.tensor_type.shape.dim[1:]]
     x0, eps = _check_points(x0, eps, in_shape)
     sess = session(graph, threads=threads)
     lows, highs = [], []
