@@ -689,3 +689,16 @@ def test_a_closed_pipe_is_a_quiet_exit_not_an_internal_error():
     done = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 141, done
     assert done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("name", ["pool_cnn", "resnet_cnn"])
+def test_inspect_says_recurjac_takes_a_dag_and_bound_runs_it(name, tmp_path, capsys):
+    """inspect used to ask the chain lowering only, and said 'no' to models the DAG bounds take (the LeNet)."""
+    from examples import bounds_models
+    from jacgraph.cli import main
+
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(bounds_models.export_bytes(bounds_models.build(name), bounds_models.INPUT_SHAPES[name]))
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["emits"]["recurjac"] is True
+    assert main(["compile", str(path), "--emit", "recurjac", "-o", str(tmp_path / "b.onnx")]) == 0
