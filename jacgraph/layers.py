@@ -248,15 +248,20 @@ def _check_chain(src, x):
     return missing
 
 
-def lower(model, input_shape=None) -> list[Stage]:
-    """Stages of a feed-forward chain; raises one JacgraphError listing every unsupported op."""
+def _single_input(model):
+    """(SourceModel, its one float input): the bound passes take single-input, single-output networks."""
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     floats = src.float_inputs()
     if len(floats) != 1 or len(src.outputs) != 1:
         raise JacgraphError(f"the bound passes need a model with one float input and one output; this one has "
                             f"{len(floats)} float input(s) and {len(src.outputs)} output(s). Export a single-input, "
                             "single-output network.")
-    x = floats[0]
+    return src, floats[0]
+
+
+def lower(model, input_shape=None) -> list[Stage]:
+    """Stages of a feed-forward chain; raises one JacgraphError listing every unsupported op."""
+    src, x = _single_input(model)
     missing = _check_chain(src, x)
     if missing:
         raise unsupported_error(missing, "the layer lowering for bounds (jacgraph.layers)")
@@ -807,13 +812,7 @@ GRAPH_OPS = (LINEAR_OPS | set(ACTIVATIONS) | {"Transpose", "AveragePool", "Globa
 
 def lower_graph(model, input_shape=None) -> Graph:
     """The model as a Graph of linear and nonlinear nodes; one JacgraphError lists every unsupported op."""
-    src = model if isinstance(model, SourceModel) else SourceModel(model)
-    floats = src.float_inputs()
-    if len(floats) != 1 or len(src.outputs) != 1:
-        raise JacgraphError(f"the bound passes need a model with one float input and one output; this one has "
-                            f"{len(floats)} float input(s) and {len(src.outputs)} output(s). Export a single-input, "
-                            "single-output network.")
-    x = floats[0]
+    src, x = _single_input(model)
     missing = Counter()
     for node in src.active_nodes([x]):
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
