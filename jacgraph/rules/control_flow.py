@@ -224,12 +224,21 @@ def loop_jvp(b, node, *tangents):
     return outs
 
 
-def _scan_attrs(b, node, n_in, n_out):
+def _scan_layout(b, node):
+    """A Scan's body, counts (scan inputs, states, scan outputs), per-axis attributes with their defaults, and
+    the body's input types (states as given, scan inputs as one slice)."""
     attrs = b.src.attrs(node)
-    return ([int(a) for a in attrs.get("scan_input_axes") or [0] * n_in],
-            [int(d) for d in attrs.get("scan_input_directions") or [0] * n_in],
-            [int(a) for a in attrs.get("scan_output_axes") or [0] * n_out],
-            [int(d) for d in attrs.get("scan_output_directions") or [0] * n_out])
+    body = _graph(node, "body")
+    n_in = attrs["num_scan_inputs"]
+    n_state = len(node.input) - n_in
+    n_out = len(body.output) - n_state
+    in_axes = [int(a) for a in attrs.get("scan_input_axes") or [0] * n_in]
+    in_dirs = [int(d) for d in attrs.get("scan_input_directions") or [0] * n_in]
+    out_axes = [int(a) for a in attrs.get("scan_output_axes") or [0] * n_out]
+    out_dirs = [int(d) for d in attrs.get("scan_output_directions") or [0] * n_out]
+    types = [_type(b.src, s) for s in node.input[:n_state]] + \
+            [_slice_type(b.src, x, a) for x, a in zip(node.input[n_state:], in_axes)]
+    return body, n_in, n_state, n_out, in_axes, in_dirs, out_axes, out_dirs, types
 
 
 @JVP.register("Scan")
@@ -237,13 +246,8 @@ def scan_jvp(b, node, *tangents):
     """States carry their tangent as extra state; scan inputs/outputs get tangent scan inputs/outputs (axes shift by K)."""
     from jacgraph.passes.jvp import differentiate
 
-    body = _graph(node, "body")
-    n_in = b.src.attrs(node)["num_scan_inputs"]
-    n_state = len(node.input) - n_in
-    n_out = len(body.output) - n_state
-    in_axes, in_dirs, out_axes, out_dirs = _scan_attrs(b, node, n_in, n_out)
+    body, n_in, n_state, n_out, in_axes, in_dirs, out_axes, out_dirs, types = _scan_layout(b, node)
     xs = list(node.input[n_state:])
-    types = [_type(b.src, s) for s in node.input[:n_state]] + [_slice_type(b.src, x, a) for x, a in zip(xs, in_axes)]
     carried = [(k, k) for k in range(n_state)]
     given = [i.name for i, t in zip(body.input, tangents[:len(node.input)]) if t is not None]
     child, env, live = _body_jvp(b, node, body, _outer_tangents(node, tangents), types, carried, given)
@@ -518,14 +522,8 @@ def loop_vjp(b, node, *cts):
 @VJP.register("Scan")
 def scan_vjp(b, node, *cts):
     """Store each iteration's incoming states, then a Scan in the opposite direction applies the body's transpose."""
-    body = _graph(node, "body")
-    n_in = b.src.attrs(node)["num_scan_inputs"]
-    n_state = len(node.input) - n_in
-    n_out = len(body.output) - n_state
-    in_axes, in_dirs, out_axes, out_dirs = _scan_attrs(b, node, n_in, n_out)
+    body, n_in, n_state, n_out, in_axes, in_dirs, out_axes, out_dirs, types = _scan_layout(b, node)
     g_in, g_out = body.input, body.output
-    types = [_type(b.src, s) for s in node.input[:n_state]] + \
-            [_slice_type(b.src, x, a) for x, a in zip(node.input[n_state:], in_axes)]
     state = [(g_in[k].name, g_out[k].name, k, node.output[k]) for k in range(n_state)]
     xs = [(n_state + m, g_in[n_state + m].name, in_axes[m], in_dirs[m]) for m in range(n_in)]
     ys = [(g_out[n_state + m].name, out_axes[m], out_dirs[m], cts[n_state + m]) for m in range(n_out)]
