@@ -31,6 +31,7 @@ from examples import architectures  # noqa: E402
 from jacgraph import runtime  # noqa: E402
 from jacgraph.bench import peak_memory, time_calls  # noqa: E402
 from jacgraph.passes import jvp  # noqa: E402
+from jacgraph.testing import relative_error  # noqa: E402
 
 STRATEGIES = list(jvp.STRATEGIES)  # (an older checkout has fewer; the table follows)
 DEFAULT = jvp.DEFAULT_STRATEGY
@@ -49,38 +50,92 @@ def onnx_ad_module():
 def bench_one(name, folder, threads, runs, batch, clock, with_onnx_ad):
     path = os.path.join(folder, f"{name}.onnx")
     architectures.export(name, path, batch=batch)
-    source = onnx.load(path)
-    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
     x = architectures.example_input(name, batch=batch).numpy()
-    v = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-    emitted = {s: jvp.build(source, strategy=s) for s in STRATEGIES}
-    sessions = {"forward": (runtime.session(source, threads=threads), {x_name: x})}
-    sessions.update({s: (runtime.session(m, threads=threads), {x_name: x, f"{x_name}_dot": v})
-                     for s, m in emitted.items()})
+    row = measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad)
+    return {"name": name, **row,
+            "faster_strategy": min(STRATEGIES, key=lambda s: row[f"{s}_ms"])}
+
+
+def failure(error: Exception) -> str:
+    """One line naming an error, for a table cell (a comparison that fails is recorded, not raised)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def output(sess, feeds, name):
+    """One named output of a session run."""
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))[name]
+
+
+def add_onnx_ad(row, graphs, sessions, build, threads, key="onnx_ad"):
+    """Add onnx-ad's graph to the timed ones as `key`: build() -> (model, feeds), or record why it failed as
+    row[key + '_error'] (onnx-ad refuses some models; the table says so and the run goes on)."""
+    try:
+        model, feeds = build()
+        sess = runtime.session(model, threads=threads)
+        sess.run(None, feeds)
+    except Exception as e:  # pylint: disable=broad-exception-caught  # any failure of the comparison is recorded
+        row[f"{key}_error"] = failure(e)
+        return
+    graphs[key], sessions[key] = (model, feeds), sess
+
+
+def add_peak_memory(row, graphs, probes, threads):
+    """Peak RSS (MB) of each graph named in probes ({graph key: row prefix}), each in a fresh process."""
+    for key, prefix in probes.items():
+        if key not in graphs:
+            continue
+        try:
+            row[f"{prefix}_peak_mb"] = peak_memory(graphs[key][0], graphs[key][1], threads)["peak_kb"] / 1024
+        except Exception as e:  # pylint: disable=broad-exception-caught  # the probe process died (memory): say so
+            row[f"{prefix}_peak_error"] = failure(e)
+
+
+def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=None, memory=True):
+    """Median ms of the forward, each strategy's JVP and (with_onnx_ad) onnx-ad 0.3's forward-mode graph,
+    timed interleaved, and of torch.func.jvp when a PyTorch `module` is given; ratios to the forward, peak
+    RSS. A failing comparison (onnx-ad, torch, a memory probe) is recorded as `*_error`, never raised."""
+    strategies = strategies or STRATEGIES
+    default = DEFAULT if DEFAULT in strategies else strategies[0]
+    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
+    v = np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype)
+    emitted = {s: jvp.emit(source, strategy=s) for s in strategies}
+    graphs = {"forward": (source, {x_name: x})}
+    graphs.update({s: (r.model, {x_name: x, r.tangent_inputs[x_name]: v}) for s, r in emitted.items()})
+    sessions = {k: runtime.session(m, threads=threads) for k, (m, _) in graphs.items()}
+    row = {"default_strategy": default}
     if with_onnx_ad:
-        ad = onnx_ad_module().forward(source, inputs=[x_name], outputs=[y_name], layout="onnx")
-        seed = [i.name for i in ad.graph.input][len(source.graph.input)]
-        sessions["onnx_ad"] = (runtime.session(ad, threads=threads), {x_name: x, seed: v[..., None]})
-    model = architectures.build(name)
-    xt, vt = torch.from_numpy(x), torch.from_numpy(v)
-    calls = {k: (lambda s=s, f=f: s.run(None, f)) for k, (s, f) in sessions.items()}
-    med = time_calls(calls, runs, clock=clock)
-    # PyTorch in its own loop: an onnxruntime call right after a PyTorch call was measured up to 4x slower
-    # (0.025 -> 0.10 ms on the mlp forward), which would distort the onnxruntime ratios
-    with torch.no_grad():
-        med.update(time_calls({"torch_jvp": lambda: torch.func.jvp(model, (xt,), (vt,)),
-                               "torch_forward": lambda: model(xt)}, runs, clock=clock))
-    mem_fwd = peak_memory(source, sessions["forward"][1], threads)
-    mem_jvp = peak_memory(emitted[DEFAULT], sessions[DEFAULT][1], threads)
-    row = {"name": name, **{f"{k}_ms": val for k, val in med.items()},
-           **{f"{s}_ratio": med[s] / med["forward"] for s in STRATEGIES},
-           "torch_over_jvp": med["torch_jvp"] / med[DEFAULT],
-           "faster_strategy": min(STRATEGIES, key=lambda s: med[s]),
-           "forward_peak_mb": mem_fwd["peak_kb"] / 1024, "jvp_peak_mb": mem_jvp["peak_kb"] / 1024,
-           "memory_ratio": mem_jvp["peak_kb"] / mem_fwd["peak_kb"]}
-    if with_onnx_ad:
+        def build():
+            ad = onnx_ad_module().forward(source, inputs=[x_name], outputs=[y_name], layout="onnx")
+            return ad, {x_name: x, [i.name for i in ad.graph.input][len(source.graph.input)]: v[..., None]}
+        add_onnx_ad(row, graphs, sessions, build, threads)
+    if "onnx_ad" in sessions:  # both graphs must compute the same J v, or the timing compares different things
+        ad = graphs["onnx_ad"][0]
+        theirs = output(sessions["onnx_ad"], graphs["onnx_ad"][1], ad.graph.output[len(source.graph.output)].name)
+        ours = output(sessions[default], graphs[default][1], emitted[default].tangent_outputs[y_name])
+        row["onnx_ad_difference"] = relative_error(theirs[..., 0], ours)
+    med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
+                     runs, clock=clock)
+    if module is not None:
+        # PyTorch in its own loop: an onnxruntime call right after a PyTorch call was measured up to 4x slower
+        # (0.025 -> 0.10 ms on the mlp forward), which would distort the onnxruntime ratios
+        xt, vt = torch.from_numpy(x), torch.from_numpy(v)
+        try:
+            with torch.no_grad():
+                med.update(time_calls({"torch_jvp": lambda: torch.func.jvp(module, (xt,), (vt,)),
+                                       "torch_forward": lambda: module(xt)}, runs, clock=clock))
+            row["torch_over_jvp"] = med["torch_jvp"] / med[default]
+        except Exception as e:  # pylint: disable=broad-exception-caught  # torch.func cannot trace some modules
+            row["torch_error"] = failure(e)
+    row.update({f"{k}_ms": val for k, val in med.items()})
+    row.update({f"{s}_ratio": med[s] / med["forward"] for s in strategies})
+    if "onnx_ad" in med:
         row["onnx_ad_ratio"] = med["onnx_ad"] / med["forward"]
-        row["onnx_ad_over_jvp"] = med["onnx_ad"] / med[DEFAULT]
+        row["onnx_ad_over_jvp"] = med["onnx_ad"] / med[default]
+    if memory:
+        add_peak_memory(row, graphs, {"forward": "forward", default: "jvp", "onnx_ad": "onnx_ad"}, threads)
+        if "forward_peak_mb" in row and "jvp_peak_mb" in row:
+            row["memory_ratio"] = row["jvp_peak_mb"] / row["forward_peak_mb"]
     return row
 
 

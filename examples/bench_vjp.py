@@ -20,36 +20,87 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
+from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module, output  # noqa: E402
 from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
 from jacgraph.runtime import session  # noqa: E402
+from jacgraph.testing import relative_error  # noqa: E402
 
 DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "unet"]
 
 
-def bench_one(name, folder, threads, runs, clock):
+def bench_one(name, folder, threads, runs, clock, with_onnx_ad=False):
     path = os.path.join(folder, name + ".onnx")
     architectures.export(name, path, batch=1)
-    src, x = onnx.load(path), architectures.example_input(name, batch=1).numpy()
-    forward = session(src, threads=threads)
-    y = forward.run(None, {"x": x})[0]
-    u = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
-    grad_x = session(vjp.build(src), threads=threads)
-    grad_all = session(vjp.build(src, wrt="params"), threads=threads)
-    model, xt, ut = architectures.build(name), torch.from_numpy(x), torch.from_numpy(u)
+    x = architectures.example_input(name, batch=1).numpy()
+    return measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad, memory=False)
 
-    def torch_step():
-        xx = xt.clone().requires_grad_(True)
-        model.zero_grad()
-        model(xx).backward(ut)
 
-    calls = {"forward": lambda: forward.run(None, {"x": x}),
-             "vjp_x": lambda: grad_x.run(None, {"x": x, "y_bar": u}),
-             "vjp_params": lambda: grad_all.run(None, {"x": x, "y_bar": u})}
-    times = time_calls(calls, runs, clock=clock)
-    # PyTorch in its own loop: an onnxruntime call right after a PyTorch call runs measurably slower
-    times.update(time_calls({"torch_fwd_bwd": torch_step}, runs, clock=clock))
-    return times
+def with_params_as_inputs(source, params):
+    """A copy of source whose initializers `params` are graph inputs instead (onnx-ad differentiates inputs)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    kept = [t for t in model.graph.initializer if t.name not in params]
+    moved = {t.name: t for t in model.graph.initializer if t.name in params}
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(p, moved[p].data_type, list(moved[p].dims))
+                             for p in params)
+    return model, {p: onnx.numpy_helper.to_array(moved[p]) for p in params}
+
+
+def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True):
+    """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
+    reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
+    given; peak RSS. A failing comparison is recorded as `*_error`, never raised (see bench_jvp.measure)."""
+    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
+    forward = session(source, threads=threads)
+    y = forward.run(None, {x_name: x})[0]
+    u = np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype)
+    emitted = {"vjp_x": vjp.emit(source), "vjp_params": vjp.emit(source, wrt="params")}
+    graphs = {"forward": (source, {x_name: x})}
+    graphs.update({k: (r.model, {x_name: x, r.cotangent_inputs[y_name]: u}) for k, r in emitted.items()})
+    sessions = {"forward": forward, **{k: session(r.model, threads=threads) for k, r in emitted.items()}}
+    row = {}
+    if with_onnx_ad:
+        params = emitted["vjp_params"].params
+        for key, wrt in (("x", []), ("params", params)):
+            def build(wrt=wrt):
+                model, values = with_params_as_inputs(source, wrt)
+                ad = onnx_ad_module().reverse(model, inputs=[x_name] + wrt, outputs=[y_name], layout="onnx")
+                seed = [i.name for i in ad.graph.input][len(model.graph.input)]
+                return ad, {x_name: x, **values, seed: u[..., None]}
+            add_onnx_ad(row, graphs, sessions, build, threads, key=f"onnx_ad_{key}")
+            if f"onnx_ad_{key}" in sessions:  # onnx-ad's gradients, in its inputs' order, against jacgraph's
+                theirs = sessions[f"onnx_ad_{key}"].run(None, graphs[f"onnx_ad_{key}"][1])[len(source.graph.output):]
+                names = [emitted[f"vjp_{key}"].gradient_outputs[n] for n in [x_name] + wrt]
+                ours = [output(sessions[f"vjp_{key}"], graphs[f"vjp_{key}"][1], n) for n in names]
+                row[f"onnx_ad_{key}_difference"] = relative_error(
+                    np.concatenate([g[..., 0].ravel() for g in theirs]), np.concatenate([g.ravel() for g in ours]))
+    med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
+                     runs, clock=clock)
+    if module is not None:
+        xt, ut = torch.from_numpy(x), torch.from_numpy(u)
+
+        def torch_x():  # the input gradient only
+            _, pullback = torch.func.vjp(module, xt)
+            pullback(ut)
+
+        def torch_params():  # input and every parameter gradient
+            xx = xt.clone().requires_grad_(True)
+            module.zero_grad()
+            module(xx).backward(ut)
+
+        try:
+            # PyTorch in its own loop: an onnxruntime call right after a PyTorch call runs measurably slower
+            med.update(time_calls({"torch_x": torch_x, "torch_fwd_bwd": torch_params}, runs, clock=clock))
+        except Exception as e:  # pylint: disable=broad-exception-caught  # recorded, as in bench_jvp
+            row["torch_error"] = failure(e)
+    row.update({f"{k}_ms": val for k, val in med.items()})
+    row.update({f"{k}_ratio": val / med["forward"] for k, val in med.items() if k != "forward"})
+    if memory:
+        add_peak_memory(row, graphs, {k: k for k in graphs}, threads)
+    return row
 
 
 def main():
@@ -58,17 +109,21 @@ def main():
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--only", help="comma-separated architecture names")
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
+    p.add_argument("--onnx-ad", action="store_true", help="also time onnx-ad 0.3's reverse-mode graphs")
     args = p.parse_args()
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
-    print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio | PyTorch fwd+bwd ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    ad = " onnx-ad x ms | onnx-ad params ms |" if args.onnx_ad else ""
+    print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio |" + ad + " PyTorch fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (1 + 2 * args.onnx_ad))
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            t = bench_one(name, folder, args.threads, args.runs, clock)
-            print(f"| {name} | {t['forward']:.3f} | {t['vjp_x']:.3f} | {t['vjp_x'] / t['forward']:.2f} | "
-                  f"{t['vjp_params']:.3f} | {t['vjp_params'] / t['forward']:.2f} | {t['torch_fwd_bwd']:.3f} |",
+            t = bench_one(name, folder, args.threads, args.runs, clock, args.onnx_ad)
+            ad = "".join(f" {t[f'onnx_ad_{k}_ms']:.3f} |" if f"onnx_ad_{k}_ms" in t else f" {t[f'onnx_ad_{k}_error']} |"
+                         for k in ("x", "params") if args.onnx_ad)
+            print(f"| {name} | {t['forward_ms']:.3f} | {t['vjp_x_ms']:.3f} | {t['vjp_x_ratio']:.2f} | "
+                  f"{t['vjp_params_ms']:.3f} | {t['vjp_params_ratio']:.2f} |{ad} {t['torch_fwd_bwd_ms']:.3f} |",
                   flush=True)
     print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs, "
           f"{'thread CPU time' if args.cpu_time else 'wall clock'}")
