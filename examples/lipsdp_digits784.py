@@ -49,7 +49,7 @@ def main():
     t1 = time.perf_counter()
     s = L.seqlip(W, boxes)
     t2 = time.perf_counter()
-    auto = L.gram_bound(W[0]) * L.gram_bound(W[1])
+    auto = spectral.gram_bound(W[0]) * spectral.gram_bound(W[1])
     Xs = torch.cat([X, X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype)])
     J = torch.func.vmap(torch.func.jacrev(net))(Xs)
     lower = torch.linalg.matrix_norm(J, ord=2).max().item()

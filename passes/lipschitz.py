@@ -28,10 +28,8 @@ when every stage is dense, float32 when a stage is a Conv (onnxruntime has no fl
 pass dtype="float64" to get float64 graphs for onnx.reference).
 
 Power iteration approaches ||A|| from below: its result is printed as "norm (estimate)". The bound
-is certified: Gram iteration (Delattre et al., ICML 2023) on the dense matrix, whose iterates
-||G_t||_F^(1/2^t) decrease to ||A|| from above, and for a Conv also the norm of the circular
-stride-1 convolution on the padded grid (the zero-padded, strided operator is a restriction of it),
-computed exactly frequency by frequency; the smaller of the two is used.
+is certified by jacgraph.spectral (Gram iteration on the dense matrix; for a Conv also the exact norm of
+the circular convolution on the padded grid; the smaller of the two). Printing is in jacgraph/cli/analysis.py.
 """
 from __future__ import annotations
 
@@ -46,13 +44,12 @@ from onnx import TensorProto, helper
 from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
-from jacgraph.rules.registry import resolve_window
+from jacgraph.spectral import (DENSE_LIMIT, EPS, certified_bound, conv_geometry, matrix, max_overlap, norm_estimate,
+                               size, sparse_bound, stacked_norms)
 
-DENSE_LIMIT = 1 << 24       # entries of a layer matrix we materialise (128 MiB in float64)
 EXACT_LIMIT = 16            # SeqLip searches all 2^n activation patterns up to this many units
 EXACT_CAP = 24              # beyond this the exact search would take hours
 TOP_K = 10                  # singular directions kept by the greedy SeqLip search
-EPS = np.finfo(np.float64).eps
 
 
 # ---- activations: the range of their derivative ---------------------------------------------------
@@ -91,92 +88,6 @@ def lower(model, input_shape=None):
     if not stages:
         raise JacgraphError("the model has no linear layer, so it has no Lipschitz bound to compute.")
     return stages
-
-
-def matrix(stage) -> np.ndarray:
-    m = stage.matrix() if callable(getattr(stage, "matrix", None)) else stage.weight
-    return np.asarray(m, dtype=np.float64)
-
-
-def size(stage) -> int:
-    return int(np.prod(stage.in_shape)) * int(np.prod(stage.out_shape))
-
-
-def conv_geometry(conv, in_shape) -> dict:
-    """Explicit Conv attributes (auto_pad resolved) for a per-sample input shape (C, *spatial)."""
-    W = np.asarray(conv["W"])
-    attrs = conv["attrs"]
-    k = list(attrs.get("kernel_shape") or W.shape[2:])
-    nd = len(k)
-    n = list(in_shape[1:])
-    geometry = resolve_window(attrs, k, n)
-    strides, dilations, pads = geometry.strides, geometry.dilations, geometry.pads
-    # ConvTranspose gives back size s*(out-1) + d*(k-1) + 1 - pads + output_padding; make it n
-    extent = [n[i] + pads[i] + pads[i + nd] - dilations[i] * (k[i] - 1) - 1 for i in range(nd)]
-    return {"W": W, "kernel_shape": k, "strides": strides, "dilations": dilations, "pads": pads,
-            "group": int(attrs.get("group", 1)), "output_padding": [e % s for e, s in zip(extent, strides)]}
-
-
-# ---- certified per-layer bounds -----------------------------------------------------------------
-def gram_bound(W, max_steps=40) -> float:
-    """Upper bound on ||W||_2 by Gram iteration: H_1 = W W^T, H_{t+1} = H_t^2 have ||H_t||_2 = ||W||^(2^t)
-    and ||W|| <= ||H_t||_F^(1/2^t), a sequence that decreases to ||W||. Rescaled each step (the scale is
-    kept as a log) so nothing overflows."""
-    W = np.asarray(W, dtype=np.float64)
-    scale = float(np.max(np.abs(W))) if W.size else 0.0
-    if scale == 0.0:
-        return 0.0
-    W = W / scale
-    best = float(np.linalg.norm(W))  # t = 0: the Frobenius norm
-    G = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
-    log_scale = 0.0
-    for t in range(1, max_steps):
-        f = float(np.linalg.norm(G))
-        bound = math.exp((log_scale + math.log(f)) / 2 ** t)
-        if bound >= best * (1 - 4 * EPS):
-            best = min(best, bound)
-            break
-        best = bound
-        G = G / f
-        log_scale = 2 * (log_scale + math.log(f))
-        G = G @ G  # G is symmetric from t = 1 on: G^T G = G G
-    # float64 rounding: a product's Frobenius norm is off by at most n*sqrt(r)*eps relative (componentwise
-    # bound |fl(XY) - XY| <= n eps |X||Y|, Higham Thm 3.5, and ||G^2||_F >= ||G||_F^2/sqrt(r) for PSD G of
-    # rank r); step t's error is divided by 2^t when the root is taken, so the sum stays below 2 n sqrt(r) eps
-    return best * scale * (1 + 16 * max(W.shape) * min(W.shape) * EPS)
-
-
-def conv_fft_bound(geometry, in_shape) -> float:
-    """Upper bound on a Conv's operator norm: the norm of the stride-1 circular convolution on the padded
-    grid N = n + pads (no wrap-around reaches a kept output, so the zero-padded strided Conv is an
-    isometric embedding, this circular Conv, and a coordinate selection), which is exactly the largest
-    singular value over frequencies of the kernel's Fourier transform, an [M, C] matrix per frequency."""
-    W, g = geometry["W"].astype(np.float64), geometry["group"]
-    nd = len(geometry["kernel_shape"])
-    grid = [in_shape[1 + i] + geometry["pads"][i] + geometry["pads"][i + nd] for i in range(nd)]
-    M, Cg = W.shape[:2]
-    padded = np.zeros((M, Cg, *grid))
-    taps = tuple(slice(0, (k - 1) * d + 1, d) for k, d in zip(geometry["kernel_shape"], geometry["dilations"]))
-    padded[(slice(None), slice(None), *taps)] = W
-    spectrum = np.fft.fftn(padded, axes=tuple(range(2, 2 + nd)))
-    spectrum = spectrum.reshape(g, M // g, Cg, -1).transpose(0, 3, 1, 2).reshape(-1, M // g, Cg)
-    best = float(np.linalg.norm(spectrum, ord=2, axis=(1, 2)).max())
-    # the FFT's rounding is O(eps log N) relative per entry; a generous allowance keeps it an upper bound
-    return best * (1 + 16 * (Cg + M + sum(grid)) * EPS)
-
-
-def certified_bound(stage) -> tuple:
-    """(bound, how): Gram iteration on the dense matrix when it fits, the Fourier bound for big Convs."""
-    found = []
-    if size(stage) <= DENSE_LIMIT:
-        found.append((gram_bound(matrix(stage)), "gram"))
-    if getattr(stage, "conv", None) is not None:
-        shape = stage.conv.get("in_shape", stage.in_shape)
-        found.append((conv_fft_bound(conv_geometry(stage.conv, shape), shape), "fourier"))
-    if not found:
-        raise JacgraphError(f"a layer of {size(stage)} matrix entries is too large to bound (limit {DENSE_LIMIT}) "
-                            "and is not a Conv; reduce the model or file an issue.")
-    return min(found)
 
 
 # ---- emitted graphs: A, A^T and power iteration ----------------------------------------------------
@@ -329,13 +240,6 @@ def power_norm(graph, stage, iterations=1000, tol=None, seed=0):
 
 
 # ---- SeqLip -------------------------------------------------------------------------------------
-def _spectral_norms(M) -> np.ndarray:
-    """||M[i]||_2 for a stack of small matrices: the top eigenvalue of the smaller Gram matrix (faster than SVD;
-    its relative error for the top singular value is a few eps, within the rounding allowance)."""
-    G = M @ M.transpose(0, 2, 1) if M.shape[1] <= M.shape[2] else M.transpose(0, 2, 1) @ M
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(G)[:, -1], 0.0))
-
-
 def _pair_exact(A, B, lo, hi, chunk=4096) -> float:
     """max over s in {lo, hi}^n of ||A diag(s) B||_2, by enumerating every vertex."""
     n = A.shape[1]
@@ -346,7 +250,7 @@ def _pair_exact(A, B, lo, hi, chunk=4096) -> float:
         codes = np.arange(start, min(start + chunk, 1 << n))
         bits = ((codes[:, None] >> np.arange(n)) & 1).astype(np.float64)
         M = base + np.tensordot(bits, outer, axes=1)
-        best = max(best, float(_spectral_norms(M).max()))
+        best = max(best, float(stacked_norms(M).max()))
     return best
 
 
@@ -503,35 +407,6 @@ def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, ex
 
 # ---- AutoLip over a DAG (residual joins, concat, pooling, max selections) ----------------------------
 
-def sparse_bound(M) -> tuple:
-    """(certified bound on ||M||_2, how) for a scipy sparse matrix: Gram iteration on the dense matrix
-    when it fits, else sqrt(||M||_1 ||M||_inf) (Hoelder; exact for selections and averages)."""
-    M = M.tocsr()
-    absM = abs(M)
-    col, row = np.asarray(absM.sum(axis=0)).ravel(), np.asarray(absM.sum(axis=1)).ravel()
-    holder = math.sqrt(float(col.max(initial=0)) * float(row.max(initial=0)))
-    if M.shape[0] * M.shape[1] <= DENSE_LIMIT:
-        return min((gram_bound(M.toarray()), "gram"), (holder * (1 + 4 * EPS * max(M.shape)), "hoelder"))
-    return holder * (1 + 4 * EPS * max(M.shape)), "hoelder"
-
-
-def _norm_estimate(M) -> float:
-    """||M||_2 by a Lanczos SVD (an estimate from below, not a bound)."""
-    from scipy.sparse.linalg import svds
-
-    if min(M.shape) < 3:
-        return float(np.linalg.norm(M.toarray(), 2))
-    return float(svds(M.astype(np.float64), k=1, return_singular_vectors=False, random_state=0)[0])
-
-
-def _max_overlap(windows) -> int:
-    """The largest number of windows any input belongs to (each window's members counted once)."""
-    counts = np.zeros(int(windows.max()) + 1, np.int64)
-    for row in windows:
-        counts[np.unique(row)] += 1
-    return int(counts.max())
-
-
 def graph_lipschitz(graph) -> dict:
     """Per node k, a bound L_k on the l2 Lipschitz constant of x -> node_k(x) (and an estimate E_k):
 
@@ -552,14 +427,14 @@ def graph_lipschitz(graph) -> dict:
             L.append(slope * L[j])
             E.append(slope * E[j])
         elif node.kind == "max":
-            c = math.sqrt(_max_overlap(node.windows))
+            c = math.sqrt(max_overlap(node.windows))
             L.append(c * L[j])
             E.append(E[j])  # no estimate from below beyond the input's
         else:
             t0 = time.perf_counter()
             parts = [sparse_bound(M) for M in node.mats]
             total = sum(b_ * L[i] for (b_, _), i in zip(parts, node.inputs))
-            estimate = sum(_norm_estimate(M) * E[i] for M, i in zip(node.mats, node.inputs))
+            estimate = sum(norm_estimate(M) * E[i] for M, i in zip(node.mats, node.inputs))
             if len(node.mats) > 1:
                 joint, how = sparse_bound(sp.hstack(node.mats))
                 total = min(total, joint * math.sqrt(sum(L[i] ** 2 for i in node.inputs)))
@@ -567,7 +442,7 @@ def graph_lipschitz(graph) -> dict:
             E.append(min(estimate, total))
             layers_.append({"layer": k, "op": "linear" if len(parts) == 1 else f"join of {len(parts)}",
                             "in": [graph.nodes[i].n for i in node.inputs], "out": [node.n],
-                            "activation": None, "norm_estimate": max(_norm_estimate(M) for M in node.mats),
+                            "activation": None, "norm_estimate": max(norm_estimate(M) for M in node.mats),
                             "iterations": 0, "bound": max(parts)[0], "bound_method": max(parts)[1],
                             "power_seconds": 0.0, "bound_seconds": time.perf_counter() - t0})
     return {"bound": L[-1], "estimate": E[-1], "layers": layers_}

@@ -200,7 +200,7 @@ def lipsdp(mats, boxes, last_slope=1.0, solver=None, reduce=True) -> dict:
     t0 = time.perf_counter()
     reduced = reduce_input(mats) if reduce and len(mats) > 1 else None
     if reduced is not None:  # LipSDP on g(u) = F(A u + b_0), then back to f (see reduce_input)
-        from jacgraph.passes.lipschitz import gram_bound
+        from jacgraph.spectral import gram_bound
 
         result = lipsdp(reduced[0], boxes, last_slope, solver)
         lip_F = last_slope * math.prod(gram_bound(W) * max(abs(a), abs(b)) for W, (a, b) in zip(mats[1:], boxes))
@@ -216,7 +216,7 @@ def lipsdp(mats, boxes, last_slope=1.0, solver=None, reduce=True) -> dict:
                             "--method autolip for this model.")
     scale = last_slope * (1 + 8 * EPS)  # the rounding of sqrt and of the products below
     if len(mats) == 1:  # no hidden layer: the norm itself, certified by Gram iteration
-        from jacgraph.passes.lipschitz import gram_bound
+        from jacgraph.spectral import gram_bound
 
         b = float(gram_bound(mats[0]) * scale)
         return {"value": b, "bound": b, "guaranteed": True, "solver": None, "status": "linear",

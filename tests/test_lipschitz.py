@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from examples.lipschitz_exact import exact_lipschitz, forward, mlp_onnx, random_mlp
-from jacgraph import runtime
+from jacgraph import runtime, spectral
 from jacgraph.cli import main
 from jacgraph.model import SourceModel
 from jacgraph.passes import lipschitz as L
@@ -83,7 +83,7 @@ def test_gram_bound_is_an_upper_bound_within_1e6(case):
          "huge": lambda: 1e150 * rng.standard_normal((20, 25)), "tiny": lambda: 1e-150 * rng.standard_normal((20, 25)),
          "zero": lambda: np.zeros((5, 6))}[case]()
     sigma = dense_svd_top(W)
-    bound = L.gram_bound(W)
+    bound = spectral.gram_bound(W)
     assert bound >= sigma
     # 1e-6: the agreement target; Gram iteration converges to sigma, the rounding allowance is ~1e-12
     assert bound <= sigma * (1 + 1e-6)
@@ -121,15 +121,15 @@ def test_fourier_bound_is_the_circulant_norm_and_bounds_the_conv(in_shape, kshap
     Wk = rng.standard_normal(kshape)
     model = chain([("Conv", Wk, attrs)], in_shape)
     (stage,) = L.lower(model)
-    geometry = L.conv_geometry(stage.conv, stage.conv["in_shape"])
-    fourier = L.conv_fft_bound(geometry, stage.conv["in_shape"])
+    geometry = spectral.conv_geometry(stage.conv, stage.conv["in_shape"])
+    fourier = spectral.conv_fft_bound(geometry, stage.conv["in_shape"])
     nd = len(kshape) - 2
     grid = [in_shape[1 + i] + geometry["pads"][i] + geometry["pads"][i + nd] for i in range(nd)]
     circulant = dense_svd_top(circulant_conv_matrix(stage.conv["W"], grid, geometry["dilations"], geometry["group"]))
     # the FFT route and the dense circulant agree to rounding; the allowance inside is < 1e-12
     assert circulant <= fourier <= circulant * (1 + 1e-10)
     assert fourier >= dense_svd_top(stage.matrix())  # the zero-padded strided Conv is a restriction of it
-    bound, how = L.certified_bound(stage)
+    bound, how = spectral.certified_bound(stage)
     assert dense_svd_top(stage.matrix()) <= bound <= dense_svd_top(stage.matrix()) * (1 + 1e-6)
 
 
