@@ -227,17 +227,28 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
         return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
     _check_dense_weights(dense)
     b = BoundBuilder(src, dtype)
-    elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     w = _Weights(b, stages)
     n0, m = stages[0].in_features, stages[-1].out_features
+    elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     b.add_input("x0", elem, ["batch", *stages[0].in_shape])
     b.add_input("eps", elem, ["batch"])
     x = b.Reshape("x0", b.ints([0, n0]))
     x3 = b.Unsqueeze(x, b.ints([1]))  # [b, 1, n0]
     eps = b.Reshape("eps", b.ints([-1, 1]))
-    bs_ = Backsub(b)
+    pre = _chain_preactivation_bounds(b, w, stages, x3, eps, norm)
+    derivs = _chain_derivative_intervals(b, stages, pre)
+    G_input = _chain_jacobian(b, w, stages, derivs, method)
+    boxes = {s: (*box, stages[s].out_features) for s, box in enumerate(pre)} if preactivation_bounds else {}
+    _emit_outputs(b, x, G_input, m, n0, boxes)
+    meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
+            "jacgraph.input_shape": json.dumps(list(stages[0].in_shape)), "jacgraph.outputs": m}
+    return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)
 
-    # 1. pre-activation bounds, CROWN-style back-substitution, intersected with interval bounds
+
+def _chain_preactivation_bounds(b, w, stages, x3, eps, norm):
+    """Step 1: (l_s, u_s) [b, n_s] for every stage but an affine last one: CROWN back-substitution of the
+    relaxations below stage s to the input, bounded over the ball, intersected with interval bounds."""
+    bs_ = Backsub(b)
     pre, rel = [], []
     for s, stage in enumerate(stages):
         if stage.activation is None and s == len(stages) - 1:
@@ -260,8 +271,11 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
         pre.append((lo, hi))
         if stage.activation is not None:
             rel.append(_relax_rows(b, RELAX[stage.activation](b, lo, hi, stage.act_attrs), [1]))
+    return pre
 
-    # 2. derivative intervals [b, 1, n_s]
+
+def _chain_derivative_intervals(b, stages, pre):
+    """Step 2: sigma_s'(z_s) in [dl_s, du_s] [b, 1, n_s] per stage (None for an affine stage)."""
     derivs = []
     for s, stage in enumerate(stages):
         if stage.activation is None:
@@ -269,8 +283,14 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
         else:
             dl, du = DERIV[stage.activation](b, *pre[s], stage.act_attrs)
             derivs.append((b.Unsqueeze(dl, b.ints([1])), b.Unsqueeze(du, b.ints([1]))))
+    return derivs
 
-    # 3. G_s = dy/dh_s bounds, from G_last = I down to the input
+
+def _chain_jacobian(b, w, stages, derivs, method):
+    """Step 3: bounds on G_s = dy/dh_s from G_last = I down to the input (RecurJac, or the interval chain);
+    returns those on dy/dx [b or 1, m, n0]."""
+    m = stages[-1].out_features
+    bs_ = Backsub(b)
     eye = b.c(np.eye(m).reshape(1, m, m))
     G = {len(stages) - 1: (eye, eye)}
     grel = {}
@@ -296,22 +316,24 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
             dn = b.Squeeze(b.Slice(val, b.ints([1]), b.ints([2]), b.ints([2])), b.ints([2]))
             lo, hi = b.max(lo, dn), b.min(hi, up)
         G[s - 1] = (lo, hi)
+    return G[-1]
 
+
+def _emit_outputs(b, x, G_input, m, n0, boxes):
+    """Step 4: the outputs J_lower, J_upper [batch, m, n0] from the bounds G_input on dy/dx, and
+    z<k>_lower, z<k>_upper [batch, n] for each k: (lo, hi, n) of `boxes` (the pre-activation bounds)."""
+    elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     shape = b.Concat(b.shape(x, 0, 1), b.ints([m, n0]), axis=0)
-    lo, hi = (b.Expand(t, shape) for t in G[-1])  # an affine network's bounds carry no batch axis yet
+    lo, hi = (b.Expand(t, shape) for t in G_input)  # an affine network's bounds carry no batch axis yet
     lo, hi = b.min(lo, hi), b.max(lo, hi)  # where both sides are exact they can cross by round-off
     b.nodes.append(helper.make_node("Identity", [lo], ["J_lower"]))
     b.nodes.append(helper.make_node("Identity", [hi], ["J_upper"]))
     b.add_output("J_lower", elem, ["batch", m, n0])
     b.add_output("J_upper", elem, ["batch", m, n0])
-    if preactivation_bounds:
-        for s, (lo_s, hi_s) in enumerate(pre):
-            for name, t in ((f"z{s}_lower", lo_s), (f"z{s}_upper", hi_s)):
-                b.nodes.append(helper.make_node("Identity", [t], [name]))
-                b.add_output(name, elem, ["batch", stages[s].out_features])
-    meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
-            "jacgraph.input_shape": json.dumps(list(stages[0].in_shape)), "jacgraph.outputs": m}
-    return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)
+    for k, (lo_k, hi_k, n) in boxes.items():
+        for name, t in ((f"z{k}_lower", lo_k), (f"z{k}_upper", hi_k)):
+            b.nodes.append(helper.make_node("Identity", [t], [name]))
+            b.add_output(name, elem, ["batch", n])
 
 
 # ---- DAG models (jacgraph.layers.lower_graph): dense coefficients, contributions summed at forks ----
@@ -634,19 +656,9 @@ def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, me
     dag = _DagBounds(b, graph, norm, method, memory_limit)
     dag.forward(x, eps, b.Unsqueeze(x, b.ints([2])))
     dag.jacobian()
-    shape = b.Concat(b.shape(x, 0, 1), b.ints([m, n0]), axis=0)
-    lo, hi = (b.Expand(t, shape) for t in dag.G[0])
-    lo, hi = b.min(lo, hi), b.max(lo, hi)  # exact sides can cross by round-off
-    b.nodes.append(helper.make_node("Identity", [lo], ["J_lower"]))
-    b.nodes.append(helper.make_node("Identity", [hi], ["J_upper"]))
-    b.add_output("J_lower", elem, ["batch", m, n0])
-    b.add_output("J_upper", elem, ["batch", m, n0])
-    if preactivation_bounds:
-        for k, node in enumerate(graph.nodes[:-1]):
-            if node.kind == "linear":
-                for name, t in ((f"z{k}_lower", dag.box[k][0]), (f"z{k}_upper", dag.box[k][1])):
-                    b.nodes.append(helper.make_node("Identity", [t], [name]))
-                    b.add_output(name, elem, ["batch", node.n])
+    boxes = {k: (*dag.box[k], node.n) for k, node in enumerate(graph.nodes[:-1])
+             if node.kind == "linear"} if preactivation_bounds else {}
+    _emit_outputs(b, x, dag.G[0], m, n0, boxes)
     meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
             "jacgraph.input_shape": json.dumps(list(graph.in_shape)), "jacgraph.outputs": m,
             "jacgraph.lowering": "graph", "jacgraph.interval_only_nodes": json.dumps(dag.interval_only)}
