@@ -101,6 +101,30 @@ class InceptionCNN(nn.Module):
         return self.head(torch.flatten(h, 1))
 
 
+class UNetCNN(nn.Module):
+    """1x8x8 U-Net: conv-BN-relu, maxpool to 4x4, conv-relu, then back to 8x8 twice: a stride-2 ConvTranspose
+    (padded to the skip's size as U-Net code does: pads computed from the shapes) concatenated with the skip,
+    and nn.Upsample (nearest) added after the fusing conv; a linear head."""
+
+    def __init__(self, c=3, out=5):
+        super().__init__()
+        self.enc, self.bn = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.mid = nn.Conv2d(c, c, 3, padding=1)
+        self.up_t = nn.ConvTranspose2d(c, c, 2, stride=2)
+        self.up_n = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.head = nn.Linear(c * 64, out)
+
+    def forward(self, x):
+        skip = torch.relu(self.bn(self.enc(x)))
+        h = torch.relu(self.mid(nn.functional.max_pool2d(skip, 2)))
+        up = self.up_t(h)
+        dy, dx = skip.size(2) - up.size(2), skip.size(3) - up.size(3)
+        up = nn.functional.pad(up, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        h = torch.relu(self.fuse(torch.cat([skip, up], 1))) + self.up_n(h)
+        return self.head(torch.flatten(h, 1))
+
+
 class CifarCNN(nn.Module):
     """3x32x32: conv3x3(16) conv4x4/2(32) conv3x3(32) conv4x4/2(64) linear(10)."""
 
@@ -116,6 +140,7 @@ class CifarCNN(nn.Module):
 
 MODELS = {"residual_mlp": ResidualMLP, "resnet_cnn": ResNetCNN, "densenet_cnn": DenseCNN,
           "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN}
+MODELS["unet_cnn"] = UNetCNN
 INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32)}
 for _name in MODELS:
     INPUT_SHAPES.setdefault(_name, (1, 8, 8))

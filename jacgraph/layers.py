@@ -709,6 +709,27 @@ def _linear_value(src, node, op, a, ins, x):
         return _slices(src, node, a, x)[0]
     if op == "Pad":
         return _pad(src, node, a, x)
+    if op == "ConvTranspose":
+        return _conv_transpose(src, node, a, x)
+    if op == "Gather":
+        indices = src.const(node.input[1])
+        if ins[0] is None or indices is None:
+            raise JacgraphError(f"Gather '{node.name}' must pick constant indices out of the features.")
+        axis = _axis(int(a.get("axis", 0)), len(x.shape) + 1, node)
+        picked = np.take(np.arange(n).reshape(x.shape), np.asarray(indices, np.int64), axis=axis)
+        return x.map(_select(picked, n), shape=picked.shape)
+    if op == "Resize":
+        return x.map(_resize_matrix(src, node, x.shape), shape=src.shape(node.output[0])[1:])
+    if op in ("Squeeze", "Unsqueeze"):  # flat C-order features unchanged: a new per-sample shape only
+        axes = a.get("axes") if a.get("axes") is not None else (
+            src.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+        rank = len(x.shape) + 1 + (0 if op == "Squeeze" else len(np.ravel(axes if axes is not None else [])))
+        shape = src.shape(node.output[0])
+        if axes is None or 0 in [int(v) % rank for v in np.ravel(axes)] or shape is None \
+                or not all(isinstance(d, int) for d in shape[1:]):
+            raise JacgraphError(f"{op} '{node.name}' has no constant axes, touches the batch axis, or has an output "
+                                "shape that shape inference could not fix. Squeeze/unsqueeze named feature axes.")
+        return _Affine(x.terms, x.bias, tuple(shape[1:]))
     if op in ("Add", "Sub") and len(computed) == 2:
         if tuple(ins[0].shape) != tuple(ins[1].shape):
             raise JacgraphError(f"{op} '{node.name}' adds computed tensors of shapes {ins[0].shape} and "
@@ -806,21 +827,97 @@ def _pad(src, node, a, x):
     return x.map(_select(out, x.n), add, shape=out.shape)
 
 
+def _conv_transpose(src, node, a, x):
+    """ConvTranspose as the transpose of the Conv with the same weight and geometry, its input and output swapped
+    (that Conv maps the ConvTranspose's output shape back to its input shape)."""
+    Wk = np.asarray(src.const(node.input[1]), np.float64)  # [Ci, Co/group, *kernel]
+    if len(x.shape) != Wk.ndim - 1:
+        raise JacgraphError(f"ConvTranspose '{node.name}' gets features of shape {x.shape}, not [channels, spatial...].")
+    if a.get("output_shape"):
+        raise JacgraphError(f"ConvTranspose '{node.name}' sets output_shape; the bound passes need explicit pads and "
+                            "output_padding (torch's ConvTranspose2d exports them).")
+    kernel, isp, nd = list(Wk.shape[2:]), x.shape[1:], Wk.ndim - 2
+    ys = src.shape(node.output[0])
+    g = resolve_window(a, kernel, isp, None if ys is None else ys[2:], transpose=True)
+    extra = list(a.get("output_padding") or [0] * nd)
+    osp = tuple(g.strides[d] * (isp[d] - 1) + extra[d] + g.dilations[d] * (kernel[d] - 1) + 1 - g.pads[d] - g.pads[d + nd]
+                for d in range(nd))
+    out_shape = (Wk.shape[1] * int(a.get("group", 1)),) + osp
+    attrs = {"strides": g.strides, "dilations": g.dilations, "pads": g.pads, "group": int(a.get("group", 1))}
+    Bc = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    add = None if Bc is None else np.repeat(np.asarray(Bc, np.float64), int(np.prod(osp)))
+    return x.map(conv_sparse(Wk, out_shape, x.shape, attrs).T, add, shape=out_shape)
+
+
+RESIZE_MODES = ("nearest", "linear")
+
+
+def _resize_matrix(src, node, shape):
+    """Resize (nearest or linear, constant scales or sizes) as a sparse [n_out, n] map: the Kronecker product of
+    its per-axis interpolation matrices, which the reverse pass reads off the op itself."""
+    from .rules.transpose import resize_matrices
+
+    matrices = resize_matrices(src, node, src.opset)
+    if matrices is None:
+        raise JacgraphError(f"Resize '{node.name}' has scales or sizes computed from values that are not fixed. "
+                            "Export it with constant scales or sizes (e.g. nn.Upsample(scale_factor=2)).")
+    per_axis = dict(matrices)
+    if 0 in per_axis:
+        raise JacgraphError(f"Resize '{node.name}' resizes the batch axis. Resize the features only.")
+    M = sp.identity(1, format="csr")
+    for d, n in enumerate(shape):
+        A = per_axis.get(d + 1)
+        M = sp.kron(M, sp.identity(n) if A is None else sp.csr_matrix(np.where(np.abs(A) > 1e-15, A, 0.0)),
+                    format="csr")
+    return M
+
+
 GRAPH_OPS = (LINEAR_OPS | set(ACTIVATIONS) | {"Transpose", "AveragePool", "GlobalAveragePool", "ReduceMean",
-                                                "ReduceSum", "Concat", "Slice", "Split", "Pad", "MaxPool", "ReduceMax"})
+                                                "ReduceSum", "Concat", "Slice", "Split", "Pad", "MaxPool", "ReduceMax",
+                                                "ConvTranspose", "Resize", "Squeeze", "Unsqueeze", "Gather"})
+TWO_OPERAND_OPS = ("Mul", "Div", "Gemm", "MatMul", "Conv", "ConvTranspose")  # affine only with constant operands
+
+
+def _graph_refusals(src, x) -> Counter:
+    """Every node on x's path that the DAG lowering cannot take, by op (and why, where the op itself is known)."""
+    missing, active = Counter(), {x}
+    for node in src.active_nodes([x]):
+        op, a = node.op_type, src.attrs(node)
+        if node.domain not in ("", "ai.onnx") or op not in GRAPH_OPS:
+            missing[op if node.domain in ("", "ai.onnx") else f"{node.domain}.{op}"] += 1
+        elif op == "Resize" and (a.get("mode") not in RESIZE_MODES
+                                 or a.get("coordinate_transformation_mode") == "tf_crop_and_resize"):
+            missing[f"Resize with mode {a.get('mode')!r}/{a.get('coordinate_transformation_mode')!r} (nearest and "
+                    "linear are linear maps the bounds take)"] += 1
+        elif op in TWO_OPERAND_OPS and sum(i in active for i in node.input) > 1:
+            missing[f"{op} of two computed tensors (not affine)"] += 1
+        elif op in ACTIVATIONS and any(i in active for i in node.input[1:]):
+            missing[f"{op} with computed bounds"] += 1
+        active.update(o for o in node.output if o)
+    return missing
+
+
+def _with_shapes_fixed(src, x, shape):
+    """src with x fixed at [batch, *shape] and its shape arithmetic folded (jacgraph.lowering.prepare), where x's
+    path needs it: pads, Resize sizes and Reshape targets computed from Shape become constants; Resize's
+    interpolation matrices need static shapes. The batch size (1 unless the model fixes it) changes nothing
+    per sample."""
+    declared = src.shape(x) or (None,)
+    batch = declared[0] if isinstance(declared[0], int) else 1
+    if tuple(declared) == (batch, *shape) and all(n.op_type in GRAPH_OPS for n in src.active_nodes([x])):
+        return src
+    return SourceModel(src.proto, input_shapes={x: [batch, *shape]})
 
 
 def lower_graph(model, input_shape=None) -> Graph:
     """The model as a Graph of linear and nonlinear nodes; one JacgraphError lists every unsupported op."""
     src, x = _single_input(model)
-    missing = Counter()
-    for node in src.active_nodes([x]):
-        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        if node.domain not in ("", "ai.onnx") or op not in GRAPH_OPS:
-            missing[op] += 1
+    shape = _input_shape(src, x, input_shape)
+    src = _with_shapes_fixed(src, x, shape)
+    missing = _graph_refusals(src, x)
     if missing:
         raise unsupported_error(missing, "the layer lowering for bounds (jacgraph.layers)")
-    low = _GraphLowering(src, x, _input_shape(src, x, input_shape))
+    low = _GraphLowering(src, x, shape)
     for node in src.active_nodes([x]):
         _graph_node(low, src, node)
     out = src.outputs[0].name

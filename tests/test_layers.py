@@ -315,3 +315,77 @@ def test_graph_lowering_of_pad_matches_the_reference(mode):
     x = rng.standard_normal((3, 1, 4, 4))
     lowered = lower_graph(model)
     np.testing.assert_allclose(graph_numpy(lowered, x.reshape(3, -1)), reference_output(model, x), rtol=TOL, atol=TOL)
+
+
+class _Upsampling(torch.nn.Module):
+    """ConvTranspose (stride, pads, output_padding, dilation, groups), Resize (nearest / bilinear, align_corners,
+    a non-integer scale, a target size), Squeeze/Unsqueeze, and a Pad whose pads are computed from shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.t1 = torch.nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1)  # 5x5 -> 10x10
+        self.t2 = torch.nn.ConvTranspose2d(4, 2, 2, stride=1, dilation=2, groups=2)       # 10x10 -> 12x12
+        self.t3 = torch.nn.ConvTranspose1d(2, 1, 3, stride=3)                              # 5 -> 15
+
+    def forward(self, x):
+        up = torch.nn.functional.interpolate
+        h = torch.relu(self.t2(self.t1(x)))
+        small = up(h, scale_factor=0.5, mode="nearest")                                 # 12 -> 6
+        a = up(x, size=(7, 6), mode="bilinear", align_corners=True)                     # 5x5 -> 7x6
+        b = up(x, scale_factor=1.5, mode="bilinear")                                    # 5x5 -> 7x7
+        dy, dx = b.size(2) - a.size(2), b.size(3) - a.size(3)
+        a = torch.nn.functional.pad(a, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])  # pads from shapes
+        row = self.t3(x[:, :, 0]).unsqueeze(1).squeeze(2)                               # [N, 1, 15]
+        return torch.cat([small.flatten(1), (a - b).flatten(1), row.flatten(1)], 1)
+
+
+@pytest.mark.parametrize("name", ["upsampling", "unet_cnn"])
+def test_graph_lowering_of_upsampling_matches_the_torch_model(name):
+    """ConvTranspose as the transpose of its Conv, Resize as its interpolation matrices, computed pads folded."""
+    if name == "upsampling":
+        torch.manual_seed(1)
+        net, shape = _Upsampling().double().eval(), (2, 5, 5)
+    else:
+        net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
+    onnx_bytes = bounds_models.export_bytes(net, shape)
+    ops = {n.op_type for n in onnx.load_from_string(onnx_bytes).graph.node}
+    assert {"ConvTranspose", "Resize", "Pad", "Shape"} <= ops, ops  # the pads are computed in the export
+    graph = lower_graph(onnx_bytes)
+    x = np.random.default_rng(0).standard_normal((4, *shape))
+    expected = net(torch.tensor(x)).detach().numpy().reshape(4, -1)
+    np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,transform", [("cubic", "half_pixel"), ("linear", "tf_crop_and_resize")])
+def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_node(mode, transform):
+    """A Resize it does not take, a Loop, an LSTM (lowered to products of computed tensors) and a Mul of two
+    computed tensors: one error that names each with its count, not the first one met."""
+    rng = np.random.default_rng(0)
+    c = numpy_helper.from_array
+    inits = [c(np.array([1, 1, 2, 2], np.float32), "scales"), c(np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32), "roi"),
+             c(np.array([8, 1, 8], np.int64), "seq_shape"), c(rng.standard_normal((1, 16, 8)).astype(np.float32), "W"),
+             c(rng.standard_normal((1, 16, 4)).astype(np.float32), "R"), c(np.array(2, np.int64), "trip"),
+             c(np.array(True), "cond"), c(np.array([1, -1], np.int64), "flat")]
+    body = helper.make_graph(
+        [helper.make_node("Tanh", ["s_in"], ["s_out"]), helper.make_node("Identity", ["c_in"], ["c_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("s_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Resize", ["x", "roi", "scales"], ["r"], mode=mode, coordinate_transformation_mode=transform),
+             helper.make_node("Mul", ["r", "r"], ["r2"]),
+             helper.make_node("Reshape", ["r2", "seq_shape"], ["seq"]),
+             helper.make_node("LSTM", ["seq", "W", "R"], ["Y", "Yh"], hidden_size=4),
+             helper.make_node("Reshape", ["Yh", "flat"], ["h"]),
+             helper.make_node("Loop", ["trip", "cond", "h"], ["y"], body=body)]
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(JacgraphError) as refused:
+        lower_graph(model)
+    message = str(refused.value)
+    assert f"Resize with mode '{mode}'/'{transform}'" in message and "(x1)" in message
+    assert "Loop (x1)" in message
+    # the LSTM's products i*g, f*c, o*tanh(c) over 8 steps (f*c of step 0 multiplies the constant initial
+    # state), and the Mul above: 3*8 - 1 + 1
+    assert "Mul of two computed tensors (not affine) (x24)" in message, message

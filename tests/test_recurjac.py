@@ -456,6 +456,7 @@ def assert_dag_sound(model, f, in_shape, x0, eps_list, norm="inf", n=N_POINTS, *
 # eps per model: the larger two leave >= 10% of the pre-activation units unstable (asserted below)
 DAG_EPS = {"residual_mlp": [0.0, 0.05, 0.3], "resnet_cnn": [0.0, 0.1, 0.3], "densenet_cnn": [0.0, 0.1, 0.3],
            "pool_cnn": [0.0, 0.1, 0.3], "inception_cnn": [0.0, 0.1, 0.3]}
+DAG_EPS["unet_cnn"] = [0.0, 0.1, 0.3]  # ConvTranspose + computed Pad skip, nearest Upsample skip: 21% and 58% unstable
 
 
 @pytest.mark.parametrize("name", sorted(DAG_EPS))

@@ -265,14 +265,19 @@ def resize(b, node, g, *_):
 
 
 def _resize_matrices(b, node):
-    """[(axis, A [out, in])] for every axis the Resize changes; None when roi/scales/sizes are computed."""
+    return resize_matrices(b.src, node, b.opset)
+
+
+def resize_matrices(src, node, opset):
+    """[(axis, A [out, in])] for every axis the Resize changes; None when roi/scales/sizes are computed
+    (also the bound passes' lowering, jacgraph.layers)."""
     from ..reference import reference_session
 
     x, y = node.input[0], node.output[0]
-    xs, ys = b.src.shape(x), b.src.shape(y)
-    attrs = b.src.attrs(node)
+    xs, ys = src.shape(x), src.shape(y)
+    attrs = src.attrs(node)
     inputs = (list(node.input[1:]) + ["", "", ""])[:3]
-    consts = [b.src.const(n) if n else None for n in inputs]
+    consts = [src.const(n) if n else None for n in inputs]
     crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
     # roi matters only to tf_crop_and_resize, and computed sizes only through y's (static) shape, which the probe uses
     needed = [n and c is None and not (k == 0 and not crop) and not (k == 2 and static(ys))
@@ -322,7 +327,7 @@ def _resize_matrices(b, node):
         probe_node = helper.make_node("Resize", ["x"] + probe_in, ["y"], **probe_attrs)
         graph = helper.make_graph([probe_node], "probe", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, shape)],
                                   [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         result = np.asarray(reference_session(model).run(None, feeds)[0])
         result = np.moveaxis(result, (basis, a), (0, 1)).reshape(n, -1)  # [basis h, out o] = A[o, h]
         if result.shape[1] != m:
