@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,8 +33,9 @@ from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel, load
 
 PATTERNS = ("structural", "dense")
-CLIP = 1e3  # robust scales: the ADMM of the robust fit sees calls clipped there (see _fit_l1_rows)
+CLIP = 1e3  # robust scales: the robust fit's certificate and ADMM see calls clipped there (see _normalised)
 OUTLIER_CUT = 5.0  # residuals beyond 5 robust standard deviations (1.4826·MAD) are flagged as corrupted
+GAP = 1e-3  # relative duality gap at which a robust fit counts as an L1 minimiser of the clipped calls
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Sensed:
     estimated_error: float | None  # relative, from the residuals of the calls kept: an estimate, not a bound
     flagged_calls: int  # calls the robust fit flagged as corrupted in at least half of the rows
     nonfinite_calls: int = 0  # calls that returned NaN/inf, left out of every fit
+    corrupted_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # those calls' numbers (from 0)
+    fallback_rows: int = 0  # robust rows not certified on the fast path: solved by ADMM or the linear program
 
 
 # ---- the black box ----------------------------------------------------------------------------------
@@ -116,42 +119,169 @@ def support(model, x0, pattern="structural", inputs=None):
     return pat.matrix, col.colours, col.count
 
 
-def _fit_ls(A, y):
-    z, *_ = np.linalg.lstsq(A, y, rcond=None)
-    return z, np.ones(len(y), bool)
+# ---- the robust fit ---------------------------------------------------------------------------------
 
+class _Design:
+    """The design A (N calls x s unknowns) that a group of rows shares, with the Cholesky factor of
+    A[keep]ᵀA[keep] for each set of calls kept so far. Each is made from the one Gram matrix AᵀA less the
+    few calls left out (k·s² work for k calls instead of N·s²); rows that keep the same calls share it."""
 
-def _inliers(A, y, z):
-    """Calls whose residual under z is within OUTLIER_CUT robust standard deviations (1.4826·MAD). An L1
-    fit interpolates s calls exactly, so the scale comes from the other N - s residuals."""
-    s = A.shape[1]
-    r = np.abs(A @ z - y)
-    scale = 1.4826 * np.median(np.sort(r)[s:])
-    return r <= OUTLIER_CUT * max(scale, 1e-12 * max(np.abs(y).max(), 1e-300))
+    CACHE_BYTES = 2 ** 28  # the factors kept at once (a dense 768-input row: 4.7 MB each)
 
+    def __init__(self, A):
+        self.A = A
+        self.gram = A.T @ A
+        self._factors, self._traces = {}, {}
 
-def _refit(A, y, keep, factors):
-    """Least squares on the calls kept, repeated until the calls it keeps are the calls it was fitted on
-    (at most a few rounds); None when that does not settle. `factors` caches the Cholesky factor of
-    A[keep]ᵀA[keep] per kept set (rows with the same corrupted calls share it)."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+    def factor(self, keep):
+        """scipy's cho_factor of A[keep]ᵀA[keep]; None where that is (near) rank-deficient."""
+        from scipy.linalg import LinAlgError, cho_factor
 
-    for _ in range(5):
-        if keep.sum() <= A.shape[1]:
-            return None
         key = keep.tobytes()
-        if key not in factors:
+        if key not in self._factors:
+            if len(self._factors) * self.gram.nbytes > self.CACHE_BYTES:
+                self._factors.clear()
+            out = ~keep
+            gram = (self.gram - self.A[out].T @ self.A[out] if out.sum() < keep.sum()
+                    else self.A[keep].T @ self.A[keep])
             try:
-                factors[key] = cho_factor(A[keep].T @ A[keep])
-            except LinAlgError:  # (near) rank-deficient: the slower, stabler solver
-                factors[key] = None
-        z = (cho_solve(factors[key], A[keep].T @ y[keep]) if factors[key] is not None
-             else _fit_ls(A[keep], y[keep])[0])
-        again = _inliers(A, y, z)
-        if np.array_equal(again, keep):
-            return z, keep
+                self._factors[key] = cho_factor(gram)
+            except LinAlgError:
+                self._factors[key] = None
+        return self._factors[key]
+
+    def solve(self, keep, Y):
+        """Least squares of the columns of Y on the calls kept."""
+        from scipy.linalg import cho_solve
+
+        factor = self.factor(keep)
+        if factor is None:  # (near) rank-deficient: the slower, stabler solver
+            return np.linalg.lstsq(self.A[keep], Y[keep], rcond=None)[0]
+        return cho_solve(factor, self.A[keep].T @ Y[keep])
+
+    def slope_trace(self, keep):
+        """tr((A[keep]ᵀA[keep])⁻¹) over the slope coefficients (the intercept, last, left out)."""
+        from scipy.linalg import cho_solve
+
+        key = keep.tobytes()
+        if key not in self._traces:
+            factor = self.factor(keep)
+            inverse = (np.linalg.pinv(self.A[keep].T @ self.A[keep]) if factor is None
+                       else cho_solve(factor, np.eye(len(self.gram))))
+            self._traces[key] = float(np.trace(inverse[:-1, :-1]))
+        return self._traces[key]
+
+
+def _normalised(Y):
+    """(centre, scale, C): each column's median and robust scale (1.4826·MAD), and the columns in those units
+    clipped at ±CLIP (corrupted calls may lie 1e7 scales out). An L1 fit depends on a residual only through
+    its sign, so a minimiser of the clipped problem whose fitted values stay inside the clip minimises the
+    original one too."""
+    centre = np.median(Y, axis=0)
+    scale = 1.4826 * np.median(np.abs(Y - centre), axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    return centre, scale, np.clip((Y - centre) / scale, -CLIP, CLIP)
+
+
+def _inliers(A, Y, Z):
+    """Per column of Y (N x R): the calls whose residual under Z is within OUTLIER_CUT robust standard
+    deviations (1.4826·MAD). An L1 fit interpolates s calls exactly, so the scale comes from the other
+    N - s residuals."""
+    s = A.shape[1]
+    R = np.abs(A @ Z - Y)
+    scale = 1.4826 * np.median(np.sort(R, axis=0)[s:], axis=0)
+    return R <= OUTLIER_CUT * np.maximum(scale, 1e-12 * np.maximum(np.abs(Y).max(axis=0), 1e-300))
+
+
+def _by_kept(keep, columns):
+    """(kept calls, the columns among `columns` that keep exactly those) for each distinct set."""
+    kinds, which = np.unique(keep[:, columns].T, axis=0, return_inverse=True)
+    for k, kept in enumerate(kinds):
+        yield kept, columns[which.ravel() == k]
+
+
+def _refit(design, Y, keep):
+    """Least squares of each column of Y on its kept calls (keep: N x R), repeated until the calls it keeps
+    are the calls it was fitted on (at most 5 rounds). Returns (Z, keep, settled): settled marks the
+    columns that got there."""
+    s, R = design.A.shape[1], Y.shape[1]
+    Z, keep, settled = np.zeros((s, R)), keep.copy(), np.zeros(R, bool)
+    open_rows = np.arange(R)
+    for _ in range(5):
+        open_rows = open_rows[keep[:, open_rows].sum(axis=0) > s]  # fewer calls than unknowns: not settled
+        if not len(open_rows):
+            break
+        for kept, cols in _by_kept(keep, open_rows):
+            Z[:, cols] = design.solve(kept, Y[:, cols])
+        again = _inliers(design.A, Y[:, open_rows], Z[:, open_rows])
+        done = np.all(again == keep[:, open_rows], axis=0)
+        settled[open_rows[done]] = True
+        keep[:, open_rows] = again
+        open_rows = open_rows[~done]
+    return Z, keep, settled
+
+
+def _common_inliers(design, C, rounds=30):
+    """The calls that fit every column of C at once, by trimmed least squares: fit all columns on the calls
+    kept, keep the calls whose residual is within OUTLIER_CUT robust standard deviations in every column,
+    repeat until that set repeats. A corrupted call corrupts every output of that call, so all rows point at
+    it; the first fits are smeared by the corrupted calls, and each round fewer are left to smear them."""
+    A = design.A
+    keep = np.ones(len(A), bool)
+    for _ in range(rounds):
+        R = np.abs(A @ design.solve(keep, C) - C)
+        scale = 1.4826 * np.median(R[keep], axis=0)
+        again = np.all(R <= OUTLIER_CUT * np.maximum(scale, 1e-12), axis=1)
+        if again.sum() <= A.shape[1] or np.array_equal(again, keep):
+            break
         keep = again
-    return None
+    return keep
+
+
+def _certified(design, C, F, keep, gap):
+    """Per column: is F = A z (in the units of C, N x R) a minimiser of ‖A z - c‖₁ over the clipped calls C,
+    to within a relative duality gap `gap`, with every fitted value well inside the clip (so its residuals
+    keep their signs and the clipped and original problems agree)? The dual point: ν = sign(F - C) on the
+    calls the column leaves out and, on those it keeps, the least-norm ν_K with A_Kᵀν_K = -A_Oᵀν_O, so that
+    Aᵀν = 0; scaled into |ν| <= 1, -cᵀν is then a lower bound on the optimum (‖A z - c‖₁ >= νᵀ(A z - c) =
+    -cᵀν). When z is the least-squares fit on the calls kept, the gap is the kept calls' residuals."""
+    from scipy.linalg import cho_solve
+
+    A = design.A
+    ok = np.abs(F).max(axis=0) < CLIP / 2
+    for kept, cols in _by_kept(keep, np.arange(C.shape[1])):
+        factor = design.factor(kept)
+        if factor is None:
+            ok[cols] = False
+            continue
+        out = ~kept
+        nu = np.zeros((len(A), len(cols)))
+        nu[out] = np.sign(F[out][:, cols] - C[out][:, cols])
+        nu[kept] = -A[kept] @ cho_solve(factor, A[out].T @ nu[out])
+        nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
+        objective = np.abs(F[:, cols] - C[:, cols]).sum(axis=0)
+        bound = -(C[:, cols] * nu).sum(axis=0)
+        ok[cols] &= objective - bound <= gap * np.maximum(objective, 1e-12)
+    return ok
+
+
+def _fit_robust(design, Y):
+    """Robust fits of the columns of Y that share `design`, all at once: (Z, keep (N x R), rows that fell back).
+
+    1. The calls that fit every row (_common_inliers: trimmed least squares over all rows together).
+    2. Each row's outlier flags under the least-squares fit on those calls, and its least-squares refit on
+       the calls it keeps, repeated until the refit keeps the calls it was fitted on (_refit).
+    3. Each refit certified as an L1 fit of the clipped calls to within a relative duality gap GAP
+       (_certified). A row that fails any step goes to the ADMM (_fit_l1_rows), then the linear program.
+    """
+    A = design.A
+    centre, scale, C = _normalised(Y)
+    common = _common_inliers(design, C)
+    Z, keep, settled = _refit(design, Y, _inliers(A, Y, design.solve(common, Y)))
+    ok = settled & _certified(design, C, (A @ Z - centre) / scale, keep, GAP)
+    if not ok.all():
+        Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design)
+    return Z, keep, int((~ok).sum())
 
 
 def _fit_l1(A, y):
@@ -168,46 +298,39 @@ def _fit_l1(A, y):
         raise JacgraphError(f"the L1 regression did not solve ({res.message}). Increase --budget.")
     z = res.x[:s]
     z[-1] += centre  # the last column is the intercept f_i(x0)
-    keep = _inliers(A, y, z)
+    keep = _inliers(A, y[:, None], z[:, None])[:, 0]
     if keep.sum() > s:
-        z, _ = _fit_ls(A[keep], y[keep])
+        z = np.linalg.lstsq(A[keep], y[keep], rcond=None)[0]
     return z, keep
 
 
-def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=1e-3):
-    """Robust fits of the columns of Y that share the design A (N x s), all at once.
+def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None):
+    """Robust fits of the columns of Y that share the design A (N x s) by ADMM, all at once: (Z, keep).
 
     ADMM on min ‖A z - y‖₁ (split r = A z - y; the z-step is the projection A M onto A's range,
-    M = (AᵀA)⁻¹Aᵀ from one Cholesky factorisation shared by every row and iteration; the r-step is
-    a soft threshold), each row's residual scale normalised to 1, its calls clipped at ±CLIP robust
-    scales, the penalty rebalanced as it runs. Every `check_every` iterations each row's duality gap
-    is measured: its multiplier, projected onto null(Aᵀ) and scaled into |ν| <= 1, is a feasible
-    point of the dual max -bᵀν, so -bᵀν bounds the clipped problem's optimum from below. A row whose
-    objective is within a relative `gap` of that bound, with every fitted value well inside the clip
-    (so its residuals keep their signs and the clipped and original problems agree), is solved: its
-    outlier flags are read off the residuals, the least-squares refit on the calls kept must
-    reproduce them (_refit) and be as good an L1 fit as the certified one. A row that does not get
-    there falls back to the exact linear program (_fit_l1).
+    M = (AᵀA)⁻¹Aᵀ from the design's one Cholesky factorisation; the r-step is a soft threshold), on the
+    clipped calls of _normalised, the penalty rebalanced as it runs. Every `check_every` iterations each
+    row's duality gap is measured: its multiplier, projected onto null(Aᵀ) and scaled into |ν| <= 1, is a
+    feasible point of the dual max -bᵀν, so -bᵀν bounds the clipped problem's optimum from below. A row
+    whose objective is within a relative `gap` of that bound, with every fitted value well inside the clip,
+    is solved: its outlier flags are read off the residuals, the least-squares refit on the calls kept must
+    reproduce them (_refit) and be as good an L1 fit as the certified one. A row that does not get there
+    falls back to the exact linear program (_fit_l1).
     """
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve
+    from scipy.linalg import cho_solve
 
-    s, R = A.shape[1], Y.shape[1]
-    Z, keeps = np.zeros((s, R)), [None] * R
-    try:
-        M = cho_solve(cho_factor(A.T @ A), A.T)
-    except LinAlgError:  # a (near) rank-deficient design: the linear program for every row
+    design = design or _Design(A)
+    N, s, R = A.shape[0], A.shape[1], Y.shape[1]
+    Z, keeps = np.zeros((s, R)), np.zeros((N, R), bool)
+    solved = np.zeros(R, bool)
+    chol = design.factor(np.ones(N, bool))
+    if chol is None:  # a (near) rank-deficient design: the linear program for every row
         iterations = 0
-        M = np.zeros((s, A.shape[0]))
-    factors = {}
-    centre = np.median(Y, axis=0)
-    scale = 1.4826 * np.median(np.abs(Y - centre), axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
-    B = (Y - centre) / scale
-    # ADMM runs on B clipped to ±CLIP robust scales (corrupted calls may lie 1e7 scales out, which stalls
-    # it): an L1 fit depends on a residual only through its sign, so a minimiser of the clipped problem
-    # whose fitted values stay inside the clip (checked, with a factor 2 margin) minimises the original
-    clipped = np.clip(B, -CLIP, CLIP)
-    fit, resid, dual = np.zeros_like(B), clipped.copy(), np.zeros_like(B)  # A z, r, scaled multiplier u
+        M = np.zeros((s, N))
+    else:
+        M = cho_solve(chol, A.T)
+    centre, scale, clipped = _normalised(Y)
+    fit, resid, dual = np.zeros_like(clipped), clipped.copy(), np.zeros_like(clipped)  # A z, r, scaled multiplier u
     rho = np.ones(R)
     open_rows = np.arange(R)
     for it in range(1, iterations + 1):
@@ -228,22 +351,22 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=1e-3):
         objective = np.abs(fit[:, open_rows] - clipped[:, open_rows]).sum(axis=0)
         bound = -(clipped[:, open_rows] * nu).sum(axis=0)
         inside = np.abs(fit[:, open_rows]).max(axis=0) < CLIP / 2  # every residual keeps its sign
+        closed = []
         for j, obj, low, ok in zip(open_rows, objective, bound, inside):
             if ok and obj - low <= gap * max(obj, 1e-12):
                 z = M @ (fit[:, j] * scale[j] + centre[j])
-                refit = _refit(A, Y[:, j], _inliers(A, Y[:, j], z), factors)
+                z, keep, settled = _refit(design, Y[:, [j]], _inliers(A, Y[:, [j]], z[:, None]))
                 # the refit must be as good an L1 fit of the clipped calls as the certified one
-                better = refit is not None and np.abs(A @ refit[0] - (clipped[:, j] * scale[j] + centre[j])).sum() \
+                better = settled[0] and np.abs(A @ z[:, 0] - (clipped[:, j] * scale[j] + centre[j])).sum() \
                     <= (obj + gap * obj) * scale[j]
-                keeps[j] = refit if better else False
-        open_rows = np.array([j for j in open_rows if keeps[j] is None], int)
+                if better:
+                    Z[:, j], keeps[:, j], solved[j] = z[:, 0], keep[:, 0], True
+                closed.append(j)  # solved, or left to the linear program
+        open_rows = np.setdiff1d(open_rows, closed)
         if not len(open_rows):
             break
-    for j in range(R):
-        if keeps[j]:
-            Z[:, j], keeps[j] = keeps[j]
-        else:
-            Z[:, j], keeps[j] = _fit_l1(A, Y[:, j])
+    for j in np.flatnonzero(~solved):
+        Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])
     return Z, keeps
 
 
@@ -268,7 +391,7 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     budget = _checked_budget(budget, K, robust)
     rng = np.random.default_rng(seed)
     step = _checked_step(step, x0)
-    G, Y, nonfinite = _probe(f, x0, rng.standard_normal((budget, K)), colours, step, corrupt, progress, min_calls)
+    G, Y, finite = _probe(f, x0, rng.standard_normal((budget, K)), colours, step, corrupt, progress, min_calls)
     m = Y.shape[1]
     if P is None:
         P = sp.csr_matrix(np.ones((m, K), bool))
@@ -276,7 +399,8 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
         raise JacgraphError(f"the model returned {m} output values but its pattern has {P.shape[0]} rows; the "
                             "declared output shapes do not match what onnxruntime computes. Use --pattern dense.")
     res = _recover(P, colours, G, Y, step, robust, pattern, len(Y), K, min_calls, progress)
-    res.calls, res.nonfinite_calls = budget, nonfinite
+    res.calls, res.nonfinite_calls = budget, budget - len(finite)
+    res.corrupted_calls = finite[res.corrupted_calls]  # numbered among all the calls made
     return res
 
 
@@ -312,7 +436,8 @@ def _checked_step(step, x0) -> float:
 
 
 def _probe(f, x0, G, colours, step, corrupt, progress, min_calls):
-    """Call the black box at x0 + step·G[p] (spread over the colours); (G, Y, calls left out) over the finite calls."""
+    """Call the black box at x0 + step·G[p] (spread over the colours); (G, Y, the calls' numbers) over the
+    calls that returned finite values."""
     from tqdm import tqdm
 
     Y = []
@@ -328,12 +453,12 @@ def _probe(f, x0, G, colours, step, corrupt, progress, min_calls):
     if finite.sum() < min_calls:
         raise JacgraphError(f"only {int(finite.sum())} of {len(G)} calls returned finite values, fewer than the "
                             f"{min_calls} needed. Check the model at x0, or raise --budget.")
-    return G[finite], Y[finite], int((~finite).sum())
+    return G[finite], Y[finite], np.flatnonzero(finite)
 
 
 def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, progress=False) -> Sensed:
     """Per-row regression. Rows with the same colour sequence share their design matrix [G[:, colours], 1],
-    so least squares solves each such group at once."""
+    so each such group is solved at once (least squares, or _fit_robust)."""
     P = sp.csr_matrix(P)
     m, n = P.shape
     groups = {}
@@ -341,21 +466,23 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, prog
         key = colours[P.indices[P.indptr[i]:P.indptr[i + 1]]].tobytes()
         groups.setdefault(key, []).append(i)
     values = np.zeros(P.nnz)
-    variance, flagged = 0.0, np.zeros(budget)
+    variance, flagged, fallback = 0.0, np.zeros(budget), 0
     from tqdm import tqdm
 
     bar = tqdm(total=m, desc="jacgraph sense: robust fits", unit="row", file=sys.stderr, leave=False,
                disable=True if not robust else (None if progress is None else not progress))
     for rows in groups.values():
         cols = colours[P.indices[P.indptr[rows[0]]:P.indptr[rows[0] + 1]]]
-        A = np.hstack([G[:, cols], np.ones((budget, 1))])
+        design = _Design(np.hstack([G[:, cols], np.ones((budget, 1))]))
+        A = design.A
         if robust:
-            Z, keeps = _fit_l1_rows(A, Y[:, rows])
+            Z, keeps, failed = _fit_robust(design, Y[:, rows])
+            fallback += failed
             bar.update(len(rows))
         else:
             Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
-            keeps = [np.ones(budget, bool)] * len(rows)
-        for i, z, keep in zip(rows, Z.T, keeps):
+            keeps = np.ones((budget, len(rows)), bool)
+        for i, z, keep in zip(rows, Z.T, keeps.T):
             values[P.indptr[i]:P.indptr[i + 1]] = z[:-1] / step
             flagged += ~keep
             dof = int(keep.sum()) - A.shape[1]
@@ -363,30 +490,11 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, prog
                 variance = None
                 continue
             r = A[keep] @ z - Y[keep, i]
-            trace = _cov_trace(A, keep)
-            variance += float(r @ r) / dof * trace / step ** 2
+            variance += float(r @ r) / dof * design.slope_trace(keep) / step ** 2
     bar.close()
     J = sp.csr_matrix((values, P.indices.copy(), P.indptr.copy()), shape=(m, n))
     norm = float(np.linalg.norm(values))
     estimate = None if variance is None else float(np.sqrt(variance) / max(norm, 1e-300))
+    corrupted = np.flatnonzero(flagged >= m / 2)
     return Sensed(J if pattern == "structural" else J.toarray(), budget, K, min_calls, pattern, robust, step,
-                  estimate, int((flagged >= m / 2).sum()))
-
-
-_TRACES: dict = {}
-
-
-def _cov_trace(A, keep):
-    """tr((AᵀA)⁻¹) over the slope coefficients (the intercept left out), for the calls kept."""
-    key = (A.tobytes(), keep.tobytes())
-    if key not in _TRACES:
-        if len(_TRACES) > 4096:
-            _TRACES.clear()
-        gram = A[keep].T @ A[keep]
-        try:
-            inverse = np.linalg.inv(gram)
-        except np.linalg.LinAlgError:
-            inverse = np.linalg.pinv(gram)
-        _TRACES[key] = float(np.trace(inverse[:-1, :-1]))
-    return _TRACES[key]
-
+                  estimate, len(corrupted), corrupted_calls=corrupted, fallback_rows=fallback)

@@ -203,8 +203,8 @@ def test_admm_fits_match_the_linear_program_row_by_row(fraction):
     got, keeps = sensing._fit_l1_rows(A, Y)
     for j in range(Y.shape[1]):
         z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
-        np.testing.assert_array_equal(keeps[j], keep_lp)
-        assert set(np.flatnonzero(~keeps[j])) == set(bad.tolist())
+        np.testing.assert_array_equal(keeps[:, j], keep_lp)
+        assert set(np.flatnonzero(~keeps[:, j])) == set(bad.tolist())
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
         np.testing.assert_allclose(got[:, j], Z[:, j], rtol=0, atol=1e-8)
 
