@@ -4,7 +4,8 @@
     onnx_bytes = export_bytes(net, INPUT_SHAPES["resnet_cnn"])
 
 Inputs are 1x8x8 (the MLP: 16 features) so that the tests can sample thousands of float64 Jacobians
-in seconds; "cifar_cnn" is the 3x32x32 scale model of issue 13 (four convs, two of stride 2).
+in seconds; "cifar_cnn" is the 3x32x32 scale model of issue 13 (four convs, two of stride 2) and
+"resnet_cifar" a 3x32x32 ResNet-style one (three residual blocks with BatchNorm, one of stride 2).
 BatchNorm layers get random running statistics so that folding them is exercised.
 """
 from __future__ import annotations
@@ -138,10 +139,51 @@ class CifarCNN(nn.Module):
         return self.f(x)
 
 
+class StridedCNN(nn.Module):
+    """1x8x8, cifar_cnn in small: conv3x3(3), conv4x4/2(4), conv3x3(4), linear(5) (the tests' strided CNN)."""
+
+    def __init__(self, out=5):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 4, 2, 1), nn.ReLU(),
+                               nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, out))
+
+    def forward(self, x):
+        return self.f(x)
+
+
+class DownBlock(nn.Module):
+    """A stride-2 residual block from c_in to c_out channels; the skip is a strided 1x1 conv with BN."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c_in, c_out, 3, 2, 1), nn.BatchNorm2d(c_out)
+        self.c2, self.b2 = nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out)
+        self.skip, self.bs = nn.Conv2d(c_in, c_out, 1, 2), nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return torch.relu(self.bs(self.skip(x)) + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class ResNetCifar(nn.Module):
+    """3x32x32 ResNet-style: stem conv3x3(c)-BN-ReLU, a residual block at c channels, a stride-2 block to
+    2c channels, a residual block at 2c, global average pool, linear(10)."""
+
+    def __init__(self, c=8, out=10):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(ResBlock(c), DownBlock(c, 2 * c), ResBlock(2 * c))
+        self.head = nn.Linear(2 * c, out)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
 MODELS = {"residual_mlp": ResidualMLP, "resnet_cnn": ResNetCNN, "densenet_cnn": DenseCNN,
           "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN}
 MODELS["unet_cnn"] = UNetCNN
-INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32)}
+MODELS.update(strided_cnn=StridedCNN, resnet_cifar=ResNetCifar)
+INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32), "resnet_cifar": (3, 32, 32)}
 for _name in MODELS:
     INPUT_SHAPES.setdefault(_name, (1, 8, 8))
 

@@ -163,7 +163,7 @@ class Builder:
         cotangent names of this graph) by name, without declaring them. The child shares this builder's
         names, constants and K; `b.graph(name)` returns the body it emitted.
         """
-        child = Builder.__new__(Builder)
+        child = type(self).__new__(type(self))  # a BoundBuilder's body keeps its dtype helpers (c, where, max)
         child.__dict__.update(self.__dict__)
         child.src = Subgraph(graph, self.src, input_types, carried)
         child.nodes, child.inputs, child.outputs, child.value_info, child.copies = [], [], [], [], {}

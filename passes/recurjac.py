@@ -49,6 +49,7 @@ from jacgraph.errors import JacgraphError
 from jacgraph.layers import is_chain, lower
 from jacgraph.model import SourceModel
 from jacgraph.rules.bounds import DERIV, RANGE, RELAX, BoundBuilder, Relaxation, bilinear, dual_norm, interval_mul
+from jacgraph.structured import KINDS, find_conv
 
 NORMS = ("inf", "2")
 METHODS = ("recurjac", "interval")
@@ -343,27 +344,47 @@ class _Operator:
     """A linear node's matrix M [n_out, n_in] (scipy sparse) in the bound graph, applied to the last axis:
     fwd(X) = X M^T, adj(X) = X M, and the same for |M|, max(M, 0), min(M, 0) (kind abs, pos, neg).
 
-    Small matrices are dense constants (MatMul). A large one (a convolution, a pooling, a selection) is
-    kept sparse in ELL form, one row of K (index, value) pairs per output: Gather the K inputs, multiply,
-    ReduceSum. Memory then grows with n_out x K, the operator's own size, not with n_out x n_in
-    (onnxruntime has no float64 Conv kernel, so this is also how a float64 convolution runs)."""
+    Small matrices are dense constants (MatMul). A large convolution (BatchNorm folded in or not) is
+    applied patch-wise (jacgraph.structured: im2col Gather + MatMul forward, stride-phase Gather + MatMul
+    adjoint, exact float64), when M is recognised as one and that is smaller than ELL. Any other large
+    matrix (a pooling, a selection) is kept sparse in ELL form, one row of K (index, value) pairs per
+    output: Gather the K inputs, multiply, ReduceSum; memory grows with n_out x K, the operator's own
+    size (onnxruntime has no float64 Conv kernel, so these are also how a float64 convolution runs).
+    `owner.b` is the Builder emitting now (the bound graph's, or a Loop body's)."""
 
-    def __init__(self, b, M):
-        self.b = b
+    def __init__(self, owner, M, in_shape=None, out_shape=None):
+        self.owner = owner
         self.M = sp.csr_matrix(M)
         self.dense = self.M.shape[0] * self.M.shape[1] * 8 <= DENSE_OP_BYTES
-        # entries per row of the largest product it forms (fwd: n_out x K, adj: n_in x K^T)
-        self.gathered = 0 if self.dense else max(self.M.shape[0] * _ell_width(self.M),
-                                                 self.M.shape[1] * _ell_width(self.M.T.tocsr()))
+        self.conv = None
         self._consts = {}
+        if self.dense:
+            self.gathered = 0
+            return
+        # entries per row of the largest product it forms (fwd: n_out x K, adj: n_in x K^T; patch-wise:
+        # positions x taps x C_in forward, positions x taps-per-phase x C_out adjoint)
+        self.gathered = max(self.M.shape[0] * _ell_width(self.M), self.M.shape[1] * _ell_width(self.M.T.tocsr()))
+        conv = find_conv(self.M, in_shape, out_shape) if in_shape is not None else None
+        if conv is not None:
+            patch = max(p.gathered() for p in conv.patches())
+            if patch < self.gathered:
+                self.conv, self.gathered = conv, patch
+
+    @property
+    def b(self):
+        return self.owner.b
 
     def _const(self, kind, transpose):
         key = (kind, transpose)
         if key not in self._consts:
             b = self.b
             M = self.M.T.tocsr() if transpose else self.M
-            f = {"M": lambda v: v, "abs": np.abs, "pos": lambda v: np.maximum(v, 0), "neg": lambda v: np.minimum(v, 0)}[kind]
-            if self.dense:  # X @ M^T (fwd) multiplies by M^T: the transposed matrix's transpose
+            f = KINDS[kind]
+            if self.conv is not None:
+                patch = self.conv.patches(kind)[int(transpose)]
+                self._consts[key] = (patch, [None if a is None else b.const(a.astype(b.dtype) if a.dtype.kind == "f"
+                                                                          else a, hint="patch") for a in patch.arrays()])
+            elif self.dense:  # X @ M^T (fwd) multiplies by M^T: the transposed matrix's transpose
                 self._consts[key] = b.c(np.asarray(f(M.toarray()).T, b.dtype), hint="M")
             else:
                 idx, val = _ell(M)
@@ -372,6 +393,9 @@ class _Operator:
 
     def _apply(self, X, kind, transpose):
         b, c = self.b, self._const(kind, transpose)
+        if self.conv is not None:
+            patch, names = c
+            return patch.emit(b, X, names)
         if self.dense:
             return b.MatMul(X, c)
         idx, val = c
@@ -385,6 +409,8 @@ class _Operator:
 
     def nbytes(self) -> int:
         """Bytes of its constants in the bound graph (four kinds, both directions)."""
+        if self.conv is not None:
+            return 4 * sum(p.nbytes() for p in self.conv.patches())
         if self.dense:
             return 8 * 8 * self.M.shape[0] * self.M.shape[1]
         return 4 * 16 * (self.M.shape[0] * _ell_width(self.M) + self.M.shape[1] * _ell_width(self.M.T.tocsr()))
@@ -429,17 +455,25 @@ class _DagBounds:
         """Linear node c's operator on its input k (built once)."""
         if (c, k) not in self._mats:
             node = self.nodes[c]
-            self._mats[(c, k)] = _Operator(self.b, node.mats[node.inputs.index(k)])
+            self._mats[(c, k)] = _Operator(self, node.mats[node.inputs.index(k)], self.nodes[k].shape, node.shape)
         return self._mats[(c, k)]
 
     def fits(self, rows, k_range, m=1):
-        """Whether a back-substitution of `rows` rows (times m outputs) over nodes k_range fits the limit:
-        its coefficients are rows x n_j, a gathered (ELL) operator's product rows x n x K."""
+        """Whether a back-substitution of `rows` rows (times m outputs) over nodes k_range fits the limit at once."""
+        return rows <= self.chunk_rows(k_range, m)
+
+    def row_bytes(self, k_range, m=1) -> int:
+        """Bytes one coefficient row (times m outputs) holds in a back-substitution over nodes k_range: its
+        coefficients are n_j per row, a gathered operator's product (ELL or patch-wise) `gathered` per row."""
         widest = max((self.nodes[j].n for j in k_range), default=1)
         for c in k_range:
             if self.nodes[c].kind == "linear":
                 widest = max([widest] + [self.op(c, j).gathered for j in self.nodes[c].inputs])
-        return 8 * m * rows * widest * TEMPORARIES <= self.limit
+        return 8 * m * widest * TEMPORARIES
+
+    def chunk_rows(self, k_range, m=1) -> int:
+        """How many rows of a back-substitution over nodes k_range fit the memory limit at once (0: none)."""
+        return int(self.limit // self.row_bytes(k_range, m))
 
     # -- forward: interval boxes, CROWN, relaxations --------------------------------------------
     def forward(self, x, eps, x3):
@@ -458,8 +492,9 @@ class _DagBounds:
                 bias = b.c(node.bias)
                 lo, hi = b.Add(lo, bias), b.Add(hi, bias)
                 if k != self.out and any(self.nodes[c].kind != "linear" for c in self.cons[k]):
-                    if self.fits(node.n, range(k)):
-                        c_lo, c_hi = self.crown(k, x3, eps)
+                    rows = self.chunk_rows(range(k + 1))
+                    if rows:  # in chunks of `rows` rows when not all fit at once
+                        c_lo, c_hi = self.crown(k, x3, eps, rows)
                         lo, hi = b.max(lo, c_lo), b.min(hi, c_hi)
                     else:
                         self.interval_only.append(k)
@@ -520,10 +555,47 @@ class _DagBounds:
         _add_to(store, j, b, *new)
         return _add_pair(b, C, dc)
 
-    def crown(self, t, x3, eps):
-        """Linear bounds on node t's values, back-substituted to the input and bounded over the ball."""
+    def crown(self, t, x3, eps, rows=None):
+        """Linear bounds (lo, hi) [b, n_t] on node t's values, back-substituted to the input and bounded over
+        the ball; `rows` at a time when given (fewer than n_t: an ONNX Loop over chunks of rows)."""
+        n = self.nodes[t].n
+        if rows is None or rows >= n:
+            return self._crown_rows(t, self.b.c(np.eye(n)[None]), x3, eps)
+        return self._chunked(n, rows, lambda eye: self._crown_rows(t, eye, x3, eps))
+
+    def _chunked(self, n, rows, step):
+        """step(eye) -> (lo, hi) [b, rows] for the identity rows eye [1, rows, n] of one chunk, emitted once
+        as the body of a Loop over ceil(n / rows) chunks: peak memory is one chunk's. The body builds its
+        rows with Equal (no n x n constant); rows past n are zero and cut off. Returns (lo, hi) [b, n]."""
         b = self.b
-        eye = b.c(np.eye(self.nodes[t].n)[None])  # [1, rows, n]
+        chunks = -(-n // rows)
+        body = b.subgraph(onnx.GraphProto())
+        it, cond = body.fresh("chunk"), body.fresh("cond_in")
+        first = body.Mul(it, body.const(np.asarray(rows, np.int64), hint="rows"))
+        ids = body.Range(first, body.Add(first, body.const(np.asarray(rows, np.int64), hint="rows")),
+                         body.const(np.asarray(1, np.int64), hint="one"))
+        eye = body.Equal(body.Unsqueeze(ids, body.ints([1])), body.const(np.arange(n, dtype=np.int64), hint="units"))
+        eye = body.Unsqueeze(body.Cast(eye, to=helper.np_dtype_to_tensor_dtype(b.dtype)), body.ints([0]))
+        self.b = body
+        try:
+            lo, hi = step(eye)
+        finally:
+            self.b = b
+        elem = helper.np_dtype_to_tensor_dtype(b.dtype)
+        outs = [body.Identity(cond), body.Identity(lo), body.Identity(hi)]
+        body.inputs.extend([helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
+                            helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])])
+        body.outputs.extend([helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
+                             helper.make_tensor_value_info(outs[1], elem, [None, rows]),
+                             helper.make_tensor_value_info(outs[2], elem, [None, rows])])
+        stacked = b.op("Loop", b.const(np.asarray(chunks, np.int64), hint="chunks"), b.const(np.asarray(True), hint="true"),
+                       n_out=2, body=body.graph("crown_chunk"))  # [chunks, b, rows] each
+        return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=[1, 0, 2]), b.ints([0, -1])), b.ints([0]), b.ints([n]),
+                             b.ints([1])) for t in stacked)
+
+    def _crown_rows(self, t, eye, x3, eps):
+        """CROWN for the rows `eye` [1, rows, n_t] of node t (a slice of the identity): (lo, hi) [b, rows]."""
+        b = self.b
         store, C = {t: (eye, eye)}, None
         for k in range(t, -1, -1):
             if k not in store:
@@ -638,7 +710,8 @@ def _check_dense_weights(weights):
 
 def _dense_bytes(graph) -> int:
     """Bytes of the lowered weights the bound graph embeds (dense or ELL, with |M|, M+, M- and transposes)."""
-    return sum(_Operator(None, M).nbytes() for node in graph.nodes for M in node.mats)
+    return sum(_Operator(None, M, graph.nodes[k].shape, node.shape).nbytes()
+               for node in graph.nodes for k, M in zip(node.inputs, node.mats))
 
 
 def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit):

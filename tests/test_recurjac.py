@@ -556,3 +556,58 @@ def test_sparse_operators_give_the_dense_bounds(name, monkeypatch):
     sparse = bounds(recurjac.build(model, memory_limit=1 << 40), x0, [0.05, 0.2])
     for d, s in zip(dense, sparse):
         np.testing.assert_allclose(s, d, rtol=1e-9, atol=1e-12)
+
+
+# ---- convolutions applied patch-wise (jacgraph.structured), CROWN in chunks of rows ---------------
+
+def _outputs(graph, x0, eps):
+    sess = session(graph, provider="CPUExecutionProvider")
+    return sess.run(None, {"x0": x0, "eps": np.asarray(eps, np.float64)})
+
+
+def _strided_cnn():
+    net, shape = bounds_models.build("strided_cnn"), bounds_models.INPUT_SHAPES["strided_cnn"]
+    return net, shape, bounds_models.export_bytes(net, shape)
+
+
+def test_patch_operators_give_the_ell_bounds(monkeypatch):
+    """Every operator large (DENSE_OP_BYTES 0): the convolutions patch-wise give the bounds the same
+    operators give in ELL form (find_conv off), Jacobian and pre-activation bounds alike."""
+    net, shape, model = _strided_cnn()
+    x0 = np.random.default_rng(2).standard_normal((2, *shape))
+    monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    patched = recurjac.build(model, memory_limit=1 << 40, lowering="graph", preactivation_bounds=True)
+    assert sum(n.op_type == "Pad" for n in patched.graph.node) >= 3 * 8  # 3 convs x 4 kinds x fwd/adj used
+    monkeypatch.setattr(recurjac, "find_conv", lambda *args: None)
+    ell = recurjac.build(model, memory_limit=1 << 40, lowering="graph", preactivation_bounds=True)
+    assert not any(n.op_type == "Pad" for n in ell.graph.node)
+    got, want = _outputs(patched, x0, [0.05, 0.2]), _outputs(ell, x0, [0.05, 0.2])
+    assert np.mean(want[1] - want[0]) > 1e-3  # not a trivially tight case
+    for g, w in zip(got, want):  # float64 sums in another order: round-off ~1e-15 of entries O(1)
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+
+
+def test_chunked_crown_equals_crown_at_once(monkeypatch):
+    """Under a small memory limit every CROWN back-substitution runs in a Loop over chunks of rows; its
+    pre-activation bounds equal those of one back-substitution of all rows."""
+    net, shape, model = _strided_cnn()
+    x0 = np.random.default_rng(3).standard_normal((2, *shape))
+    monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    whole = recurjac.build(model, memory_limit=1 << 40, lowering="graph", preactivation_bounds=True)
+    chunked = recurjac.build(model, memory_limit=100_000, lowering="graph", preactivation_bounds=True)
+    assert not any(n.op_type == "Loop" for n in whole.graph.node)
+    assert sum(n.op_type == "Loop" for n in chunked.graph.node) == 3  # one per linear node feeding a ReLU
+    got, want = _outputs(chunked, x0, [0.05, 0.2]), _outputs(whole, x0, [0.05, 0.2])
+    for g, w in zip(got[2:], want[2:]):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 100_000])
+def test_strided_cnn_patch_wise_and_chunked_is_sound(limit, monkeypatch):
+    """2000+ sampled Jacobians (corners, uniform, kink-aimed) inside the bounds of the strided CNN with
+    patch-wise convolutions, CROWN at once or in chunks, at eps where >= 10% of the ReLUs are unstable."""
+    net, shape, model = _strided_cnn()
+    monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    x0 = np.random.default_rng(4).standard_normal(shape)
+    widths, unstable = assert_dag_sound(model, net, shape, x0, [0.0, 0.05, 0.2], memory_limit=limit)
+    assert widths[0] < 1e-12 and min(unstable[1:]) >= 0.1, (widths, unstable)
