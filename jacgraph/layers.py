@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from .errors import JacgraphError
 from .model import SourceModel, unsupported_error
+from .progress import stage
 from .rules.registry import resolve_window
 
 # ONNX op -> activation name in Stage.activation
@@ -259,6 +260,7 @@ def _single_input(model):
     return src, floats[0]
 
 
+@stage("lowering the model to linear layers and activations")
 def lower(model, input_shape=None) -> list[Stage]:
     """Stages of a feed-forward chain; raises one JacgraphError listing every unsupported op."""
     src, x = _single_input(model)
@@ -909,6 +911,7 @@ def _with_shapes_fixed(src, x, shape):
     return SourceModel(src.proto, input_shapes={x: [batch, *shape]})
 
 
+@stage("lowering the model to a graph of linear operators and nonlinearities")
 def lower_graph(model, input_shape=None) -> Graph:
     """The model as a Graph of linear and nonlinear nodes; one JacgraphError lists every unsupported op."""
     src, x = _single_input(model)

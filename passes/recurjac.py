@@ -779,18 +779,23 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
     """
     from tqdm import tqdm
 
+    from jacgraph.progress import stage
     from jacgraph.runtime import session
 
-    src = model if isinstance(model, SourceModel) else SourceModel(model)
-    graph = build(src, norm=norm, input_shape=input_shape, dtype=dtype, method=method)
+    with stage("loading the model"):
+        src = model if isinstance(model, SourceModel) else SourceModel(model)
+    with stage("emitting the bound graph"):  # the lowering inside it names its own stage
+        graph = build(src, norm=norm, input_shape=input_shape, dtype=dtype, method=method)
     x0_input = next(i for i in graph.graph.input if i.name == "x0")  # [batch, *input shape]
     in_shape = [d.dim_value for d in x0_input.type.tensor_type.shape.dim[1:]]
     x0, eps = _check_points(x0, eps, in_shape)
-    sess = session(graph, threads=threads)
+    with stage("creating the onnxruntime session (graph optimisation)"):
+        sess = session(graph, threads=threads)
     lows, highs = [], []
     show = len(x0) > 1 if progress is None else progress
     for i in tqdm(range(len(x0)), desc="bounding", unit="point", disable=not show, file=sys.stderr):
-        lo, hi = sess.run(None, {"x0": x0[i:i + 1].astype(dtype), "eps": eps[i:i + 1].astype(dtype)})
+        with stage(f"running the bound graph: point {i + 1} of {len(x0)}"):  # one session run, opaque inside
+            lo, hi = sess.run(None, {"x0": x0[i:i + 1].astype(dtype), "eps": eps[i:i + 1].astype(dtype)})
         lows.append(lo)
         highs.append(hi)
     lo, hi = np.concatenate(lows), np.concatenate(highs)

@@ -362,6 +362,65 @@ def test_cli_bad_input_exits_2_and_writes_nothing(files, case, capsys):
         assert "MaxPool" not in err
 
 
+def test_cli_bound_shows_its_stage_and_ctrl_c_exits_130_with_no_file(tmp_path):
+    """Past 2 s `jacgraph bound` names its stage on stderr (here: point i of N); SIGINT then ends it with exit 130
+    within 2 s (the main thread polls every 0.1 s), and the -o file is never written, not even in part."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, x0, out = tmp_path / "u.onnx", tmp_path / "x.npy", tmp_path / "b.npz"
+    model.write_bytes(bounds_models.export_bytes(bounds_models.build("unet_cnn"), (1, 8, 8)))
+    np.save(x0, np.random.default_rng(0).standard_normal((20000, 1, 8, 8)))  # ~minutes of points: never finishes
+    proc = subprocess.Popen([sys.executable, "-m", "jacgraph.cli", "bound", str(model), "--x0", str(x0), "--eps", "0.1",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "jacgraph bound: running the bound graph: point " in line:
+            break
+    assert " of 20000 (" in lines[-1] and lines[-1].rstrip().endswith(" s)"), lines
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    waited = time.monotonic() - sent
+    lines += proc.stderr.readlines()
+    assert proc.returncode == 130 and waited < 2.0, (proc.returncode, waited, lines)
+    assert "interrupted; nothing partial was written" in "".join(lines) and "Traceback" not in "".join(lines)
+    assert sorted(os.listdir(tmp_path)) == ["u.onnx", "x.npy"]
+
+
+@pytest.mark.parametrize("flags,shown", [([], True), (["quiet"], False), (["json"], False)])
+def test_cli_progress_notes_follow_the_stages_unless_quiet(flags, shown, monkeypatch, capsys):
+    """The watcher prints each stage the command enters (jacgraph.progress), after PROGRESS_AFTER_S; nothing with
+    --quiet, nor with --json when stderr is not a terminal (pytest's captured stderr is not)."""
+    import argparse
+    import time
+
+    from jacgraph import cli, progress
+
+    monkeypatch.setattr(cli, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(cli, "STAGE_EVERY_S", 0.0)
+
+    def work(args):
+        for name in ("loading the model", "lowering the model"):
+            with progress.stage(name):
+                time.sleep(0.6)
+        return 0
+
+    args = argparse.Namespace(func=work, command="bound", quiet="quiet" in flags, json="json" in flags)
+    assert cli.run_command(args) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("jacgraph bound: ")]
+    if shown:
+        assert notes[0].startswith("jacgraph bound: loading the model (") and any(
+            n.startswith("jacgraph bound: lowering the model (") for n in notes), err
+    else:
+        assert notes == [], err
+
+
 def test_api_rejects_bad_points():
     model = random_mlp([3, 4, 2], np.random.default_rng(16))
     with pytest.raises(JacgraphError, match="eps"):

@@ -19,17 +19,20 @@ import time
 import traceback
 from importlib import metadata
 
+from .. import progress
 from ..errors import JacgraphError
 from .analysis import add_bound, add_lipschitz, add_sense
 from .commands import add_bench, add_compile, add_inspect, add_verify
 from .files import atomic_output, output_paths, parse_shape, remove_live_temporaries, write_atomic
 from .options import Parser
+from .report import quiet
 
 __all__ = ["main", "parser", "atomic_output", "write_atomic", "output_paths", "parse_shape"]
 
 INTERNAL_ERROR = 3
 PROGRESS_AFTER_S = 2.0
 PROGRESS_EVERY_S = 10.0
+STAGE_EVERY_S = 1.0
 
 
 def version() -> str:
@@ -76,6 +79,7 @@ def run_command(args) -> int:
 
     worker = threading.Thread(target=work, name=f"jacgraph {args.command}", daemon=True)
     started = time.monotonic()
+    progress.reset()  # a stage left by an earlier command in this process
     try:
         worker.start()
         _wait(worker, args, started)
@@ -108,13 +112,17 @@ def _internal_error(error) -> int:
 
 
 def _wait(worker, args, started):
-    next_note = started + PROGRESS_AFTER_S
+    """Once the command has run PROGRESS_AFTER_S: its stage (jacgraph.progress) when that changes, at most one
+    line per STAGE_EVERY_S, and at least every PROGRESS_EVERY_S."""
+    last, shown = None, None
     while worker.is_alive():
         worker.join(0.1)
-        now = time.monotonic()
-        if worker.is_alive() and now >= next_note and not getattr(args, "quiet", False):
-            print(f"jacgraph {args.command}: working ({now - started:.0f} s)", file=sys.stderr, flush=True)
-            next_note = now + PROGRESS_EVERY_S
+        now, note = time.monotonic(), progress.current() or "working"
+        due = now - started >= PROGRESS_AFTER_S and (
+            last is None or now - last >= PROGRESS_EVERY_S or (note != shown and now - last >= STAGE_EVERY_S))
+        if worker.is_alive() and due and not quiet(args):
+            print(f"jacgraph {args.command}: {note} ({now - started:.0f} s)", file=sys.stderr, flush=True)
+            last, shown = now, note
 
 
 def _interrupted(args):

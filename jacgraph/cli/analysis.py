@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import JacgraphError
 from ..model import SourceModel
+from ..progress import stage
 from . import memory
 from .files import check_output, load_array, parse_shape, save_npz
 from .options import add_common, add_output, integer, names, real
@@ -21,25 +22,30 @@ def cmd_bound(args) -> int:
     check_output(args.output, ".npz", [args.model, args.x0])
     x0 = load_array(args.x0)
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    src = SourceModel(args.model)
+    with stage("loading the model"):
+        src = SourceModel(args.model)
     memory.fixed_shapes(src, shape)
     points = len(x0) if x0.ndim > 1 else 1
     memory.check(memory.bound_working_set(src, shape, points), f"bound for {points} point(s)",
                  "Give fewer points in --x0 or a smaller --input-shape", args.max_memory)
-    r = bound(src, x0, args.eps, norm=args.norm, method=args.method, input_shape=shape, threads=args.threads or None,
-              progress=False if args.quiet else None)
+    # progress: the stage notes jacgraph.cli prints (point i of N included), not a second tqdm bar beside them
+    r = bound(src, x0, args.eps, norm=args.norm, method=args.method, optimize_slopes=args.optimize_slopes,
+              input_shape=shape, threads=args.threads or None,
+              progress=False)
     require_finite("the Jacobian bound", r["J_lower"], r["J_upper"], r["lipschitz"], r["induced"])
     if args.output:
         save_npz(args.output, {**r, "norm": np.array(args.norm), "method": np.array(args.method)},
                  [args.model, args.x0])
     q = {"inf": "1", "2": "2"}[args.norm]
     if args.json:
-        print_json({"norm": args.norm, "dual_norm": q, "method": args.method, "eps": r["eps"],
+        print_json({"norm": args.norm, "dual_norm": q, "method": args.method, "optimize_slopes": args.optimize_slopes,
+                    "eps": r["eps"],
                     "lipschitz": r["lipschitz"], "induced": r["induced"],
                     "mean_width": (r["J_upper"] - r["J_lower"]).mean(axis=(1, 2)), "wrote": args.output})
         return 0
     for n in range(len(r["eps"])):
-        print(f"point {n}: l_{args.norm} ball of radius {r['eps'][n]:g}, {args.method} bounds, "
+        slopes = f", slopes optimised by {args.optimize_slopes} steps" if args.optimize_slopes else ""
+        print(f"point {n}: l_{args.norm} ball of radius {r['eps'][n]:g}, {args.method} bounds{slopes}, "
               f"mean width {np.mean(r['J_upper'][n] - r['J_lower'][n]):.4g}")
         for i, L in enumerate(r["lipschitz"][n]):
             print(f"  output {i}: local Lipschitz bound (max ||grad y_{i}||_{q}) {L:.6g}")
@@ -55,14 +61,24 @@ def add_bound(sub):
     p = sub.add_parser("bound", help="sound Jacobian bounds and local Lipschitz constants over an input ball",
                        description="Elementwise bounds on MODEL's Jacobian over the ball of radius --eps around each "
                                    "point of --x0, and the local Lipschitz constants they give. Prints them; "
-                                   "-o writes J_lower, J_upper, lipschitz, induced, eps, norm, method to a .npz.")
-    p.add_argument("model", help="the source ONNX model (a feed-forward network, one float input and one output)")
+                                   "-o writes J_lower, J_upper, lipschitz, induced, eps, norm, method to a .npz. "
+                                   "Work past 2 s prints its stage on stderr (loading, lowering, emitting the bound "
+                                   "graph, creating the session, point i of N); one point is one onnxruntime "
+                                   "session run, which reports nothing until it ends.")
+    p.add_argument("model", help="the source ONNX model (one float input and one output; `jacgraph inspect` says "
+                                 "whether the bound passes take it)")
     p.add_argument("--x0", required=True, help=".npy file: one point (the model's per-sample shape) or a batch [N, ...]")
     p.add_argument("--eps", required=True, type=real(low=0), help="radius of the ball around each point (>= 0)")
     p.add_argument("--norm", choices=NORMS, default="inf", help="the ball's norm (default inf)")
     p.add_argument("--method", choices=METHODS, default="recurjac",
                    help="recurjac (default) or interval (the plain interval chain, for comparison)")
     p.add_argument("--input-shape", help="fixed input shape when the model's is symbolic, e.g. 1,3,32,32")
+    p.add_argument("--optimize-slopes", type=integer(0), default=0, metavar="N",
+                   help="optimise the lower-line slopes of the ReLU/LeakyReLU relaxations (the alpha-CROWN idea) by N "
+                        "projected gradient (Adam) steps per point, the gradient from jacgraph's VJP of the bound graph; "
+                        "every step's bounds are sound and the elementwise best are kept, so they are never wider than "
+                        "without. Costs about N runs of the bound and gradient graphs per point; uses the graph "
+                        "lowering. Default 0: off (CROWN's slopes)")
     add_output(p, "write J_lower, J_upper, lipschitz, induced, eps to this .npz")
     add_common(p, memory=True)
     p.set_defaults(func=cmd_bound)

@@ -27,9 +27,15 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def quiet(args) -> bool:
+    """No progress on stderr: --quiet, or --json with stderr not a terminal (a caller reading JSON from a
+    pipe or a log gets no notes mixed into the captured stderr)."""
+    return bool(getattr(args, "quiet", False) or (getattr(args, "json", False) and not sys.stderr.isatty()))
+
+
 def say(args, message):
-    """A progress note on stderr, unless --quiet."""
-    if not getattr(args, "quiet", False):
+    """A progress note on stderr, unless quiet(args)."""
+    if not quiet(args):
         print(message, file=sys.stderr, flush=True)
 
 
