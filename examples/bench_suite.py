@@ -135,14 +135,14 @@ SUITES = {"archs": (list(architectures.ARCHITECTURES), _arch), "zoo": (list(ZOO)
 
 
 def runs_for(source, x, mode, args, clock):
-    """--runs, or fewer (at least 3) when that many rounds would take more than --budget seconds."""
+    """--runs, or fewer (but at least 3) when that many rounds would take more than --budget seconds."""
     sess = runtime.session(source, threads=args.threads)
     feeds = {source.graph.input[0].name: x}
     sess.run(None, feeds)
     t0 = clock()
     sess.run(None, feeds)
     round_s = (clock() - t0) * ROUND_COST[mode]
-    return max(3, min(args.runs, int(args.budget / max(round_s, 1e-9))))
+    return min(args.runs, max(3, int(args.budget / max(round_s, 1e-9))))
 
 
 def bench_model(suite, name, mode, args, clock, folder):

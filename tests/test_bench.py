@@ -1,5 +1,7 @@
-"""`jacgraph.bench.peak_memory` sees the memory a run itself allocates (in its own fresh process)."""
+"""jacgraph.bench (peak memory in a fresh process, the per-op profile) and the benchmark command examples/bench_suite.py."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -47,3 +49,60 @@ def test_cli_bench_profile_prints_both_graphs_per_op(tmp_path, capsys):
     assert main(["bench", str(path), "--runs", "3", "--threads", "1", "--no-memory", "--profile"]) == 0
     out = capsys.readouterr().out
     assert "per-op kernel time" in out and "Expand" in out and "ReduceSum" in out
+
+
+def _positive_finite(row, keys):
+    for key in keys:
+        assert key in row, f"{row['name']}: no {key} ({row.get('error') or row})"
+        assert np.isfinite(row[key]) and row[key] > 0, f"{row['name']}: {key} = {row[key]}"
+
+
+def test_bench_suite_jvp_one_model_per_suite(tmp_path, capsys):
+    """examples/bench_suite.py on a small model of each suite, one timed round: every column filled (peak
+    memory, a fresh process per graph, is left to the VJP test to keep this one short)."""
+    from examples import bench_suite
+
+    out = tmp_path / "jvp.json"
+    bench_suite.main(["--models", "mlp,squeezenet,bert", "--runs", "1", "--threads", "1", "--no-memory",
+                      "--json", str(out)])
+    printed = capsys.readouterr().out
+    for column in bench_suite.JVP_COLUMNS:
+        assert column in printed
+    result = json.loads(out.read_text())
+    assert result["settings"]["mode"] == "jvp"
+    rows = {r["suite"]: r for r in result["rows"]}
+    assert [rows[s]["name"] for s in ("archs", "zoo", "transformers")] == ["mlp", "squeezenet", "bert"]
+    timed = ["forward_ms", "auto_ms", "auto_ratio", "onnx_ad_ms", "onnx_ad_ratio", "onnx_ad_over_jvp"]
+    for suite, row in rows.items():
+        assert row["runs"] == 1
+        _positive_finite(row, timed + (["torch_jvp_ms", "torch_over_jvp"] if suite != "zoo" else []))
+        assert row["onnx_ad_difference"] < 1e-3  # onnx-ad's graph computes the same J v
+    assert "torch_jvp_ms" not in rows["zoo"]  # no PyTorch module for a zoo file
+
+
+def test_bench_suite_vjp(tmp_path, capsys):
+    from examples import bench_suite
+
+    out = tmp_path / "vjp.json"
+    bench_suite.main(["--mode", "vjp", "--models", "mlp", "--runs", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert all(column in printed for column in bench_suite.VJP_COLUMNS)
+    (row,) = json.loads(out.read_text())["rows"]
+    _positive_finite(row, ["forward_ms", "vjp_x_ms", "vjp_params_ms", "onnx_ad_x_ms", "onnx_ad_params_ms",
+                           "torch_x_ms", "torch_fwd_bwd_ms", "vjp_x_ratio", "forward_peak_mb", "vjp_x_peak_mb",
+                           "vjp_params_peak_mb"])
+    assert row["onnx_ad_x_difference"] < 1e-3 and row["onnx_ad_params_difference"] < 1e-3
+
+
+def test_zoo_model_has_random_weights_in_place_of_the_fills():
+    from examples import bench_suite
+
+    model, x = bench_suite.zoo_model("squeezenet")
+    assert [i.name for i in model.graph.input] == ["data_0"] and x.shape == (1, 3, 224, 224)
+    assert not any(n.op_type == "ConstantOfShape" for n in model.graph.node)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    conv1 = weights["conv1_w_0"]  # He-normal: std sqrt(2 / fan_in), fan_in = 3 * 3 * 3
+    assert conv1.shape == (64, 3, 3, 3) and abs(conv1.std() / np.sqrt(2 / 27) - 1) < 0.15
+    again, _ = bench_suite.zoo_model("squeezenet")  # seed fixed: the same weights
+    assert np.array_equal(onnx.numpy_helper.to_array(again.graph.initializer[-1]),
+                          weights[again.graph.initializer[-1].name])
