@@ -1,29 +1,41 @@
 """LipSDP on LipSDP's own MNIST shape, 784-50-10 (Fazlyab et al. 2019 report 24.366 for their weights).
 
-    python examples/lipsdp_digits784.py
+    python examples/lipsdp_digits784.py                                   # a net trained here
+    python examples/lipsdp_digits784.py --weights PATH/mnist_weights.mat  # LipSDP's published net
+    python examples/lipsdp_digits784.py --weights PATH/LipSDP             # the same, from a LipSDP checkout
 
-Their weights cannot be downloaded here, so the net is trained locally (60 epochs of Adam, seed 0) on
-sklearn's 8x8 digits upsampled to 28x28 (1797 images). Printed: LipSDP-Neuron's verified bound (the
-784-wide input block reduced to W0's 50-dim row space, passes/lipsdp.py reduce_input), SeqLip's and
-AutoLip's guaranteed bounds, and the largest ||J(x)||_2 over the training images and noisy copies (a
-lower bound on the true constant).
+--weights: a .mat file whose 'weights' cell holds W0 [50, 784] and W1 [10, 50] (the layout of
+github.com/arobey1/LipSDP, examples/saved_weights/mnist_weights.mat, MIT license; not part of jacgraph), or a
+checkout of that repository. Biases do not change the constant: they are set to zero in the ONNX model.
+Without --weights the net is trained locally (60 epochs of Adam, seed 0) on sklearn's 8x8 digits upsampled
+to 28x28 (1797 images).
+
+The ONNX model is written to a temporary file and analysed through `jacgraph lipschitz`'s API, as a user
+would: LipSDP-Neuron's verified bound (the 784-wide input block reduced to W0's 50-dim row space,
+passes/lipsdp.py reduce_input, then the barrier method), SeqLip's and AutoLip's guaranteed bounds, and the
+largest ||J(x)||_2 over sampled points (images when trained here, else Gaussian points) and noisy copies (a
+lower bound on the true constant). Times are wall clock and thread CPU time.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jacgraph.passes import lipschitz as L  # noqa: E402
-from jacgraph.passes import lipsdp  # noqa: E402
+
+MAT = os.path.join("examples", "saved_weights", "mnist_weights.mat")  # inside a LipSDP checkout
 
 
 def train():
+    from sklearn.datasets import load_digits
+
     d = load_digits()
     X = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
     X = torch.nn.functional.interpolate(X, size=(28, 28), mode="bilinear").reshape(-1, 784)
@@ -36,26 +48,58 @@ def train():
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(X[i:i + 64]), y[i:i + 64]).backward()
             opt.step()
-    print(f"train accuracy {(net(X).argmax(1) == y).float().mean().item():.4f}")
+    print(f"trained here: train accuracy {(net(X).argmax(1) == y).float().mean().item():.4f}")
     return net.double(), X.double()
 
 
+def published(path):
+    """The 784-50-10 net from LipSDP's .mat file (or a checkout holding it), biases zero."""
+    from scipy.io import loadmat
+
+    if os.path.isdir(path):
+        path = os.path.join(path, MAT)
+    weights = [np.asarray(w, np.float64) for w in loadmat(path)["weights"].ravel()]
+    if [w.shape for w in weights] != [(50, 784), (10, 50)]:
+        sys.exit(f"{path}: expected W0 [50, 784] and W1 [10, 50] in 'weights', got {[w.shape for w in weights]}")
+    net = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10)).double()
+    with torch.no_grad():
+        for layer, w in zip((net[0], net[2]), weights):
+            layer.weight.copy_(torch.from_numpy(w))
+            layer.bias.zero_()
+    print(f"published weights: {path}")
+    return net, torch.rand(2000, 784, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def onnx_file(net, folder):
+    path = os.path.join(folder, "digits784.onnx")
+    torch.onnx.export(net, torch.zeros(1, 784, dtype=torch.float64), path, input_names=["x"], output_names=["y"],
+                      dynamo=False)
+    return path
+
+
+def timed(f):
+    w0, c0 = time.perf_counter(), time.thread_time()
+    out = f()
+    return out, time.perf_counter() - w0, time.thread_time() - c0
+
+
 def main():
-    net, X = train()
-    W = [net[0].weight.detach().numpy(), net[2].weight.detach().numpy()]
-    boxes = [(0.0, 1.0), (1.0, 1.0)]
-    t0 = time.perf_counter()
-    r = lipsdp.lipsdp(W, boxes)
-    t1 = time.perf_counter()
-    s = L.seqlip(W, boxes)
-    t2 = time.perf_counter()
-    auto = spectral.gram_bound(W[0]) * spectral.gram_bound(W[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--weights", help="LipSDP's mnist_weights.mat, or a LipSDP checkout (default: train a net here)")
+    args = p.parse_args()
+    net, X = published(args.weights) if args.weights else train()
+    with tempfile.TemporaryDirectory() as folder:
+        path = onnx_file(net, folder)
+        sdp, sdp_wall, sdp_cpu = timed(lambda: L.analyze(path, method="lipsdp").lipsdp)
+        seq, seq_wall, _ = timed(lambda: L.analyze(path, method="seqlip").seqlip)
+        auto, auto_wall, _ = timed(lambda: L.analyze(path, method="autolip").autolip)
     Xs = torch.cat([X, X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype)])
     J = torch.func.vmap(torch.func.jacrev(net))(Xs)
     lower = torch.linalg.matrix_norm(J, ord=2).max().item()
-    print(f"LipSDP bound {r['bound']:.6g} (verified: {r['guaranteed']}; {r['rows']} rows, input reduced from "
-          f"{r.get('input_reduced_from')}; {t1 - t0:.1f} s)")
-    print(f"SeqLip bound {s['bound']:.6g} ({t2 - t1:.1f} s)   AutoLip bound {auto:.6g}")
+    print(f"LipSDP bound {sdp['bound']:.8g} (verified: {sdp['guaranteed']}; solver {sdp['solver']}, {sdp['status']}; "
+          f"{sdp['rows']} rows, input reduced from {sdp.get('input_reduced_from')}; {sdp_wall:.2f} s wall, "
+          f"{sdp_cpu:.2f} s thread CPU)")
+    print(f"SeqLip bound {seq['bound']:.6g} ({seq_wall:.1f} s)   AutoLip bound {auto['bound']:.6g} ({auto_wall:.1f} s)")
     print(f"sampled max ||J(x)||_2 {lower:.6g} over {len(Xs)} points (a lower bound on the constant)")
 
 

@@ -478,14 +478,6 @@ def run_lipsdp(stages, last_slope, explicit=True) -> dict:
             raise JacgraphError(f"{why}: too large for the LipSDP semidefinite program. Use --method seqlip or "
                                 "--method autolip for this model.")
         return {"skipped": f"{why}: too large for LipSDP; the limits are in passes/lipsdp.py"}
-    try:
-        import clarabel  # noqa: F401
-        import cvxpy  # noqa: F401
-    except ImportError as e:
-        why = f"LipSDP needs cvxpy and clarabel ({e}); install them with: pip install cvxpy clarabel"
-        if explicit:
-            raise JacgraphError(why + ".") from None
-        return {"skipped": why}
     mats = [matrix(s) for s in stages]
     boxes = [slope_box(s.activation, s.act_attrs) for s in stages]
     try:

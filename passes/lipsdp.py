@@ -10,8 +10,10 @@ tridiagonal over z = (x_0, x_1, ..., x_l), x_k the output of hidden layer k (n_0
   block (k, k)      += -2 diag(t_k)
   block (0, 0)      += -rho I,      block (l, l) += W_l^T W_l
 (the sum over units of t_j times the slope condition (dw - a dv)(dw - b dv) <= 0, an S-procedure).
-Minimising rho over (rho, t) is an SDP, solved by cvxpy with Clarabel (then SCS if Clarabel fails
-or its t fails the check below).
+Minimising rho over (rho, t) is an SDP with N rows but only 1 + (hidden units) variables, each entering
+through a matrix of rank <= 2. It is solved by a log-det barrier method over those variables (`barrier`,
+numpy only: a Newton step costs O(N^2 r), r = n_0 + 2 x hidden units); cvxpy with Clarabel, then SCS, are the
+fallbacks when it fails or its t fails the check below (they need `pip install cvxpy clarabel`).
 
 Scaling: multiplying W_{k-1} by 2^f and dividing the slope box of layer k by 2^f leaves M unchanged,
 and scaling any W_k by c scales the optimal sqrt(rho) by c; both are exact for powers of two, so the
@@ -26,16 +28,18 @@ solver (backward stable). Then sqrt(rho') is a guaranteed bound. If no rho' pass
 is reported. The SDP is solved with M <= -delta I (delta = 1e-7 in normalised units, 1e-5 for SCS) so
 that the solver's t has room to pass the check.
 
-Size: M is block tridiagonal, so Clarabel's chordal decomposition splits it into one PSD cone per pair of
-consecutive blocks (x_{k-1}, x_k); an interior-point step costs about the fourth to sixth power of a cone's
-size. Models with more than ROW_LIMIT rows (n_0 + hidden units) or a pair n_{k-1} + n_k above PAIR_LIMIT
-are refused (measured on one CPU core: a 64-16x9 MLP, 208 rows and pairs <= 80, takes ~7 s; the same with
-width 32, 352 rows, 100 s and 2 GB; one hidden layer with n_0 + n_1 = 128, 100 s and 2.5 GB). The input block
-counts as min(n_0, n_1) rows: a wide first layer is first reduced to its row space (reduce_input), so
-LipSDP's own 784-50-10 MNIST shape is a 100-row SDP (159 s, 1.4 GB on the shared 2-core VM).
+Size: the limits below were set for Clarabel, whose interior-point step over an N x N cone (after chordal
+decomposition, one cone per pair of consecutive blocks) costs about the fourth to sixth power of its size.
+Models with more than ROW_LIMIT rows (n_0 + hidden units) or a pair n_{k-1} + n_k above PAIR_LIMIT are refused
+(measured with Clarabel on one CPU core: a 64-16x9 MLP, 208 rows and pairs <= 80, ~7 s; the same with width 32,
+352 rows, 100 s and 2 GB). The input block counts as min(n_0, n_1) rows: a wide first layer is first reduced to
+its row space (reduce_input), so LipSDP's own 784-50-10 MNIST net is a 100-row SDP: Clarabel 70 s, the
+barrier method 1.4-2.8 s on the shared 2-core VM (docs/benchmarks/bounds.md).
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import time
 import warnings
@@ -49,8 +53,10 @@ PAIR_LIMIT = 128     # rows of one consecutive pair of blocks n_{k-1} + n_k (one
 AUTO_PAIR_LIMIT = 96  # the same under --method all, which should not start a multi-minute SDP unasked
 # the SDP asks for M <= -delta I (normalised units): room for the solver's residual to pass the float64 check
 # (SCS, first order, leaves residuals ~1e-4 relative: with 1e-7 its T failed the check on the digits MLP)
-DELTA = {"CLARABEL": 1e-7, "SCS": 1e-5}
-SOLVERS = ["CLARABEL", "SCS"]   # interior point first; SCS when Clarabel fails or its T fails the check
+DELTA = {"BARRIER": 1e-7, "CLARABEL": 1e-7, "SCS": 1e-5}
+# our barrier method first (seconds); cvxpy's Clarabel, then SCS, when it fails or its T fails the check
+SOLVERS = ["BARRIER", "CLARABEL", "SCS"]
+T_CAP = 1e6  # the barrier method's upper limit on each multiplier t_j (normalised units; the 784-50-10 net's largest is 2.4)
 EPS = np.finfo(np.float64).eps
 
 
@@ -150,7 +156,9 @@ def _problem(mats, boxes, delta):
 
 
 def solve(mats, boxes, solver, delta=None):
-    """(rho, t, status) of the SDP with one cvxpy solver (CLARABEL or SCS); None if it finds no solution."""
+    """(rho, t, status) of the SDP with one solver (BARRIER, CLARABEL or SCS); None if it finds no solution."""
+    if solver == "BARRIER":
+        return barrier(mats, boxes, DELTA[solver] if delta is None else delta)
     import cvxpy as cp
 
     problem, v = _problem(mats, boxes, DELTA[solver] if delta is None else delta)
@@ -163,6 +171,135 @@ def solve(mats, boxes, solver, delta=None):
     if problem.status not in ("optimal", "optimal_inaccurate") or v.value is None:
         return None
     return float(v.value[0]), np.asarray(v.value[1:], np.float64), problem.status
+
+
+# ---- the SDP by a log-det barrier method over its few variables ----------------------------------------
+#
+# The LMI has N rows but only 1 + (hidden units) variables, and each variable's matrix is of rank <= 2:
+# unit j of hidden layer k (row w_j of W_{k-1} in block k-1, e_j in block k) enters as
+#   t_j [w_j e_j] [[-2 a b, a + b], [a + b, -2]] [w_j e_j]^T,
+# rho as -rho I on the input block. With S(v) = -M(v) - delta I = S0 + U diag_i(v_i C_i) U^T, the barrier
+# -log det S(v) has gradient -tr(C_i K_ii) and Hessian tr(C_i K_ij C_j K_ji) in K = U^T S^-1 U
+# ([r, r], r = N_0 + 2 x hidden units): a Newton step costs O(N^2 r + r^2 N), where an interior-point
+# solver over the N x N cone factorises an N(N+1)/2-square matrix per step (Clarabel: 70 s on the 100-row
+# reduced 784-50-10 net). Its accuracy does not matter for the guarantee: certify() checks the t it returns.
+
+def _low_rank(mats, boxes, delta):
+    """(S0, U [N, r], C [r, r] block diagonal, group [r]): S(v) = S0 + U (C * v[group]) U^T = -M(v) - delta I."""
+    sizes = widths(mats)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    N = int(offsets[-1])
+    S0 = -delta * np.eye(N)
+    S0[offsets[-2]:, offsets[-2]:] -= mats[-1].T @ mats[-1]
+    cols, blocks, group = [np.eye(N)[:, :sizes[0]]], [np.eye(sizes[0])], [0] * sizes[0]
+    for k in range(1, len(mats)):
+        W, (a, b) = mats[k - 1], boxes[k - 1]
+        C = -np.array([[-2 * a * b, a + b], [a + b, -2.0]])  # dS/dt_j = -dM/dt_j
+        for j in range(sizes[k]):
+            u = np.zeros((N, 2))
+            u[offsets[k - 1]:offsets[k], 0] = W[j]
+            u[offsets[k] + j, 1] = 1.0
+            cols.append(u)
+            blocks.append(C)
+            group += [len(blocks) - 1] * 2
+    from scipy.linalg import block_diag
+
+    return S0, np.hstack(cols), block_diag(*blocks), np.asarray(group)
+
+
+def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max_steps=500):
+    """Minimise cost @ v subject to S(v) > 0 and 0 < v[nonneg] < T_CAP along the barrier path
+    tau cost @ v - log det S(v) - sum log v[nonneg] (T_CAP - v[nonneg]), tau x 10 per round, from a strictly
+    feasible v. The cap keeps the path finite where S grows without bound in t (a linear unit, slope box a = b).
+    Stops when done(v) or the barrier's duality gap (N + nonneg)/tau is below rtol |cost @ v|;
+    returns (v, steps), None if a step breaks down."""
+    m = len(v)
+    onehot = np.zeros((len(group), m))
+    onehot[np.arange(len(group)), group] = 1.0
+    nu = U.shape[0] + 2 * int(nonneg.sum())
+
+    def S_of(x):
+        return S0 + (U * x[group]) @ C @ U.T
+
+    def phi(x):
+        if np.any(x[nonneg] <= 0) or np.any(x[nonneg] >= T_CAP):
+            return np.inf
+        try:
+            L = np.linalg.cholesky(S_of(x))
+        except np.linalg.LinAlgError:
+            return np.inf
+        return tau * cost @ x - 2 * np.log(np.diag(L)).sum() - np.log(x[nonneg] * (T_CAP - x[nonneg])).sum()
+
+    steps = 0
+    while steps < max_steps:
+        for _ in range(50):  # Newton steps at this tau
+            steps += 1
+            Z = np.linalg.solve(np.linalg.cholesky(S_of(v)), U)
+            KC = (Z.T @ Z) @ C
+            inv = np.where(nonneg, 1 / np.where(nonneg, v, 1.0), 0.0)
+            room = np.where(nonneg, 1 / np.where(nonneg, T_CAP - v, 1.0), 0.0)
+            grad = tau * cost - np.bincount(group, np.diag(KC), minlength=m) - inv + room
+            H = onehot.T @ (KC * KC.T) @ onehot + np.diag(inv ** 2 + room ** 2)
+            try:
+                dv = -np.linalg.solve(H, grad)
+            except np.linalg.LinAlgError:
+                return None
+            decrement = -grad @ dv
+            # damped Newton (the barrier is self-concordant): a step of 1/(1 + lambda) stays inside the feasible
+            # set, so no step runs off along a direction in which the barrier is unbounded
+            f0, step = phi(v), 1.0 if decrement < 1 / 16 else 1 / (1 + math.sqrt(decrement))
+            while phi(v + step * dv) > f0 - 0.25 * step * decrement and step > 1e-12:
+                step /= 2
+            if step <= 1e-12:
+                break
+            v = v + step * dv
+            if done(v):
+                return v, steps
+            if decrement < 1e-10:
+                break
+        if nu / tau < rtol * max(abs(cost @ v), 1e-300):
+            return v, steps
+        tau *= 10
+    return v, steps
+
+
+def _one_blas_thread():
+    """One BLAS thread for the barrier method's many small products (threadpoolctl when installed): on the
+    loaded 2-core VM, OpenBLAS's two spinning threads made the 784-50-10 solve 35x slower (60 s against 1.7 s)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def barrier(mats, boxes, delta):
+    """(rho, t, status) of the SDP by _newton_path: phase 1 finds a strictly feasible (rho, t) (minimising s
+    with S + s I > 0 until s < 0), phase 2 minimises rho. None if phase 1 finds no feasible point."""
+    with _one_blas_thread():
+        return _barrier(mats, boxes, delta)
+
+
+def _barrier(mats, boxes, delta):
+    S0, U, C, group = _low_rank(mats, boxes, delta)
+    N, m = U.shape[0], int(group.max()) + 1
+    # phase 1: one more variable s with S(v) + s I; start at rho = t = 1
+    v = np.ones(m)
+    start = S0 + (U * v[group]) @ C @ U.T
+    s0 = max(0.0, -float(np.linalg.eigvalsh(start)[0])) + 1.0
+    from scipy.linalg import block_diag
+
+    U1, C1, group1 = np.hstack([U, np.eye(N)]), block_diag(C, np.eye(N)), np.concatenate([group, np.full(N, m)])
+    nonneg1 = np.r_[False, np.ones(m - 1, bool), False]
+    found = _newton_path(S0, U1, C1, group1, np.eye(m + 1)[m], np.r_[v, s0], nonneg1, lambda x: x[m] < 0)
+    if found is None or found[0][m] >= 0:
+        return None
+    v, steps1 = found[0][:m], found[1]
+    found = _newton_path(S0, U, C, group, np.eye(m)[0], v, nonneg1[:m], lambda x: False)
+    if found is None:
+        return None
+    v, steps2 = found
+    return float(v[0]), np.asarray(v[1:], np.float64), f"optimal ({steps1} + {steps2} Newton steps)"
 
 
 def margin(M, M_abs) -> float:
@@ -227,6 +364,9 @@ def lipsdp(mats, boxes, last_slope=1.0, solver=None, reduce=True) -> dict:
                 "rows": sum(widths(mats)), "seconds": time.perf_counter() - t0}
     found, tried = None, []
     for name in ([solver] if solver else SOLVERS):  # the next solver only when one fails or is not verified
+        if name != "BARRIER" and importlib.util.find_spec("cvxpy") is None:
+            tried.append(f"{name}: not installed (pip install cvxpy clarabel)")
+            continue
         result = solve(m, bx, name)
         tried.append(f"{name}: {'no solution' if result is None else result[2]}")
         if result is None:

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from examples.lipschitz_exact import exact_lipschitz, forward, mlp_onnx, random_mlp
 from jacgraph import runtime, spectral
 from jacgraph.cli import main
+from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
 from jacgraph.passes import lipschitz as L
 from jacgraph.testing import reference_session
@@ -394,9 +395,13 @@ def test_lipsdp_check_finds_the_smallest_verified_rho_and_rejects_a_bad_t():
     assert np.linalg.eigvalsh(S.lmi(m, bx, verified * (1 - 1e-6), t))[-1] > 0
     assert S.certify(m, bx, np.zeros_like(t)) is None  # T = 0 leaves W_l^T W_l >= 0 in the hidden block
     exact, _ = exact_lipschitz(ws, bs)
-    for solver in ("CLARABEL", "SCS"):  # SCS, the fallback, returns a less accurate T: the check still holds
+    bounds = {}
+    for solver in ("BARRIER", "CLARABEL", "SCS"):  # SCS, the last fallback, returns a less accurate T: the check still holds
         d = S.lipsdp(ws, boxes, solver=solver)
         assert d["guaranteed"] and d["solver"] == solver and d["bound"] >= exact
+        bounds[solver] = d["bound"]
+    # the barrier method and Clarabel (interior point) reach the same optimum: 1e-6 is the SDP's delta margin
+    np.testing.assert_allclose(bounds["BARRIER"], bounds["CLARABEL"], rtol=1e-6)
 
 
 def test_lipsdp_scales_exactly_with_the_weights():
@@ -459,7 +464,7 @@ def test_cli_lipsdp_printout_json_and_size_limit(tmp_path, capsys):
     assert main(["lipschitz", str(path), "--method", "lipsdp", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["autolip"] is None and report["seqlip"] is None
-    assert report["lipsdp"]["guaranteed"] and report["lipsdp"]["bound"] >= exact and report["lipsdp"]["solver"] == "CLARABEL"
+    assert report["lipsdp"]["guaranteed"] and report["lipsdp"]["bound"] >= exact and report["lipsdp"]["solver"] == "BARRIER"
 
     big = tmp_path / "big.onnx"  # input 8 + 130 hidden units: one pair of 138 > PAIR_LIMIT
     onnx.save(mlp_onnx(*random_mlp(1, dims=[8, 130, 2])), big)
@@ -473,14 +478,19 @@ def test_cli_lipsdp_printout_json_and_size_limit(tmp_path, capsys):
     assert "too large for LipSDP" in json.loads(capsys.readouterr().out)["lipsdp"]["skipped"]
 
 
-def test_lipsdp_without_cvxpy_exits_2_or_is_skipped(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cvxpy", None)  # import cvxpy raises ImportError
+def test_lipsdp_without_cvxpy_uses_the_barrier_method(tmp_path, capsys, monkeypatch):
+    """cvxpy only provides the fallback solvers: without it the barrier method solves and the check verifies."""
+    from jacgraph.passes import lipsdp as S
+
+    monkeypatch.setattr(S.importlib.util, "find_spec", lambda name: None)  # as if cvxpy were not installed
     path = tmp_path / "m.onnx"
-    onnx.save(mlp_onnx(*random_mlp(0, dims=[3, 5, 2])), path)
-    assert main(["lipschitz", str(path), "--method", "lipsdp"]) == 2
-    assert "pip install cvxpy clarabel" in capsys.readouterr().err
-    assert main(["lipschitz", str(path)]) == 0
-    assert "LipSDP skipped" in capsys.readouterr().out
+    ws, bs = random_mlp(0, dims=[3, 5, 2])
+    onnx.save(mlp_onnx(ws, bs), path)
+    assert main(["lipschitz", str(path), "--method", "lipsdp", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["lipsdp"]
+    assert d["solver"] == "BARRIER" and d["guaranteed"] and d["bound"] >= exact_lipschitz(ws, bs)[0]
+    with pytest.raises(JacgraphError, match="CLARABEL: not installed"):
+        S.lipsdp(ws, [(0.0, 1.0), (1.0, 1.0)], solver="CLARABEL")
 
 
 # ---- command line -------------------------------------------------------------------------------
