@@ -47,6 +47,28 @@ def test_clip_derivative_is_zero_on_the_bounds():
     np.testing.assert_array_equal(tangent(model, [X], [V]), [0, 3, 0, 7])
 
 
+EDGE = np.float32([0.0, -0.0, 2.0**-149, -2.0**-149, 1e-40, 2.0**-126, 1e-30, 1.0, -1.0, 6.0, np.nextafter(6, 0),
+                   np.nextafter(6, 7), 3.4e38, -3.4e38, np.inf, -np.inf])
+
+
+@pytest.mark.parametrize("op, consts, inside", [
+    ("Relu", {}, lambda x: x > 0),
+    ("Clip", {"lo": 0.0, "hi": 6.0}, lambda x: (x > 0) & (x < 6)),
+    ("Clip", {"lo": -1.0, "hi": 1.0}, lambda x: (x > -1) & (x < 1)),
+], ids=["relu", "relu6", "clip-1-1"])
+def test_nchwc_gates_are_exact_on_edge_values(op, consts, inside):
+    """On [N, C, H, W] float32 tangents the gate is a 0/1 mask from a scaled depthwise Conv and HardSigmoid (kept
+    in onnxruntime's NCHWc layout): exactly the Where gate, at 0, -0, subnormals, the bounds and their neighbours."""
+    shape = [1, 8, 4, 4]
+    x = np.resize(EDGE, shape).astype(np.float32)
+    x[0, 1] = np.random.default_rng(0).standard_normal([4, 4]) * 4  # ordinary values too
+    v = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    model = one_node(op, shape, consts=consts)
+    emitted = jvp.build(model)
+    assert "Where" not in {n.op_type for n in emitted.graph.node}
+    np.testing.assert_array_equal(tangent(model, [x], [v]), np.where(inside(x), v, np.float32(0)))
+
+
 def test_abs_derivative_at_zero_is_zero():
     np.testing.assert_array_equal(tangent(one_node("Abs", [4]), [X], [V]), [-2, 0, 5, 0])
 

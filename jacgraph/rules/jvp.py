@@ -509,10 +509,34 @@ def einsum(b, node, *ts):
 # (relu(x) > 0 <=> x > 0): then x feeds nothing but the activation, and onnxruntime can fuse
 # Conv+activation on the primal path as it does in the forward model.
 
+def nchwc_gate_fits(b, y):
+    """Whether a gate on y can run in onnxruntime's blocked NCHWc layout: one float32 [N, C, H, W] tangent with
+    C a multiple of 4 (what its depthwise Conv takes). Where and the comparisons have no NCHWc kernel, so a
+    gate built from them costs a ReorderOutput of the tangent Conv's result and a ReorderInput of the next."""
+    shape = b.src.shape(y)
+    return (b.K is None and b.src.dtype(y) == TensorProto.FLOAT and shape is not None and len(shape) == 4
+            and isinstance(shape[1], int) and shape[1] % 4 == 0)
+
+
+def positive_mask(b, v, lower=0.0, sign=1.0):
+    """[sign·(v - lower) > 0] as 0/1 floats from ops onnxruntime keeps in NCHWc: a depthwise 1x1 Conv computing
+    2^125·sign·(v - lower) (a power-of-two scale: a nonzero difference of such float32 multiples is at least
+    2^-24, and a sum rounds to 0 only when exactly 0) fused with HardSigmoid(α = 2^127, β = 0), which sends
+    every positive value to at least 2^103 before clipping to [0, 1]: the mask is exact (|lower| < 8)."""
+    channels = b.src.shape(v)[1]
+    weight = b.const(np.full([channels, 1, 1, 1], sign * 2.0**125, np.float32), hint="gate_scale")
+    bias = b.const(np.full([channels], -sign * lower * 2.0**125, np.float32), hint="gate_shift")
+    scaled = b.Conv(v, weight, bias, group=channels, kernel_shape=[1, 1])
+    return b.HardSigmoid(scaled, alpha=2.0**127, beta=0.0)
+
+
 @rule("Relu")
 def relu(b, node, t):
-    """ẏ = ẋ·[x > 0] = ẋ·[y > 0]; relu'(0) = 0."""
+    """ẏ = ẋ·[x > 0] = ẋ·[y > 0]; relu'(0) = 0. On NCHW float32 tangents the mask is built in NCHWc
+    (positive_mask, exact) and multiplied in: no layout reorders around the gate."""
     x, y = node.input[0], node.output[0]
+    if nchwc_gate_fits(b, y):
+        return [b.Mul(t, positive_mask(b, y))]
     return [b.Where(b.Greater(y, s(b, 0.0, x)), t, s(b, 0.0, x))]
 
 
@@ -541,6 +565,10 @@ def clip(b, node, t, *_):
     x, y = node.input[0], node.output[0]
     lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
     hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bounds = [(b.src.const(v), sign) for v, sign in ((lo, 1.0), (hi, -1.0)) if v]  # lo < y, y < hi
+    if nchwc_gate_fits(b, y) and bounds and all(v is not None and v.size == 1 and abs(float(v)) < 8 for v, _ in bounds):
+        masks = [positive_mask(b, y, float(v), sign) for v, sign in bounds]
+        return [b.Mul(t, masks[0] if len(masks) == 1 else b.Mul(*masks))]
     inside = None
     for cond in ([b.Greater(y, lo)] if lo else []) + ([b.Less(y, hi)] if hi else []):
         inside = cond if inside is None else b.And(inside, cond)
