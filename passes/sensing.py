@@ -8,11 +8,13 @@ one random value per colour of the column colouring of J's pattern. Row i of J t
 
 and, because the columns of S_i have distinct colours, the regressors of each row are independent
 Gaussians: |S_i| + 1 unknowns (f_i(x0) is one of them, so no call is special and any call may be
-corrupted), recovered from N calls by least squares, or with `robust` by L1 regression (ADMM over
-all rows that share a design matrix, each row certified by its duality gap, the HiGHS linear
-program where that fails) followed by a least-squares refit on the calls it did not flag. L1
-regression recovers the row exactly when a small fraction of calls is arbitrarily corrupted; least
-squares spreads every corrupted call over every coefficient.
+corrupted), recovered from N calls by least squares, or with `robust` by L1 regression followed by a
+least-squares refit on the calls it did not flag. L1 regression recovers the row exactly when a small
+fraction of calls is arbitrarily corrupted; least squares spreads every corrupted call over every
+coefficient. The robust fit (_fit_robust) first finds the corrupted calls of all rows that share a
+design matrix together (a corrupted call corrupts every output of that call) by trimmed least
+squares, refits each row on the calls it keeps, and certifies each refit as an L1 fit by its duality
+gap; a row that fails goes to ADMM over the rows left, then to the HiGHS linear program.
 
 The pattern is the structural one (derived from the graph by jacgraph/sparsity.py, no calls) or, for a
 true black box, dense (every output may depend on every input: n colours). The fewest calls that can
@@ -161,14 +163,17 @@ class _Design:
 
     def slope_trace(self, keep):
         """tr((A[keep]ᵀA[keep])⁻¹) over the slope coefficients (the intercept, last, left out)."""
-        from scipy.linalg import cho_solve
+        from scipy.linalg import solve_triangular
 
         key = keep.tobytes()
         if key not in self._traces:
             factor = self.factor(keep)
-            inverse = (np.linalg.pinv(self.A[keep].T @ self.A[keep]) if factor is None
-                       else cho_solve(factor, np.eye(len(self.gram))))
-            self._traces[key] = float(np.trace(inverse[:-1, :-1]))
+            if factor is None:
+                self._traces[key] = float(np.trace(np.linalg.pinv(self.A[keep].T @ self.A[keep])[:-1, :-1]))
+            else:  # UᵀU = A[keep]ᵀA[keep] (scipy's default, upper): the inverse's diagonal is U⁻¹'s row norms
+                inverse_factor = solve_triangular(factor[0], np.eye(len(self.gram)), lower=factor[1])
+                rows = inverse_factor[:-1] if not factor[1] else inverse_factor.T[:-1]
+                self._traces[key] = float((rows ** 2).sum())
         return self._traces[key]
 
 
@@ -265,8 +270,9 @@ def _certified(design, C, F, keep, gap):
     return ok
 
 
-def _fit_robust(design, Y):
+def _fit_robust(design, Y, tick=None):
     """Robust fits of the columns of Y that share `design`, all at once: (Z, keep (N x R), rows that fell back).
+    tick(k), if given, is told each time k more rows are done (the progress bar).
 
     1. The calls that fit every row (_common_inliers: trimmed least squares over all rows together).
     2. Each row's outlier flags under the least-squares fit on those calls, and its least-squares refit on
@@ -279,8 +285,10 @@ def _fit_robust(design, Y):
     common = _common_inliers(design, C)
     Z, keep, settled = _refit(design, Y, _inliers(A, Y, design.solve(common, Y)))
     ok = settled & _certified(design, C, (A @ Z - centre) / scale, keep, GAP)
+    tick = tick or (lambda k: None)
+    tick(int(ok.sum()))
     if not ok.all():
-        Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design)
+        Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design, tick=tick)
     return Z, keep, int((~ok).sum())
 
 
@@ -304,7 +312,7 @@ def _fit_l1(A, y):
     return z, keep
 
 
-def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None):
+def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, tick=None):
     """Robust fits of the columns of Y that share the design A (N x s) by ADMM, all at once: (Z, keep).
 
     ADMM on min ‖A z - y‖₁ (split r = A z - y; the z-step is the projection A M onto A's range,
@@ -319,7 +327,7 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None):
     """
     from scipy.linalg import cho_solve
 
-    design = design or _Design(A)
+    design, tick = design or _Design(A), tick or (lambda k: None)
     N, s, R = A.shape[0], A.shape[1], Y.shape[1]
     Z, keeps = np.zeros((s, R)), np.zeros((N, R), bool)
     solved = np.zeros(R, bool)
@@ -361,12 +369,14 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None):
                     <= (obj + gap * obj) * scale[j]
                 if better:
                     Z[:, j], keeps[:, j], solved[j] = z[:, 0], keep[:, 0], True
+                    tick(1)
                 closed.append(j)  # solved, or left to the linear program
         open_rows = np.setdiff1d(open_rows, closed)
         if not len(open_rows):
             break
     for j in np.flatnonzero(~solved):
         Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])
+        tick(1)
     return Z, keeps
 
 
@@ -476,9 +486,8 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, prog
         design = _Design(np.hstack([G[:, cols], np.ones((budget, 1))]))
         A = design.A
         if robust:
-            Z, keeps, failed = _fit_robust(design, Y[:, rows])
+            Z, keeps, failed = _fit_robust(design, Y[:, rows], tick=bar.update)
             fallback += failed
-            bar.update(len(rows))
         else:
             Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
             keeps = np.ones((budget, len(rows)), bool)
@@ -489,7 +498,7 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, prog
             if dof <= 0 or variance is None:
                 variance = None
                 continue
-            r = A[keep] @ z - Y[keep, i]
+            r = (A @ z - Y[:, i])[keep]
             variance += float(r @ r) / dof * design.slope_trace(keep) / step ** 2
     bar.close()
     J = sp.csr_matrix((values, P.indices.copy(), P.indptr.copy()), shape=(m, n))

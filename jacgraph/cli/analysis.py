@@ -182,17 +182,21 @@ def cmd_sense(args) -> int:
         print_json({"shape": list(res.J.shape), "pattern": args.pattern, "colours": res.colours,
                     "min_calls": res.min_calls, "calls": res.calls, "robust": res.robust, "step": res.step,
                     "estimated_error": res.estimated_error, "flagged_calls": res.flagged_calls,
+                    "corrupted_calls": res.corrupted_calls.tolist(), "fallback_rows": res.fallback_rows,
                     "nonfinite_calls": res.nonfinite_calls, "wrote": args.output})
         return 0
     rows, cols = res.J.shape
     print(f"{args.model}: {rows} x {cols} Jacobian, {args.pattern} pattern, {res.colours} colours "
           f"(minimum {res.min_calls} calls)")
-    method = "L1 regression (HiGHS) + least-squares refit on the calls kept" if res.robust else "least squares"
+    method = ("L1 regression: least-squares refit on the calls kept, certified by a duality gap" if res.robust
+              else "least squares")
     print(f"forward calls used: {res.calls}; recovery: {method}; step {res.step:g}")
     if res.nonfinite_calls:
         print(f"calls that returned NaN/inf (left out): {res.nonfinite_calls}")
     if res.robust:
-        print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}")
+        print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}"
+              + (f" (calls {', '.join(map(str, res.corrupted_calls))}; numbered from 0)" if res.flagged_calls else ""))
+        print(f"rows not certified on the fast path (solved by ADMM or the HiGHS linear program): {res.fallback_rows}")
     if res.estimated_error is None:
         print("estimated relative error: n/a (no redundant calls; raise --budget above the minimum)")
     else:
