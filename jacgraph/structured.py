@@ -1,7 +1,7 @@
 """Convolutions recognised in a lowered sparse matrix, applied patch-wise in float64 (for the bound graphs).
 
     conv = find_conv(M, in_shape, out_shape)   # ConvStructure, or None when M is no convolution
-    fwd, adj = conv.patches("pos")              # PatchMaps for X M+^T and X M+ (kinds M, abs, pos, neg)
+    fwd, adj = conv.patches("pos")              # maps for X M+^T and X M+ (kinds M, abs, pos, neg)
     Y = fwd.emit(b, X)                          # X [..., n_in] -> [..., n_out] in the graph of Builder b
 
 The bound passes (passes/recurjac.py) hold every linear node as a scipy matrix over flat C-order
@@ -20,6 +20,9 @@ A PatchMap computes y[cd, q] = sum_{cs, j} X[cs, idx[q, j]] * w[phase(q)][(j, cs
     puts the positions back in order.
 A slot outside the feature map reads an appended zero column. Memory per coefficient row is the
 gathered [positions, taps * C_src] block, C_dst times less than a gather of every output's row of M.
+A ContractMap does it the other way round, MatMul over the channels first, then one Gather of the
+(position, tap) pairs each output sums: cheaper where C_src is the wide side (the first layer's
+adjoint, 16 channels back into 3). Each map is built both ways and the smaller one is used.
 onnxruntime has no float64 Conv kernel; this also keeps soundness free of float32 rounding.
 """
 from __future__ import annotations
@@ -73,6 +76,42 @@ class PatchMap:
 
 
 @dataclass
+class ContractMap:
+    """The same kind of map, channels contracted first: Z[(p, tap), cd] = sum_cs X[cs, p] * weight[cs, tap * c_dst + cd]
+    (one MatMul), then y[cd, q] = sum_j Z[idx[q, j], cd] (one Gather, one ReduceSum); idx == s_src * taps
+    reads zero. Cheaper than a PatchMap where C_src is the wider side (a convolution's adjoint into few
+    input channels: the first layer's)."""
+    idx: np.ndarray       # int64 [s_dst, slots] into (source position, tap)
+    weight: np.ndarray    # float64 [c_src, taps * c_dst]
+    c_src: int
+    s_src: int
+    c_dst: int
+    s_dst: int
+
+    def gathered(self) -> int:
+        return int(max(self.s_src * self.weight.shape[1], self.idx.size * self.c_dst))
+
+    def nbytes(self) -> int:
+        return int(8 * (self.idx.size + self.weight.size))
+
+    def arrays(self):
+        return self.idx, self.weight
+
+    def emit(self, b, X, consts):
+        idx, weight = consts
+        lead = b.shape(X, 0, -1)
+        x3 = b.Transpose(b.Reshape(X, b.ints([-1, self.c_src, self.s_src])), perm=[0, 2, 1])  # [R, S, C]
+        z = b.Reshape(b.MatMul(x3, weight), b.ints([0, -1, self.c_dst]))  # [R, S * taps, c_dst]
+        z = b.Pad(z, b.ints([0, 0, 0, 0, 1, 0]))  # row S * taps reads zero
+        y = b.reduce("ReduceSum", b.Gather(z, idx, axis=1), [2], keepdims=0)  # [R, s_dst, c_dst]
+        return b.Reshape(b.Transpose(y, perm=[0, 2, 1]), b.Concat(lead, b.ints([self.c_dst * self.s_dst]), axis=0))
+
+
+def _cheaper(*maps):
+    return min(maps, key=lambda m: m.gathered())
+
+
+@dataclass
 class ConvStructure:
     """M == conv_sparse(W, in_shape, out_shape, strides, pads = -offsets): input i = o * stride + offset + tap."""
     W: np.ndarray        # float64 [C_out, C_in, *kernel]
@@ -82,19 +121,28 @@ class ConvStructure:
     out_shape: tuple     # (C_out, *spatial)
 
     def patches(self, kind="M"):
-        """(forward, adjoint) PatchMaps of kind(M): X kind(M)^T and X kind(M)."""
+        """(forward, adjoint) maps of kind(M): X kind(M)^T and X kind(M), each the cheaper of a PatchMap
+        (gather, then contract the channels) and a ContractMap (the other way round)."""
+        return tuple(_cheaper(*maps) for maps in self.candidates(kind))
+
+    def candidates(self, kind="M"):
+        """((PatchMap, ContractMap) forward, (PatchMap, ContractMap) adjoint) of kind(M)."""
         W = KINDS[kind](self.W)
         return self._forward(W), self._adjoint(W)
 
     def _forward(self, W):
         co, ci, ks = W.shape[0], W.shape[1], W.shape[2:]
         isp, osp = self.in_shape[1:], self.out_shape[1:]
+        n_in, n_out, kk = int(np.prod(isp)), int(np.prod(osp)), int(np.prod(ks))
         o = np.indices(osp).reshape(len(osp), -1)  # [d, P]
         t = np.indices(ks).reshape(len(ks), -1)    # [d, taps]
         pos = o[:, :, None] * np.reshape(self.strides, (-1, 1, 1)) + np.reshape(self.offsets, (-1, 1, 1)) + t[:, None, :]
-        idx = _flat_or_dummy(pos, isp)[None]  # [1, P, taps]
+        src = _flat_or_dummy(pos, isp)  # [P, taps]
         weight = W.reshape(co, ci, -1).transpose(2, 1, 0).reshape(1, -1, co)  # [(tap, ci), co]
-        return PatchMap(idx, weight, None, ci, int(np.prod(isp)), co, int(np.prod(osp)))
+        gather_first = PatchMap(src[None], weight, None, ci, n_in, co, n_out)
+        pair = np.where(src < n_in, src * kk + np.arange(kk), n_in * kk)
+        contract_first = ContractMap(pair, W.reshape(co, ci, kk).transpose(1, 2, 0).reshape(ci, -1), ci, n_in, co, n_out)
+        return gather_first, contract_first
 
     def _adjoint(self, W):
         co, ci, ks = W.shape[0], W.shape[1], np.array(W.shape[2:])
@@ -128,7 +176,14 @@ class ConvStructure:
                 weight[p, ok] = np.moveaxis(W[(slice(None), slice(None)) + tuple(taps[:, ok])], -1, 0)
         weight = weight.reshape(n_ph, -1, ci)
         identity = n_ph == 1 and np.array_equal(where, np.arange(len(ph)))
-        return PatchMap(idx, weight, None if identity else where, co, int(np.prod(osp)), ci, int(np.prod(isp)))
+        n_out, kk = int(np.prod(osp)), int(np.prod(ks))
+        gather_first = PatchMap(idx, weight, None if identity else where, co, n_out, ci, int(np.prod(isp)))
+        inside = src < n_out
+        tap_flat = np.ravel_multi_index(tuple(np.where(inside, tap, 0)), tuple(ks))
+        pair = np.where(inside, src * kk + tap_flat, n_out * kk)  # [Q, slots]
+        contract_first = ContractMap(pair, W.reshape(co, ci, kk).transpose(0, 2, 1).reshape(co, -1), co, n_out, ci,
+                                     int(np.prod(isp)))
+        return gather_first, contract_first
 
 
 def _flat_or_dummy(pos, shape, valid=None):

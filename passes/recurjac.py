@@ -475,6 +475,26 @@ class _DagBounds:
         """How many rows of a back-substitution over nodes k_range fit the memory limit at once (0: none)."""
         return int(self.limit // self.row_bytes(k_range, m))
 
+    def working_set(self, points=1) -> float:
+        """Estimated peak bytes of the bound graph when run, before anything is emitted: the operators'
+        constants about 3 times (numpy, the proto, onnxruntime), the largest back-substitution step as
+        forward() and jacobian() will size it (CROWN at once or one chunk of rows; RecurJac's where it
+        fits), every node's box and Jacobian bounds, and the results for `points` points."""
+        steps = [0]
+        for k, node in enumerate(self.nodes[:-1]):
+            if node.kind == "linear" and any(self.nodes[c].kind != "linear" for c in self.cons[k]) and \
+                    not (self.norm == "inf" and node.inputs == [0]):
+                rows = self.chunk_rows(range(k + 1))
+                steps.append(min(rows, node.n) * self.row_bytes(range(k + 1)))
+            elif node.kind != "linear" and self.method == "recurjac":
+                rows = self.chunk_rows(range(k + 1, self.out + 1), self.m)
+                if rows >= node.n or (rows and k == 0):
+                    steps.append(min(rows, node.n) * self.row_bytes(range(k + 1, self.out + 1), self.m))
+        constants = sum(self.op(c, j).nbytes() for c, node in enumerate(self.nodes) if node.kind == "linear"
+                        for j in node.inputs)
+        per_node = 8.0 * 4 * (self.m + 2) * sum(node.n for node in self.nodes)
+        return 3.0 * constants + max(steps) + per_node + 8.0 * 4 * points * self.m * self.nodes[0].n
+
     # -- forward: interval boxes, CROWN, relaxations --------------------------------------------
     def forward(self, x, eps, x3):
         b = self.b
@@ -493,7 +513,9 @@ class _DagBounds:
                 lo, hi = b.Add(lo, bias), b.Add(hi, bias)
                 if k != self.out and any(self.nodes[c].kind != "linear" for c in self.cons[k]):
                     rows = self.chunk_rows(range(k + 1))
-                    if rows:  # in chunks of `rows` rows when not all fit at once
+                    if self.norm == "inf" and node.inputs == [0]:
+                        pass  # affine in the input: over an l_inf ball its interval bound is CROWN's, exactly
+                    elif rows:  # in chunks of `rows` rows when not all fit at once
                         c_lo, c_hi = self.crown(k, x3, eps, rows)
                         lo, hi = b.max(lo, c_lo), b.min(hi, c_hi)
                     else:
@@ -559,15 +581,16 @@ class _DagBounds:
         """Linear bounds (lo, hi) [b, n_t] on node t's values, back-substituted to the input and bounded over
         the ball; `rows` at a time when given (fewer than n_t: an ONNX Loop over chunks of rows)."""
         n = self.nodes[t].n
-        if rows is None or rows >= n:
-            return self._crown_rows(t, self.b.c(np.eye(n)[None]), x3, eps)
-        return self._chunked(n, rows, lambda eye: self._crown_rows(t, eye, x3, eps))
+        return self._chunked(n, rows or n, lambda eye: self._crown_rows(t, eye, x3, eps))
 
-    def _chunked(self, n, rows, step):
-        """step(eye) -> (lo, hi) [b, rows] for the identity rows eye [1, rows, n] of one chunk, emitted once
-        as the body of a Loop over ceil(n / rows) chunks: peak memory is one chunk's. The body builds its
-        rows with Equal (no n x n constant); rows past n are zero and cut off. Returns (lo, hi) [b, n]."""
+    def _chunked(self, n, rows, step, lead=1):
+        """step(eye) -> (lo, hi) [b, (m,) rows] for identity rows eye [(1,) 1, rows, n] (`lead` axes of 1).
+        rows >= n: one step over the whole identity. Otherwise the step is emitted once, as the body of a
+        Loop over ceil(n / rows) chunks, so peak memory is one chunk's; the body builds its rows with Equal
+        (no n x n constant), rows past n are zero and cut off. Returns (lo, hi) [b, (m,) n]."""
         b = self.b
+        if rows >= n:
+            return step(b.c(np.eye(n).reshape((1,) * lead + (n, n))))
         chunks = -(-n // rows)
         body = b.subgraph(onnx.GraphProto())
         it, cond = body.fresh("chunk"), body.fresh("cond_in")
@@ -575,7 +598,7 @@ class _DagBounds:
         ids = body.Range(first, body.Add(first, body.const(np.asarray(rows, np.int64), hint="rows")),
                          body.const(np.asarray(1, np.int64), hint="one"))
         eye = body.Equal(body.Unsqueeze(ids, body.ints([1])), body.const(np.arange(n, dtype=np.int64), hint="units"))
-        eye = body.Unsqueeze(body.Cast(eye, to=helper.np_dtype_to_tensor_dtype(b.dtype)), body.ints([0]))
+        eye = body.Unsqueeze(body.Cast(eye, to=helper.np_dtype_to_tensor_dtype(b.dtype)), body.ints(list(range(lead))))
         self.b = body
         try:
             lo, hi = step(eye)
@@ -586,12 +609,13 @@ class _DagBounds:
         body.inputs.extend([helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
                             helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])])
         body.outputs.extend([helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
-                             helper.make_tensor_value_info(outs[1], elem, [None, rows]),
-                             helper.make_tensor_value_info(outs[2], elem, [None, rows])])
+                             helper.make_tensor_value_info(outs[1], elem, [None] * lead + [rows]),
+                             helper.make_tensor_value_info(outs[2], elem, [None] * lead + [rows])])
         stacked = b.op("Loop", b.const(np.asarray(chunks, np.int64), hint="chunks"), b.const(np.asarray(True), hint="true"),
-                       n_out=2, body=body.graph("crown_chunk"))  # [chunks, b, rows] each
-        return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=[1, 0, 2]), b.ints([0, -1])), b.ints([0]), b.ints([n]),
-                             b.ints([1])) for t in stacked)
+                       n_out=2, body=body.graph("rows_chunk"))  # [chunks, b, (m,) rows] each
+        perm = list(range(1, lead + 1)) + [0, lead + 1]  # the chunk axis next to the rows
+        return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=perm), b.ints([0] * lead + [-1])), b.ints([0]), b.ints([n]),
+                             b.ints([lead])) for t in stacked)
 
     def _crown_rows(self, t, eye, x3, eps):
         """CROWN for the rows `eye` [1, rows, n_t] of node t (a slice of the identity): (lo, hi) [b, rows]."""
@@ -633,8 +657,9 @@ class _DagBounds:
             if L is None:  # not on a path to the output
                 L = U = b.c(np.zeros((1, self.m, self.nodes[k].n)))
             if self.method == "recurjac" and self.nodes[k].kind != "linear":
-                if self.fits(self.nodes[k].n, range(k + 1, self.out + 1), self.m):
-                    lo, hi = self.jac_backsub(k)
+                n, rows = self.nodes[k].n, self.chunk_rows(range(k + 1, self.out + 1), self.m)
+                if rows >= n or (rows and k == 0):  # chunked at the input only: its bounds are the result
+                    lo, hi = self._chunked(n, rows, lambda eye, k=k: self.jac_backsub(k, eye), lead=2)
                     L, U = b.max(L, lo), b.min(U, hi)
                 else:
                     self.interval_only.append(k)
@@ -657,10 +682,10 @@ class _DagBounds:
         return (b.Add(b.MatMul(b.Relu(Lc), DL), b.MatMul(b.Min(Lc, z), DU)),
                 b.Add(b.MatMul(b.Relu(Uc), DU), b.MatMul(b.Min(Uc, z), DL)))
 
-    def jac_backsub(self, k):
-        """Bounds on dy/d node_k from linear bounds over the nodes above it, up to dy/dy = I."""
+    def jac_backsub(self, k, eye):
+        """Bounds on dy/d node_k [b, m, rows] from linear bounds over the nodes above it, up to dy/dy = I, for
+        the rows `eye` [1, 1, rows, n_k] of the identity."""
         b = self.b
-        eye = b.c(np.eye(self.nodes[k].n)[None, None])  # [1, 1, rows, n_k]
         store, C = {k: (eye, eye)}, None
         z = b.c(0.0)
         for j in range(k, self.out + 1):
@@ -706,6 +731,13 @@ def _check_dense_weights(weights):
             f"matrices, input x output features per layer), over the {PROTO_LIMIT / 2**30:.0f} GiB "
             "this pass accepts (and about 4x that in memory when run). Bound a smaller model or a cropped input "
             "(--input-shape), or use `jacgraph lipschitz` for a global bound.")
+
+
+def graph_working_set(model, input_shape=None, points=1, memory_limit=MEMORY_LIMIT) -> float:
+    """Peak bytes a bound over the graph lowering is estimated to hold (_DagBounds.working_set), from shapes."""
+    from jacgraph.layers import lower_graph
+
+    return _DagBounds(None, lower_graph(model, input_shape), "inf", "recurjac", memory_limit).working_set(points)
 
 
 def _dense_bytes(graph) -> int:

@@ -37,18 +37,19 @@ def conv_matrix(in_shape, w_shape, a, rng):
 
 
 def run_patches(conv, n_in, n_out, X, Y):
-    """Every kind's forward on X [.., n_in] and adjoint on Y [.., n_out], emitted and run in onnxruntime."""
+    """Every kind's forward on X [.., n_in] and adjoint on Y [.., n_out], both ways, emitted and run in onnxruntime."""
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     b = BoundBuilder(SourceModel(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])))
     b.add_input("X", TensorProto.DOUBLE, [None, None, n_in])
     b.add_input("Y", TensorProto.DOUBLE, [None, None, n_out])
-    for kind in KINDS:
-        for patch, inp, name in zip(conv.patches(kind), ("X", "Y"), ("fwd", "adj")):
-            out = patch.emit(b, inp, [None if a is None else b.const(a) for a in patch.arrays()])
-            b.identity_as(out, f"{name}_{kind}")
-            b.add_output(f"{name}_{kind}", TensorProto.DOUBLE, [None, None, None])
+    for kind in KINDS:  # both ways of each map: gather first (PatchMap) and contract first (ContractMap)
+        for maps, inp, name in zip(conv.candidates(kind), ("X", "Y"), ("fwd", "adj")):
+            for way, patch in zip(("gather", "contract"), maps):
+                out = patch.emit(b, inp, [None if a is None else b.const(a) for a in patch.arrays()])
+                b.identity_as(out, f"{name}_{way}_{kind}")
+                b.add_output(f"{name}_{way}_{kind}", TensorProto.DOUBLE, [None, None, None])
     sess = session(b.build("patches"), provider="CPUExecutionProvider")
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"X": X, "Y": Y})))
 
@@ -66,8 +67,9 @@ def test_patch_maps_equal_the_sparse_matrix(in_shape, w_shape, attrs):
         Mk.data = f(Mk.data)
         want_fwd, want_adj = X @ Mk.T.toarray(), Y @ Mk.toarray()
         # float64 sums of <= 300 products of O(1) numbers in another order: round-off ~1e-14
-        np.testing.assert_allclose(got[f"fwd_{kind}"], want_fwd, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(got[f"adj_{kind}"], want_adj, rtol=0, atol=1e-12)
+        for way in ("gather", "contract"):
+            np.testing.assert_allclose(got[f"fwd_{way}_{kind}"], want_fwd, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(got[f"adj_{way}_{kind}"], want_adj, rtol=0, atol=1e-12)
 
 
 def test_what_is_no_convolution_is_not_taken_for_one():

@@ -127,16 +127,25 @@ def _itemsize(elem_type) -> int:
 
 
 def bound_working_set(src: SourceModel, input_shape=None, points: int = 1) -> float:
-    """RecurJac/interval bound graphs: every stage's dense float64 matrix is a constant of the graph (held
-    about 6 times: the array, the graph, onnxruntime's folded transpose, |W|, W+ and W-), plus the
-    backward recursion's bounds [2, outputs, units] per stage and the [points, outputs, inputs] results."""
+    """RecurJac/interval bound graphs. A chain: every stage's dense float64 matrix is a constant of the graph
+    (held about 6 times: the array, the graph, onnxruntime's folded transpose, |W|, W+ and W-), plus the
+    backward recursion's bounds [2, outputs, units] per stage and the [points, outputs, inputs] results.
+    A model the pass lowers as a graph (not a chain, or a chain too big for dense stages): its structured
+    operators, the largest back-substitution step (capped by the pass's memory limit; chunked or
+    interval-only beyond it) and the per-node bounds (recurjac.graph_working_set)."""
     from .. import layers
+    from ..passes import recurjac
 
     try:
         stages = layers.lower(src, input_shape)
-    except JacgraphError:  # not a plain chain: the pass lowers it as a graph and limits its own working set
-        return 0.0
+    except JacgraphError:  # not a plain chain: the pass lowers it as a graph
+        try:
+            return recurjac.graph_working_set(src, input_shape, points)
+        except JacgraphError:  # the pass itself says why it cannot
+            return 0.0
     matrices = sum(float(s.in_features) * s.out_features for s in stages)
+    if 8 * matrices > recurjac.PROTO_LIMIT:  # the pass takes the graph lowering (structured operators) then
+        return recurjac.graph_working_set(src, input_shape, points)
     m, n = stages[-1].out_features, stages[0].in_features
     recursion = sum(4.0 * m * s.in_features for s in stages)
     return 8.0 * (6 * matrices + recursion + 4.0 * points * m * n)
