@@ -44,6 +44,7 @@ def sensing_at(commit):
     text = subprocess.run(["git", "show", f"{commit}:passes/sensing.py"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"sensing_{commit}", loader=None))
+    sys.modules[module.__name__] = module  # its dataclass looks itself up there
     exec(compile(text, f"{commit}:passes/sensing.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
     return module
 

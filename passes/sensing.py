@@ -38,6 +38,7 @@ PATTERNS = ("structural", "dense")
 CLIP = 1e3  # robust scales: the robust fit's certificate and ADMM see calls clipped there (see _normalised)
 OUTLIER_CUT = 5.0  # residuals beyond 5 robust standard deviations (1.4826·MAD) are flagged as corrupted
 GAP = 1e-3  # relative duality gap at which a robust fit counts as an L1 minimiser of the clipped calls
+PROJECTIONS = 200  # at most, to bring the certificate's dual point into the box |ν| <= 1 (see _certified)
 
 
 @dataclass
@@ -247,9 +248,11 @@ def _certified(design, C, F, keep, gap):
     """Per column: is F = A z (in the units of C, N x R) a minimiser of ‖A z - c‖₁ over the clipped calls C,
     to within a relative duality gap `gap`, with every fitted value well inside the clip (so its residuals
     keep their signs and the clipped and original problems agree)? The dual point: ν = sign(F - C) on the
-    calls the column leaves out and, on those it keeps, the least-norm ν_K with A_Kᵀν_K = -A_Oᵀν_O, so that
-    Aᵀν = 0; scaled into |ν| <= 1, -cᵀν is then a lower bound on the optimum (‖A z - c‖₁ >= νᵀ(A z - c) =
-    -cᵀν). When z is the least-squares fit on the calls kept, the gap is the kept calls' residuals."""
+    calls the column leaves out and, on those it keeps, a ν_K with A_Kᵀν_K = -A_Oᵀν_O, so that Aᵀν = 0: the
+    least-norm one, or where that leaves the box |ν| <= 1, alternating projections onto the box and that
+    affine set (at most PROJECTIONS). Scaled into |ν| <= 1, -cᵀν is a lower bound on the optimum
+    (‖A z - c‖₁ >= νᵀ(A z - c) = -cᵀν). When z is the least-squares fit on the calls kept, ν_K lies in A_K's
+    range, orthogonal to the kept residuals r_K, so unless the scaling shrinks ν the gap is Σ|r_K|."""
     from scipy.linalg import cho_solve
 
     A = design.A
@@ -262,7 +265,14 @@ def _certified(design, C, F, keep, gap):
         out = ~kept
         nu = np.zeros((len(A), len(cols)))
         nu[out] = np.sign(F[out][:, cols] - C[out][:, cols])
-        nu[kept] = -A[kept] @ cho_solve(factor, A[out].T @ nu[out])
+        target = -A[out].T @ nu[out]  # A_Kᵀν_K must equal this
+        inside = -A[kept] @ cho_solve(factor, -target)  # the least-norm ν_K
+        for _ in range(PROJECTIONS):  # alternating projections onto the box and the affine set, while outside
+            if np.abs(inside).max() <= 1:
+                break
+            box = np.clip(inside, -1.0, 1.0)
+            inside = box - A[kept] @ cho_solve(factor, A[kept].T @ box - target)
+        nu[kept] = inside
         nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
         objective = np.abs(F[:, cols] - C[:, cols]).sum(axis=0)
         bound = -(C[:, cols] * nu).sum(axis=0)

@@ -223,3 +223,88 @@ def test_progress_bar_over_robust_fits(conv_layer, capsys):
     model, x0, _ = conv_layer
     sensing.sense(model, x0, budget=40, robust=True, step=1.0, progress=True)
     assert "robust fits" in capsys.readouterr().err
+
+
+# ---- the fast path of the robust fit (issue 14) -------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.1, 0.15, 0.2])
+def test_fast_path_recovers_J_and_names_exactly_the_corrupted_calls(conv_layer, fraction):
+    model, x0, J = conv_layer
+    budget = 72  # 4 x 18 colours
+    corrupt, bad = corrupted(budget, fraction, seed=3)
+    res = sensing.sense(model, x0, budget=budget, robust=True, step=1.0, seed=3, corrupt=corrupt, progress=False)
+    assert rel(res.J, J) < 1e-6  # the tolerance of the test above: float32 rounding of f at step 1
+    assert sorted(res.corrupted_calls.tolist()) == sorted(bad) and res.flagged_calls == len(bad)
+    assert res.fallback_rows == 0  # every row certified by its duality gap, none sent to ADMM or HiGHS
+
+
+def test_corrupted_calls_are_numbered_among_all_calls_when_some_return_nan(conv_layer):
+    model, x0, J = conv_layer
+    corrupt, bad = corrupted(72, 0.1, seed=4)
+    nan_calls = {5, 6, 40}
+    res = sensing.sense(model, x0, budget=72, robust=True, step=1.0, seed=4, progress=False,
+                        corrupt=lambda p, y: np.full_like(y, np.nan) if p in nan_calls else corrupt(p, y))
+    assert res.nonfinite_calls == len(nan_calls) and rel(res.J, J) < 1e-6
+    assert set(res.corrupted_calls.tolist()) == bad - nan_calls
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2])
+def test_fast_path_agrees_with_the_linear_program_row_by_row(fraction, monkeypatch):
+    A, Y, Z, bad = corrupted_regression(240, 41, 4, fraction, seed=1)
+    monkeypatch.setattr(sensing, "_fit_l1_rows", lambda *a, **k: pytest.fail("the fast path fell back"))
+    got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
+    assert fallback == 0
+    for j in range(Y.shape[1]):
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])  # HiGHS: the exact L1 fit, then least squares on its inliers
+        np.testing.assert_array_equal(keep[:, j], keep_lp)
+        assert set(np.flatnonzero(~keep[:, j])) == set(bad.tolist())
+        np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(got[:, j], Z[:, j], rtol=0, atol=1e-8)
+
+
+def test_rows_with_their_own_corrupted_calls_are_fitted_row_by_row():
+    """Corruption that is not shared by the rows (each row its own bad calls): the common trimming drops the
+    union, and each row's refit keeps all but its own; the result is still the linear program's."""
+    A, Y, Z, _ = corrupted_regression(300, 21, 3, 0.0, seed=2)
+    rng = np.random.default_rng(5)
+    own = [rng.choice(300, 20, replace=False) for _ in range(3)]
+    for j, calls in enumerate(own):
+        Y[calls, j] = rng.uniform(-1e3, 1e3, len(calls))
+    got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
+    assert fallback == 0
+    for j, calls in enumerate(own):
+        assert set(np.flatnonzero(~keep[:, j])) == set(calls.tolist())
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
+        np.testing.assert_array_equal(keep[:, j], keep_lp)
+        np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
+
+
+def test_the_certificate_refuses_a_fit_that_keeps_a_corrupted_call():
+    A, Y, _, bad = corrupted_regression(240, 41, 2, 0.1, seed=3)
+    design = sensing._Design(A)
+    centre, scale, C = sensing._normalised(Y)
+    good = np.ones(Y.shape, bool)
+    good[bad] = False
+    sloppy = good.copy()
+    sloppy[bad[0]] = True  # one corrupted call kept: the least-squares fit is smeared by it
+    for keep, expected in ((good, True), (sloppy, False)):
+        Z = np.stack([design.solve(keep[:, j], Y[:, [j]])[:, 0] for j in range(2)], axis=1)
+        ok = sensing._certified(design, C, (A @ Z - centre) / scale, keep, sensing.GAP)
+        assert ok.tolist() == [expected, expected]
+
+
+def test_rows_the_fast_path_cannot_certify_go_to_the_admm(monkeypatch):
+    """Gaussian noise and no corrupted call: the least-squares refit is not an L1 minimiser to 1e-3 (the
+    certificate's gap is the calls' own residuals), so both rows go on to ADMM / the linear program."""
+    rng = np.random.default_rng(6)
+    A = np.hstack([rng.standard_normal((120, 10)), np.ones((120, 1))])
+    Y = A @ rng.standard_normal((11, 2)) + 1e-3 * rng.standard_normal((120, 2))
+    sent = []
+    admm = sensing._fit_l1_rows
+    monkeypatch.setattr(sensing, "_fit_l1_rows", lambda A, Y, **k: sent.append(Y.shape[1]) or admm(A, Y, **k))
+    got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
+    assert fallback == 2 and sent == [2]
+    for j in range(2):
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
+        np.testing.assert_array_equal(keep[:, j], keep_lp)
+        np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
