@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -123,7 +124,9 @@ def _arch(name, folder):
 
 def _transformer(name, _folder):
     module, x = transformer_exports.build(name)
-    return transformer_exports.export(module, x, "legacy"), x, module
+    with warnings.catch_warnings():  # the tracer's warnings about Python branches on shapes: fixed shapes here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return transformer_exports.export(module, x, "legacy"), x, module
 
 
 def _zoo(name, _folder):
