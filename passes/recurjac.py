@@ -203,7 +203,7 @@ class _Weights:
 
 
 def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurjac",
-          preactivation_bounds=False, lowering="auto", memory_limit=MEMORY_LIMIT) -> onnx.ModelProto:
+          preactivation_bounds=False, lowering="auto", memory_limit=MEMORY_LIMIT, slope_inputs=False) -> onnx.ModelProto:
     """A graph (x0 [batch, *input], eps [batch]) -> (J_lower, J_upper) [batch, outputs, inputs].
 
     lowering: "chain" (stages, factored coefficients), "graph" (any DAG jacgraph.layers.lower_graph takes:
@@ -211,7 +211,10 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     preactivation_bounds=True adds outputs z<s>_lower, z<s>_upper [batch, units] for every stage s
     that ends in an activation (graph lowering: every linear node s), the CROWN bounds the derivative
     intervals come from. memory_limit (bytes, graph lowering): a back-substitution that would hold more
-    is skipped and that node keeps its interval bounds (sound, looser; listed in the metadata)."""
+    is skipped and that node keeps its interval bounds (sound, looser; listed in the metadata).
+    slope_inputs=True (graph lowering; "auto" takes it): the lower-line slopes of the ReLU/LeakyReLU nodes
+    become inputs alpha_<k> [batch, units] (default NaN: CROWN's own choice) and outputs slope_<k> give the
+    slopes used; passes/alpha_crown.py optimises them."""
     norm = str(norm)
     if norm not in NORMS:
         raise JacgraphError(f"--norm {norm!r} is not supported; choose inf (an l_inf ball) or 2 (an l_2 ball).")
@@ -220,8 +223,10 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     if lowering not in ("auto", "chain", "graph"):
         raise JacgraphError(f"lowering={lowering!r} is not known; choose auto, chain or graph.")
-    if lowering == "graph" or (lowering == "auto" and not is_chain(src)):
-        return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit)
+    if lowering == "chain" and slope_inputs:
+        raise JacgraphError("slope inputs (alpha-CROWN) are built by the graph lowering; use lowering='graph' or 'auto'.")
+    if lowering == "graph" or (lowering == "auto" and (slope_inputs or not is_chain(src))):
+        return _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit, slope_inputs)
     stages = lower(src, input_shape)
     dense = sum(8 * s.in_features * s.out_features for s in stages)
     if lowering == "auto" and dense > PROTO_LIMIT:  # too big for dense stages: sparse operators in the graph pass
@@ -441,8 +446,9 @@ class _DagBounds:
     back-substitution over the nodes above (RecurJac), where the product G_c * sigma' is relaxed
     linearly in G_c (rules/bounds.py bilinear) and a max node's part is its interval."""
 
-    def __init__(self, b, graph, norm, method, memory_limit):
+    def __init__(self, b, graph, norm, method, memory_limit, slopes=None):
         self.b, self.g, self.norm, self.method, self.limit = b, graph, norm, method, memory_limit
+        self.slopes = slopes or {}  # act node -> its lower-slope input (alpha-CROWN; passes/alpha_crown.py)
         self.nodes = graph.nodes
         self.cons = graph.consumers()
         self.out = len(self.nodes) - 1
@@ -524,7 +530,7 @@ class _DagBounds:
             elif node.kind == "act":
                 j = node.inputs[0]
                 self.box[k] = RANGE[node.activation](b, *self.box[j], node.act_attrs)
-                r = RELAX[node.activation](b, *self.box[j], node.act_attrs)
+                r = RELAX[node.activation](b, *self.box[j], node.act_attrs, slope=self.slopes.get(k))
                 self.rel[k] = _relax_rows(b, r, [1])
                 dl, du = DERIV[node.activation](b, *self.box[j], node.act_attrs)
                 self.deriv[k] = (b.Unsqueeze(dl, b.ints([1])), b.Unsqueeze(du, b.ints([1])))
@@ -746,8 +752,9 @@ def _dense_bytes(graph) -> int:
                for node in graph.nodes for k, M in zip(node.inputs, node.mats))
 
 
-def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit):
+def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, memory_limit, slope_inputs=False):
     from jacgraph.layers import lower_graph
+    from jacgraph.passes.alpha_crown import declare_slope_inputs, emit_slope_outputs
 
     graph = lower_graph(src, input_shape)
     _check_dense_weights(_dense_bytes(graph))
@@ -758,7 +765,8 @@ def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, me
     b.add_input("eps", elem, ["batch"])
     x = b.Reshape("x0", b.ints([0, n0]))
     eps = b.Reshape("eps", b.ints([-1, 1]))
-    dag = _DagBounds(b, graph, norm, method, memory_limit)
+    slopes = declare_slope_inputs(b, graph) if slope_inputs else {}
+    dag = _DagBounds(b, graph, norm, method, memory_limit, slopes)
     dag.forward(x, eps, b.Unsqueeze(x, b.ints([2])))
     dag.jacobian()
     boxes = {k: (*dag.box[k], node.n) for k, node in enumerate(graph.nodes[:-1])
@@ -767,6 +775,8 @@ def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, me
     meta = {"jacgraph.emit": "recurjac", "jacgraph.norm": norm, "jacgraph.method": method,
             "jacgraph.input_shape": json.dumps(list(graph.in_shape)), "jacgraph.outputs": m,
             "jacgraph.lowering": "graph", "jacgraph.interval_only_nodes": json.dumps(dag.interval_only)}
+    if slopes:
+        meta["jacgraph.slope_inputs"] = emit_slope_outputs(b, dag, slopes)
     return b.build(f"recurjac_{method}", doc=__doc__.splitlines()[0], metadata=meta)
 
 
@@ -804,8 +814,10 @@ def _check_points(x0, eps, in_shape):
 
 
 def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threads=None, progress=None,
-          dtype=np.float64):
+          dtype=np.float64, optimize_slopes=0):
     """Bounds for points x0 ([N, ...] or one point) and radii eps (one or [N]), point by point.
+    optimize_slopes=N > 0: N projected-gradient steps on the ReLU lower-line slopes per point (alpha-CROWN,
+    passes/alpha_crown.py; the graph lowering), keeping the elementwise best bounds; 0 (default): CROWN's.
 
     Returns {'J_lower', 'J_upper' [N, outputs, inputs], 'lipschitz' [N, outputs], 'induced' [N], 'eps' [N]}.
     """
@@ -816,6 +828,8 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
 
     with stage("loading the model"):
         src = model if isinstance(model, SourceModel) else SourceModel(model)
+    if optimize_slopes:
+        return _bound_optimised(src, x0, eps, norm, method, input_shape, threads, progress, dtype, optimize_slopes)
     with stage("emitting the bound graph"):  # the lowering inside it names its own stage
         graph = build(src, norm=norm, input_shape=input_shape, dtype=dtype, method=method)
     x0_input = next(i for i in graph.graph.input if i.name == "x0")  # [batch, *input shape]
@@ -828,6 +842,30 @@ def bound(model, x0, eps, norm="inf", method="recurjac", input_shape=None, threa
     for i in tqdm(range(len(x0)), desc="bounding", unit="point", disable=not show, file=sys.stderr):
         with stage(f"running the bound graph: point {i + 1} of {len(x0)}"):  # one session run, opaque inside
             lo, hi = sess.run(None, {"x0": x0[i:i + 1].astype(dtype), "eps": eps[i:i + 1].astype(dtype)})
+        lows.append(lo)
+        highs.append(hi)
+    lo, hi = np.concatenate(lows), np.concatenate(highs)
+    per_output, induced = lipschitz(lo, hi, norm)
+    return {"J_lower": lo, "J_upper": hi, "lipschitz": per_output, "induced": induced, "eps": eps}
+
+
+def _bound_optimised(src, x0, eps, norm, method, input_shape, threads, progress, dtype, iterations):
+    """bound() with optimised slopes: one SlopeOptimiser (bound graph + gradient graph), run point by point."""
+    from tqdm import tqdm
+
+    from jacgraph.passes.alpha_crown import SlopeOptimiser
+    from jacgraph.progress import stage
+
+    with stage("emitting the bound graph with slope inputs, its gradient graph and their sessions"):
+        opt = SlopeOptimiser(src, norm=norm, method=method, input_shape=input_shape, dtype=dtype, threads=threads)
+    x0_input = next(i for i in opt.model.graph.input if i.name == "x0")
+    x0, eps = _check_points(x0, eps, [d.dim_value for d in x0_input.type.tensor_type.shape.dim[1:]])
+    lows, highs = [], []
+    show = len(x0) > 1 if progress is None else progress
+    for i in tqdm(range(len(x0)), desc=f"bounding, {iterations} slope steps", unit="point", disable=not show,
+                  file=sys.stderr):
+        with stage(f"optimising the slopes ({iterations} steps): point {i + 1} of {len(x0)}"):
+            lo, hi, _ = opt.run(x0[i:i + 1].astype(dtype), eps[i:i + 1].astype(dtype), iterations)
         lows.append(lo)
         highs.append(hi)
     lo, hi = np.concatenate(lows), np.concatenate(highs)

@@ -143,10 +143,11 @@ def _chord(b, act, attrs, l, u, fallback):
     return b.where(wide, chord, fallback), wide
 
 
-def _pl_relax(b, l, u, attrs, act):
+def _pl_relax(b, l, u, attrs, act, slope=None):
     """Upper line: the chord; lower line: the chord, or for one-kink units (ReLU, LeakyReLU) the
-    steeper/flatter piece through the kink, whichever is closer (CROWN's adaptive choice).
-    Intercepts: max/min of sigma(z) - a z over {l, u, kinks} (its extremes on [l, u])."""
+    steeper/flatter piece through the kink, whichever is closer (CROWN's adaptive choice), or the
+    given `slope` (alpha-CROWN; clipped into [s_0, s_1], where NaN keeps the adaptive choice).
+    Intercepts: max/min of sigma(z) - a z over {l, u, kinks} (its extremes on [l, u]): sound for any slope."""
     kinks, slopes = _pieces(act, attrs)
     dl, du = _pl_deriv(b, l, u, attrs, act)
     stable = b.Equal(dl, du)
@@ -155,6 +156,10 @@ def _pl_relax(b, l, u, attrs, act):
     aL = aU
     if act in ("relu", "leaky_relu"):
         aL = b.where(stable, dl, b.where(b.Greater(b.Add(u, l), b.c(0.0)), b.c(slopes[1]), b.c(slopes[0])))
+        if slope is not None:
+            s_lo, s_hi = slope_range(act, attrs)
+            given = b.min(b.max(slope, b.c(s_lo)), b.c(s_hi))  # on a tie Max/Min pass the gradient to `slope`
+            aL = b.where(b.Or(stable, b.IsNaN(slope)), aL, given)
     cands = [l, u] + [b.c(k) for k in kinks]
     cU, _ = _extremes(b, act, attrs, l, u, aU, cands)
     _, cL = _extremes(b, act, attrs, l, u, aL, cands)
@@ -199,9 +204,10 @@ def _smooth_stationary(b, act, a):
     return [z, b.Neg(z)]
 
 
-def _smooth_relax(b, l, u, attrs, act):
+def _smooth_relax(b, l, u, attrs, act, slope=None):
     """Two lines parallel to the chord, shifted to touch sigma: intercepts are the max/min of
-    sigma(z) - a z over {l, u, +-z*} (z* the points where sigma' equals the chord slope)."""
+    sigma(z) - a z over {l, u, +-z*} (z* the points where sigma' equals the chord slope). No slope option."""
+    assert slope is None, f"{act} takes no lower slope (SLOPED lists those that do)"
     a, wide = _chord(b, act, attrs, l, u, _smooth_deriv_at(b, act, l))
     cU, cL = _extremes(b, act, attrs, l, u, a, [l, u] + _smooth_stationary(b, act, a))
     cL = b.where(wide, cL, cU)  # u == l: a point, one line
@@ -213,14 +219,21 @@ def _smooth_range(b, l, u, attrs, act):
 
 
 def _table(pl, smooth):
-    return {**{act: (lambda b, l, u, attrs, _a=act: pl(b, l, u, attrs, _a))
+    return {**{act: (lambda b, l, u, attrs, _a=act, **kw: pl(b, l, u, attrs, _a, **kw))
                for act in ("relu", "leaky_relu", "hardsigmoid", "clip")},
-            **{act: (lambda b, l, u, attrs, _a=act: smooth(b, l, u, attrs, _a)) for act in ("tanh", "sigmoid")}}
+            **{act: (lambda b, l, u, attrs, _a=act, **kw: smooth(b, l, u, attrs, _a, **kw)) for act in ("tanh", "sigmoid")}}
 
 
 DERIV = _table(_pl_deriv, _smooth_deriv)
 RELAX = _table(_pl_relax, _smooth_relax)
 RANGE = _table(_pl_range, _smooth_range)
+SLOPED = ("relu", "leaky_relu")  # RELAX[act](..., slope=) takes a lower slope for these (in [s_0, s_1])
+
+
+def slope_range(act, attrs):
+    """[s_0, s_1]: the lower slopes a one-kink activation's relaxation may take."""
+    _, slopes = _pieces(act, attrs)
+    return min(slopes), max(slopes)
 
 
 # ---- the RecurJac product relaxation and the ball term ----------------------------------------
