@@ -880,12 +880,15 @@ GRAPH_OPS = (LINEAR_OPS | set(ACTIVATIONS) | {"Transpose", "AveragePool", "Globa
 TWO_OPERAND_OPS = ("Mul", "Div", "Gemm", "MatMul", "Conv", "ConvTranspose")  # affine only with constant operands
 
 
-def _graph_refusals(src, x) -> Counter:
-    """Every node on x's path that the DAG lowering cannot take, by op (and why, where the op itself is known)."""
+def _graph_refusals(src, x, floats_only=False) -> Counter:
+    """Every node on x's path that the DAG lowering cannot take, by op (and why, where the op itself is known);
+    floats_only: only nodes with a float output (shape arithmetic, which folds once shapes are fixed, left out)."""
     missing, active = Counter(), {x}
     for node in src.active_nodes([x]):
         op, a = node.op_type, src.attrs(node)
-        if node.domain not in ("", "ai.onnx") or op not in GRAPH_OPS:
+        if floats_only and not any(o and src.is_float(o) for o in node.output):
+            pass
+        elif node.domain not in ("", "ai.onnx") or op not in GRAPH_OPS:
             missing[op if node.domain in ("", "ai.onnx") else f"{node.domain}.{op}"] += 1
         elif op == "Resize" and (a.get("mode") not in RESIZE_MODES
                                  or a.get("coordinate_transformation_mode") == "tf_crop_and_resize"):
@@ -915,7 +918,13 @@ def _with_shapes_fixed(src, x, shape):
 def lower_graph(model, input_shape=None) -> Graph:
     """The model as a Graph of linear and nonlinear nodes; one JacgraphError lists every unsupported op."""
     src, x = _single_input(model)
-    shape = _input_shape(src, x, input_shape)
+    try:
+        shape = _input_shape(src, x, input_shape)
+    except JacgraphError:  # no fixed shape: name the refused ops first (shape arithmetic, int-valued, may fold)
+        missing = _graph_refusals(src, x, floats_only=True)
+        if missing:
+            raise unsupported_error(missing, "the layer lowering for bounds (jacgraph.layers)") from None
+        raise
     src = _with_shapes_fixed(src, x, shape)
     missing = _graph_refusals(src, x)
     if missing:

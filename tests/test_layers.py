@@ -356,10 +356,12 @@ def test_graph_lowering_of_upsampling_matches_the_torch_model(name):
     np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("declared", [[1, 1, 4, 4], ["N", 1, "H", "W"]])
 @pytest.mark.parametrize("mode,transform", [("cubic", "half_pixel"), ("linear", "tf_crop_and_resize")])
-def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_node(mode, transform):
+def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_node(mode, transform, declared):
     """A Resize it does not take, a Loop, an LSTM (lowered to products of computed tensors) and a Mul of two
-    computed tensors: one error that names each with its count, not the first one met."""
+    computed tensors: one error that names each with its count, not the first one met (also before asking
+    for an --input-shape when the input's is symbolic)."""
     rng = np.random.default_rng(0)
     c = numpy_helper.from_array
     inits = [c(np.array([1, 1, 2, 2], np.float32), "scales"), c(np.array([0, 0, 0, 0, 1, 1, 1, 1], np.float32), "roi"),
@@ -378,7 +380,7 @@ def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_n
              helper.make_node("LSTM", ["seq", "W", "R"], ["Y", "Yh"], hidden_size=4),
              helper.make_node("Reshape", ["Yh", "flat"], ["h"]),
              helper.make_node("Loop", ["trip", "cond", "h"], ["y"], body=body)]
-    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+    graph = helper.make_graph(nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, declared)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(JacgraphError) as refused:
