@@ -543,3 +543,29 @@ def test_every_rule_has_a_case():
     covered = {c.op for c in CASES} | {op for c in CASES for op in c.covers} | set(COVERED_ELSEWHERE)
     missing = sorted(set(JVP) - covered)
     assert not missing, f"JVP rules without a test case: {missing}"
+
+
+def test_float32_layer_norm_reuses_the_primal_mean_and_inv_std_dev():
+    """A float32 LayerNormalization's rule reads the primal node's own Mean and InvStdDev outputs (the float64 cases
+    above recompute them: those outputs are float/bfloat16 only). Checked in onnxruntime float32 against float64
+    central differences of the source's float64 copy: float32 round-off (6e-8) through 8-term means and the
+    normalisation stays far below 1e-5."""
+    from jacgraph import runtime
+    from jacgraph.testing import reference_session as ref, to_float64
+
+    case = Case("LayerNormalization", {"x": (2, 3, 8), "scale": (8,), "bias": (8,)}, ["x", "scale", "bias"],
+                attrs={"axis": -1, "epsilon": 1e-3})
+    model = case.model()
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    emitted = jvp.build(model)
+    norms = [n for n in emitted.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 1 and all(norms[0].output[1:3])
+    assert sum(n.op_type == "ReduceMean" for n in emitted.graph.node) == 2  # the tangent's two means only
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(s) for k, s in case.inputs.items()}
+    dirs = {k: rng.standard_normal(s) for k, s in case.inputs.items()}
+    got = runtime.run(runtime.session(emitted), {**{k: v.astype(np.float32) for k, v in feeds.items()},
+                                                 **{f"{k}_dot": v.astype(np.float32) for k, v in dirs.items()}})
+    fd = central_difference(ref(to_float64(model)), feeds, dirs, H)["y0"]
+    assert relative_error(got["y0_dot"], fd) < 1e-5

@@ -857,10 +857,14 @@ def layer_norm(b, node, t, tscale=None, tbias=None):
     x, scale, y = node.input[0], node.input[1], node.output[0]
     rank = b.src.rank(x)
     axes = list(range(attrs["axis"] % rank, rank))
-    mean = b.reduce("ReduceMean", x, axes)
-    centred = b.Sub(x, mean)
-    inv_std = b.Reciprocal(b.Sqrt(b.Add(b.reduce("ReduceMean", b.Mul(centred, centred), axes),
-                                        s(b, attrs["epsilon"], x))))
+    if b.src.dtype(x) == attrs.get("stash_type", TensorProto.FLOAT):  # the primal's own Mean and InvStdDev outputs
+        mean, inv_std = b.extra_output(node, 1, f"{y}_mean"), b.extra_output(node, 2, f"{y}_inv_std_dev")
+        centred = b.Sub(x, mean)
+    else:  # they would be computed in the narrower stash type: recompute in x's type
+        mean = b.reduce("ReduceMean", x, axes)
+        centred = b.Sub(x, mean)
+        inv_std = b.Reciprocal(b.Sqrt(b.Add(b.reduce("ReduceMean", b.Mul(centred, centred), axes),
+                                            s(b, attrs["epsilon"], x))))
     x_hat = b.Mul(centred, inv_std)
     terms = []
     if t is not None:
