@@ -2,6 +2,7 @@
 
     python examples/bench_suite.py [--mode jvp|vjp] [--suite archs,zoo,transformers] [--models resnet18,vgg19]
                                    [--threads 1] [--runs 10] [--budget 60] [--cpu-time] [--no-memory] [--json out.json]
+    python examples/bench_suite.py --tables out.json      (the tables of a saved run again)
 
 Suites:
   archs         the 14 PyTorch architectures of examples/architectures.py (batch 1, BatchNorm folded);
@@ -270,6 +271,21 @@ def selected(args):
     return pairs
 
 
+def report(rows, settings):
+    """The tables of one run (its rows and settings), per suite, and the goal misses."""
+    mode = settings["mode"]
+    before, after = settings["load_average"]
+    print(f"\n{mode.upper()}, onnxruntime {settings['onnxruntime']} CPU, threads={settings['threads']}, batch 1, "
+          f"median of the runs given, interleaved, {settings['clock']}; 1-minute load average {before:.1f} -> "
+          f"{after:.1f}; {settings['date']}")
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        print(f"\n### {suite}\n")
+        print(table([r for r in rows if r["suite"] == suite], mode))
+    if mode == "jvp":
+        misses = goal_misses([r for r in rows if "error" not in r])
+        print("\ngoal misses:" + ("".join(f"\n- {m}" for m in misses) if misses else " none"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=["jvp", "vjp"], default="jvp")
@@ -282,7 +298,13 @@ def main(argv=None):
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes (a fresh process per graph)")
     p.add_argument("--json", help="write the rows and the run's settings to this JSON file")
+    p.add_argument("--tables", metavar="JSON", help="print the tables of a run saved with --json; run nothing")
     args = p.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            saved = json.load(f)
+        report(saved["rows"], saved["settings"])
+        return
     pairs = selected(args)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
@@ -297,17 +319,10 @@ def main(argv=None):
             print(f"[{suite}] {name}: {status} ({r.get('runs', 0)} runs, {r['seconds']:.0f} s)", flush=True)
     settings = {"mode": args.mode, "threads": args.threads, "max_runs": args.runs, "budget_s": args.budget,
                 "clock": "thread CPU time" if args.cpu_time else "wall clock",
-                "load_average": [load_before, os.getloadavg()[0]], "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                         time.gmtime()),
+                "load_average": [load_before, os.getloadavg()[0]],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
-    print(f"\n{args.mode.upper()}, onnxruntime CPU, threads={args.threads}, batch 1, median of the runs given, "
-          f"interleaved, {settings['clock']}; 1-minute load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
-    for suite in dict.fromkeys(s for s, _ in pairs):
-        print(f"\n### {suite}\n")
-        print(table([r for r in rows if r["suite"] == suite], args.mode))
-    if args.mode == "jvp":
-        misses = goal_misses([r for r in rows if "error" not in r])
-        print("\ngoal misses:" + ("".join(f"\n- {m}" for m in misses) if misses else " none"))
+    report(rows, settings)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": settings, "rows": rows}, f, indent=2, allow_nan=False)
