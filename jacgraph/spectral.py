@@ -13,6 +13,7 @@ conv_geometry resolves a Conv's window attributes for a fixed input shape (also 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -22,6 +23,18 @@ from .rules.registry import resolve_window
 
 DENSE_LIMIT = 1 << 24       # entries of a layer matrix we materialise (128 MiB in float64)
 EPS = np.finfo(np.float64).eps
+
+
+def one_blas_thread():
+    """A context with one BLAS thread (threadpoolctl when installed, else nothing changes). The Lipschitz analyses
+    make many products of small and medium matrices, where OpenBLAS's spinning threads cost more than they give
+    on a loaded machine: on the shared 2-core VM at load 11, SeqLip on the 1x8x8 ResNet-style DAG took 14 s with
+    two threads and 1.0 s with one; the LipSDP barrier solve of the 784-50-10 net 60 s and 1.7 s."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 # ---- lowered stages (jacgraph.layers.Stage) ---------------------------------------------------------

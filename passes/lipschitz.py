@@ -45,11 +45,13 @@ from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
 from jacgraph.spectral import (DENSE_LIMIT, EPS, certified_bound, conv_geometry, matrix, max_overlap, norm_estimate,
-                               size, sparse_bound, stacked_norms)
+                               one_blas_thread, size, sparse_bound, stacked_norms)
 
 EXACT_LIMIT = 16            # SeqLip searches all 2^n activation patterns up to this many units
 EXACT_CAP = 24              # beyond this the exact search would take hours
 TOP_K = 10                  # singular directions kept by the greedy SeqLip search
+MAX_CHAIN = 4               # SeqLip on a DAG: matrices per chain (each length is one more SeqLip of its SVDs)
+CHAIN_DENSE_LIMIT = 1 << 22  # and the largest matrix in a chain (entries; its SVD takes seconds)
 
 
 # ---- activations: the range of their derivative ---------------------------------------------------
@@ -134,6 +136,15 @@ def _named(b, x, name):
     return out
 
 
+def _label(index) -> str:
+    """A graph's name stem: layer<i> for stage i of a chain, node<k> (given as a string) for a DAG's node k."""
+    return index if isinstance(index, str) else f"layer{index}"
+
+
+def _metadata(index, graph) -> dict:
+    return {"jacgraph.emit": "autolip", "jacgraph.autolip.graph": graph, "jacgraph.autolip.layer": _label(index)}
+
+
 def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.ModelProto:
     b = _builder(src)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -143,7 +154,8 @@ def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.M
     y = _named(b, _apply(b, stage, x, adjoint, dtype), "ATv" if adjoint else "Au")
     b.add_output(y, elem, [1, *shape_out])
     what = "A^T v" if adjoint else "A u"
-    return b.build(f"layer{index}_{'adj' if adjoint else 'op'}", doc=f"layer {index}: {what} (no bias)")
+    kind = "adj" if adjoint else "op"
+    return b.build(f"{_label(index)}_{kind}", doc=f"{_label(index)}: {what} (no bias)", metadata=_metadata(index, kind))
 
 
 def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
@@ -171,7 +183,7 @@ def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
     del b.nodes[start:]
     vi = helper.make_tensor_value_info
     body = helper.make_graph(
-        body_nodes, f"layer{index}_power_step",
+        body_nodes, f"{_label(index)}_power_step",
         [vi(i_in, TensorProto.INT64, []), vi(c_in, TensorProto.BOOL, []), vi(u_in, elem, shape), vi(lam_in, elem, [])],
         [vi(c_out, TensorProto.BOOL, []), vi(u_out, elem, shape), vi(lam, elem, []), vi(lam_scan, elem, [])])
 
@@ -183,7 +195,8 @@ def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
     b.add_output(sigma, elem, [])
     b.add_output(u_last, elem, shape)
     b.add_output(sigma_hist, elem, [None])
-    return b.build(f"layer{index}_power", doc=f"layer {index}: power iteration on A^T A (an estimate of ||A||_2 from below)")
+    return b.build(f"{_label(index)}_power", doc=f"{_label(index)}: power iteration on A^T A (an estimate of ||A||_2 from "
+                   "below)", metadata=_metadata(index, "power"))
 
 
 def _dtype_for(stages, dtype):
@@ -194,15 +207,43 @@ def _dtype_for(stages, dtype):
 
 
 def build(model, input_shape=None, dtype=None) -> dict:
-    """`--emit autolip`: {"layer<i>.op" | "layer<i>.adj" | "layer<i>.power": ModelProto} for every linear stage."""
+    """`--emit autolip`: {"layer<i>.op" | "layer<i>.adj" | "layer<i>.power": ModelProto} for every linear stage of
+    a chain; for a DAG (layers.lower_graph) the same three graphs "node<k>.*" for every linear node k, whose
+    operator maps its inputs, flattened and stacked in the order of node.inputs, to its output (graph_stages)."""
+    from jacgraph import layers
+
     src = model if isinstance(model, SourceModel) else SourceModel(model)
-    stages = lower(src, input_shape)
-    dt = _dtype_for(stages, dtype)
+    if layers.is_chain(src):
+        stages = dict(enumerate(lower(src, input_shape)))
+    else:
+        stages = {f"node{k}": stage for k, stage in graph_stages(layers.lower_graph(src, input_shape)).items()}
+    dt = _dtype_for(list(stages.values()), dtype)
     out = {}
-    for i, stage in enumerate(stages):
-        out[f"layer{i}.op"] = operator_graph(src, stage, i, False, dt)
-        out[f"layer{i}.adj"] = operator_graph(src, stage, i, True, dt)
-        out[f"layer{i}.power"] = power_graph(src, stage, i, dt)
+    for index, stage in stages.items():
+        out[f"{_label(index)}.op"] = operator_graph(src, stage, index, False, dt)
+        out[f"{_label(index)}.adj"] = operator_graph(src, stage, index, True, dt)
+        out[f"{_label(index)}.power"] = power_graph(src, stage, index, dt)
+    return out
+
+
+def graph_stages(graph) -> dict:
+    """{k: Stage} for each linear node k of a lowered DAG: its inputs flattened and stacked -> its flat output, one
+    dense matrix [M_k1 .. M_kJ] (the operator whose norm the DAG's AutoLip bounds jointly)."""
+    import scipy.sparse as sp
+
+    from jacgraph.layers import Stage
+
+    out = {}
+    for k, node in enumerate(graph.nodes):
+        if node.kind != "linear":
+            continue
+        n_in = sum(graph.nodes[i].n for i in node.inputs)
+        if n_in * node.n > DENSE_LIMIT:
+            raise JacgraphError(f"linear node {k} of the lowered DAG ({n_in} -> {node.n}) has more than {DENSE_LIMIT} "
+                                "matrix entries to emit densely. Use `jacgraph lipschitz --method autolip` (sparse "
+                                "operators), or a smaller --input-shape.")
+        out[k] = Stage(nodes=[], weight=sp.hstack(node.mats).toarray(), bias=node.bias, in_shape=(n_in,),
+                       out_shape=(node.n,), activation=None)
     return out
 
 
@@ -291,12 +332,12 @@ def _pair_midpoint_bound(A, B, lo, hi) -> float:
     return float(min(abs(m) * np.linalg.norm(A @ B, 2) + abs(r) * spread, whole))
 
 
-def seqlip(mats, boxes, last_slope=1.0, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> dict:
+def seqlip(mats, boxes, last_slope=1.0, exact_limit=EXACT_LIMIT, top_k=TOP_K, greedy=True) -> dict:
     """SeqLip over dense layer matrices; boxes[i] is the slope range of the activation after layer i.
 
     value: the product of pair maxima (exact search up to exact_limit units, greedy beyond: then an
     estimate). bound: guaranteed, the product of exact pair maxima, and beyond the limit of the
-    midpoint bound, plus a float64 rounding allowance."""
+    midpoint bound, plus a float64 rounding allowance. greedy=False skips the greedy search (value: the bound)."""
     if exact_limit > EXACT_CAP:
         raise JacgraphError(f"--exact-limit {exact_limit} would search 2^{exact_limit} patterns per pair; "
                             f"the most that finishes is {EXACT_CAP}.")
@@ -326,8 +367,11 @@ def seqlip(mats, boxes, last_slope=1.0, exact_limit=EXACT_LIMIT, top_k=TOP_K) ->
             v = pair_bound = _pair_exact(A, B, lo, hi)
             how = "exact"
         else:
-            v, how = _pair_greedy(A, B, lo, hi, top_k), f"greedy top-{top_k} (estimate)"
             pair_bound = _pair_midpoint_bound(A, B, lo, hi)
+            if greedy:
+                v, how = _pair_greedy(A, B, lo, hi, top_k), f"greedy top-{top_k} (estimate)"
+            else:
+                v, how = pair_bound, "midpoint bound"
             exact = False
         pairs.append({"pair": [i, i + 1], "units": n, "value": v, "bound": pair_bound, "method": how,
                       "seconds": time.perf_counter() - t0})
@@ -356,13 +400,19 @@ def describe(stage) -> str:
 
 def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, exact_limit=EXACT_LIMIT,
             top_k=TOP_K, seed=0, dtype=None) -> Report:
+    """AutoLip, SeqLip and LipSDP (method: one of them or all) of a chain or a DAG, with one BLAS thread."""
+    with one_blas_thread():
+        return _analyze(model, method, input_shape, iterations, tol, exact_limit, top_k, seed, dtype)
+
+
+def _analyze(model, method, input_shape, iterations, tol, exact_limit, top_k, seed, dtype) -> Report:
     if method not in ("autolip", "seqlip", "lipsdp", "all"):
         raise JacgraphError(f"--method {method!r} is not known; use autolip, seqlip, lipsdp or all.")
     src = model if isinstance(model, SourceModel) else SourceModel(model)
     from jacgraph import layers
 
     if not layers.is_chain(src):
-        return analyze_graph(src, method, input_shape)
+        return analyze_graph(src, method, input_shape, exact_limit, top_k)
     stages = lower(src, input_shape)
     report = Report()
     slopes = [max_slope(s.activation, s.act_attrs) for s in stages]
@@ -407,7 +457,7 @@ def analyze(model, method="all", input_shape=None, iterations=1000, tol=None, ex
 
 # ---- AutoLip over a DAG (residual joins, concat, pooling, max selections) ----------------------------
 
-def graph_lipschitz(graph) -> dict:
+def graph_lipschitz(graph, chains=False, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> dict:
     """Per node k, a bound L_k on the l2 Lipschitz constant of x -> node_k(x) (and an estimate E_k):
 
       linear node   sum_j ||M_kj|| L_j, or ||[M_k1 .. M_kJ]|| sqrt(sum_j L_j^2) when smaller
@@ -416,51 +466,107 @@ def graph_lipschitz(graph) -> dict:
       max node      sqrt(c) L_j, c the largest number of windows one input is in
                     (sum_o max_{i in W_o} d_i^2 <= sum_o sum_{i in W_o} d_i^2 <= c ||d||^2).
     A residual block h + f(h) is one linear node whose inputs are h and f's last activation, so its
-    identity and f's matrix are bounded jointly where they are one operator."""
+    identity and f's matrix are bounded jointly where they are one operator.
+
+    chains=True also gives SeqLip over the DAG (result["seqlip"]): a second bound S_k by the same rules,
+    except that a linear node's term M_kj h_j, h_j = act(A h_start + b) reached through a chain of one-input
+    linear nodes and activations (_chain_terms), is bounded by SeqLip of that chain times S_start when smaller
+    than ||M_kj|| S_j. So S_k <= L_k at every node: SeqLip on a DAG is never above AutoLip."""
     import scipy.sparse as sp
 
-    L, E, layers_ = [1.0], [1.0], []
+    L, E, S, layers_, chain_rows = [1.0], [1.0], [1.0], [], []
     for k, node in enumerate(graph.nodes[1:], start=1):
         j = node.inputs[0] if node.inputs else None
         if node.kind == "act":
             slope = max_slope(node.activation, node.act_attrs)
             L.append(slope * L[j])
             E.append(slope * E[j])
+            S.append(slope * S[j])
         elif node.kind == "max":
             c = math.sqrt(max_overlap(node.windows))
             L.append(c * L[j])
             E.append(E[j])  # no estimate from below beyond the input's
+            S.append(c * S[j])
         else:
             t0 = time.perf_counter()
-            parts = [sparse_bound(M) for M in node.mats]
-            total = sum(b_ * L[i] for (b_, _), i in zip(parts, node.inputs))
+            bounds = [sparse_bound(M) for M in node.mats]
+            parts = [b_ for b_, _ in bounds]
+            stacked = sp.hstack(node.mats) if len(node.mats) > 1 else node.mats[0]
+            joint, how = sparse_bound(stacked) if len(node.mats) > 1 else bounds[0]
+            total = sum(b_ * L[i] for b_, i in zip(parts, node.inputs))
             estimate = sum(norm_estimate(M) * E[i] for M, i in zip(node.mats, node.inputs))
+            terms = [b_ * S[i] for b_, i in zip(parts, node.inputs)]
+            if chains:
+                for t, (i, M) in enumerate(zip(node.inputs, node.mats)):
+                    for start, mats, boxes in _chain_terms(graph, i, M):
+                        t1 = time.perf_counter()
+                        r = seqlip(mats, boxes, 1.0, exact_limit, top_k, greedy=False)
+                        methods = sorted({p["method"] for p in r["pairs"]})
+                        chain_rows.append({"pair": [start, k], "units": sum(A.shape[0] for A in mats[:-1]),
+                                           "value": r["value"], "bound": r["bound"],
+                                           "method": f"chain of {len(mats)}: {', '.join(methods)}",
+                                           "seconds": time.perf_counter() - t1})
+                        terms[t] = min(terms[t], r["bound"] * S[start])
             if len(node.mats) > 1:
-                joint, how = sparse_bound(sp.hstack(node.mats))
                 total = min(total, joint * math.sqrt(sum(L[i] ** 2 for i in node.inputs)))
             L.append(total)
             E.append(min(estimate, total))
+            S.append(min(sum(terms), joint * math.sqrt(sum(S[i] ** 2 for i in node.inputs)), total))
             layers_.append({"layer": k, "op": "linear" if len(parts) == 1 else f"join of {len(parts)}",
                             "in": [graph.nodes[i].n for i in node.inputs], "out": [node.n],
-                            "activation": None, "norm_estimate": max(norm_estimate(M) for M in node.mats),
-                            "iterations": 0, "bound": max(parts)[0], "bound_method": max(parts)[1],
+                            "activation": None, "norm_estimate": norm_estimate(stacked),
+                            "iterations": 0, "bound": joint, "bound_method": how,
                             "power_seconds": 0.0, "bound_seconds": time.perf_counter() - t0})
-    return {"bound": L[-1], "estimate": E[-1], "layers": layers_}
+    result = {"bound": L[-1], "estimate": E[-1], "layers": layers_}
+    if chains:
+        result["seqlip"] = {"bound": S[-1], "value": S[-1], "exact": all("midpoint" not in r["method"] for r in chain_rows),
+                            "dag": True, "pairs": chain_rows, "exact_limit": exact_limit}
+    return result
 
 
-def analyze_graph(src, method, input_shape) -> Report:
-    """AutoLip for a model that is not a chain; SeqLip and LipSDP need a chain of dense layers."""
+def _chain_terms(graph, j, M, max_maps=MAX_CHAIN):
+    """The chains that end in the term M h_j of a linear node: [(start, mats, boxes)], one per length, each the
+    path h_start -> A_1 -> act_1 -> ... -> A_r -> act_r = h_j -> M through activations whose input is a linear
+    node of one input (dense matrices only, at most CHAIN_DENSE_LIMIT entries; at most max_maps matrices)."""
+    def dense(A):
+        return np.asarray(A.toarray(), np.float64) if A.shape[0] * A.shape[1] <= CHAIN_DENSE_LIMIT else None
+
+    found, mats, boxes, cur = [], [dense(M)], [(1.0, 1.0)], j
+    while mats[0] is not None and graph.nodes[cur].kind == "act" and len(mats) < max_maps:
+        act = graph.nodes[cur]
+        p = graph.nodes[act.inputs[0]]
+        if p.kind != "linear" or len(p.inputs) != 1:
+            break
+        A = dense(p.mats[0])
+        if A is None:
+            break
+        mats.insert(0, A)
+        boxes.insert(0, slope_box(act.activation, act.act_attrs))
+        cur = p.inputs[0]
+        found.append((cur, list(mats), list(boxes)))
+    return found
+
+
+def analyze_graph(src, method, input_shape, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> Report:
+    """AutoLip and SeqLip (on the chains inside it, graph_lipschitz) for a model that is not a chain; LipSDP
+    needs a chain of dense layers."""
     from jacgraph import layers
 
-    if method in ("seqlip", "lipsdp"):
-        raise JacgraphError(f"--method {method} needs a plain chain of layers; this model has residual joins, "
-                            "concatenation or pooling. Use --method autolip (it bounds any such DAG).")
+    if method == "lipsdp":
+        raise JacgraphError("--method lipsdp needs a plain chain of layers; this model has residual joins, "
+                            "concatenation or pooling. Use --method seqlip or autolip (they bound any such DAG).")
     t0 = time.perf_counter()
-    result = graph_lipschitz(layers.lower_graph(src, tuple(input_shape) if input_shape else None))
-    report = Report(layers=result.pop("layers"))
-    report.autolip = {**result, "seconds": time.perf_counter() - t0}
+    graph = layers.lower_graph(src, tuple(input_shape) if input_shape else None)
+    result = graph_lipschitz(graph, chains=method in ("seqlip", "all"), exact_limit=exact_limit, top_k=top_k)
+    seq = result.pop("seqlip", None)
+    report = Report(layers=result.pop("layers") if method != "seqlip" else [])
+    seconds = time.perf_counter() - t0
+    if method in ("autolip", "all"):
+        report.autolip = {**result, "seconds": seconds}
+    if seq is not None:
+        report.seqlip = {**seq, "seconds": seconds}
     if method == "all":
-        report.lipsdp = {"skipped": "LipSDP and SeqLip need a plain chain of layers; this model is a DAG"}
+        report.lipsdp = {"skipped": "LipSDP needs a plain chain of layers; this model is a DAG"}
     return report
 
 

@@ -38,7 +38,6 @@ barrier method 1.4-2.8 s on the shared 2-core VM (docs/benchmarks/bounds.md).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import time
@@ -47,6 +46,7 @@ import warnings
 import numpy as np
 
 from jacgraph.errors import JacgraphError
+from jacgraph.spectral import one_blas_thread
 
 ROW_LIMIT = 256      # rows of the LMI (inputs + hidden units) we hand to the SDP solver
 PAIR_LIMIT = 128     # rows of one consecutive pair of blocks n_{k-1} + n_k (one PSD cone after decomposition)
@@ -263,20 +263,10 @@ def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max
     return v, steps
 
 
-def _one_blas_thread():
-    """One BLAS thread for the barrier method's many small products (threadpoolctl when installed): on the
-    loaded 2-core VM, OpenBLAS's two spinning threads made the 784-50-10 solve 35x slower (60 s against 1.7 s)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
 def barrier(mats, boxes, delta):
     """(rho, t, status) of the SDP by _newton_path: phase 1 finds a strictly feasible (rho, t) (minimising s
     with S + s I > 0 until s < 0), phase 2 minimises rho. None if phase 1 finds no feasible point."""
-    with _one_blas_thread():
+    with one_blas_thread():  # its many small products: 60 s -> 1.7 s on the loaded 2-core VM
         return _barrier(mats, boxes, delta)
 
 

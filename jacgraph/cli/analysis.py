@@ -122,7 +122,10 @@ def print_lipschitz(report):
         print(f"AutoLip estimate  {a['estimate']:.6g}   (estimate: power-iteration norms, not a bound)")
     if report.seqlip:
         s = report.seqlip
-        if s["exact"]:
+        if s.get("dag"):  # pairs: chains from node pair[0] into the linear node pair[1]
+            print(f"SeqLip bound      {s['bound']:.6g}   (guaranteed: SeqLip on {len(s['pairs'])} chains inside the "
+                  f"DAG, AutoLip's rules through its joins and pooling; {s['seconds']:.2f} s)")
+        elif s["exact"]:
             print(f"SeqLip bound      {s['bound']:.6g}   (guaranteed: exact search over activation patterns; "
                   f"{s['seconds']:.2f} s)")
         else:

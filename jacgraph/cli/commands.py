@@ -138,8 +138,8 @@ def emit_support(src, emit):
         if emit in ("recurjac", "autolip"):
             from .. import layers
 
-            # recurjac bounds DAGs (residual, concat, pooling); --emit autolip still takes chains only
-            layers.lower_graph(src) if emit == "recurjac" and not layers.is_chain(src) else layers.lower(src)
+            # both bound DAGs (residual, concat, pooling)
+            layers.lower_graph(src) if not layers.is_chain(src) else layers.lower(src)
             return True
         return True if emit != "jfb" else "needs --state (a T(z, x) model)"
     except ImportError:
