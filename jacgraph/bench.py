@@ -116,16 +116,21 @@ def profile(model: onnx.ModelProto, feeds: dict, threads: int, runs: int = 10, w
     return {op: {"ms": ms, "nodes": nodes[op]} for op, ms in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def format_profile(forward: dict, emitted: dict, emit: str = "jvp") -> str:
-    """The two per-op profiles side by side, the emitted graph's costliest op types first."""
-    ops = sorted(set(forward) | set(emitted), key=lambda op: -max(emitted.get(op, {}).get("ms", 0),
-                                                                  forward.get(op, {}).get("ms", 0)))
+def format_profile(forward: dict, emitted: dict, emit: str = "jvp", others: dict | None = None) -> str:
+    """Per-op profiles side by side (forward, the emitted graph, then `others`: {column name: profile}, e.g. the
+    same graph before a change), the costliest op types first; the last line is each graph's kernel time beyond
+    twice the forward's (the JVP's FLOP floor is about one extra forward)."""
+    columns = {"forward": forward, emit: emitted, **(others or {})}
+    ops = sorted(set().union(*columns.values()), key=lambda op: -max(p.get(op, {}).get("ms", 0)
+                                                                     for p in columns.values()))
     cell = lambda p, op: (f"{p[op]['ms']:9.3f} ms {p[op]['nodes']:4d}" if op in p else f"{'-':>17s}")  # noqa: E731
-    lines = [f"  {'op type (as onnxruntime runs it)':34s} {'forward ms, nodes':>17s}   {emit + ' ms, nodes':>17s}"]
-    lines += [f"  {op:34s} {cell(forward, op)}   {cell(emitted, op)}" for op in ops]
     total = lambda p: sum(v["ms"] for v in p.values())  # noqa: E731
-    lines.append(f"  {'kernel total':34s} {total(forward):9.3f} ms {'':4s}   {total(emitted):9.3f} ms")
-    return "\n".join(lines)
+    lines = [f"  {'op type (as onnxruntime runs it)':34s} " + "   ".join(f"{c + ' ms, nodes':>17s}" for c in columns)]
+    lines += [f"  {op:34s} " + "   ".join(cell(p, op) for p in columns.values()) for op in ops]
+    lines.append(f"  {'kernel total':34s} " + "   ".join(f"{total(p):9.3f} ms {'':4s}" for p in columns.values()))
+    beyond = [f"{'':17s}"] + [f"{total(p) - 2 * total(forward):9.3f} ms {'':4s}" for p in list(columns.values())[1:]]
+    lines.append(f"  {'beyond 2 x forward':34s} " + "   ".join(beyond))
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _check_counts(**counts):

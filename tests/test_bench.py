@@ -41,6 +41,16 @@ def test_profile_totals_per_op_type_of_the_runs_after_warmup():
     assert "Expand" in table and "ReduceSum" in table and "kernel total" in table
 
 
+def test_format_profile_adds_columns_and_the_time_beyond_twice_the_forward():
+    forward = {"Conv": {"ms": 1.0, "nodes": 2}}
+    after = {"Conv": {"ms": 2.25, "nodes": 4}, "Mul": {"ms": 0.5, "nodes": 2}}
+    before = {"Conv": {"ms": 2.0, "nodes": 4}, "Where": {"ms": 1.0, "nodes": 2}}
+    lines = format_profile(forward, after, others={"before": before}).splitlines()
+    assert "before ms, nodes" in lines[0]
+    assert [line.split()[0] for line in lines[1:4]] == ["Conv", "Where", "Mul"]  # costliest in any column first
+    assert lines[-1].split() == ["beyond", "2", "x", "forward", "0.750", "ms", "1.000", "ms"]
+
+
 def test_cli_bench_profile_prints_both_graphs_per_op(tmp_path, capsys):
     from jacgraph.cli import main
 
