@@ -5,7 +5,6 @@ torch Jacobians, and the VJP graph's gradient of the objective agrees with centr
 import numpy as np
 import onnx
 import pytest
-import torch
 from test_recurjac import N_POINTS, TOL, bounds, graph_kinks, jacobians, sample_ball
 
 from examples import bounds_models
