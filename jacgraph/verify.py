@@ -10,6 +10,8 @@ a NaN or infinite value anywhere is a failure, never a pass, and a check that co
 - jacobian: J v from the emitted J against central differences of the graph's own primal outputs.
 - recurjac: true Jacobians at points sampled in the ball (uniform, on the boundary, corners), computed
   exactly in float64 with the source's multi-tangent JVP, must lie inside [J_lower, J_upper].
+- autolip: op/adj graphs against the layer operator A rebuilt from the source (A u, A^T v at random vectors);
+  power graphs: sigma <= ||A u|| at the graph's own output u (power iteration's values only grow towards ||A||).
 Everything runs on a float64 copy of the graph (onnx.reference where onnxruntime has no float64 kernel).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .model import SourceModel, load
 from .reference import reference_session, run_reference
 from .testing import central_difference, random_feeds, relative_error, to_float64
 
-KINDS = ("jvp", "vjp", "hvp", "jacobian", "recurjac", "jfb")
+KINDS = ("jvp", "vjp", "hvp", "jacobian", "recurjac", "jfb", "autolip")
 
 
 @dataclass
@@ -86,6 +88,11 @@ def verify(path, seed=0, h=1e-7, tol=1e-4, source=None, x0=None, eps=None, sampl
             raise JacgraphError("a recurjac bound graph holds no copy of the network it bounds. Give the source "
                                 "model with --source MODEL.onnx (and optionally --x0 and --eps).")
         return kind, check_bounds(model, props, source, rng, x0, eps, samples)
+    if kind == "autolip":
+        if source is None:
+            raise JacgraphError("an autolip graph applies one layer's operator of the model; verify rebuilds that "
+                                "operator from it. Give the source model with --source MODEL.onnx.")
+        return kind, check_autolip(model, props, source, rng, tol)
     m64 = to_float64(model)
     sess = float64_session(m64)
     feeds = random_feeds(SourceModel(m64), rng)
@@ -312,6 +319,39 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
                         f"of {counts[0]} points in the l_{norm} ball(s) (uniform, boundary, corners) and {counts[1]} "
                         f"either side of a kink; largest excess {worst:.2e}, rounding slack {slack:.1e}"))
     return checks
+
+
+def check_autolip(model, props, source, rng, tol) -> list:
+    """op / adj: the graph against A / A^T (A rebuilt from the source) at 3 random vectors. power: its sigma is at
+    most ||A u|| for its output u, with 1e-9 relative for rounding: the iterates' values only grow (moments of
+    A^T A are log-convex), so sigma_k^2 = ||A^T A u_{k-1}|| <= ||A u_k||^2 <= ||A||^2; and sigma > 0 unless A = 0.
+    The graph runs as emitted in onnxruntime: float32 Conv graphs in float32 (onnxruntime has no float64
+    ConvTranspose and onnx.reference's fails on grouped ones), with 1e-5 instead of 1e-9 for float32 rounding."""
+    from .passes.lipschitz import emitted_operator
+    from .runtime import session
+
+    A = emitted_operator(source, props)
+    sess, names, dtype = session(model), [i.name for i in model.graph.input], _input_dtype(model)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    graph = props.get("jacgraph.autolip.graph")
+    M = A.T if graph == "adj" else A
+    if int(np.prod(shape)) != M.shape[1]:
+        raise JacgraphError(f"the graph takes {int(np.prod(shape))} values but the source's operator {M.shape[1]}: "
+                            "give the model it was compiled from as --source.")
+    if graph in ("op", "adj"):
+        U = rng.standard_normal((3, M.shape[1]))
+        got = np.stack([np.ravel(sess.run(None, {names[0]: u.reshape(shape).astype(dtype)})[0]) for u in U])
+        return [compared("A u" if graph == "op" else "A^T v", got, U @ M.T, tol,
+                         "relative error against the operator rebuilt from the source, 3 random vectors")]
+    sigma, u, _ = sess.run(None, {names[0]: rng.standard_normal(shape).astype(dtype),
+                                  names[1]: np.asarray(1000, np.int64), names[2]: np.asarray(1e-13, dtype)})
+    u = np.ravel(u).astype(np.float64)
+    rayleigh = float(np.linalg.norm(A @ u) / np.linalg.norm(u))
+    slack = 1e-9 if dtype == np.float64 else 1e-5
+    return [Check("sigma <= ||A u||", float(sigma) / rayleigh - 1 if rayleigh > 0 else float("inf"), slack,
+                  f"sigma {float(sigma):.10g}, ||A u|| {rayleigh:.10g} at the graph's own u (power iteration)"),
+            Check("sigma > 0", 0.0 if float(sigma) > 0 or not np.any(A) else float("inf"), 0.0,
+                  "a nonzero operator has a positive norm")]
 
 
 def _kink_points(jacobian, points, sampled, rng, pairs=200, steps=20):

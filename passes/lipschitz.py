@@ -33,6 +33,7 @@ the circular convolution on the padded grid; the smaller of the two). Printing i
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -141,11 +142,15 @@ def _label(index) -> str:
     return index if isinstance(index, str) else f"layer{index}"
 
 
-def _metadata(index, graph) -> dict:
-    return {"jacgraph.emit": "autolip", "jacgraph.autolip.graph": graph, "jacgraph.autolip.layer": _label(index)}
+def _metadata(index, graph, input_shape) -> dict:
+    """The graph's kind and what `jacgraph verify --source` needs to rebuild its operator (emitted_stage)."""
+    meta = {"jacgraph.emit": "autolip", "jacgraph.autolip.graph": graph, "jacgraph.autolip.layer": _label(index)}
+    if input_shape is not None:  # the model's per-sample input shape the stages were lowered for
+        meta["jacgraph.input_shape"] = json.dumps([int(d) for d in input_shape])
+    return meta
 
 
-def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.ModelProto:
+def operator_graph(src, stage, index, adjoint=False, dtype=np.float64, input_shape=None) -> onnx.ModelProto:
     b = _builder(src)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     shape_in, shape_out = (stage.out_shape, stage.in_shape) if adjoint else (stage.in_shape, stage.out_shape)
@@ -155,10 +160,10 @@ def operator_graph(src, stage, index, adjoint=False, dtype=np.float64) -> onnx.M
     b.add_output(y, elem, [1, *shape_out])
     what = "A^T v" if adjoint else "A u"
     kind = "adj" if adjoint else "op"
-    return b.build(f"{_label(index)}_{kind}", doc=f"{_label(index)}: {what} (no bias)", metadata=_metadata(index, kind))
+    return b.build(f"{_label(index)}_{kind}", doc=f"{_label(index)}: {what} (no bias)", metadata=_metadata(index, kind, input_shape))
 
 
-def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
+def power_graph(src, stage, index, dtype=np.float64, input_shape=None) -> onnx.ModelProto:
     """(u0, iterations, tol) -> (sigma, u, sigma_history): power iteration on A^T A in an ONNX Loop.
     sigma = sqrt(||A^T A u||) for the last unit u: a lower estimate of ||A||_2."""
     b = _builder(src)
@@ -196,7 +201,7 @@ def power_graph(src, stage, index, dtype=np.float64) -> onnx.ModelProto:
     b.add_output(u_last, elem, shape)
     b.add_output(sigma_hist, elem, [None])
     return b.build(f"{_label(index)}_power", doc=f"{_label(index)}: power iteration on A^T A (an estimate of ||A||_2 from "
-                   "below)", metadata=_metadata(index, "power"))
+                   "below)", metadata=_metadata(index, "power", input_shape))
 
 
 def _dtype_for(stages, dtype):
@@ -210,20 +215,41 @@ def build(model, input_shape=None, dtype=None) -> dict:
     """`--emit autolip`: {"layer<i>.op" | "layer<i>.adj" | "layer<i>.power": ModelProto} for every linear stage of
     a chain; for a DAG (layers.lower_graph) the same three graphs "node<k>.*" for every linear node k, whose
     operator maps its inputs, flattened and stacked in the order of node.inputs, to its output (graph_stages)."""
-    from jacgraph import layers
-
     src = model if isinstance(model, SourceModel) else SourceModel(model)
-    if layers.is_chain(src):
-        stages = dict(enumerate(lower(src, input_shape)))
-    else:
-        stages = {f"node{k}": stage for k, stage in graph_stages(layers.lower_graph(src, input_shape)).items()}
+    stages, shape = emitted_stages(src, input_shape)
     dt = _dtype_for(list(stages.values()), dtype)
     out = {}
     for index, stage in stages.items():
-        out[f"{_label(index)}.op"] = operator_graph(src, stage, index, False, dt)
-        out[f"{_label(index)}.adj"] = operator_graph(src, stage, index, True, dt)
-        out[f"{_label(index)}.power"] = power_graph(src, stage, index, dt)
+        out[f"{_label(index)}.op"] = operator_graph(src, stage, index, False, dt, shape)
+        out[f"{_label(index)}.adj"] = operator_graph(src, stage, index, True, dt, shape)
+        out[f"{_label(index)}.power"] = power_graph(src, stage, index, dt, shape)
     return out
+
+
+def emitted_stages(src, input_shape=None) -> tuple:
+    """({index: Stage}, the model's per-sample input shape) for the operators `--emit autolip` writes: stage i of a
+    chain (index i), or linear node k of a DAG (index "node<k>")."""
+    from jacgraph import layers
+
+    if layers.is_chain(src):
+        stages = lower(src, input_shape)
+        return dict(enumerate(stages)), stages[0].in_shape
+    graph = layers.lower_graph(src, input_shape)
+    return {f"node{k}": stage for k, stage in graph_stages(graph).items()}, graph.in_shape
+
+
+def emitted_operator(source, props) -> np.ndarray:
+    """The dense matrix an emitted autolip graph applies (its metadata names it), rebuilt from the source model."""
+    label, shape = props.get("jacgraph.autolip.layer", ""), props.get("jacgraph.input_shape")
+    index = int(label[5:]) if label.startswith("layer") and label[5:].isdigit() else label
+    stages, _ = emitted_stages(SourceModel(source), tuple(json.loads(shape)) if shape else None)
+    if index not in stages:
+        raise JacgraphError(f"the graph applies the operator of {label!r}, which the source model's lowering does not "
+                            f"have ({', '.join(map(_label, stages))}). Give the model it was compiled from as --source.")
+    if size(stages[index]) > DENSE_LIMIT:
+        raise JacgraphError(f"{label}'s operator has {size(stages[index])} matrix entries, more than the {DENSE_LIMIT} "
+                            "verify rebuilds densely; check a smaller --input-shape.")
+    return matrix(stages[index])
 
 
 def graph_stages(graph) -> dict:

@@ -637,3 +637,29 @@ def test_lipsdp_input_reduction_to_the_row_space_gives_the_same_bound():
     h2 = (np.maximum(X @ ws[0].T, 0) @ ws[1].T) > 0
     norms = [np.linalg.norm(ws[2] @ (m2[:, None] * ws[1]) @ (m1[:, None] * ws[0]), 2) for m1, m2 in zip(h1, h2)]
     assert max(norms) <= reduced["bound"]
+
+
+@pytest.mark.parametrize("name", ["dag", "conv_chain"])
+def test_verify_checks_autolip_graphs_and_fails_a_broken_one(name, tmp_path, capsys):
+    """`verify --source`: op/adj graphs against the operator rebuilt from the source, power graphs by
+    sigma <= ||A u||; each graph with its weights scaled by 1.01 FAILS (exit 1); without --source: exit 2."""
+    from examples import bounds_models
+
+    if name == "dag":
+        model, shape = bounds_models.export_bytes(bounds_models.build("inception_cnn"), (1, 8, 8)), []
+    else:  # float32 Conv graphs, verified on their float64 copy
+        model, shape = conv_net(np.random.default_rng(1), spatial=False).SerializeToString(), ["--input-shape", "1,2,8,8"]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    assert main(["compile", str(path), "--emit", "autolip", "-o", str(tmp_path / "lip.onnx"), *shape]) == 0
+    graphs = sorted(p for p in os.listdir(tmp_path) if p.startswith("lip."))
+    for g in graphs[:6]:
+        assert main(["verify", str(tmp_path / g), "--source", str(path)]) == 0, g
+        broken = onnx.load(tmp_path / g)
+        for init in broken.graph.initializer:
+            if init.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE) and np.prod(init.dims) > 1:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+        onnx.save(broken, tmp_path / "broken.onnx")
+        assert main(["verify", str(tmp_path / "broken.onnx"), "--source", str(path)]) == 1, g
+    assert main(["verify", str(tmp_path / graphs[0])]) == 2
+    assert "--source" in capsys.readouterr().err

@@ -275,16 +275,16 @@ def add_verify(sub):
                        description="Check a graph emitted by jacgraph: jvp against float64 central differences, vjp "
                                    "by the dot-product identity, jacobian against J v by central differences, "
                                    "hvp against central differences of its gradient, recurjac bounds by sampling "
-                                   "true Jacobians in the ball and jfb fixed_point/jfb_grad graphs against T (both "
-                                   "need --source). "
+                                   "true Jacobians in the ball, jfb fixed_point/jfb_grad graphs against T and "
+                                   "autolip graphs against the layer operator (all three need --source). "
                                    "NaN or inf anywhere fails. Exit 0: OK, 1: FAILED, 2: bad input.")
     v.add_argument("model", help="the emitted graph to check")
     v.add_argument("--seed", type=integer(0), default=0, help="seed of the random point and directions (default 0)")
     v.add_argument("--h", type=real(above=0), default=1e-7, help="central-difference step, float64 (default 1e-7)")
     v.add_argument("--tol", type=real(above=0), default=1e-4,
                    help="largest relative error that passes (default 1e-4)")
-    v.add_argument("--source", help="recurjac: the source model the bounds are for; jfb fixed_point/jfb_grad: the "
-                                    "T(z, x) model")
+    v.add_argument("--source", help="recurjac, autolip: the source model the graph was compiled from; jfb "
+                                    "fixed_point/jfb_grad: the T(z, x) model")
     v.add_argument("--x0", help="recurjac: .npy point(s) at the ball's centre (default: a random point)")
     v.add_argument("--eps", type=real(low=0), help="recurjac: the ball's radius (default 0.1)")
     v.add_argument("--samples", type=integer(1), default=2000, help="recurjac: points sampled (default 2000)")
