@@ -3,7 +3,8 @@
     python examples/bench_bounds.py [--eps 0.02] [--samples 2000] [--models residual_mlp,...] [--lipschitz]
 
 Per model (examples/bounds_models.py, random weights; "lenet" is examples/architectures.py's quickstart
-LeNet): the time to build the bound graph and its onnxruntime session and to run it for one point,
+LeNet): the time to build the bound graph and its onnxruntime session and to run it for one point
+(wall, and CPU seconds of the whole process, which a loaded machine does not inflate as much),
 peak RSS, the mean width of [J_lower, J_upper] for RecurJac and for the interval chain, and the mean
 width of the sampled Jacobians' range (max - min over 2000 points of the l_inf ball: corners and
 uniform), a lower bound on the true range that any sound bound must contain.
@@ -34,18 +35,21 @@ def model_and_net(name):
     return bounds_models.export_bytes(net, shape), net, shape
 
 
-def run(model, x0, eps, method):
+def run(model, x0, eps, method, memory_limit=recurjac.MEMORY_LIMIT):
     t0 = time.perf_counter()
-    graph = recurjac.build(model, method=method)
+    graph = recurjac.build(model, method=method, memory_limit=memory_limit)
     sess = session(graph, provider="CPUExecutionProvider")
     t1 = time.perf_counter()
+    cpu = time.process_time()  # every thread of the process: onnxruntime's intra-op threads included
     lo, hi = sess.run(None, {"x0": x0, "eps": np.array([eps])})
     t2 = time.perf_counter()
     meta = {p.key: p.value for p in graph.metadata_props}
-    return lo, hi, t1 - t0, t2 - t1, meta.get("jacgraph.interval_only_nodes", "[]")
+    return lo, hi, t1 - t0, (t2 - t1, time.process_time() - cpu), meta.get("jacgraph.interval_only_nodes", "[]")
 
 
-def sampled_range(net, x0, eps, n, rng):
+def sampled_range(net, x0, eps, n, rng, bounds=None):
+    """Mean width of the sampled Jacobians' range; with bounds=(lo, hi) also how far the furthest sampled
+    Jacobian entry lies outside them (<= 0: all inside; the soundness check at a scale too big for a test)."""
     d = x0.size
     P = np.concatenate([np.sign(rng.standard_normal((n // 2, d))), rng.uniform(-1, 1, (n - n // 2, d))])
     X = torch.tensor(x0.reshape(1, -1) + eps * P)
@@ -55,7 +59,9 @@ def sampled_range(net, x0, eps, n, rng):
         J = torch.func.vmap(torch.func.jacrev(f))(chunk).detach().numpy()
         lo = J.min(0) if lo is None else np.minimum(lo, J.min(0))
         hi = J.max(0) if hi is None else np.maximum(hi, J.max(0))
-    return float(np.mean(hi - lo))
+    if bounds is None:
+        return float(np.mean(hi - lo))
+    return float(np.mean(hi - lo)), float(max((bounds[0][0] - lo).max(), (hi - bounds[1][0]).max()))
 
 
 def lipschitz_table(names, samples):
@@ -81,28 +87,33 @@ def main():
     p.add_argument("--interval-too", action=argparse.BooleanOptionalAction, default=True,
                    help="also build the interval chain (--no-interval-too: RecurJac only)")
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,lenet,cifar_cnn")
+    p.add_argument("--memory-limit", type=float, default=recurjac.MEMORY_LIMIT / 2**30,
+                   help="GiB one back-substitution step may hold (recurjac.build memory_limit; larger ones run in chunks)")
+    p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,lenet,cifar_cnn,"
+                                         "resnet_cifar")
     p.add_argument("--lipschitz", action="store_true", help="the AutoLip table instead of the Jacobian-bound table")
     args = p.parse_args()
     if args.lipschitz:
         return lipschitz_table(args.models.split(","), args.samples)
-    print("| model | input | RecurJac: build+session s | run s | mean width | interval-only nodes | "
-          "interval chain: mean width | sampled range (lower bound) | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | input | RecurJac: build+session s | run s: wall / CPU | mean width | interval-only nodes | "
+          "interval chain: mean width | sampled range (lower bound) | sampled outside by (<= 0: inside) | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model, net, shape = model_and_net(name)
         x0 = np.random.default_rng(0).standard_normal((1, *shape))
         try:
-            lo, hi, t_build, t_run, skipped = run(model, x0, args.eps, "recurjac")
-            li, hi_i, _, _, _ = run(model, x0, args.eps, "interval") if args.interval_too else (lo * np.nan,) * 2 + (0,) * 3
+            limit = int(args.memory_limit * 2**30)
+            lo, hi, t_build, t_run, skipped = run(model, x0, args.eps, "recurjac", limit)
+            li, hi_i, _, _, _ = run(model, x0, args.eps, "interval", limit) if args.interval_too else \
+                (lo * np.nan,) * 2 + (0,) * 3
         except JacgraphError as e:
-            print(f"| {name} | {'x'.join(map(str, shape))} | refused: {e} | | | | | | "
+            print(f"| {name} | {'x'.join(map(str, shape))} | refused: {e} | | | | | | | "
                   f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} |")
             continue
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before torch samples Jacobians
-        sampled = sampled_range(net, x0, args.eps, args.samples, np.random.default_rng(1))
-        print(f"| {name} | {'x'.join(map(str, shape))} | {t_build:.1f} | {t_run:.2f} | {np.mean(hi - lo):.4g} | "
-              f"{skipped} | {np.mean(hi_i - li):.4g} | {sampled:.4g} | {rss:.2f} |", flush=True)
+        sampled, outside = sampled_range(net, x0, args.eps, args.samples, np.random.default_rng(1), (lo, hi))
+        print(f"| {name} | {'x'.join(map(str, shape))} | {t_build:.1f} | {t_run[0]:.1f} / {t_run[1]:.1f} | {np.mean(hi - lo):.4g} | "
+              f"{skipped} | {np.mean(hi_i - li):.4g} | {sampled:.4g} | {outside:.2g} | {rss:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
