@@ -94,6 +94,8 @@ MAXPOOL_GEOMETRIES = {
     "same-upper": {"kernel_shape": [3, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
     "ceil-keeps-last": {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1},
     "ceil-drops-last": {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1},
+    "strided-dilated": {"kernel_shape": [3, 2], "strides": [2, 2], "dilations": [2, 3], "pads": [2, 1, 0, 1]},
+    "stride-3": {"kernel_shape": [3, 3], "strides": [3, 3], "pads": [1, 1, 1, 1], "ceil_mode": 1},
 }
 
 
@@ -108,10 +110,12 @@ def test_maxpool_ties_take_the_index_onnxruntime_reports(attrs):
     np.testing.assert_array_equal(got, v.reshape(-1)[indices])
 
 
+@pytest.mark.parametrize("shape", [[2, 3, 8, 7], [2, 64, 31, 30]], ids=["small", "phase-split"])
 @pytest.mark.parametrize("attrs", MAXPOOL_GEOMETRIES.values(), ids=MAXPOOL_GEOMETRIES.keys())
-def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs):
-    """The slice-and-compare rule (no MaxPool Indices output) gives the same ties with K stacked tangents."""
-    shape, K = [2, 3, 8, 7], 3
+def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs, shape):
+    """The slice-and-compare rules (no MaxPool Indices output) give the same ties with K stacked tangents; the larger
+    shape takes the stride-phase split (SpaceToDepth) wherever the strides are equal and above 1."""
+    K = 3
     model = one_node("MaxPool", shape, attrs)
     emitted = jvp.build(model, tangents=K)
     rng = np.random.default_rng(1)
@@ -123,6 +127,9 @@ def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs)
     inferred = onnx.shape_inference.infer_shapes(model).graph.output[0].type.tensor_type.shape
     shapes_agree = [d.dim_value for d in inferred.dim] == list(indices.shape)  # else the Indices kernel is used
     assert all(len(n.output) == 1 for n in emitted.graph.node if n.op_type == "MaxPool") == shapes_agree
+    strides = attrs.get("strides", [1, 1])
+    phase_split = shapes_agree and shape[1] > 3 and strides[0] == strides[1] > 1
+    assert any(n.op_type == "SpaceToDepth" for n in emitted.graph.node) == phase_split
     np.testing.assert_array_equal(got, np.stack([vk.reshape(-1)[indices] for vk in v]))
 
 

@@ -616,7 +616,8 @@ def max_pool(b, node, t):
     order, exactly (Slice and Max copy values, Equal compares them exactly); Σ k_i slices instead of
     a Π k_i-fold unfold. Padding is explicit (-inf, and 0 in the tangent), so a padded cell never
     wins, and ceil_mode's windows are counted as onnxruntime counts them. Strided windows: see
-    _max_pool_unfolded. Measured per architecture in docs/benchmarks/speed.md.
+    _max_pool_phases (large 2-D inputs, equal strides) and _max_pool_unfolded (the rest). Measured per
+    architecture in docs/benchmarks/speed.md and docs/benchmarks/jvp-profile.md.
     """
     attrs = b.src.attrs(node)
     geometry = window_geometry(b.src, node)
@@ -632,6 +633,9 @@ def max_pool(b, node, t):
     spans = [dil * (k - 1) + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
     ends = [max(0, (m - 1) * st + span - n - lo)  # end padding the last window reads (ceil_mode: may exceed pads)
             for m, st, span, n, lo in zip(counts, geometry.strides, spans, geometry.in_spatial, geometry.begin)]
+    per_tap = np.prod([d for d in b.src.shape(x)[1:]]) / np.prod(geometry.kernel)  # (a symbolic batch counts 1)
+    if len(counts) == 2 and geometry.strides[0] == geometry.strides[1] > 1 and per_tap >= PHASES_FROM:
+        return [_max_pool_phases(b, x, t, y, geometry, counts), None][:len(node.output)]
     if any(st > 1 for st in geometry.strides):
         return [_max_pool_unfolded(b, x, t, y, geometry, ends), None][:len(node.output)]
     values, tangent = x, t
@@ -669,6 +673,52 @@ def _max_pool_unfolded(b, x, t, y, geometry, ends):
     if b.K is not None:
         argmax = b.Tile(argmax, b.ints([b.K, 1] + [1] * len(kernel)))
     picked = b.GatherElements(unfold_windows(t), argmax, axis=1)
+    return b.Reshape(picked, full_shape(b, y))
+
+
+# Input elements per window tap from which the phase split beats the one-hot unfold: it emits about 2·taps + 10
+# nodes against the unfold's ~10, so it wins only where data, not node count, is the cost. Single pools, thread CPU
+# time (docs/benchmarks/jvp-profile.md): 3x3/2 on 64x31x31 (6.8K per tap) 0.93x the unfold's time, 128x15x15 (3.2K)
+# 1.32x; 2x2/2 on 32x32x32 (8K) 0.77x, 128x8x8 (2K) 1.17x; 240x32x32 3x3/2 (27K) 0.62x.
+PHASES_FROM = 5000
+
+
+def _max_pool_phases(b, x, t, y, geometry, counts):
+    """2-D windows with stride s on both axes, split into stride phases by SpaceToDepth (7x faster than the
+    equivalent Reshape + Transpose in onnxruntime): cell s·i + e of an axis goes to phase e % s at position
+    i + e // s. A window tap (di, dj) (times the dilation) of the window anchored at (i, j) is then its phase
+    plane at (i, j) + offset: on the planes flattened row by row, one contiguous Slice per tap, where anchors
+    past the last window column read the next row (dropped at the end). The first tap in row-major order equal
+    to the pool's own output wins: Equal compares copied values exactly, and padded cells (-inf) never win."""
+    (rows, cols), stride = counts, geometry.strides[0]
+    reach = [(k - 1) * dil // stride for k, dil in zip(geometry.kernel, geometry.dilations)]
+    # positions per phase plane: every valid window's taps (one row more: the last window row's
+    # slice runs to the end of its plane row) and the whole input fit; the rest is -inf / 0
+    sizes = [max(m + r + extra, -(-(n + lo) // stride)) for m, r, extra, n, lo in
+             zip(counts, reach, (1, 0), geometry.in_spatial, geometry.begin)]
+    ends = [q * stride - n - lo for q, n, lo in zip(sizes, geometry.in_spatial, geometry.begin)]
+    length = rows * sizes[1]  # anchors (i < rows, any column) on the flattened plane
+
+    def planes(v, fill, k):  # [k?, N, C, H, W] -> [k?, N·C, s², plane]
+        pads = [0] * (2 + k)
+        v = b.Pad(v, b.ints(pads + geometry.begin + pads + ends), fill)
+        v = b.SpaceToDepth(b.Reshape(v, b.ints([-1, 1] + [q * stride for q in sizes])), blocksize=stride)
+        return b.Reshape(v, b.ints([b.K] * k + [-1, stride * stride, sizes[0] * sizes[1]]))
+
+    def cell(v, tap):
+        (di, dj), (dil_i, dil_j) = tap, geometry.dilations
+        phase = (di * dil_i % stride) * stride + dj * dil_j % stride
+        start = (di * dil_i // stride) * sizes[1] + dj * dil_j // stride
+        return b.Slice(v, b.ints([phase, start]), b.ints([phase + 1, start + length]), b.ints([-2, -1]))
+
+    values, tangents = planes(x, s(b, -np.inf, x), 0), planes(t, s(b, 0.0, x), lead(b))
+    best = b.Reshape(b.Pad(y, b.ints([0] * 7 + [sizes[1] - cols]), s(b, -np.inf, x)), b.ints([-1, 1, length]))
+    taps = list(np.ndindex(*geometry.kernel))  # row-major window order
+    picked = cell(tangents, taps[-1])
+    for tap in reversed(taps[:-1]):
+        picked = b.Where(b.Equal(cell(values, tap), best), cell(tangents, tap), picked)
+    picked = b.Reshape(picked, b.ints([b.K] * lead(b) + [-1, rows, sizes[1]]))
+    picked = b.Slice(picked, b.ints([0]), b.ints([cols]), b.ints([-1]))
     return b.Reshape(picked, full_shape(b, y))
 
 
