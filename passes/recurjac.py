@@ -636,7 +636,7 @@ class _DagBounds:
                 bias = b.c(node.bias)
                 C = _add_pair(b, C, (b.MatMul(up, bias), b.MatMul(lo, bias)))
                 for j in node.inputs:
-                    _add_to(store, j, b, self.op(k, j).adj(up), self.op(k, j).adj(lo))
+                    _add_to(store, j, b, *_both(self.op(k, j).adj, up, lo))
             elif node.kind in ("act", "max"):
                 C = self._through(k, up, lo, store, C)
             else:
@@ -707,7 +707,7 @@ class _DagBounds:
             for c in self.cons[j]:
                 kind = self.nodes[c].kind
                 if kind == "linear":
-                    _add_to(store, c, b, self.op(c, j).fwd(up), self.op(c, j).fwd(lo))
+                    _add_to(store, c, b, *_both(self.op(c, j).fwd, up, lo))
                 elif kind == "act":
                     r = self.grel[c]
                     _add_to(store, c, b, b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
@@ -723,6 +723,13 @@ class _DagBounds:
 def _add_to(store, k, b, up, lo):
     """store[k] += (up, lo): a node's coefficient is the sum over its consumers."""
     store[k] = (up, lo) if k not in store else (b.Add(store[k][0], up), b.Add(store[k][1], lo))
+
+
+def _both(f, up, lo):
+    """(f(up), f(lo)), f applied once where both are the same tensor (the identity a back-substitution
+    starts from, until the first relaxation splits it)."""
+    fu = f(up)
+    return fu, fu if lo == up else f(lo)
 
 
 def _add_pair(b, C, dc):
