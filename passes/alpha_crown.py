@@ -122,14 +122,16 @@ class SlopeOptimiser:
 
     def run(self, x0, eps, iterations=20, lr=0.1, betas=(0.9, 0.999)):
         """(J_lower, J_upper, history): the elementwise best bounds over `iterations` projected Adam steps
-        from CROWN's slopes (iterations=0: CROWN's bounds); history is slope_objective [iterations + 1, batch]."""
+        from CROWN's slopes (iterations=0: CROWN's bounds); history is slope_objective [iterations + 1, batch]
+        (zeros [1, batch] when the model has no ReLU/LeakyReLU to optimise)."""
         feeds = {"x0": np.asarray(x0, self.dtype), "eps": np.asarray(eps, self.dtype).reshape(-1)}
+        if not self.spec:  # no ReLU/LeakyReLU: nothing to optimise (and no objective output)
+            lo, hi = self.bounds.run(["J_lower", "J_upper"], feeds)
+            return lo, hi, np.zeros((1, len(feeds["eps"])))
         first = self.bounds.run(["J_lower", "J_upper", OBJECTIVE] + [s["output"] for s in self.spec.values()], feeds)
         best_lo, best_hi, obj = first[:3]
         alpha = dict(zip(self.spec, first[3:]))
         history = [obj]
-        if not self.spec:
-            return best_lo, best_hi, np.array(history)
         m = {a: np.zeros_like(v) for a, v in alpha.items()}
         v = {a: np.zeros_like(t) for a, t in alpha.items()}
         for t in range(1, iterations + 1):
