@@ -89,7 +89,7 @@ def main():
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--memory-limit", type=float, default=recurjac.MEMORY_LIMIT / 2**30,
                    help="GiB one back-substitution step may hold (recurjac.build memory_limit; larger ones run in chunks)")
-    p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,lenet,cifar_cnn,"
+    p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,unet_cnn,lenet,cifar_cnn,"
                                          "resnet_cifar")
     p.add_argument("--lipschitz", action="store_true", help="the AutoLip table instead of the Jacobian-bound table")
     args = p.parse_args()
