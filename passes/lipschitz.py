@@ -23,6 +23,10 @@ written as OUT.layer<i>.<op|adj|power>.onnx):
   layer<i>.power  (u0, iterations, tol) -> (sigma, u, sigma_history): an ONNX Loop of power
                   iteration on A^T A, stopping when ||A^T A u|| changes by less than tol relative
                   (tol < 0: run every iteration).
+A model that is not a chain (residual joins, concat, pooling: layers.lower_graph) gets AutoLip and SeqLip over
+its DAG (graph_lipschitz) and the same three graphs per linear node k, OUT.node<k>.<op|adj|power>.onnx, for the
+node's inputs stacked -> its output (graph_stages). Every graph carries jacgraph.emit = autolip metadata, which
+`jacgraph verify --source` checks against the operator rebuilt from the source (emitted_operator).
 The input shape is fixed at compile time: a Conv's operator norm depends on it. Graphs are float64
 when every stage is dense, float32 when a stage is a Conv (onnxruntime has no float64 Conv kernel;
 pass dtype="float64" to get float64 graphs for onnx.reference).
