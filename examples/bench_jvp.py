@@ -116,6 +116,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
         row["onnx_ad_difference"] = relative_error(theirs[..., 0], ours)
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
                      runs, clock=clock)
+    sessions.clear()  # their memory (VGG-19: GBs) is not needed for what follows, the memory probes included
     if module is not None:
         # PyTorch in its own loop: an onnxruntime call right after a PyTorch call was measured up to 4x slower
         # (0.025 -> 0.10 ms on the mlp forward), which would distort the onnxruntime ratios

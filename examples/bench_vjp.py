@@ -79,6 +79,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True):
                     np.concatenate([g[..., 0].ravel() for g in theirs]), np.concatenate([g.ravel() for g in ours]))
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
                      runs, clock=clock)
+    sessions.clear()  # their memory (VGG-19: GBs) is not needed for what follows, the memory probes included
     if module is not None:
         xt, ut = torch.from_numpy(x), torch.from_numpy(u)
 
