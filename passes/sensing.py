@@ -303,20 +303,21 @@ def _fit_robust(design, Y, tick=None):
 
 
 def _fit_l1(A, y):
-    """min ‖A z - y‖₁ (HiGHS linear program), then least squares on the calls that are not outliers.
-
-    HiGHS solves the dual, max -bᵀν subject to Aᵀν = 0 and |ν| <= 1: s equality rows instead of the
-    primal's N rows and 2N slacks, several times faster; z is the multiplier of Aᵀν = 0."""
+    """min ‖A z - y‖₁ (HiGHS linear program, sparse), then least squares on the calls that are not outliers."""
     from scipy.optimize import linprog
 
+    N, s = A.shape
     centre = np.median(y)  # keeps the LP's absolute tolerances small next to the signal
-    res = linprog(y - centre, A_eq=A.T, b_eq=np.zeros(A.shape[1]), bounds=(-1, 1), method="highs")
+    # A z - y = p - q with p, q >= 0: min Σ p + q, equality rows [A, I, -I]
+    A_eq = sp.hstack([sp.csr_matrix(A), sp.identity(N, format="csr"), -sp.identity(N, format="csr")], format="csr")
+    c = np.concatenate([np.zeros(s), np.ones(2 * N)])
+    res = linprog(c, A_eq=A_eq, b_eq=y - centre, bounds=[(None, None)] * s + [(0, None)] * (2 * N), method="highs")
     if res.status != 0:
         raise JacgraphError(f"the L1 regression did not solve ({res.message}). Increase --budget.")
-    z = np.array(res.eqlin.marginals, float)
+    z = res.x[:s]
     z[-1] += centre  # the last column is the intercept f_i(x0)
     keep = _inliers(A, y[:, None], z[:, None])[:, 0]
-    if keep.sum() > A.shape[1]:
+    if keep.sum() > s:
         z = np.linalg.lstsq(A[keep], y[keep], rcond=None)[0]
     return z, keep
 
