@@ -37,6 +37,10 @@ from jacgraph.rules.bounds import SLOPED, slope_range
 from jacgraph.runtime import session
 
 OBJECTIVE = "slope_objective"
+# The memory guard's estimate for a bound with optimised slopes, as a multiple of the plain bound's: the
+# gradient graph keeps the back-substitution's values for its reverse sweep. Measured peak RSS above the
+# plain bound's: 1.1x (densenet_cnn), 1.4x (inception_cnn), 1.6x (resnet_cnn), >= 1.5x (LeNet, stopped).
+MEMORY_FACTOR = 3
 
 
 # ---- the graph side (called by recurjac._build_graph) -------------------------------------------

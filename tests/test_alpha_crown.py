@@ -135,3 +135,23 @@ def test_a_chain_through_the_graph_lowering(act, params, norm):
     J = jacobians(stage_function(stages)[0], sample_ball(x0, eps, norm, stages, np.random.default_rng(0)))
     below, above = (lo[0] - J).max(), (J - hi[0]).max()
     assert below <= TOL and above <= TOL, f"a sampled Jacobian is outside by {max(below, above):.3g}"
+
+
+def test_cli_memory_guard_counts_the_gradient_graph(tmp_path, capsys):
+    """--max-memory between the plain bound's estimate and MEMORY_FACTOR times it: the plain bound runs, the
+    optimised one is refused (exit 2, nothing written) with a message naming --optimize-slopes."""
+    from jacgraph.cli import memory
+    from jacgraph.model import SourceModel
+    from jacgraph.passes.alpha_crown import MEMORY_FACTOR
+
+    net = bounds_models.build("residual_mlp")
+    (tmp_path / "m.onnx").write_bytes(bounds_models.export_bytes(net, (16,)))
+    np.save(tmp_path / "x0.npy", np.zeros(16))
+    need = memory.bound_working_set(SourceModel(str(tmp_path / "m.onnx")), None, 1)
+    args = ["bound", str(tmp_path / "m.onnx"), "--x0", str(tmp_path / "x0.npy"), "--eps", "0.1",
+            "--max-memory", str(int(need * (1 + MEMORY_FACTOR) / 2))]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--optimize-slopes", "5", "-o", str(tmp_path / "r.npz")]) == 2
+    assert "--optimize-slopes" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz").exists()

@@ -26,8 +26,12 @@ def cmd_bound(args) -> int:
         src = SourceModel(args.model)
     memory.fixed_shapes(src, shape)
     points = len(x0) if x0.ndim > 1 else 1
-    memory.check(memory.bound_working_set(src, shape, points), f"bound for {points} point(s)",
-                 "Give fewer points in --x0 or a smaller --input-shape", args.max_memory)
+    need = memory.bound_working_set(src, shape, points)
+    if args.optimize_slopes:  # the gradient graph keeps the back-substitution's values for its reverse sweep
+        from ..passes.alpha_crown import MEMORY_FACTOR
+        need *= MEMORY_FACTOR
+    memory.check(need, f"bound for {points} point(s)" + (" with optimised slopes" if args.optimize_slopes else ""),
+                 "Give fewer points in --x0, a smaller --input-shape or no --optimize-slopes", args.max_memory)
     # progress: the stage notes jacgraph.cli prints (point i of N included), not a second tqdm bar beside them
     r = bound(src, x0, args.eps, norm=args.norm, method=args.method, optimize_slopes=args.optimize_slopes,
               input_shape=shape, threads=args.threads or None,
