@@ -12,7 +12,7 @@ tridiagonal over z = (x_0, x_1, ..., x_l), x_k the output of hidden layer k (n_0
 (the sum over units of t_j times the slope condition (dw - a dv)(dw - b dv) <= 0, an S-procedure).
 Minimising rho over (rho, t) is an SDP with N rows but only 1 + (hidden units) variables, each entering
 through a matrix of rank <= 2. It is solved by a log-det barrier method over those variables (`barrier`,
-numpy only: a Newton step costs O(N^2 r), r = n_0 + 2 x hidden units); cvxpy with Clarabel, then SCS, are the
+numpy only: a Newton step costs O(N r^2), r = n_0 + 2 x hidden units); cvxpy with Clarabel, then SCS, are the
 fallbacks when it fails or its t fails the check below (they need `pip install cvxpy clarabel`).
 
 Scaling: multiplying W_{k-1} by 2^f and dividing the slope box of layer k by 2^f leaves M unchanged,
@@ -56,6 +56,7 @@ AUTO_PAIR_LIMIT = 96  # the same under --method all, which should not start a mu
 DELTA = {"BARRIER": 1e-7, "CLARABEL": 1e-7, "SCS": 1e-5}
 # our barrier method first (seconds); cvxpy's Clarabel, then SCS, when it fails or its T fails the check
 SOLVERS = ["BARRIER", "CLARABEL", "SCS"]
+TAU_STEP = 10  # the barrier method's central-path parameter grows by this factor per round
 T_CAP = 1e6  # the barrier method's upper limit on each multiplier t_j (normalised units; the 784-50-10 net's largest is 2.4)
 EPS = np.finfo(np.float64).eps
 
@@ -180,7 +181,7 @@ def solve(mats, boxes, solver, delta=None):
 #   t_j [w_j e_j] [[-2 a b, a + b], [a + b, -2]] [w_j e_j]^T,
 # rho as -rho I on the input block. With S(v) = -M(v) - delta I = S0 + U diag_i(v_i C_i) U^T, the barrier
 # -log det S(v) has gradient -tr(C_i K_ii) and Hessian tr(C_i K_ij C_j K_ji) in K = U^T S^-1 U
-# ([r, r], r = N_0 + 2 x hidden units): a Newton step costs O(N^2 r + r^2 N), where an interior-point
+# ([r, r], r = N_0 + 2 x hidden units): a Newton step costs O(N r^2), where an interior-point
 # solver over the N x N cone factorises an N(N+1)/2-square matrix per step (Clarabel: 70 s on the 100-row
 # reduced 784-50-10 net). Its accuracy does not matter for the guarantee: certify() checks the t it returns.
 
@@ -207,19 +208,20 @@ def _low_rank(mats, boxes, delta):
     return S0, np.hstack(cols), block_diag(*blocks), np.asarray(group)
 
 
-def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max_steps=500):
+def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max_steps=1000):
     """Minimise cost @ v subject to S(v) > 0 and 0 < v[nonneg] < T_CAP along the barrier path
     tau cost @ v - log det S(v) - sum log v[nonneg] (T_CAP - v[nonneg]), tau x 10 per round, from a strictly
     feasible v. The cap keeps the path finite where S grows without bound in t (a linear unit, slope box a = b).
     Stops when done(v) or the barrier's duality gap (N + nonneg)/tau is below rtol |cost @ v|;
-    returns (v, steps), None if a step breaks down."""
+    returns (v, steps, converged: not stopped by max_steps), None if a step breaks down."""
     m = len(v)
+    UC = U @ C  # C is block diagonal over the groups: (U * x[group]) @ C = UC * x[group]
     onehot = np.zeros((len(group), m))
     onehot[np.arange(len(group)), group] = 1.0
     nu = U.shape[0] + 2 * int(nonneg.sum())
 
     def S_of(x):
-        return S0 + (U * x[group]) @ C @ U.T
+        return S0 + (UC * x[group]) @ U.T
 
     def phi(x):
         if np.any(x[nonneg] <= 0) or np.any(x[nonneg] >= T_CAP):
@@ -234,8 +236,8 @@ def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max
     while steps < max_steps:
         for _ in range(50):  # Newton steps at this tau
             steps += 1
-            Z = np.linalg.solve(np.linalg.cholesky(S_of(v)), U)
-            KC = (Z.T @ Z) @ C
+            L = np.linalg.cholesky(S_of(v))
+            KC = np.linalg.solve(L, U).T @ np.linalg.solve(L, UC)  # U^T S^-1 U C
             inv = np.where(nonneg, 1 / np.where(nonneg, v, 1.0), 0.0)
             room = np.where(nonneg, 1 / np.where(nonneg, T_CAP - v, 1.0), 0.0)
             grad = tau * cost - np.bincount(group, np.diag(KC), minlength=m) - inv + room
@@ -254,13 +256,13 @@ def _newton_path(S0, U, C, group, cost, v, nonneg, done, tau=1.0, rtol=1e-9, max
                 break
             v = v + step * dv
             if done(v):
-                return v, steps
+                return v, steps, True
             if decrement < 1e-10:
                 break
         if nu / tau < rtol * max(abs(cost @ v), 1e-300):
-            return v, steps
-        tau *= 10
-    return v, steps
+            return v, steps, True
+        tau *= TAU_STEP
+    return v, steps, False
 
 
 def barrier(mats, boxes, delta):
@@ -288,8 +290,9 @@ def _barrier(mats, boxes, delta):
     found = _newton_path(S0, U, C, group, np.eye(m)[0], v, nonneg1[:m], lambda x: False)
     if found is None:
         return None
-    v, steps2 = found
-    return float(v[0]), np.asarray(v[1:], np.float64), f"optimal ({steps1} + {steps2} Newton steps)"
+    v, steps2, converged = found
+    status = "optimal" if converged else "step limit reached"
+    return float(v[0]), np.asarray(v[1:], np.float64), f"{status} ({steps1} + {steps2} Newton steps)"
 
 
 def margin(M, M_abs) -> float:
