@@ -72,6 +72,8 @@ def emit_slope_outputs(b, dag, slopes) -> str:
     widths = [b.reduce("ReduceSum", b.Sub(dag.box[k][1], dag.box[k][0]), [1], keepdims=0)
               for k, node in enumerate(dag.nodes[:-1])
               if node.kind == "linear" and any(dag.nodes[c].kind != "linear" for c in dag.cons[k])]
+    if not widths:  # every ReLU reads the input itself: its box is the ball's, no slope moves anything
+        widths = [b.reduce("ReduceSum", b.Mul(dag.box[0][0], b.c(0.0)), [1], keepdims=0)]
     b.nodes.append(helper.make_node("Identity", [b.Sum(*widths) if len(widths) > 1 else widths[0]], [OBJECTIVE]))
     b.add_output(OBJECTIVE, elem, ["batch"])
     return json.dumps(spec)

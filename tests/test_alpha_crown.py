@@ -5,7 +5,7 @@ torch Jacobians, and the VJP graph's gradient of the objective agrees with centr
 import numpy as np
 import onnx
 import pytest
-from test_layers import random_mlp
+from test_layers import chain_model, random_mlp
 from test_recurjac import N_POINTS, TOL, bounds, graph_kinks, jacobians, sample_ball, stage_function
 
 from examples import bounds_models
@@ -135,6 +135,17 @@ def test_a_chain_through_the_graph_lowering(act, params, norm):
     J = jacobians(stage_function(stages)[0], sample_ball(x0, eps, norm, stages, np.random.default_rng(0)))
     below, above = (lo[0] - J).max(), (J - hi[0]).max()
     assert below <= TOL and above <= TOL, f"a sampled Jacobian is outside by {max(below, above):.3g}"
+
+
+def test_a_relu_on_the_input_has_nothing_to_optimise():
+    """ReLU(x) then a linear layer: no linear node feeds the ReLU, so the objective is zero and the bounds are CROWN's."""
+    rng = np.random.default_rng(8)
+    model = chain_model([("relu",), ("gemm", rng.standard_normal((3, 4)), rng.standard_normal(3))], (4,))
+    x0 = rng.standard_normal(4)
+    plain = bounds(recurjac.build(model, lowering="graph"), x0[None], [0.5])
+    r = recurjac.bound(model, x0, 0.5, optimize_slopes=3, progress=False)
+    np.testing.assert_array_equal(r["J_lower"], plain[0])
+    np.testing.assert_array_equal(r["J_upper"], plain[1])
 
 
 def test_cli_memory_guard_counts_the_gradient_graph(tmp_path, capsys):
