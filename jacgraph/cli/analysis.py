@@ -155,9 +155,10 @@ def add_lipschitz(sub):
     p = sub.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip, LipSDP)",
                        description="Global l2 Lipschitz bounds and estimates of MODEL, each labelled bound "
                                    "(guaranteed) or estimate. Prints them; writes nothing.")
-    p.add_argument("model", help="the source ONNX model (a feed-forward network)")
+    p.add_argument("model", help="the source ONNX model (a feed-forward chain, or a DAG with residual joins, "
+                                 "concat and pooling: AutoLip and SeqLip)")
     p.add_argument("--method", choices=["autolip", "seqlip", "lipsdp", "all"], default="all",
-                   help="all: LipSDP only when the model fits its size limit (else skipped with a note)")
+                   help="all: LipSDP only when the model is a chain within its size limit (else skipped with a note)")
     p.add_argument("--input-shape", help="fixed input shape, e.g. 1,3,32,32 (needed for Conv models without one)")
     p.add_argument("--iterations", type=integer(1), default=1000, help="power-iteration cap per layer (default 1000)")
     p.add_argument("--exact-limit", type=integer(0, EXACT_CAP), default=EXACT_LIMIT,
