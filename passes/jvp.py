@@ -19,11 +19,15 @@ DEFAULT_STRATEGY = "auto"
 
 
 def weight_bound(src: SourceModel, node) -> bool:
-    """The `auto` strategy's choice: batch a linear op's tangent with its primal (one call over concat(x, ẋ))
-    when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds) and at
-    least 16x its outputs per sample, so that reading the weights once for both pays for the Concat,
-    Split and bias Add (and the Conv+activation fusion the split primal loses). Measured in
-    docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4 1x1 convs and lost."""
+    """The `auto` strategy's choice: batch a dense layer's (Gemm, MatMul) tangent with its primal (one call over
+    concat(x, ẋ)) when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds)
+    and at least 16x its outputs per sample, so that reading the weights once for both pays for the Concat,
+    Split and bias Add. Measured in docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4
+    1x1 convs and lost. Convolutions stay two-pass: since the ReLU/Clip gates run in onnxruntime's NCHWc
+    layout, a batched Conv (its batch-axis Concat and Split leave NCHWc) measured 1-4% slower on resnet18 and
+    vgg_style (docs/benchmarks/jvp-profile.md)."""
+    if node.op_type not in ("Gemm", "MatMul"):
+        return False
     w, y = src.shape(node.input[1]), src.shape(node.output[0])
     if not (w and y and all(isinstance(d, int) for d in list(w) + list(y[1:]))):
         return False
