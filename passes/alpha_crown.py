@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from jacgraph.layers import lower_graph
+from jacgraph.model import SourceModel
 from jacgraph.passes import recurjac, vjp
 from jacgraph.rules.bounds import SLOPED, slope_range
 from jacgraph.runtime import session
@@ -45,30 +47,34 @@ MEMORY_FACTOR = 3
 
 # ---- the graph side (called by recurjac._build_graph) -------------------------------------------
 
+def slope_spec(graph) -> dict:
+    """{alpha_<k>: {"node": k, "output": "slope_<k>", "range": [s_0, s_1]}} for every ReLU/LeakyReLU node k
+    of a lowered graph (jacgraph.layers.lower_graph): the slope inputs a bound graph of it has."""
+    return {f"alpha_{k}": {"node": k, "output": f"slope_{k}", "range": list(slope_range(node.activation, node.act_attrs))}
+            for k, node in enumerate(graph.nodes) if node.kind == "act" and node.activation in SLOPED}
+
+
 def declare_slope_inputs(b, graph) -> dict:
-    """An input alpha_<k> [batch, n_k] for every ReLU/LeakyReLU node k, defaulting to NaN (CROWN's choice)."""
+    """An input alpha_<k> [batch, n_k] for every ReLU/LeakyReLU node k, defaulting to NaN (CROWN's choice);
+    returns {k: its input}."""
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     slopes = {}
-    for k, node in enumerate(graph.nodes):
-        if node.kind == "act" and node.activation in SLOPED:
-            name = f"alpha_{k}"
-            b.add_input(name, elem, ["batch", node.n])
-            b.initializers.append(numpy_helper.from_array(np.full((1, node.n), np.nan, b.dtype), name))
-            slopes[k] = name
+    for name, s in slope_spec(graph).items():
+        n = graph.nodes[s["node"]].n
+        b.add_input(name, elem, ["batch", n])
+        b.initializers.append(numpy_helper.from_array(np.full((1, n), np.nan, b.dtype), name))
+        slopes[s["node"]] = name
     return slopes
 
 
 def emit_slope_outputs(b, dag, slopes) -> str:
     """Outputs slope_<k> [batch, n_k] (the lower slopes used) and slope_objective [batch]; returns the
-    metadata that describes them: {alpha input: {"node", "output", "range": [s_0, s_1]}}."""
+    metadata that documents them (slope_spec as JSON)."""
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
-    spec = {}
+    spec = slope_spec(dag.g)
     for k, name in slopes.items():
-        node = dag.nodes[k]
-        out = f"slope_{k}"
-        b.nodes.append(helper.make_node("Identity", [b.Squeeze(dag.rel[k].aL, b.ints([1]))], [out]))
-        b.add_output(out, elem, ["batch", node.n])
-        spec[name] = {"node": k, "output": out, "range": list(slope_range(node.activation, node.act_attrs))}
+        b.nodes.append(helper.make_node("Identity", [b.Squeeze(dag.rel[k].aL, b.ints([1]))], [spec[name]["output"]]))
+        b.add_output(spec[name]["output"], elem, ["batch", dag.nodes[k].n])
     widths = [b.reduce("ReduceSum", b.Sub(dag.box[k][1], dag.box[k][0]), [1], keepdims=0)
               for k, node in enumerate(dag.nodes[:-1])
               if node.kind == "linear" and any(dag.nodes[c].kind != "linear" for c in dag.cons[k])]
@@ -105,11 +111,12 @@ class SlopeOptimiser:
 
     def __init__(self, model, norm="inf", method="recurjac", input_shape=None, dtype=np.float64,
                  memory_limit=recurjac.MEMORY_LIMIT, threads=None):
-        self.model = recurjac.build(model, norm=norm, method=method, input_shape=input_shape, dtype=dtype,
+        src = model if isinstance(model, SourceModel) else SourceModel(model)
+        self.model = recurjac.build(src, norm=norm, method=method, input_shape=input_shape, dtype=dtype,
                                     lowering="graph", slope_inputs=True, memory_limit=memory_limit,
                                     preactivation_bounds=True)  # z<k>_lower/upper: which units are unstable
-        meta = {p.key: p.value for p in self.model.metadata_props}
-        self.spec = json.loads(meta.get("jacgraph.slope_inputs", "{}"))
+        self.spec = slope_spec(lower_graph(src, input_shape))  # the graph's metadata only documents it
+        assert set(self.spec) <= {i.name for i in self.model.graph.input}, "slope inputs differ from the lowering"
         self.dtype = np.dtype(dtype)
         self.bounds = session(self.model, threads=threads)
         if self.spec:
