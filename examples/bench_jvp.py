@@ -91,10 +91,11 @@ def add_peak_memory(row, graphs, probes, threads):
             row[f"{prefix}_peak_error"] = failure(e)
 
 
-def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=None, memory=True):
+def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=None, memory=True, warm=False):
     """Median ms of the forward, each strategy's JVP and (with_onnx_ad) onnx-ad 0.3's forward-mode graph,
     timed interleaved, and of torch.func.jvp when a PyTorch `module` is given; ratios to the forward, peak
-    RSS. A failing comparison (onnx-ad, torch, a memory probe) is recorded as `*_error`, never raised."""
+    RSS. A failing comparison (onnx-ad, torch, a memory probe) is recorded as `*_error`, never raised.
+    warm: each call timed with its own data in cache (see jacgraph.bench.time_calls)."""
     strategies = strategies or STRATEGIES
     default = DEFAULT if DEFAULT in strategies else strategies[0]
     x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
@@ -115,7 +116,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
         ours = output(sessions[default], graphs[default][1], emitted[default].tangent_outputs[y_name])
         row["onnx_ad_difference"] = relative_error(theirs[..., 0], ours)
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
-                     runs, clock=clock)
+                     runs, clock=clock, warm=warm)
     sessions.clear()  # their memory (VGG-19: GBs) is not needed for what follows, the memory probes included
     if module is not None:
         # PyTorch in its own loop: an onnxruntime call right after a PyTorch call was measured up to 4x slower
@@ -124,7 +125,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
         try:
             with torch.no_grad():
                 med.update(time_calls({"torch_jvp": lambda: torch.func.jvp(module, (xt,), (vt,)),
-                                       "torch_forward": lambda: module(xt)}, runs, clock=clock))
+                                       "torch_forward": lambda: module(xt)}, runs, clock=clock, warm=warm))
             row["torch_over_jvp"] = med["torch_jvp"] / med[default]
         except Exception as e:  # pylint: disable=broad-exception-caught  # torch.func cannot trace some modules
             row["torch_error"] = failure(e)

@@ -1,7 +1,8 @@
 """One benchmark over three model suites: jacgraph's JVP (or VJP) against the forward, onnx-ad 0.3 and PyTorch.
 
     python examples/bench_suite.py [--mode jvp|vjp] [--suite archs,zoo,transformers] [--models resnet18,vgg19]
-                                   [--threads 1] [--runs 10] [--budget 60] [--cpu-time] [--no-memory] [--json out.json]
+                                   [--threads 1] [--runs 10] [--budget 60] [--cpu-time] [--warm] [--no-memory]
+                                   [--json out.json]
     python examples/bench_suite.py --tables out.json      (the tables of a saved run again)
 
 Suites:
@@ -23,7 +24,11 @@ loop of its own; with --mode vjp: forward, jacgraph's input-gradient and all-par
 for the same two, torch.func.vjp and PyTorch forward+backward (examples/bench_vjp.measure). Medians of --runs, at
 most: a model whose runs would take more than --budget seconds of the timing clock gets fewer (at least 3), and
 the table gives the count. --cpu-time times with the calling thread's CPU time (valid with --threads 1: every
-kernel runs in that thread), which leaves out the time other processes hold the core on a shared machine. Peak
+kernel runs in that thread), which leaves out the time other processes hold the core on a shared machine.
+--warm runs each call once more, untimed, just before its timed run: interleaved single calls time each graph
+right after its neighbour, and a neighbour that streams through tens of MB (onnx-ad's reverse graphs) evicts the
+next one's weights, which made the mlp forward 4x slower in --mode vjp; with --warm every graph is timed with its
+own data in cache, the same condition for all. Peak
 RSS of each graph is measured in a fresh process. A model or comparison that fails is a row or cell saying why;
 the run goes on. Goals (issue 14): JVP <= 2.2x forward and onnx-ad / jacgraph >= 1.25 on every model.
 """
@@ -145,7 +150,7 @@ def runs_for(source, x, mode, args, clock):
     sess.run(None, feeds)
     t0 = clock()
     sess.run(None, feeds)
-    round_s = (clock() - t0) * ROUND_COST[mode]
+    round_s = (clock() - t0) * ROUND_COST[mode] * (2 if args.warm else 1)
     return min(args.runs, max(3, int(args.budget / max(round_s, 1e-9))))
 
 
@@ -157,7 +162,7 @@ def bench_model(suite, name, mode, args, clock, folder):
         row["runs"] = runs_for(source, x, mode, args, clock)
         measure = bench_jvp.measure if mode == "jvp" else bench_vjp.measure
         row.update(measure(source, x, module, args.threads, row["runs"], clock, True, memory=not args.no_memory,
-                           **({"strategies": [bench_jvp.DEFAULT]} if mode == "jvp" else {})))
+                           warm=args.warm, **({"strategies": [bench_jvp.DEFAULT]} if mode == "jvp" else {})))
     except Exception as e:  # pylint: disable=broad-exception-caught  # one model's failure is a row, not the end
         row["error"] = bench_jvp.failure(e)
     row["seconds"] = time.perf_counter() - t0
@@ -276,7 +281,8 @@ def report(rows, settings):
     mode = settings["mode"]
     before, after = settings["load_average"]
     print(f"\n{mode.upper()}, onnxruntime {settings['onnxruntime']} CPU, threads={settings['threads']}, batch 1, "
-          f"median of the runs given, interleaved, {settings['clock']}; 1-minute load average {before:.1f} -> "
+          f"median of the runs given, interleaved{' (warm)' if settings.get('warm') else ''}, {settings['clock']}; "
+          f"1-minute load average {before:.1f} -> "
           f"{after:.1f}; {settings['date']}")
     for suite in dict.fromkeys(r["suite"] for r in rows):
         print(f"\n### {suite}\n")
@@ -296,6 +302,8 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=60.0,
                    help="seconds of timing per model: fewer rounds (at least 3) where --runs would take longer")
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
+    p.add_argument("--warm", action="store_true",
+                   help="run each call once untimed just before its timed run (each timed with its data in cache)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS probes (a fresh process per graph)")
     p.add_argument("--json", help="write the rows and the run's settings to this JSON file")
     p.add_argument("--tables", metavar="JSON", help="print the tables of a run saved with --json; run nothing")
@@ -318,6 +326,7 @@ def main(argv=None):
                                                  if key in r)
             print(f"[{suite}] {name}: {status} ({r.get('runs', 0)} runs, {r['seconds']:.0f} s)", flush=True)
     settings = {"mode": args.mode, "threads": args.threads, "max_runs": args.runs, "budget_s": args.budget,
+                "warm": args.warm,
                 "clock": "thread CPU time" if args.cpu_time else "wall clock",
                 "load_average": [load_before, os.getloadavg()[0]],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

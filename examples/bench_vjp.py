@@ -49,7 +49,7 @@ def with_params_as_inputs(source, params):
     return model, {p: onnx.numpy_helper.to_array(moved[p]) for p in params}
 
 
-def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True):
+def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, warm=False):
     """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
     reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
     given; peak RSS. A failing comparison is recorded as `*_error`, never raised (see bench_jvp.measure)."""
@@ -78,7 +78,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True):
                 row[f"onnx_ad_{key}_difference"] = relative_error(
                     np.concatenate([g[..., 0].ravel() for g in theirs]), np.concatenate([g.ravel() for g in ours]))
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
-                     runs, clock=clock)
+                     runs, clock=clock, warm=warm)
     sessions.clear()  # their memory (VGG-19: GBs) is not needed for what follows, the memory probes included
     if module is not None:
         xt, ut = torch.from_numpy(x), torch.from_numpy(u)
@@ -94,7 +94,8 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True):
 
         try:
             # PyTorch in its own loop: an onnxruntime call right after a PyTorch call runs measurably slower
-            med.update(time_calls({"torch_x": torch_x, "torch_fwd_bwd": torch_params}, runs, clock=clock))
+            med.update(time_calls({"torch_x": torch_x, "torch_fwd_bwd": torch_params}, runs, clock=clock,
+                                   warm=warm))
         except Exception as e:  # pylint: disable=broad-exception-caught  # recorded, as in bench_jvp
             row["torch_error"] = failure(e)
     row.update({f"{k}_ms": val for k, val in med.items()})

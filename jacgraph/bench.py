@@ -52,18 +52,24 @@ def feeds_for(model: onnx.ModelProto, seed=0) -> dict:
     return {k: v.astype(src.np_dtype(k)) if src.is_float(k) else v for k, v in random_feeds(src, rng).items()}
 
 
-def time_calls(calls: dict, runs: int, warmup: int = 3, clock=time.perf_counter) -> dict:
+def time_calls(calls: dict, runs: int, warmup: int = 3, clock=time.perf_counter, warm: bool = False) -> dict:
     """Median milliseconds of each zero-argument call, runs interleaved so machine noise hits all alike.
 
     clock=time.thread_time counts only this thread's CPU time: on a shared machine that leaves out the
     time other processes hold the core, valid when every call runs in the calling thread (onnxruntime
-    and PyTorch with one intra-op thread)."""
+    and PyTorch with one intra-op thread).
+
+    warm=True runs each call once more, untimed, just before its timed run, so each is timed with its own
+    data in cache: interleaved, a call is otherwise timed right after its neighbour, and a neighbour that
+    streams through tens of MB evicts it (an mlp forward: 0.023 ms after a no-op, 0.23 ms after 64 MB)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times = {k: [] for k in calls}
     for _ in range(runs):
         for k, call in calls.items():
+            if warm:
+                call()
             t0 = clock()
             call()
             times[k].append(clock() - t0)
