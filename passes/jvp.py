@@ -18,15 +18,16 @@ STRATEGIES = ("twopass", "batched", "auto")
 DEFAULT_STRATEGY = "auto"
 
 
-def weight_bound(src: SourceModel, node) -> bool:
-    """The `auto` strategy's choice: batch a dense layer's (Gemm, MatMul) tangent with its primal (one call over
-    concat(x, ẋ)) when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds)
-    and at least 16x its outputs per sample, so that reading the weights once for both pays for the Concat,
-    Split and bias Add. Measured in docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4
-    1x1 convs and lost. Convolutions stay two-pass: since the ReLU/Clip gates run in onnxruntime's NCHWc
-    layout, a batched Conv (its batch-axis Concat and Split leave NCHWc) measured 1-4% slower on resnet18 and
-    vgg_style (docs/benchmarks/jvp-profile.md)."""
-    if node.op_type not in ("Gemm", "MatMul"):
+def weight_bound(src: SourceModel, node, stacked: bool = False) -> bool:
+    """The `auto` strategy's choice: batch a linear op's tangent with its primal (one call over concat(x, ẋ))
+    when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds) and at least
+    16x its outputs per sample, so that reading the weights once for both pays for the Concat, Split and bias
+    Add. Measured in docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4 1x1 convs and
+    lost. With one tangent (not `stacked`) convolutions stay two-pass: the ReLU/Clip gates then run in
+    onnxruntime's NCHWc layout, which a batched Conv's batch-axis Concat and Split leave, and it measured
+    1-4% slower on resnet18 and vgg_style; with K stacked tangents (Where gates) batching still pays
+    (resnet18 K=4: docs/benchmarks/jvp-profile.md)."""
+    if not stacked and node.op_type not in ("Gemm", "MatMul"):
         return False
     w, y = src.shape(node.input[1]), src.shape(node.output[0])
     if not (w and y and all(isinstance(d, int) for d in list(w) + list(y[1:]))):
@@ -54,7 +55,7 @@ def differentiate(b, env):
             b.copy(node)
             continue
         outs = NotImplemented
-        if node.op_type in BATCHED and (strategy == "batched" or strategy == "auto" and weight_bound(b.src, node)):
+        if node.op_type in BATCHED and (strategy == "batched" or strategy == "auto" and weight_bound(b.src, node, b.K is not None)):
             outs = b.apply(BATCHED[node.op_type], node, *tangents_in)
         if outs is NotImplemented:
             b.copy(node)
