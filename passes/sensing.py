@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from jacgraph import runtime
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel, load
+from jacgraph.progress import stage
 
 PATTERNS = ("structural", "dense")
 CLIP = 1e3  # robust scales: the robust fit's certificate and ADMM see calls clipped there (see _normalised)
@@ -298,7 +299,8 @@ def _fit_robust(design, Y, tick=None):
     tick = tick or (lambda k: None)
     tick(int(ok.sum()))
     if not ok.all():
-        Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design, tick=tick)
+        with stage(f"ADMM over the {int((~ok).sum())} rows not certified (of {len(ok)})"):
+            Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design, tick=tick)
     return Z, keep, int((~ok).sum())
 
 
@@ -384,8 +386,10 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, ti
         open_rows = np.setdiff1d(open_rows, closed)
         if not len(open_rows):
             break
-    for j in np.flatnonzero(~solved):
-        Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])
+    left = np.flatnonzero(~solved)
+    for k, j in enumerate(left):
+        with stage(f"HiGHS linear program, row {k + 1} of {len(left)} that ADMM did not certify"):
+            Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])
         tick(1)
     return Z, keeps
 
@@ -404,9 +408,11 @@ def sense(model, x0, budget=None, robust=False, pattern="structural", step=None,
     x0 = _load_x0(x0)
     x = _choose_input(src, x0, inputs)
     dtype = src.np_dtype(x)
-    f = black_box(proto, x, dtype)
+    with stage("creating the onnxruntime session"):
+        f = black_box(proto, x, dtype)
     x0 = x0.astype(dtype)
-    P, colours, K = _structure(proto, x0, pattern, x)
+    with stage(f"the {pattern} pattern and its colouring"):
+        P, colours, K = _structure(proto, x0, pattern, x)
     min_calls = K + 1
     budget = _checked_budget(budget, K, robust)
     rng = np.random.default_rng(seed)
@@ -464,7 +470,8 @@ def _probe(f, x0, G, colours, step, corrupt, progress, min_calls):
     for p in tqdm(range(len(G)), desc="jacgraph sense: forward calls", unit="call", file=sys.stderr, leave=False,
                   disable=None if progress is None else not progress):
         d = G[p][colours]
-        y = f(x0 + (step * d).reshape(x0.shape).astype(x0.dtype))
+        with stage(f"forward call {p + 1} of {len(G)}"):
+            y = f(x0 + (step * d).reshape(x0.shape).astype(x0.dtype))
         if corrupt is not None:
             y = np.asarray(corrupt(p, y), np.float64)
         Y.append(y)
@@ -491,16 +498,19 @@ def _recover(P, colours, G, Y, step, robust, pattern, budget, K, min_calls, prog
 
     bar = tqdm(total=m, desc="jacgraph sense: robust fits", unit="row", file=sys.stderr, leave=False,
                disable=True if not robust else (None if progress is None else not progress))
+    done = 0
     for rows in groups.values():
         cols = colours[P.indices[P.indptr[rows[0]]:P.indptr[rows[0] + 1]]]
-        design = _Design(np.hstack([G[:, cols], np.ones((budget, 1))]))
-        A = design.A
-        if robust:
-            Z, keeps, failed = _fit_robust(design, Y[:, rows], tick=bar.update)
-            fallback += failed
-        else:
-            Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
-            keeps = np.ones((budget, len(rows)), bool)
+        with stage(f"{'robust' if robust else 'least-squares'} fits: {done} of {m} rows done"):
+            design = _Design(np.hstack([G[:, cols], np.ones((budget, 1))]))
+            A = design.A
+            if robust:
+                Z, keeps, failed = _fit_robust(design, Y[:, rows], tick=bar.update)
+                fallback += failed
+            else:
+                Z = np.linalg.lstsq(A, Y[:, rows], rcond=None)[0]
+                keeps = np.ones((budget, len(rows)), bool)
+        done += len(rows)
         for i, z, keep in zip(rows, Z.T, keeps.T):
             values[P.indptr[i]:P.indptr[i + 1]] = z[:-1] / step
             flagged += ~keep

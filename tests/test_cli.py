@@ -662,9 +662,9 @@ def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path, argv):
     proc = subprocess.Popen([sys.executable, "-m", "jacgraph.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
-    for line in proc.stderr:  # "jacgraph CMD: working (2 s)" comes once the command has run for 2 s
+    for line in proc.stderr:  # "jacgraph CMD: <stage or working> (2 s)" comes once the command has run for 2 s
         lines.append(line)
-        if "working (" in line:
+        if line.startswith(f"jacgraph {argv[0]}: ") and line.rstrip().endswith(" s)"):
             break
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)

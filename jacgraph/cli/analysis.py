@@ -190,8 +190,9 @@ def cmd_sense(args) -> int:
     need = 8.0 * budget * (m + n) + (9.0 * m * n if dense else 0.0) + shapes.activations
     memory.check(need, f"sense with the {args.pattern} pattern", "Give a smaller --budget" +
                  (" or use --pattern structural" if dense else ""), args.max_memory)
+    # progress: the stage notes jacgraph.cli prints (forward call i of N, rows done), not a tqdm bar beside them
     res = sense(src.proto, x0, budget=args.budget, robust=args.robust, pattern=args.pattern, step=args.step,
-                seed=args.seed, inputs=args.inputs, progress=False if args.quiet else None)
+                seed=args.seed, inputs=args.inputs, progress=False)
     require_finite("the sensed Jacobian", res.J if isinstance(res.J, np.ndarray) else res.J.data)
     if args.output:
         save_npz_sparse(args.output, res.J, [args.model, args.x0])
