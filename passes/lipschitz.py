@@ -147,7 +147,7 @@ def _label(index) -> str:
 
 
 def _metadata(index, graph, input_shape) -> dict:
-    """The graph's kind and what `jacgraph verify --source` needs to rebuild its operator (emitted_stage)."""
+    """The graph's kind and what `jacgraph verify --source` needs to rebuild its operator (emitted_operator)."""
     meta = {"jacgraph.emit": "autolip", "jacgraph.autolip.graph": graph, "jacgraph.autolip.layer": _label(index)}
     if input_shape is not None:  # the model's per-sample input shape the stages were lowered for
         meta["jacgraph.input_shape"] = json.dumps([int(d) for d in input_shape])
@@ -164,7 +164,8 @@ def operator_graph(src, stage, index, adjoint=False, dtype=np.float64, input_sha
     b.add_output(y, elem, [1, *shape_out])
     what = "A^T v" if adjoint else "A u"
     kind = "adj" if adjoint else "op"
-    return b.build(f"{_label(index)}_{kind}", doc=f"{_label(index)}: {what} (no bias)", metadata=_metadata(index, kind, input_shape))
+    return b.build(f"{_label(index)}_{kind}", doc=f"{_label(index)}: {what} (no bias)",
+                   metadata=_metadata(index, kind, input_shape))
 
 
 def power_graph(src, stage, index, dtype=np.float64, input_shape=None) -> onnx.ModelProto:
