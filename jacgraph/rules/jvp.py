@@ -633,7 +633,7 @@ def max_pool(b, node, t):
     spans = [dil * (k - 1) + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
     ends = [max(0, (m - 1) * st + span - n - lo)  # end padding the last window reads (ceil_mode: may exceed pads)
             for m, st, span, n, lo in zip(counts, geometry.strides, spans, geometry.in_spatial, geometry.begin)]
-    per_tap = np.prod([d for d in b.src.shape(x)[1:]]) / np.prod(geometry.kernel)  # (a symbolic batch counts 1)
+    per_tap = np.prod([d for d in b.src.shape(x)[1:] if isinstance(d, int)]) / np.prod(geometry.kernel)  # per sample
     if len(counts) == 2 and geometry.strides[0] == geometry.strides[1] > 1 and per_tap >= PHASES_FROM:
         return [_max_pool_phases(b, x, t, y, geometry, counts), None][:len(node.output)]
     if any(st > 1 for st in geometry.strides):
