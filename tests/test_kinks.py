@@ -133,6 +133,16 @@ def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs,
     np.testing.assert_array_equal(got, np.stack([vk.reshape(-1)[indices] for vk in v]))
 
 
+def test_maxpool_with_a_symbolic_channel_count_still_compiles_and_picks_the_index_onnxruntime_reports():
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2]}
+    model = one_node("MaxPool", [1, "c", 40, 40], attrs)
+    x = np.random.default_rng(2).integers(-1, 2, [1, 8, 40, 40]).astype(np.float32)
+    v = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    indices_model = one_node("MaxPool", list(x.shape), attrs, out_types=(TensorProto.FLOAT, TensorProto.INT64))
+    indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
+    np.testing.assert_array_equal(tangent(model, [x], [v]), v.reshape(-1)[indices])
+
+
 def test_hard_swish_uses_the_middle_piece_at_plus_minus_three():
     x = np.float32([-3, 3])
     got = tangent(one_node("HardSwish", [2]), [x], [np.float32([1, 1])])
