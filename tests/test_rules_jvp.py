@@ -569,3 +569,30 @@ def test_float32_layer_norm_reuses_the_primal_mean_and_inv_std_dev():
                                                  **{f"{k}_dot": v.astype(np.float32) for k, v in dirs.items()}})
     fd = central_difference(ref(to_float64(model)), feeds, dirs, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
+
+
+def test_float32_layer_norm_jvp_of_jvp_differentiates_the_reused_statistics():
+    """The float32 JVP graph reads the primal LayerNormalization's Mean and InvStdDev; differentiating that graph
+    again must differentiate them too, not treat them as constants (jacgraph.lowering expands a LayerNormalization
+    whose Mean/InvStdDev are read into its function body). Oracle: the float64 model's JVP of JVP (statistics
+    recomputed, checked by the closure cases), run in onnx's reference evaluator; float32 round-off through two
+    derivative levels stays far below 1e-4."""
+    from jacgraph import runtime
+    from jacgraph.testing import reference_session as ref
+
+    case = Case("LayerNormalization", {"x": (2, 3, 8), "scale": (8,), "bias": (8,)}, ["x", "scale", "bias"],
+                attrs={"axis": -1, "epsilon": 1e-3})
+    model64 = case.model()
+    model32 = onnx.ModelProto()
+    model32.CopyFrom(model64)
+    for value in list(model32.graph.input) + list(model32.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    twice32, twice64 = jvp.build(jvp.build(model32)), jvp.build(jvp.build(model64))
+    rng = np.random.default_rng(4)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]) for i in twice64.graph.input}
+    got = runtime.run(runtime.session(twice32), {k: v.astype(np.float32) for k, v in feeds.items()})
+    want = run_reference(ref(twice64), feeds)
+    got_outputs, want_outputs = [o.name for o in twice32.graph.output], [o.name for o in twice64.graph.output]
+    assert len(got_outputs) == len(want_outputs) == 4  # y, ẏ and their tangents
+    for got_name, want_name in zip(got_outputs, want_outputs):  # the same outputs in order (fresh names differ)
+        assert relative_error(got[got_name], want[want_name]) < 1e-4, got_name
