@@ -318,6 +318,14 @@ def main(argv=None):
     clock = time.thread_time if args.cpu_time else time.perf_counter
     load_before = os.getloadavg()[0]
     rows = []
+
+    def settings():
+        return {"mode": args.mode, "threads": args.threads, "max_runs": args.runs, "budget_s": args.budget,
+                "warm": args.warm, "clock": "thread CPU time" if args.cpu_time else "wall clock",
+                "load_average": [load_before, os.getloadavg()[0]],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
     with tempfile.TemporaryDirectory() as folder:
         for suite, name in pairs:
             rows.append(bench_model(suite, name, args.mode, args, clock, folder))
@@ -325,17 +333,10 @@ def main(argv=None):
             status = r.get("error") or ", ".join(f"{label} {r[key]:.2f}" for key, label in MEDIANS[args.mode]
                                                  if key in r)
             print(f"[{suite}] {name}: {status} ({r.get('runs', 0)} runs, {r['seconds']:.0f} s)", flush=True)
-    settings = {"mode": args.mode, "threads": args.threads, "max_runs": args.runs, "budget_s": args.budget,
-                "warm": args.warm,
-                "clock": "thread CPU time" if args.cpu_time else "wall clock",
-                "load_average": [load_before, os.getloadavg()[0]],
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
-    report(rows, settings)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"settings": settings, "rows": rows}, f, indent=2, allow_nan=False)
-
+            if args.json:  # after every model: a long run stopped early keeps the rows it has
+                with open(args.json, "w") as f:
+                    json.dump({"settings": settings(), "rows": rows}, f, indent=2, allow_nan=False)
+    report(rows, settings())
 
 if __name__ == "__main__":
     main()
