@@ -179,7 +179,8 @@ def _ratio(row, key, goal=None, at_most=True):
     if goal is None:
         return f"{row[key]:.2f}"
     met = row[key] <= goal if at_most else row[key] >= goal
-    return f"{row[key]:.2f} {'ok' if met else '**miss**'}"
+    digits = 3 if round(row[key], 2) == goal else 2  # 1.247 is a miss: do not print it as 1.25
+    return f"{row[key]:.{digits}f} {'ok' if met else '**miss**'}"
 
 
 def _memory(row, keys):
