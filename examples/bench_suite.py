@@ -179,8 +179,12 @@ def _ratio(row, key, goal=None, at_most=True):
     if goal is None:
         return f"{row[key]:.2f}"
     met = row[key] <= goal if at_most else row[key] >= goal
-    digits = 3 if round(row[key], 2) == goal else 2  # 1.247 is a miss: do not print it as 1.25
-    return f"{row[key]:.{digits}f} {'ok' if met else '**miss**'}"
+    return f"{_near(row[key], goal)} {'ok' if met else '**miss**'}"
+
+
+def _near(value, goal):
+    """value to 2 digits, or 3 where 2 would print the goal itself (1.247 misses 1.25: not '1.25')."""
+    return f"{value:.3f}" if round(value, 2) == goal else f"{value:.2f}"
 
 
 def _memory(row, keys):
@@ -243,9 +247,9 @@ def goal_misses(rows):
     for r in rows:
         ratio = r.get(f"{bench_jvp.DEFAULT}_ratio")
         if ratio is not None and ratio > JVP_GOAL:
-            misses.append(f"{r['name']}: JVP / forward {ratio:.2f} > {JVP_GOAL}")
+            misses.append(f"{r['name']}: JVP / forward {_near(ratio, JVP_GOAL)} > {JVP_GOAL}")
         if r.get("onnx_ad_over_jvp") is not None and r["onnx_ad_over_jvp"] < ONNX_AD_GOAL:
-            misses.append(f"{r['name']}: onnx-ad / jacgraph {r['onnx_ad_over_jvp']:.2f} < {ONNX_AD_GOAL}")
+            misses.append(f"{r['name']}: onnx-ad / jacgraph {_near(r['onnx_ad_over_jvp'], ONNX_AD_GOAL)} < {ONNX_AD_GOAL}")
     return misses
 
 
