@@ -39,6 +39,7 @@ PATTERNS = ("structural", "dense")
 CLIP = 1e3  # robust scales: the robust fit's certificate and ADMM see calls clipped there (see _normalised)
 OUTLIER_CUT = 5.0  # residuals beyond 5 robust standard deviations (1.4826·MAD) are flagged as corrupted
 GAP = 1e-3  # relative duality gap at which a robust fit counts as an L1 minimiser of the clipped calls
+IRLS_STEPS = 40  # reweighted least-squares steps before the exact L1 fit's simplex pivots (see _l1_vertex)
 PROJECTIONS = 200  # at most, to bring the certificate's dual point into the box |ν| <= 1 (see _certified)
 
 
@@ -289,7 +290,8 @@ def _fit_robust(design, Y, tick=None):
     2. Each row's outlier flags under the least-squares fit on those calls, and its least-squares refit on
        the calls it keeps, repeated until the refit keeps the calls it was fitted on (_refit).
     3. Each refit certified as an L1 fit of the clipped calls to within a relative duality gap GAP
-       (_certified). A row that fails any step goes to the ADMM (_fit_l1_rows), then the linear program.
+       (_certified). A row that fails any step gets the exact L1 fit of _l1_vertex (IRLS, then simplex pivots
+       to a certified vertex), and where that fails the ADMM (_fit_l1_rows), then the HiGHS linear program.
     """
     A = design.A
     centre, scale, C = _normalised(Y)
@@ -298,14 +300,38 @@ def _fit_robust(design, Y, tick=None):
     ok = settled & _certified(design, C, (A @ Z - centre) / scale, keep, GAP)
     tick = tick or (lambda k: None)
     tick(int(ok.sum()))
+    failed = np.flatnonzero(~ok)
+    for k, j in enumerate(failed):  # e.g. clean rows: the refit keeps every call, so its gap is Σ|r|
+        with stage(f"exact L1 fit (IRLS, simplex pivots), row {k + 1} of the {len(failed)} not certified"):
+            z = _l1_vertex(A, Y[:, j])
+        if z is not None:
+            Z[:, j], keep[:, j] = _refit_inliers(A, Y[:, j], z)
+            ok[j] = True
+            tick(1)
     if not ok.all():
         with stage(f"ADMM over the {int((~ok).sum())} rows not certified (of {len(ok)})"):
             Z[:, ~ok], keep[:, ~ok] = _fit_l1_rows(A, Y[:, ~ok], design=design, tick=tick)
-    return Z, keep, int((~ok).sum())
+    return Z, keep, len(failed)
 
 
-def _fit_l1(A, y):
-    """min ‖A z - y‖₁ (HiGHS linear program, sparse), then least squares on the calls that are not outliers."""
+def _fit_l1(A, y, solver="vertex"):
+    """min ‖A z - y‖₁ exactly, then least squares on the calls that are not outliers. solver "vertex": IRLS and
+    simplex pivots to a certified vertex (_l1_vertex), HiGHS where that fails; "highs": the linear program only."""
+    z = _l1_vertex(A, y) if solver == "vertex" else None
+    return _refit_inliers(A, y, z if z is not None else _l1_highs(A, y))
+
+
+def _refit_inliers(A, y, z):
+    """(least squares on the calls that are not outliers under the L1 fit z, those calls)."""
+    keep = _inliers(A, y[:, None], z[:, None])[:, 0]
+    if keep.sum() > A.shape[1]:
+        z = np.linalg.lstsq(A[keep], y[keep], rcond=None)[0]
+    return z, keep
+
+
+def _l1_highs(A, y, tolerance=1e-7):
+    """min ‖A z - y‖₁ by the HiGHS linear program (sparse primal), to HiGHS's primal and dual feasibility
+    `tolerance` (its default 1e-7; near-degenerate rows can stop one pivot short of the minimiser there)."""
     from scipy.optimize import linprog
 
     N, s = A.shape
@@ -313,15 +339,93 @@ def _fit_l1(A, y):
     # A z - y = p - q with p, q >= 0: min Σ p + q, equality rows [A, I, -I]
     A_eq = sp.hstack([sp.csr_matrix(A), sp.identity(N, format="csr"), -sp.identity(N, format="csr")], format="csr")
     c = np.concatenate([np.zeros(s), np.ones(2 * N)])
-    res = linprog(c, A_eq=A_eq, b_eq=y - centre, bounds=[(None, None)] * s + [(0, None)] * (2 * N), method="highs")
+    res = linprog(c, A_eq=A_eq, b_eq=y - centre, bounds=[(None, None)] * s + [(0, None)] * (2 * N), method="highs",
+                  options={"primal_feasibility_tolerance": tolerance, "dual_feasibility_tolerance": tolerance})
     if res.status != 0:
         raise JacgraphError(f"the L1 regression did not solve ({res.message}). Increase --budget.")
     z = res.x[:s]
     z[-1] += centre  # the last column is the intercept f_i(x0)
-    keep = _inliers(A, y[:, None], z[:, None])[:, 0]
-    if keep.sum() > s:
-        z = np.linalg.lstsq(A[keep], y[keep], rcond=None)[0]
-    return z, keep
+    return z
+
+
+def _irls(A, y, steps=IRLS_STEPS):
+    """An approximate L1 fit by iteratively reweighted least squares (weights 1/max(|r|, δ), δ halved each step
+    down to 1e-6 of the median residual): the start of _l1_vertex's pivots."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    z, delta = np.linalg.lstsq(A, y, rcond=None)[0], None
+    for _ in range(steps):
+        r = np.abs(A @ z - y)
+        median = np.median(r)
+        if r.max() <= 1e-12 * max(np.abs(y).max(), 1e-300):  # rounding level: nothing left to reweight
+            break
+        delta = median if delta is None else max(delta / 2, 1e-6 * median)
+        w = 1.0 / np.maximum(r, delta)
+        try:
+            z = cho_solve(cho_factor((A * w[:, None]).T @ A), A.T @ (w * y))
+        except np.linalg.LinAlgError:
+            break
+    return z
+
+
+def _l1_vertex(A, y, max_pivots=None):
+    """min ‖A z - y‖₁ exactly, or None: from IRLS's fit, the s calls with the smallest residuals as the basis B
+    (z interpolates them: A_B z = y_B), then simplex pivots (Barrodale-Roberts: the basis call whose multiplier
+    leaves |ν| <= 1 leaves, the weighted median of the breakpoints on that edge enters) until the optimality
+    certificate holds: ν solving A_Bᵀν = -A_Nᵀ sign(r_N) has |ν| <= 1 (+1e-9 for rounding), so 0 is in the
+    subdifferential and z is a minimiser. A_B⁻¹ is updated by Sherman-Morrison per pivot and the certificate is
+    rechecked on a fresh LU factorisation. None after max_pivots (default 10·s) or a singular basis."""
+    from scipy.linalg import LinAlgError, lu_factor, lu_solve
+
+    N, s = A.shape
+    z = _irls(A, y)
+    r = A @ z - y
+    if np.abs(r).max() <= 1e-12 * max(np.abs(y).max(), 1e-300):
+        return z  # every residual at rounding level: the objective is 0, its lower bound
+    B = np.argsort(np.abs(r))[:s]
+    pivots, limit = 0, max_pivots or 10 * s
+    while pivots <= limit:
+        try:
+            inverse = np.linalg.inv(A[B])
+        except LinAlgError:
+            return None
+        z = inverse @ y[B]
+        for _ in range(50):  # pivots on the updated inverse, then a fresh one
+            r = A @ z - y
+            r[B] = 0.0
+            nu = -inverse.T @ (A.T @ np.sign(r))
+            k = int(np.argmax(np.abs(nu)))
+            if abs(nu[k]) <= 1 + 1e-9:
+                break
+            d = inverse[:, k]  # the edge: A_B d = e_k, call B[k]'s residual grows by t
+            g = A @ d
+            g[B] = 0.0
+            g[B[k]] = 1.0
+            on_edge = np.flatnonzero(g)
+            t = -r[on_edge] / g[on_edge]
+            order = np.argsort(t)
+            weight = np.cumsum(np.abs(g[on_edge])[order])
+            enter = on_edge[order[np.searchsorted(weight, weight[-1] / 2)]]
+            if enter == B[k]:
+                return None
+            z = z + t[order[np.searchsorted(weight, weight[-1] / 2)]] * d
+            row = A[enter] @ inverse
+            row[k] -= 1.0
+            inverse -= np.outer(d, row) / (A[enter] @ d)
+            B[k] = enter
+            pivots += 1
+        else:
+            continue
+        try:
+            lu = lu_factor(A[B])
+        except (LinAlgError, ValueError):
+            return None
+        z = lu_solve(lu, y[B])
+        r = A @ z - y
+        r[B] = 0.0
+        certified = np.abs(lu_solve(lu, -(A.T @ np.sign(r)), trans=1)).max() <= 1 + 1e-9
+        return z if certified else None
+    return None
 
 
 def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, tick=None):
@@ -389,7 +493,7 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, ti
     left = np.flatnonzero(~solved)
     for k, j in enumerate(left):
         with stage(f"HiGHS linear program, row {k + 1} of {len(left)} that ADMM did not certify"):
-            Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])
+            Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j], solver="highs")  # _fit_robust tried the vertex first
         tick(1)
     return Z, keeps
 
