@@ -117,7 +117,8 @@ def main():
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
     ad = " onnx-ad x ms | onnx-ad params ms |" if args.onnx_ad else ""
-    print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio |" + ad + " PyTorch fwd+bwd ms |")
+    print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio |" + ad
+          + " PyTorch fwd+bwd ms |")
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * (1 + 2 * args.onnx_ad))
     with tempfile.TemporaryDirectory() as folder:
         for name in names:

@@ -1,4 +1,4 @@
-"""jacgraph.bench (peak memory in a fresh process, the per-op profile) and the benchmark command examples/bench_suite.py."""
+"""jacgraph.bench (peak memory in a fresh process, the per-op profile) and examples/bench_suite.py."""
 from __future__ import annotations
 
 import json
