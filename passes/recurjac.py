@@ -31,8 +31,11 @@ graph lowering (jacgraph.layers.lower_graph, `_DagBounds` below): the same three
 linear joins and nonlinear nodes, coefficients dense [.., rows, units] and summed over every consumer
 at a fork; a max node is relaxed like an activation (lower line through the argmax of the lower
 bounds, upper line exact only where one input dominates) with derivatives in {0}, {1} or [0, 1].
-Large operators (convolutions) stay sparse there (ELL gather-multiply-reduce); a back-substitution
-over `memory_limit` keeps the interval step for that node (sound, looser).
+Large operators stay structured there: a recognised convolution patch-wise (jacgraph.structured,
+exact float64), anything else sparse (ELL gather-multiply-reduce). A back-substitution with more rows
+than fit `memory_limit` at once runs in chunks of rows (an ONNX Loop): every CROWN step, and the
+RecurJac step at the input; an inner node's RecurJac step that does not fit keeps the interval step
+(sound, looser; listed in the metadata).
 """
 from __future__ import annotations
 
