@@ -702,3 +702,12 @@ def test_inspect_says_recurjac_takes_a_dag_and_bound_runs_it(name, tmp_path, cap
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["emits"]["recurjac"] is True
     assert main(["compile", str(path), "--emit", "recurjac", "-o", str(tmp_path / "b.onnx")]) == 0
+
+
+@pytest.mark.parametrize("x0_shape, points", [((3, 8, 8), 1), ((1, 3, 8, 8), 1), ((5, 3, 8, 8), 5)])
+def test_bound_counts_one_point_of_the_sample_shape_as_one(tmp_path, capsys, x0_shape, points):
+    """Old: one x0 of shape (3, 32, 32) was counted as 3 points in the memory estimate and its message."""
+    conv = conv_net(tmp_path / "c.onnx", spatial=(8, 8))
+    np.save(tmp_path / "x.npy", np.zeros(x0_shape))
+    assert main(["bound", str(conv), "--x0", str(tmp_path / "x.npy"), "--eps", "0.01", "--max-memory", "1K"]) == 2
+    assert f"bound for {points} point(s)" in capsys.readouterr().err

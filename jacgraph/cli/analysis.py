@@ -25,7 +25,9 @@ def cmd_bound(args) -> int:
     with stage("loading the model"):
         src = SourceModel(args.model)
     memory.fixed_shapes(src, shape)
-    points = len(x0) if x0.ndim > 1 else 1
+    # a batch [N, *sample] has the model input's rank (batch axis included); one point has one axis fewer
+    rank = len(src.inputs[0].type.tensor_type.shape.dim) or 2
+    points = len(x0) if x0.ndim >= rank else 1
     need = memory.bound_working_set(src, shape, points)
     if args.optimize_slopes:  # the gradient graph keeps the back-substitution's values for its reverse sweep
         from ..passes.alpha_crown import MEMORY_FACTOR
