@@ -881,4 +881,3 @@ def _bound_optimised(src, x0, eps, norm, method, input_shape, threads, progress,
     lo, hi = np.concatenate(lows), np.concatenate(highs)
     per_output, induced = lipschitz(lo, hi, norm)
     return {"J_lower": lo, "J_upper": hi, "lipschitz": per_output, "induced": induced, "eps": eps}
-
