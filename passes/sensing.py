@@ -405,10 +405,11 @@ def _l1_vertex(A, y, max_pivots=None):
             t = -r[on_edge] / g[on_edge]
             order = np.argsort(t)
             weight = np.cumsum(np.abs(g[on_edge])[order])
-            enter = on_edge[order[np.searchsorted(weight, weight[-1] / 2)]]
+            median = order[np.searchsorted(weight, weight[-1] / 2)]  # the best step along the edge
+            enter = on_edge[median]
             if enter == B[k]:
                 return None
-            z = z + t[order[np.searchsorted(weight, weight[-1] / 2)]] * d
+            z = z + t[median] * d
             row = A[enter] @ inverse
             row[k] -= 1.0
             inverse -= np.outer(d, row) / (A[enter] @ d)
