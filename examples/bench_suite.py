@@ -193,7 +193,7 @@ def _memory(row, keys):
 
 def _notes(row):
     notes = [f"{k[:-6] if k.endswith('_error') else k}: {v}" for k, v in row.items() if k.endswith("error")]
-    notes += [f"onnx-ad differs from jacgraph by {v:.1e}" for k, v in row.items()
+    notes += [f"{k[:-len('_difference')]}: differs from jacgraph's by {v:.1e}" for k, v in row.items()
               if k.endswith("_difference") and v > 1e-3]
     return "; ".join(notes).replace("|", "/")
 
