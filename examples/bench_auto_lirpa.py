@@ -13,6 +13,12 @@ float32 (its default); jacgraph in float64. Prints, per model, auto_LiRPA's time
 its intermediate bounds (alpha-CROWN, method 'CROWN-Optimized' on the network output) by default
 (--alirpa-optimize on); off gives its plain CROWN. --optimize-slopes N runs jacgraph with N slope steps
 (passes/alpha_crown.py) instead of CROWN's slopes.
+
+--models recurjac_mlp: the RecurJac benchmark's 784-256-256-10 ReLU MLP, trained on upsampled digits
+(bounds_models.RecurJacMLP), bounded at its first test image instead of a normal point. --check adds the
+interval chain (recurjac.bound method="interval": time, mean width) and the sampled Jacobians' range
+(examples/bench_bounds.py sampled_range, --samples points, corners + uniform, float64 torch: a lower bound)
+with how far the furthest sampled entry lies outside RecurJac's and the interval chain's bounds (<= 0: inside).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import bounds_models  # noqa: E402
+from examples import bench_bounds, bounds_models  # noqa: E402
 from jacgraph.passes import recurjac  # noqa: E402
 
 
@@ -60,25 +66,41 @@ def main():
     p.add_argument("--alirpa-optimize", choices=("on", "off"), default="on",
                    help="auto_LiRPA's optimised intermediate bounds (its default) or its plain CROWN")
     p.add_argument("--optimize-slopes", type=int, default=0, help="jacgraph: N optimised-slope steps (default 0)")
+    p.add_argument("--check", action="store_true", help="also the interval chain and the sampled range (see above)")
+    p.add_argument("--samples", type=int, default=2000, help="--check: sampled points (default 2000)")
     args = p.parse_args()
     sys.path[:0] = [args.source] + ([args.deps] if args.deps else [])
-    print("| model | auto_LiRPA s | auto_LiRPA mean width | jacgraph s (build+run) | jacgraph mean width |")
-    print("|---|---|---|---|---|")
+    extra = " interval s | interval mean width | sampled range (lower bound) | sampled outside by (<= 0: inside) |"
+    print("| model | auto_LiRPA s | auto_LiRPA mean width | jacgraph s (build+run) | jacgraph mean width |"
+          + (extra if args.check else ""))
+    print("|---|---|---|---|---|" + ("---|" * 4 if args.check else ""))
     for name in args.models.split(","):
         net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
-        x0 = np.random.default_rng(0).standard_normal((1, *shape))
+        x0 = getattr(net, "example_input", None)
+        if x0 is None:
+            x0 = np.random.default_rng(0).standard_normal((1, *shape))
+        else:
+            print(f"{name}: train / test accuracy {net.accuracy[0]:.4f} / {net.accuracy[1]:.4f}", flush=True)
+        model = bounds_models.export_bytes(net, shape)
         t0 = time.perf_counter()
-        r = recurjac.bound(bounds_models.export_bytes(net, shape), x0, args.eps, optimize_slopes=args.optimize_slopes,
-                           progress=False)
+        r = recurjac.bound(model, x0, args.eps, optimize_slopes=args.optimize_slopes, progress=False)
         lo, hi = r["J_lower"], r["J_upper"]
         t_jg = time.perf_counter() - t0
+        checked = ""
+        if args.check:  # before auto_LiRPA, which turns net to float32
+            t0 = time.perf_counter()
+            ri = recurjac.bound(model, x0, args.eps, method="interval", progress=False)
+            t_iv = time.perf_counter() - t0
+            both = (np.maximum(lo, ri["J_lower"]), np.minimum(hi, ri["J_upper"]))
+            sampled, outside = bench_bounds.sampled_range(net, x0, args.eps, args.samples, np.random.default_rng(1), both)
+            checked = f" {t_iv:.1f} | {np.mean(ri['J_upper'] - ri['J_lower']):.6g} | {sampled:.6g} | {outside:.2g} |"
         try:
             width, t = auto_lirpa_width(net, x0, args.eps, optimize=args.alirpa_optimize == "on")
             theirs = f"{t:.1f} | {width:.6g}"
         except Exception as e:  # noqa: BLE001  a peer's failure is a result to report
             last = traceback.extract_tb(e.__traceback__)[-1]
             theirs = f"- | fails: {type(e).__name__}: {str(e).splitlines()[0][:120]} ({os.path.basename(last.filename)}:{last.lineno})"
-        print(f"| {name} | {theirs} | {t_jg:.1f} | {np.mean(hi - lo):.6g} |", flush=True)
+        print(f"| {name} | {theirs} | {t_jg:.1f} | {np.mean(hi - lo):.6g} |{checked}", flush=True)
 
 
 if __name__ == "__main__":

@@ -179,11 +179,38 @@ class ResNetCifar(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
+class RecurJacMLP(nn.Module):
+    """The MLP of the RecurJac benchmark, 784-256-256-10 ReLU, TRAINED at construction (20 epochs of Adam
+    under the caller's torch seed) on examples/lipsdp_digits784.py's 28x28 digits (no MNIST download here):
+    the first 1500 images train, the other 297 test. `accuracy` is (train, test); `example_input` the first
+    test image [1, 784] (float64), the point x0 the benches bound at."""
+
+    def __init__(self, epochs=20):
+        super().__init__()
+        from examples.lipsdp_digits784 import digits784
+
+        self.f = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        X, y = digits784()
+        opt = torch.optim.Adam(self.parameters(), 1e-3)
+        for _ in range(epochs):
+            for i in range(0, 1500, 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(self.f(X[i:min(i + 64, 1500)]), y[i:min(i + 64, 1500)]).backward()
+                opt.step()
+        with torch.no_grad():
+            hit = (self.f(X).argmax(1) == y).double()
+        self.accuracy = (hit[:1500].mean().item(), hit[1500:].mean().item())
+        self.example_input = X[1500:1501].double().numpy()
+
+    def forward(self, x):
+        return self.f(x)
+
+
 MODELS = {"residual_mlp": ResidualMLP, "resnet_cnn": ResNetCNN, "densenet_cnn": DenseCNN,
           "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN}
 MODELS["unet_cnn"] = UNetCNN
-MODELS.update(strided_cnn=StridedCNN, resnet_cifar=ResNetCifar)
-INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32), "resnet_cifar": (3, 32, 32)}
+MODELS.update(strided_cnn=StridedCNN, resnet_cifar=ResNetCifar, recurjac_mlp=RecurJacMLP)
+INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32), "resnet_cifar": (3, 32, 32), "recurjac_mlp": (784,)}
 for _name in MODELS:
     INPUT_SHAPES.setdefault(_name, (1, 8, 8))
 

@@ -34,13 +34,18 @@ from jacgraph.passes import lipschitz as L  # noqa: E402
 MAT = os.path.join("examples", "saved_weights", "mnist_weights.mat")  # inside a LipSDP checkout
 
 
-def train():
+def digits784():
+    """sklearn's 1797 8x8 digits in [0, 1], bilinearly upsampled to 28x28 and flattened: X [1797, 784] float32, y."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     X = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
     X = torch.nn.functional.interpolate(X, size=(28, 28), mode="bilinear").reshape(-1, 784)
-    y = torch.tensor(d.target)
+    return X, torch.tensor(d.target)
+
+
+def train():
+    X, y = digits784()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(784, 50), torch.nn.ReLU(), torch.nn.Linear(50, 10))
     opt = torch.optim.Adam(net.parameters(), 1e-3)
