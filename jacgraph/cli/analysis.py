@@ -216,7 +216,7 @@ def cmd_sense(args) -> int:
     if res.robust:
         print(f"calls flagged as corrupted (in most rows): {res.flagged_calls}"
               + (f" (calls {', '.join(map(str, res.corrupted_calls))}; numbered from 0)" if res.flagged_calls else ""))
-        print(f"rows not certified on the fast path (solved by ADMM or the HiGHS linear program): {res.fallback_rows}")
+        print(f"rows not certified on the fast path (solved by the exact L1 fit, ADMM or HiGHS): {res.fallback_rows}")
     if res.estimated_error is None:
         print("estimated relative error: n/a (no redundant calls; raise --budget above the minimum)")
     else:
