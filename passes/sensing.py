@@ -58,7 +58,7 @@ class Sensed:
     flagged_calls: int  # calls the robust fit flagged as corrupted in at least half of the rows
     nonfinite_calls: int = 0  # calls that returned NaN/inf, left out of every fit
     corrupted_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # those calls' numbers (from 0)
-    fallback_rows: int = 0  # robust rows not certified on the fast path: solved by ADMM or the linear program
+    fallback_rows: int = 0  # robust rows not certified on the fast path: solved by the exact L1 fit, ADMM or HiGHS
 
 
 # ---- the black box ----------------------------------------------------------------------------------
