@@ -314,11 +314,9 @@ def _fit_robust(design, Y, tick=None):
     return Z, keep, len(failed)
 
 
-def _fit_l1(A, y, solver="vertex"):
-    """min ‖A z - y‖₁ exactly, then least squares on the calls that are not outliers. solver "vertex": IRLS and
-    simplex pivots to a certified vertex (_l1_vertex), HiGHS where that fails; "highs": the linear program only."""
-    z = _l1_vertex(A, y) if solver == "vertex" else None
-    return _refit_inliers(A, y, z if z is not None else _l1_highs(A, y))
+def _fit_l1(A, y):
+    """min ‖A z - y‖₁ exactly (the HiGHS linear program), then least squares on the calls that are not outliers."""
+    return _refit_inliers(A, y, _l1_highs(A, y))
 
 
 def _refit_inliers(A, y, z):
@@ -368,13 +366,13 @@ def _irls(A, y, steps=IRLS_STEPS):
     return z
 
 
-def _l1_vertex(A, y, max_pivots=None):
+def _l1_vertex(A, y):
     """min ‖A z - y‖₁ exactly, or None: from IRLS's fit, the s calls with the smallest residuals as the basis B
     (z interpolates them: A_B z = y_B), then simplex pivots (Barrodale-Roberts: the basis call whose multiplier
     leaves |ν| <= 1 leaves, the weighted median of the breakpoints on that edge enters) until the optimality
     certificate holds: ν solving A_Bᵀν = -A_Nᵀ sign(r_N) has |ν| <= 1 (+1e-9 for rounding), so 0 is in the
     subdifferential and z is a minimiser. A_B⁻¹ is updated by Sherman-Morrison per pivot and the certificate is
-    rechecked on a fresh LU factorisation. None after max_pivots (default 10·s) or a singular basis."""
+    rechecked on a fresh LU factorisation. None after 10·s pivots or a singular basis."""
     from scipy.linalg import LinAlgError, lu_factor, lu_solve
 
     N, s = A.shape
@@ -383,7 +381,7 @@ def _l1_vertex(A, y, max_pivots=None):
     if np.abs(r).max() <= 1e-12 * max(np.abs(y).max(), 1e-300):
         return z  # every residual at rounding level: the objective is 0, its lower bound
     B = np.argsort(np.abs(r))[:s]
-    pivots, limit = 0, max_pivots or 10 * s
+    pivots, limit = 0, 10 * s
     while pivots <= limit:
         try:
             inverse = np.linalg.inv(A[B])
@@ -494,7 +492,7 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, ti
     left = np.flatnonzero(~solved)
     for k, j in enumerate(left):
         with stage(f"HiGHS linear program, row {k + 1} of {len(left)} that ADMM did not certify"):
-            Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j], solver="highs")  # _fit_robust tried the vertex first
+            Z[:, j], keeps[:, j] = _fit_l1(A, Y[:, j])  # _fit_robust tried the vertex first
         tick(1)
     return Z, keeps
 

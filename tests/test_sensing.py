@@ -202,7 +202,7 @@ def test_admm_fits_match_the_linear_program_row_by_row(fraction):
     A, Y, Z, bad = corrupted_regression(240, 41, 4, fraction)
     got, keeps = sensing._fit_l1_rows(A, Y)
     for j in range(Y.shape[1]):
-        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j], solver="highs")
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
         np.testing.assert_array_equal(keeps[:, j], keep_lp)
         assert set(np.flatnonzero(~keeps[:, j])) == set(bad.tolist())
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
@@ -255,7 +255,7 @@ def test_fast_path_agrees_with_the_linear_program_row_by_row(fraction, monkeypat
     got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
     assert fallback == 0
     for j in range(Y.shape[1]):
-        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j], solver="highs")  # HiGHS's L1 fit, then least squares on its inliers
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])  # HiGHS's L1 fit, then least squares on its inliers
         np.testing.assert_array_equal(keep[:, j], keep_lp)
         assert set(np.flatnonzero(~keep[:, j])) == set(bad.tolist())
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
@@ -274,7 +274,7 @@ def test_rows_with_their_own_corrupted_calls_are_fitted_row_by_row():
     assert fallback == 0
     for j, calls in enumerate(own):
         assert set(np.flatnonzero(~keep[:, j])) == set(calls.tolist())
-        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j], solver="highs")
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
         np.testing.assert_array_equal(keep[:, j], keep_lp)
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
 
@@ -309,7 +309,7 @@ def test_clean_rows_the_fast_path_cannot_certify_get_the_exact_vertex_not_the_ad
     got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
     assert fallback == 2
     for j in range(2):
-        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j], solver="highs")
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
         np.testing.assert_array_equal(keep[:, j], keep_lp)
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
 
@@ -323,7 +323,7 @@ def test_rows_the_exact_vertex_cannot_solve_go_to_the_admm(monkeypatch):
     got, keep, fallback = sensing._fit_robust(sensing._Design(A), Y)
     assert fallback == 2 and sent == [2]
     for j in range(2):
-        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j], solver="highs")
+        z_lp, keep_lp = sensing._fit_l1(A, Y[:, j])
         np.testing.assert_array_equal(keep[:, j], keep_lp)
         np.testing.assert_allclose(got[:, j], z_lp, rtol=0, atol=1e-9)
 
