@@ -61,7 +61,7 @@ def sampled_range(net, x0, eps, n, rng, bounds=None):
         hi = J.max(0) if hi is None else np.maximum(hi, J.max(0))
     if bounds is None:
         return float(np.mean(hi - lo))
-    return float(np.mean(hi - lo)), float(max((bounds[0][0] - lo).max(), (hi - bounds[1][0]).max()))
+    return float(np.mean(hi - lo)), float(np.max([(bounds[0][0] - lo).max(), (hi - bounds[1][0]).max()]))  # NaN stays NaN
 
 
 def lipschitz_table(names, samples):
