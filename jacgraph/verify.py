@@ -174,14 +174,18 @@ def _dot_product(m64, sess, feeds, cotangents, grads, rng, h, tol) -> list:
     out = run_reference(sess, feeds)
     v = {name: rng.standard_normal(np.shape(feeds[name])) for name, _ in grads}
     Jv = central_difference(sess, feeds, v, h)
-    lhs = sum(float(np.sum(Jv[y] * u)) for y, u in cotangents)
-    rhs = sum(float(np.sum(v[name] * out[bar])) for name, bar in grads)
+    return _nonfinite_check(out) + [_identity([(Jv[y], u) for y, u in cotangents],
+                                              [(v[name], out[bar]) for name, bar in grads], tol,
+                                              f"dot-product identity over {len(grads)} gradient(s), J v by float64 "
+                                              "central differences")]
+
+
+def _identity(jv_u, v_jtu, tol, what) -> Check:
+    """<J v, u> = <v, Jᵀu> as a Check, both sides sums of products over the pairs in jv_u and v_jtu."""
+    lhs, rhs = (sum(float(np.sum(a * b)) for a, b in side) for side in (jv_u, v_jtu))
     # scale without cancellation: the sums of absolute products bound both sides
-    scale = max(sum(float(np.sum(np.abs(Jv[y] * u))) for y, u in cotangents),
-                sum(float(np.sum(np.abs(v[name] * out[bar]))) for name, bar in grads), 1e-30)
-    return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
-                                          f"dot-product identity over {len(grads)} gradient(s), J v by float64 "
-                                          "central differences")]
+    scale = max(*(sum(float(np.sum(np.abs(a * b))) for a, b in side) for side in (jv_u, v_jtu)), 1e-30)
+    return Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol, what)
 
 
 def check_jacobian(m64, props, sess, feeds, rng, h, tol) -> list:
@@ -274,12 +278,9 @@ def _check_jfb_grad(m64, props, T64, state, feeds, rng, h, tol) -> list:
         moved = {n: (feeds[n] if n in feeds else inits[n]) + sign * h * v[n] for n, _ in grads}
         sides.append(_step(T64, state, z_star, {**feeds, **moved}, {n: moved[n] for n in moved if n in inits}))
     Jv = (sides[0] - sides[1]) / (2 * h)
-    lhs, rhs = float(np.sum(Jv * feeds[bar])), sum(float(np.sum(v[n] * out[b])) for n, b in grads)
-    scale = max(float(np.sum(np.abs(Jv * feeds[bar]))), sum(float(np.sum(np.abs(v[n] * out[b]))) for n, b in grads),
-                1e-30)
-    return _nonfinite_check(out) + [Check("<J v, u> = <v, Jᵀu>", abs(lhs - rhs) / scale, tol,
-                                          f"one T step at z* held, over {len(grads)} gradient(s), J v by float64 "
-                                          "central differences of T")]
+    return _nonfinite_check(out) + [_identity([(Jv, feeds[bar])], [(v[n], out[b]) for n, b in grads], tol,
+                                              f"one T step at z* held, over {len(grads)} gradient(s), J v by float64 "
+                                              "central differences of T")]
 
 
 # ---- bounds -----------------------------------------------------------------------------------------
