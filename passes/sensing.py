@@ -258,11 +258,10 @@ def _certified(design, C, F, keep, gap):
     from scipy.linalg import cho_solve
 
     A = design.A
-    ok = np.abs(F).max(axis=0) < CLIP / 2
+    ok = np.zeros(C.shape[1], bool)
     for kept, cols in _by_kept(keep, np.arange(C.shape[1])):
         factor = design.factor(kept)
         if factor is None:
-            ok[cols] = False
             continue
         out = ~kept
         nu = np.zeros((len(A), len(cols)))
@@ -275,11 +274,19 @@ def _certified(design, C, F, keep, gap):
             box = np.clip(inside, -1.0, 1.0)
             inside = box - A[kept] @ cho_solve(factor, A[kept].T @ box - target)
         nu[kept] = inside
-        nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
-        objective = np.abs(F[:, cols] - C[:, cols]).sum(axis=0)
-        bound = -(C[:, cols] * nu).sum(axis=0)
-        ok[cols] &= objective - bound <= gap * np.maximum(objective, 1e-12)
+        ok[cols] = _within_gap(F[:, cols], C[:, cols], nu, gap)[0]
     return ok
+
+
+def _within_gap(F, C, nu, gap):
+    """(ok, objective ‖F - C‖₁) per column, for a ν with Aᵀν = 0: scaled into |ν| <= 1 it is dual feasible, so
+    -cᵀν bounds the optimum from below; ok where the objective is within a relative `gap` of that bound and every
+    fitted value F lies well inside the clip (so its residuals keep their signs)."""
+    nu = nu / np.maximum(np.abs(nu).max(axis=0), 1.0)
+    objective = np.abs(F - C).sum(axis=0)
+    bound = -(C * nu).sum(axis=0)
+    ok = (np.abs(F).max(axis=0) < CLIP / 2) & (objective - bound <= gap * np.maximum(objective, 1e-12))
+    return ok, objective
 
 
 def _fit_robust(design, Y, tick=None):
@@ -470,13 +477,10 @@ def _fit_l1_rows(A, Y, iterations=2000, check_every=25, gap=GAP, design=None, ti
             continue
         nu = dual[:, open_rows] * rho[open_rows]
         nu -= A @ (M @ nu)
-        nu /= np.maximum(np.abs(nu).max(axis=0), 1.0)
-        objective = np.abs(fit[:, open_rows] - clipped[:, open_rows]).sum(axis=0)
-        bound = -(clipped[:, open_rows] * nu).sum(axis=0)
-        inside = np.abs(fit[:, open_rows]).max(axis=0) < CLIP / 2  # every residual keeps its sign
+        within, objective = _within_gap(fit[:, open_rows], clipped[:, open_rows], nu, gap)
         closed = []
-        for j, obj, low, ok in zip(open_rows, objective, bound, inside):
-            if ok and obj - low <= gap * max(obj, 1e-12):
+        for j, obj, ok in zip(open_rows, objective, within):
+            if ok:
                 z = M @ (fit[:, j] * scale[j] + centre[j])
                 z, keep, settled = _refit(design, Y[:, [j]], _inliers(A, Y[:, [j]], z[:, None]))
                 # the refit must be as good an L1 fit of the clipped calls as the certified one
