@@ -261,6 +261,15 @@ def graph_numpy(graph, x):
     return graph.forward(x, acts, lambda node, z: z[..., node.windows].max(-1))[-1]
 
 
+def assert_lowering_matches_torch(net, shape, onnx_bytes):
+    """lower_graph of net's export, evaluated in numpy at 4 normal points, against net itself; returns the Graph."""
+    graph = lower_graph(onnx_bytes)
+    x = np.random.default_rng(0).standard_normal((4, *shape))
+    expected = net(torch.tensor(x)).detach().numpy().reshape(4, -1)
+    np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
+    return graph
+
+
 class _Shapes(torch.nn.Module):
     """Slice, Split, Transpose, Sub of two branches, ReduceMax, ReduceMean, Concat along two axes."""
 
@@ -283,10 +292,7 @@ def test_graph_lowering_matches_the_torch_model(name):
         net, shape = _Shapes().double().eval(), (2, 6, 10)
     else:
         net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
-    graph = lower_graph(bounds_models.export_bytes(net, shape))
-    x = np.random.default_rng(0).standard_normal((4, *shape))
-    expected = net(torch.tensor(x)).detach().numpy().reshape(4, -1)
-    np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
+    graph = assert_lowering_matches_torch(net, shape, bounds_models.export_bytes(net, shape))
     kinds = [n.kind for n in graph.nodes]
     assert kinds[0] == "input" and kinds[-1] == "linear"
 
@@ -350,10 +356,7 @@ def test_graph_lowering_of_upsampling_matches_the_torch_model(name):
     onnx_bytes = bounds_models.export_bytes(net, shape)
     ops = {n.op_type for n in onnx.load_from_string(onnx_bytes).graph.node}
     assert {"ConvTranspose", "Resize", "Pad", "Shape"} <= ops, ops  # the pads are computed in the export
-    graph = lower_graph(onnx_bytes)
-    x = np.random.default_rng(0).standard_normal((4, *shape))
-    expected = net(torch.tensor(x)).detach().numpy().reshape(4, -1)
-    np.testing.assert_allclose(graph_numpy(graph, x.reshape(4, -1)), expected, rtol=1e-10, atol=1e-12)
+    assert_lowering_matches_torch(net, shape, onnx_bytes)
 
 
 @pytest.mark.parametrize("declared", [[1, 1, 4, 4], ["N", 1, "H", "W"]])
