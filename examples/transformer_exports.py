@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jacgraph  # noqa: E402
+from jacgraph import runtime  # noqa: E402
 from jacgraph.testing import reference_session, relative_error, run_reference, to_float64  # noqa: E402
 
 SEQ, IMAGE = 5, 32
@@ -145,13 +145,7 @@ def export(module, x, exporter) -> onnx.ModelProto:
 
 def run(model, feeds, optimize=False):
     """Run in onnxruntime on the CPU (graph optimizations off unless optimize) -> {output name: array}."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(None, feeds)))
+    return runtime.run(runtime.session(model, optimize=optimize, provider="CPUExecutionProvider"), feeds)
 
 
 def emitted(model, emit, **options):
