@@ -207,9 +207,8 @@ class RecurJacMLP(nn.Module):
 
 
 MODELS = {"residual_mlp": ResidualMLP, "resnet_cnn": ResNetCNN, "densenet_cnn": DenseCNN,
-          "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN}
-MODELS["unet_cnn"] = UNetCNN
-MODELS.update(strided_cnn=StridedCNN, resnet_cifar=ResNetCifar, recurjac_mlp=RecurJacMLP)
+          "pool_cnn": PoolCNN, "inception_cnn": InceptionCNN, "cifar_cnn": CifarCNN, "unet_cnn": UNetCNN,
+          "strided_cnn": StridedCNN, "resnet_cifar": ResNetCifar, "recurjac_mlp": RecurJacMLP}
 INPUT_SHAPES = {"residual_mlp": (16,), "cifar_cnn": (3, 32, 32), "resnet_cifar": (3, 32, 32), "recurjac_mlp": (784,)}
 for _name in MODELS:
     INPUT_SHAPES.setdefault(_name, (1, 8, 8))
