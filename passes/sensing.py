@@ -14,7 +14,8 @@ fraction of calls is arbitrarily corrupted; least squares spreads every corrupte
 coefficient. The robust fit (_fit_robust) first finds the corrupted calls of all rows that share a
 design matrix together (a corrupted call corrupts every output of that call) by trimmed least
 squares, refits each row on the calls it keeps, and certifies each refit as an L1 fit by its duality
-gap; a row that fails goes to ADMM over the rows left, then to the HiGHS linear program.
+gap; a row that fails gets the exact L1 vertex (_l1_vertex), and where that fails ADMM over the
+rows left, then the HiGHS linear program.
 
 The pattern is the structural one (derived from the graph by jacgraph/sparsity.py, no calls) or, for a
 true black box, dense (every output may depend on every input: n colours). The fewest calls that can
