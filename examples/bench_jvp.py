@@ -62,11 +62,6 @@ def failure(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0][:160] if lines else ''}"
 
 
-def output(sess, feeds, name):
-    """One named output of a session run."""
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))[name]
-
-
 def add_onnx_ad(row, graphs, sessions, build, threads, key="onnx_ad"):
     """Add onnx-ad's graph to the timed ones as `key`: build() -> (model, feeds), or record why it failed as
     row[key + '_error'] (onnx-ad refuses some models; the table says so and the run goes on)."""
@@ -112,8 +107,9 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
         add_onnx_ad(row, graphs, sessions, build, threads)
     if "onnx_ad" in sessions:  # both graphs must compute the same J v, or the timing compares different things
         ad = graphs["onnx_ad"][0]
-        theirs = output(sessions["onnx_ad"], graphs["onnx_ad"][1], ad.graph.output[len(source.graph.output)].name)
-        ours = output(sessions[default], graphs[default][1], emitted[default].tangent_outputs[y_name])
+        theirs_name, ours_name = ad.graph.output[len(source.graph.output)].name, emitted[default].tangent_outputs[y_name]
+        theirs = runtime.run(sessions["onnx_ad"], graphs["onnx_ad"][1], [theirs_name])[theirs_name]
+        ours = runtime.run(sessions[default], graphs[default][1], [ours_name])[ours_name]
         row["onnx_ad_difference"] = relative_error(theirs[..., 0], ours)
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
                      runs, clock=clock, warm=warm)

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
-from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module, output  # noqa: E402
+from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module  # noqa: E402
 from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
-from jacgraph.runtime import session  # noqa: E402
+from jacgraph.runtime import run, session  # noqa: E402
 from jacgraph.testing import relative_error  # noqa: E402
 
 DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "unet"]
@@ -74,7 +74,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, 
             if f"onnx_ad_{key}" in sessions:  # onnx-ad's gradients, in its inputs' order, against jacgraph's
                 theirs = sessions[f"onnx_ad_{key}"].run(None, graphs[f"onnx_ad_{key}"][1])[len(source.graph.output):]
                 names = [emitted[f"vjp_{key}"].gradient_outputs[n] for n in [x_name] + wrt]
-                ours = [output(sessions[f"vjp_{key}"], graphs[f"vjp_{key}"][1], n) for n in names]
+                ours = list(run(sessions[f"vjp_{key}"], graphs[f"vjp_{key}"][1], names).values())
                 row[f"onnx_ad_{key}_difference"] = relative_error(
                     np.concatenate([g[..., 0].ravel() for g in theirs]), np.concatenate([g.ravel() for g in ours]))
     med = time_calls({k: (lambda s=sessions[k], f=f: s.run(None, f)) for k, (_, f) in graphs.items()},
