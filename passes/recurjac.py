@@ -467,10 +467,6 @@ class _DagBounds:
             self._mats[(c, k)] = _Operator(self, node.mats[node.inputs.index(k)], self.nodes[k].shape, node.shape)
         return self._mats[(c, k)]
 
-    def fits(self, rows, k_range, m=1):
-        """Whether a back-substitution of `rows` rows (times m outputs) over nodes k_range fits the limit at once."""
-        return rows <= self.chunk_rows(k_range, m)
-
     def row_bytes(self, k_range, m=1) -> int:
         """Bytes one coefficient row (times m outputs) holds in a back-substitution over nodes k_range: its
         coefficients are n_j per row, a gathered operator's product (ELL or patch-wise) `gathered` per row."""
