@@ -697,11 +697,7 @@ def main(argv=None):
             "machine": machine_line(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git_commit(), "seconds": time.monotonic() - started, "tolerance": TOL, "h": H}
     report = {"meta": meta, "summary": summary, "cases": records}
-    text = json.dumps(report, indent=1, default=str)
-    for path in filter(None, [args.json, LATEST_JSON]):
-        write_atomic(path, text)
-    if not args.no_markdown:
-        write_atomic(args.markdown, markdown(records, summary, meta, tools, checks))
+    write_report(report, args, tools, checks)
     for tool in tools:
         for check in checks:
             s = summary["tools"][tool][check]
@@ -721,12 +717,17 @@ def rerender(args, tools, checks):
         for r in records:
             r.setdefault("source_ort", ort_loads(models[r["name"]]) if r["name"] in models else "")
     report["summary"] = summarize(records, tools, checks)
+    write_report(report, args, tools, checks)
+    return report
+
+
+def write_report(report, args, tools, checks):
+    """The run's JSON (--json and LATEST_JSON) and, unless --no-markdown, its docs page."""
     text = json.dumps(report, indent=1, default=str)
     for path in filter(None, [args.json, LATEST_JSON]):
         write_atomic(path, text)
     if not args.no_markdown:
-        write_atomic(args.markdown, markdown(records, report["summary"], report["meta"], tools, checks))
-    return report
+        write_atomic(args.markdown, markdown(report["cases"], report["summary"], report["meta"], tools, checks))
 
 
 if __name__ == "__main__":
