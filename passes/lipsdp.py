@@ -371,7 +371,7 @@ def lipsdp(mats, boxes, last_slope=1.0, solver=None, reduce=True) -> dict:
     if found is None:
         raise JacgraphError(f"the LipSDP semidefinite program was not solved ({'; '.join(tried)}); "
                             "use --method seqlip or --method autolip.")
-    name, rho, t, status, verified = found
+    name, rho, _, status, verified = found
     value = float(math.ldexp(math.sqrt(max(rho, 0.0)), e) * scale)
     bound = None if verified is None else float(math.ldexp(math.sqrt(verified), e) * scale)
     return {"value": value, "bound": bound, "guaranteed": bound is not None, "solver": name, "status": status,
