@@ -583,10 +583,11 @@ NOTES = {
               "whose kernel is the block, so it needs the block shape at compile time (onnx-ad refuses these too).",
     "ConvTranspose": "reverse with output_shape or auto_pad is refused (explicit pads needed).",
     "Det": "no rule yet.",
-    "Dropout": "training-mode cases: the rule treats Dropout as the identity (inference); the issue asks for a refusal "
-               "with a reason in training mode.",
+    "Dropout": "training-mode cases are refused on purpose, with a reason (random masks have no derivative to emit); "
+               "inference-mode Dropout is the identity.",
     "OptionalGetElement": "optional types are not supported.",
-    "Reshape": "allowzero with a zero-sized input: the JVP reshapes the tangent to Shape(y) without allowzero=1.",
+    "Reshape": "allowzero with a zero-sized input failed in this run; fixed since (both rules reshape with "
+               "allowzero=1, tests/test_conformance.py).",
     "Resize": "reverse with keep_aspect_ratio_policy not_larger/not_smaller: the per-axis probe cannot reproduce the "
               "policy's joint scale (onnx-ad refuses these too).",
     "RoiAlign": "no rule yet.",
