@@ -633,7 +633,7 @@ def test_verify_checks_autolip_graphs_and_fails_a_broken_one(name, tmp_path, cap
 
     if name == "dag":
         model, shape = bounds_models.export_bytes(bounds_models.build("inception_cnn"), (1, 8, 8)), []
-    else:  # float32 Conv graphs, verified on their float64 copy
+    else:  # float32 Conv graphs, which verify runs as emitted (onnxruntime has no float64 ConvTranspose)
         model, shape = conv_net(np.random.default_rng(1), spatial=False).SerializeToString(), ["--input-shape", "1,2,8,8"]
     path = tmp_path / "m.onnx"
     path.write_bytes(model)
