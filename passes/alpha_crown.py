@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from jacgraph.lowering import reads
 from jacgraph.layers import lower_graph
 from jacgraph.model import SourceModel
 from jacgraph.passes import recurjac, vjp
@@ -95,7 +96,7 @@ def prune(model: onnx.ModelProto, outputs) -> onnx.ModelProto:
     for node in reversed(g.node):
         if any(o in need for o in node.output):
             keep.append(node)
-            need.update(i for i in node.input if i)
+            need.update(i for i in reads([node]) if i)  # a Loop body (chunked CROWN) reads outer values too
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inputs = {i.name for i in g.input}
