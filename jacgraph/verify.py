@@ -312,6 +312,8 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
         sampled = jacobian(points)
         kinks = _kink_points(jacobian, points, sampled, rng)
         for k, J in enumerate((sampled, jacobian(kinks))):
+            if not len(J):  # no kink found (an affine model, or a ball inside one region): the samples still count
+                continue
             excess = np.where(np.isfinite(J), np.maximum(lo[i] - J, J - hi[i]), np.inf).reshape(len(J), -1)
             outside += int(np.sum(np.any(excess > slack, axis=1)))
             worst = max(worst, float(np.max(excess, initial=0.0)))

@@ -228,6 +228,18 @@ def test_verify_samples_recurjac_bounds(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_verify_recurjac_with_no_kink_in_the_ball(tmp_path, capsys):
+    """Old: eps 0 (or a ball inside one activation region) found no kink point, and the empty set of kink
+    Jacobians crashed the comparison (exit 3)."""
+    src, out = emitted(tmp_path, "recurjac")
+    x0 = tmp_path / "x0.npy"
+    np.save(x0, np.array([0.3, -0.2, 0.5, 0.1]))
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0") == 0
+    assert "outside the bounds: 0 (limit 0; of 2000 points" in capsys.readouterr().out
+    tamper(out, "J_upper", "Add", -1.0)
+    assert run_cli("verify", out, "--source", src, "--x0", x0, "--eps", "0") == 1
+
+
 def fixed_point_T(path):
     """T(z, x) = tanh(z W + x U + b) with ||W|| < 1: a contraction, so z <- T(z, x) converges."""
     rng = np.random.default_rng(0)
