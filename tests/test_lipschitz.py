@@ -649,3 +649,26 @@ def test_verify_checks_autolip_graphs_and_fails_a_broken_one(name, tmp_path, cap
         assert main(["verify", str(tmp_path / "broken.onnx"), "--source", str(path)]) == 1, g
     assert main(["verify", str(tmp_path / graphs[0])]) == 2
     assert "--source" in capsys.readouterr().err
+
+
+def test_verify_fails_a_power_graph_whose_sigma_falls_short(tmp_path, capsys):
+    """Old: a power graph reporting sigma x 0.5 (or x 0.001) passed, since only sigma <= ||A u|| was checked."""
+    from examples import bounds_models
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(bounds_models.export_bytes(bounds_models.build("residual_mlp"), (16,)))
+    assert main(["compile", str(path), "--emit", "autolip", "-o", str(tmp_path / "lip.onnx")]) == 0
+    power = sorted(p for p in os.listdir(tmp_path) if p.startswith("lip.") and "power" in p)
+    assert power
+    for g in power:
+        assert main(["verify", str(tmp_path / g), "--source", str(path)]) == 0, g
+        short = onnx.load(tmp_path / g)
+        sigma = short.graph.output[0].name
+        for node in short.graph.node:
+            node.output[:] = [o + "_raw" if o == sigma else o for o in node.output]
+        dtype = helper.tensor_dtype_to_np_dtype(short.graph.output[0].type.tensor_type.elem_type)
+        short.graph.initializer.append(numpy_helper.from_array(np.asarray(0.5, dtype), "half"))
+        short.graph.node.append(helper.make_node("Mul", [sigma + "_raw", "half"], [sigma]))
+        onnx.save(short, tmp_path / "short.onnx")
+        assert main(["verify", str(tmp_path / "short.onnx"), "--source", str(path)]) == 1, g
+        assert "FAILED" in capsys.readouterr().out
