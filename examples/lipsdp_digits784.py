@@ -102,7 +102,8 @@ def main():
     Xs = torch.cat([X, X + 0.3 * torch.randn(X.shape, generator=torch.Generator().manual_seed(1), dtype=X.dtype)])
     J = torch.func.vmap(torch.func.jacrev(net))(Xs)
     lower = torch.linalg.matrix_norm(J, ord=2).max().item()
-    print(f"LipSDP bound {sdp['bound']:.8g} (verified: {sdp['guaranteed']}; solver {sdp['solver']}, {sdp['status']}; "
+    bound = "none (not verified)" if sdp["bound"] is None else f"{sdp['bound']:.8g}"
+    print(f"LipSDP bound {bound} (verified: {sdp['guaranteed']}; solver {sdp['solver']}, {sdp['status']}; "
           f"{sdp['rows']} rows, input reduced from {sdp.get('input_reduced_from')}; {sdp_wall:.2f} s wall, "
           f"{sdp_cpu:.2f} s thread CPU)")
     print(f"SeqLip bound {seq['bound']:.6g} ({seq_wall:.1f} s)   AutoLip bound {auto['bound']:.6g} ({auto_wall:.1f} s)")
