@@ -302,6 +302,7 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
     checks = [Check("bounds finite", 0.0 if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) else float("inf"),
                     0.0, "J_lower and J_upper hold no NaN or inf"),
               Check("J_lower <= J_upper", float(max(np.max(lo - hi), 0.0)), 0.0, "largest crossing of the bounds")]
+    _check_bound_source(source, in_shape, lo.shape[1])
     jacobian = _true_jacobian(source, in_shape)
     slack = (1e-9 if _input_dtype(model) == np.float64 else 1e-5) * max(1.0, float(np.max(np.abs(hi))),
                                                                          float(np.max(np.abs(lo))))
@@ -322,6 +323,23 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
                         f"of {counts[0]} points in the l_{norm} ball(s) (uniform, boundary, corners) and {counts[1]} "
                         f"either side of a kink; largest excess {worst:.2e}, rounding slack {slack:.1e}"))
     return checks
+
+
+def _check_bound_source(source, in_shape, outputs):
+    """The source must be the network the bound graph was compiled from: one float input of the graph's point
+    shape, `outputs` output values (else its Jacobians cannot be compared, and onnxruntime fails on them)."""
+    src = SourceModel(source)
+    inputs = src.float_inputs()
+    sample = (src.shape(inputs[0]) or (None,))[1:] if len(inputs) == 1 else None
+    out = (src.shape(src.graph.output[0].name) or (None,))[1:] if len(src.graph.output) == 1 else None
+    known = sample is not None and out is not None and all(isinstance(d, int) for d in (*sample, *out))
+    if known and (int(np.prod(sample)) != int(np.prod(in_shape)) or int(np.prod(out)) != outputs):
+        raise JacgraphError(f"--source takes inputs of shape {list(sample)} and gives {int(np.prod(out))} outputs per "
+                            f"point, but the bound graph is for points of shape {list(in_shape)} and {outputs} "
+                            "outputs: give the model the graph was compiled from.")
+    if len(inputs) != 1:
+        raise JacgraphError(f"--source has {len(inputs)} float inputs; a bound graph bounds a network of one input. "
+                            "Give the model the graph was compiled from.")
 
 
 def check_autolip(model, props, source, rng, tol) -> list:

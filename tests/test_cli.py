@@ -723,3 +723,12 @@ def test_bound_counts_one_point_of_the_sample_shape_as_one(tmp_path, capsys, x0_
     np.save(tmp_path / "x.npy", np.zeros(x0_shape))
     assert main(["bound", str(conv), "--x0", str(tmp_path / "x.npy"), "--eps", "0.01", "--max-memory", "1K"]) == 2
     assert f"bound for {points} point(s)" in capsys.readouterr().err
+
+
+def test_verify_recurjac_against_another_model_exits_2(tmp_path, capsys):
+    """Old: a --source that is not the bounded network (another input size, or a fixed-point T of two inputs)
+    failed inside onnxruntime, exit 3."""
+    _, out = emitted(tmp_path, "recurjac")
+    for other in (conv_net(tmp_path / "c.onnx", spatial=(8, 8)), fixed_point_T(tmp_path / "t.onnx")):
+        assert run_cli("verify", out, "--source", other) == 2, other
+        assert "give the model the graph was compiled from" in capsys.readouterr().err.lower()
