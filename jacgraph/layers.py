@@ -718,7 +718,11 @@ def _linear_value(src, node, op, a, ins, x):
         if ins[0] is None or indices is None:
             raise JacgraphError(f"Gather '{node.name}' must pick constant indices out of the features.")
         axis = _axis(int(a.get("axis", 0)), len(x.shape) + 1, node)
-        picked = np.take(np.arange(n).reshape(x.shape), np.asarray(indices, np.int64), axis=axis)
+        indices, size = np.asarray(indices, np.int64), x.shape[axis]
+        if np.any((indices < -size) | (indices >= size)):
+            raise JacgraphError(f"Gather '{node.name}' picks index {int(indices.flat[np.argmax((indices < -size) | (indices >= size))])} "
+                                f"of an axis of size {size}: the model is invalid there; fix its indices.")
+        picked = np.take(np.arange(n).reshape(x.shape), indices, axis=axis)
         return x.map(_select(picked, n), shape=picked.shape)
     if op == "Resize":
         return x.map(_resize_matrix(src, node, x.shape), shape=src.shape(node.output[0])[1:])

@@ -394,3 +394,22 @@ def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_n
     # the LSTM's products i*g, f*c, o*tanh(c) over 8 steps (f*c of step 0 multiplies the constant initial
     # state), and the Mul above: 3*8 - 1 + 1
     assert "Mul of two computed tensors (not affine) (x24)" in message, message
+
+
+@pytest.mark.parametrize("indices, ok", [([0, 5, -6], True), ([0, 6], False), ([-7], False)])
+def test_graph_lowering_gather_checks_its_indices(indices, ok):
+    """Old: an index outside the axis reached np.take and raised IndexError (an internal error, exit 3)."""
+    w = numpy_helper.from_array(np.arange(len(indices) * 2, dtype=np.float32).reshape(len(indices), 2), "w")
+    idx = numpy_helper.from_array(np.asarray(indices, np.int64), "idx")
+    nodes = [helper.make_node("Gather", ["x", "idx"], ["g"], axis=1), helper.make_node("Relu", ["g"], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w, idx])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if ok:  # the lowered selection equals numpy's take on the features
+        g = lower_graph(model)
+        x = np.random.default_rng(0).standard_normal(6)
+        np.testing.assert_allclose(g.nodes[1].mats[0] @ x, np.take(x, indices))
+    else:
+        with pytest.raises(JacgraphError, match="fix its indices"):
+            lower_graph(model)
