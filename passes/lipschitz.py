@@ -1,19 +1,15 @@
-"""AutoLip and SeqLip (Scaman & Virmaux, NeurIPS 2018): global l2 Lipschitz upper bounds.
+"""AutoLip (Scaman & Virmaux, NeurIPS 2018) and the public Lipschitz analysis: global l2 Lipschitz upper bounds.
 
 A feed-forward model is lowered (jacgraph.layers) into stages x -> act(A x + b). Its Lipschitz
 constant is at most
   AutoLip: prod_i ||A_i||_2 * max|act_i'|                       (per-layer operator norms)
-  SeqLip:  prod_i max_{s in box_i} ||S~_{i+1} V_{i+1}^T diag(s) U_i S~_i||  * max|act_last'|
-           with A_i = U_i S_i V_i^T, S~ = S for the first and last layer and sqrt(S) between,
-           box_i the range of act_i' ({0,1} for ReLU); the norm is convex in s, so its max over
-           the box is at a vertex: exact search over 2^n vertices for n <= exact_limit units
-           (default 16, at most 24), greedy search on the top-k singular directions beyond (an
-           estimate, not a bound). The guaranteed SeqLip bound uses, beyond the limit, the
-           midpoint bound |m| ||A B|| + |r| min(||A|| ||B||, sum_j ||a_j|| ||b_j||) with
-           s = m + r t, |t| <= 1; it never exceeds AutoLip.
+  SeqLip:  pairs of consecutive layers bounded jointly over the range of the activation slopes between
+           them (slope_box): passes/seqlip.py. It never exceeds AutoLip.
   LipSDP:  sqrt(min rho s.t. M(rho, T) <= 0), LipSDP-Neuron (Fazlyab et al., NeurIPS 2019), in
            passes/lipsdp.py: an SDP (cvxpy + Clarabel) for small dense models, its solution checked in
            float64 so that the printed bound is guaranteed.
+`analyze` runs them on a chain here and sends a model that is not a chain (residual joins, concat,
+pooling) to passes/lipschitz_dag.py (AutoLip over the DAG, SeqLip on the chains inside it).
 
 `--emit autolip` (`build`) writes, per linear stage i, three ONNX graphs (a dict {suffix: model},
 written as OUT.layer<i>.<op|adj|power>.onnx):
@@ -23,9 +19,8 @@ written as OUT.layer<i>.<op|adj|power>.onnx):
   layer<i>.power  (u0, iterations, tol) -> (sigma, u, sigma_history): an ONNX Loop of power
                   iteration on A^T A, stopping when ||A^T A u|| changes by less than tol relative
                   (tol < 0: run every iteration).
-A model that is not a chain (residual joins, concat, pooling: layers.lower_graph) gets AutoLip and SeqLip over
-its DAG (graph_lipschitz) and the same three graphs per linear node k, OUT.node<k>.<op|adj|power>.onnx, for the
-node's inputs stacked -> its output (graph_stages). Every graph carries jacgraph.emit = autolip metadata, which
+A model that is not a chain (layers.lower_graph) gets the same three graphs per linear node k,
+OUT.node<k>.<op|adj|power>.onnx, for the node's inputs stacked -> its output (graph_stages). Every graph carries jacgraph.emit = autolip metadata, which
 `jacgraph verify --source` checks against the operator rebuilt from the source (emitted_operator).
 The input shape is fixed at compile time: a Conv's operator norm depends on it. Graphs are float64
 when every stage is dense, float32 when a stage is a Conv (onnxruntime has no float64 Conv kernel;
@@ -38,7 +33,6 @@ the circular convolution on the padded grid; the smaller of the two). Printing i
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -49,14 +43,8 @@ from onnx import TensorProto, helper
 from jacgraph.builder import Builder
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
-from jacgraph.spectral import (DENSE_LIMIT, EPS, certified_bound, conv_geometry, matrix, max_overlap, norm_estimate,
-                               one_blas_thread, size, sparse_bound, stacked_norms)
-
-EXACT_LIMIT = 16            # SeqLip searches all 2^n activation patterns up to this many units
-EXACT_CAP = 24              # beyond this the exact search would take hours
-TOP_K = 10                  # singular directions kept by the greedy SeqLip search
-MAX_CHAIN = 4               # SeqLip on a DAG: matrices per chain (each length is one more SeqLip of its SVDs)
-CHAIN_DENSE_LIMIT = 1 << 22  # and the largest matrix in a chain (entries; its SVD takes seconds)
+from jacgraph.passes.seqlip import EXACT_LIMIT, TOP_K, seqlip
+from jacgraph.spectral import DENSE_LIMIT, certified_bound, conv_geometry, matrix, one_blas_thread, size
 
 
 # ---- activations: the range of their derivative ---------------------------------------------------
@@ -311,106 +299,6 @@ def power_norm(graph, stage, iterations=1000, tol=None, seed=0):
     return float(sigma), len(history), u
 
 
-# ---- SeqLip -------------------------------------------------------------------------------------
-def _pair_exact(A, B, lo, hi, chunk=4096) -> float:
-    """max over s in {lo, hi}^n of ||A diag(s) B||_2, by enumerating every vertex."""
-    n = A.shape[1]
-    base = lo * (A @ B)
-    outer = (hi - lo) * np.einsum("rj,js->jrs", A, B)
-    best = 0.0
-    for start in range(0, 1 << n, chunk):
-        codes = np.arange(start, min(start + chunk, 1 << n))
-        bits = ((codes[:, None] >> np.arange(n)) & 1).astype(np.float64)
-        M = base + np.tensordot(bits, outer, axes=1)
-        best = max(best, float(stacked_norms(M).max()))
-    return best
-
-
-def _pair_greedy(A, B, lo, hi, top_k=TOP_K, screen=32) -> float:
-    """A vertex s found by local search on the top-k singular directions (start: the rank-1 optimum; each
-    step takes the best single flip among the `screen` with the largest first-order gain), and
-    ||A diag(s) B||_2 there: a lower estimate of the pair's maximum, not a bound."""
-    n = A.shape[1]
-    Ak, Bk = A[:top_k], B[:, :top_k]
-    c = Ak[0] * Bk[:, 0]
-    starts = [np.where(c > 0, hi, lo), np.where(c < 0, hi, lo)]
-    s = max(starts, key=lambda v: abs(float(v @ c))).astype(np.float64)
-    outer = np.einsum("rj,js->jrs", Ak, Bk)
-    M = np.einsum("rj,j,js->rs", Ak, s, Bk)
-    value = np.linalg.norm(M, 2)
-    for _ in range(4 * n):
-        flips = np.where(s == hi, lo - hi, hi - lo)
-        U, _, Vt = np.linalg.svd(M)
-        gain = flips * (U[:, 0] @ Ak) * (Bk @ Vt[0])  # d sigma_max for each flip, to first order
-        pick = np.argsort(gain)[::-1][:screen]
-        candidates = M[None] + flips[pick, None, None] * outer[pick]
-        norms = np.linalg.norm(candidates, ord=2, axis=(1, 2))
-        j = int(np.argmax(norms))
-        if norms[j] <= value * (1 + 1e-12):
-            break
-        s[pick[j]] += flips[pick[j]]
-        M, value = candidates[j], norms[j]
-    return float(np.linalg.norm((A * s) @ B, 2))
-
-
-def _pair_midpoint_bound(A, B, lo, hi) -> float:
-    """A guaranteed bound on max over s in [lo, hi]^n of ||A diag(s) B||_2 without search: with
-    s = m + r t, |t| <= 1, it is at most |m| ||A B|| + |r| min(||A|| ||B||, sum_j ||a_j|| ||b_j||)."""
-    m, r = (lo + hi) / 2, (hi - lo) / 2
-    spread = min(np.linalg.norm(A, 2) * np.linalg.norm(B, 2),
-                 float(np.linalg.norm(A, axis=0) @ np.linalg.norm(B, axis=1)))
-    whole = max(abs(lo), abs(hi)) * np.linalg.norm(A, 2) * np.linalg.norm(B, 2)
-    return float(min(abs(m) * np.linalg.norm(A @ B, 2) + abs(r) * spread, whole))
-
-
-def seqlip(mats, boxes, last_slope=1.0, exact_limit=EXACT_LIMIT, top_k=TOP_K, greedy=True) -> dict:
-    """SeqLip over dense layer matrices; boxes[i] is the slope range of the activation after layer i.
-
-    value: the product of pair maxima (exact search up to exact_limit units, greedy beyond: then an
-    estimate). bound: guaranteed, the product of exact pair maxima, and beyond the limit of the
-    midpoint bound, plus a float64 rounding allowance. greedy=False skips the greedy search (value: the bound)."""
-    if exact_limit > EXACT_CAP:
-        raise JacgraphError(f"--exact-limit {exact_limit} would search 2^{exact_limit} patterns per pair; "
-                            f"the most that finishes is {EXACT_CAP}.")
-    svd = [np.linalg.svd(W, full_matrices=False) for W in mats]
-    top = [float(S[0]) if S.size else 0.0 for _, S, _ in svd]
-    k = len(mats)
-    # computed SVD factors reproduce W up to c n eps ||W|| (backward stable), so the product of pair norms
-    # is off by at most k c n eps times the product of the layer norms: added to the bound
-    n_max = max(max(W.shape) for W in mats)
-    autolip = float(np.prod(top)) * math.prod(max(abs(lo), abs(hi)) for lo, hi in boxes[:-1]) * last_slope
-    allowance = 16 * k * n_max * EPS * autolip
-    if k == 1:
-        return {"value": last_slope * top[0], "bound": last_slope * top[0] + allowance, "exact": True, "pairs": []}
-    pairs, value, bound, exact = [], last_slope, last_slope, True
-    for i in range(k - 1):
-        t0 = time.perf_counter()
-        U1, S1, _ = svd[i]
-        _, S2, V2t = svd[i + 1]
-        B = U1 * (S1 if i == 0 else np.sqrt(S1))
-        A = (S2 if i + 1 == k - 1 else np.sqrt(S2))[:, None] * V2t
-        lo, hi = boxes[i]
-        n = A.shape[1]
-        if lo == hi:
-            v = pair_bound = abs(lo) * float(np.linalg.norm(A @ B, 2))
-            how = "linear"
-        elif n <= exact_limit:
-            v = pair_bound = _pair_exact(A, B, lo, hi)
-            how = "exact"
-        else:
-            pair_bound = _pair_midpoint_bound(A, B, lo, hi)
-            if greedy:
-                v, how = _pair_greedy(A, B, lo, hi, top_k), f"greedy top-{top_k} (estimate)"
-            else:
-                v, how = pair_bound, "midpoint bound"
-            exact = False
-        pairs.append({"pair": [i, i + 1], "units": n, "value": v, "bound": pair_bound, "method": how,
-                      "seconds": time.perf_counter() - t0})
-        value *= v
-        bound *= pair_bound
-    return {"value": value, "bound": bound + allowance, "exact": exact, "pairs": pairs}
-
-
 # ---- the analysis ---------------------------------------------------------------------------------
 @dataclass
 class Report:
@@ -443,6 +331,8 @@ def _analyze(model, method, input_shape, iterations, tol, exact_limit, top_k, se
     from jacgraph import layers
 
     if not layers.is_chain(src):
+        from jacgraph.passes.lipschitz_dag import analyze_graph  # here: that module builds on this one's Report
+
         return analyze_graph(src, method, input_shape, exact_limit, top_k)
     stages = lower(src, input_shape)
     report = Report()
@@ -483,121 +373,6 @@ def _analyze(model, method, input_shape, iterations, tol, exact_limit, top_k, se
         report.seqlip = result
     if method in ("lipsdp", "all"):
         report.lipsdp = run_lipsdp(stages, slopes[-1], explicit=method == "lipsdp")
-    return report
-
-
-# ---- AutoLip over a DAG (residual joins, concat, pooling, max selections) ----------------------------
-
-def graph_lipschitz(graph, chains=False, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> dict:
-    """Per node k, a bound L_k on the l2 Lipschitz constant of x -> node_k(x) (and an estimate E_k):
-
-      linear node   sum_j ||M_kj|| L_j, or ||[M_k1 .. M_kJ]|| sqrt(sum_j L_j^2) when smaller
-                    (||sum_j M_j d_j|| <= ||[M_j]|| ||stacked d||, ||stacked d||^2 = sum_j ||d_j||^2)
-      activation    max |sigma'| L_j
-      max node      sqrt(c) L_j, c the largest number of windows one input is in
-                    (sum_o max_{i in W_o} d_i^2 <= sum_o sum_{i in W_o} d_i^2 <= c ||d||^2).
-    A residual block h + f(h) is one linear node whose inputs are h and f's last activation, so its
-    identity and f's matrix are bounded jointly where they are one operator.
-
-    chains=True also gives SeqLip over the DAG (result["seqlip"]): a second bound S_k by the same rules,
-    except that a linear node's term M_kj h_j, h_j = act(A h_start + b) reached through a chain of one-input
-    linear nodes and activations (_chain_terms), is bounded by SeqLip of that chain times S_start when smaller
-    than ||M_kj|| S_j. So S_k <= L_k at every node: SeqLip on a DAG is never above AutoLip."""
-    import scipy.sparse as sp
-
-    L, E, S, layers_, chain_rows = [1.0], [1.0], [1.0], [], []
-    for k, node in enumerate(graph.nodes[1:], start=1):
-        j = node.inputs[0] if node.inputs else None
-        if node.kind == "act":
-            slope = max_slope(node.activation, node.act_attrs)
-            L.append(slope * L[j])
-            E.append(slope * E[j])
-            S.append(slope * S[j])
-        elif node.kind == "max":
-            c = math.sqrt(max_overlap(node.windows))
-            L.append(c * L[j])
-            E.append(E[j])  # no estimate from below beyond the input's
-            S.append(c * S[j])
-        else:
-            t0 = time.perf_counter()
-            bounds = [sparse_bound(M) for M in node.mats]
-            parts = [b_ for b_, _ in bounds]
-            stacked = sp.hstack(node.mats) if len(node.mats) > 1 else node.mats[0]
-            joint, how = sparse_bound(stacked) if len(node.mats) > 1 else bounds[0]
-            total = sum(b_ * L[i] for b_, i in zip(parts, node.inputs))
-            estimate = sum(norm_estimate(M) * E[i] for M, i in zip(node.mats, node.inputs))
-            terms = [b_ * S[i] for b_, i in zip(parts, node.inputs)]
-            if chains:
-                for t, (i, M) in enumerate(zip(node.inputs, node.mats)):
-                    for start, mats, boxes in _chain_terms(graph, i, M):
-                        t1 = time.perf_counter()
-                        r = seqlip(mats, boxes, 1.0, exact_limit, top_k, greedy=False)
-                        methods = sorted({p["method"] for p in r["pairs"]})
-                        chain_rows.append({"pair": [start, k], "units": sum(A.shape[0] for A in mats[:-1]),
-                                           "value": r["value"], "bound": r["bound"],
-                                           "method": f"chain of {len(mats)}: {', '.join(methods)}",
-                                           "seconds": time.perf_counter() - t1})
-                        terms[t] = min(terms[t], r["bound"] * S[start])
-            if len(node.mats) > 1:
-                total = min(total, joint * math.sqrt(sum(L[i] ** 2 for i in node.inputs)))
-            L.append(total)
-            E.append(min(estimate, total))
-            S.append(min(sum(terms), joint * math.sqrt(sum(S[i] ** 2 for i in node.inputs)), total))
-            layers_.append({"layer": k, "op": "linear" if len(parts) == 1 else f"join of {len(parts)}",
-                            "in": [graph.nodes[i].n for i in node.inputs], "out": [node.n],
-                            "activation": None, "norm_estimate": norm_estimate(stacked),
-                            "iterations": 0, "bound": joint, "bound_method": how,
-                            "power_seconds": 0.0, "bound_seconds": time.perf_counter() - t0})
-    result = {"bound": L[-1], "estimate": E[-1], "layers": layers_}
-    if chains:
-        result["seqlip"] = {"bound": S[-1], "value": S[-1], "exact": all("midpoint" not in r["method"] for r in chain_rows),
-                            "dag": True, "pairs": chain_rows, "exact_limit": exact_limit}
-    return result
-
-
-def _chain_terms(graph, j, M, max_maps=MAX_CHAIN):
-    """The chains that end in the term M h_j of a linear node: [(start, mats, boxes)], one per length, each the
-    path h_start -> A_1 -> act_1 -> ... -> A_r -> act_r = h_j -> M through activations whose input is a linear
-    node of one input (dense matrices only, at most CHAIN_DENSE_LIMIT entries; at most max_maps matrices)."""
-    def dense(A):
-        return np.asarray(A.toarray(), np.float64) if A.shape[0] * A.shape[1] <= CHAIN_DENSE_LIMIT else None
-
-    found, mats, boxes, cur = [], [dense(M)], [(1.0, 1.0)], j
-    while mats[0] is not None and graph.nodes[cur].kind == "act" and len(mats) < max_maps:
-        act = graph.nodes[cur]
-        p = graph.nodes[act.inputs[0]]
-        if p.kind != "linear" or len(p.inputs) != 1:
-            break
-        A = dense(p.mats[0])
-        if A is None:
-            break
-        mats.insert(0, A)
-        boxes.insert(0, slope_box(act.activation, act.act_attrs))
-        cur = p.inputs[0]
-        found.append((cur, list(mats), list(boxes)))
-    return found
-
-
-def analyze_graph(src, method, input_shape, exact_limit=EXACT_LIMIT, top_k=TOP_K) -> Report:
-    """AutoLip and SeqLip (on the chains inside it, graph_lipschitz) for a model that is not a chain; LipSDP
-    needs a chain of dense layers."""
-    from jacgraph import layers
-
-    if method == "lipsdp":
-        raise JacgraphError("--method lipsdp needs a plain chain of layers; this model has residual joins, "
-                            "concatenation or pooling. Use --method seqlip or autolip (they bound any such DAG).")
-    t0 = time.perf_counter()
-    graph = layers.lower_graph(src, tuple(input_shape) if input_shape else None)
-    result = graph_lipschitz(graph, chains=method in ("seqlip", "all"), exact_limit=exact_limit, top_k=top_k)
-    seq = result.pop("seqlip", None)
-    report = Report(layers=result.pop("layers") if method != "seqlip" else [])
-    seconds = time.perf_counter() - t0
-    if method in ("autolip", "all"):
-        report.autolip = {**result, "seconds": seconds}
-    if seq is not None:
-        report.seqlip = {**seq, "seconds": seconds}
-    if method == "all":
-        report.lipsdp = {"skipped": "LipSDP needs a plain chain of layers; this model is a DAG"}
     return report
 
 

@@ -1,6 +1,6 @@
-"""AutoLip / SeqLip (passes/lipschitz.py) and LipSDP (passes/lipsdp.py): certified per-layer bounds, the
-emitted A / A^T / power graphs, soundness against the exact Lipschitz constant of tiny ReLU MLPs, labels,
-and the command line."""
+"""AutoLip / SeqLip (passes/lipschitz.py, seqlip.py, lipschitz_dag.py) and LipSDP (passes/lipsdp.py): certified
+per-layer bounds, the emitted A / A^T / power graphs, soundness against the exact Lipschitz constant of tiny ReLU
+MLPs, labels, and the command line."""
 from __future__ import annotations
 
 import itertools
@@ -20,6 +20,7 @@ from jacgraph.cli import main
 from jacgraph.errors import JacgraphError
 from jacgraph.model import SourceModel
 from jacgraph.passes import lipschitz as L
+from jacgraph.passes import seqlip
 from jacgraph.testing import reference_session
 
 
@@ -341,9 +342,9 @@ def test_greedy_is_below_exact_and_midpoint_bound_above():
     rng = np.random.default_rng(11)
     for lo, hi in [(0.0, 1.0), (0.1, 1.0), (-0.5, 1.0)]:
         A, B = rng.standard_normal((4, 12)), rng.standard_normal((12, 5))
-        exact = L._pair_exact(A, B, lo, hi)
-        greedy = L._pair_greedy(A, B, lo, hi, top_k=4)
-        mid = L._pair_midpoint_bound(A, B, lo, hi)
+        exact = seqlip._pair_exact(A, B, lo, hi)
+        greedy = seqlip._pair_greedy(A, B, lo, hi, top_k=4)
+        mid = seqlip._pair_midpoint_bound(A, B, lo, hi)
         assert greedy <= exact * (1 + 1e-12) and exact <= mid * (1 + 1e-12)
         assert mid <= max(abs(lo), abs(hi)) * np.linalg.norm(A, 2) * np.linalg.norm(B, 2) * (1 + 1e-12)
 

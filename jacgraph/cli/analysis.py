@@ -152,7 +152,7 @@ def print_lipschitz(report):
 
 
 def add_lipschitz(sub):
-    from ..passes.lipschitz import EXACT_CAP, EXACT_LIMIT, TOP_K
+    from ..passes.seqlip import EXACT_CAP, EXACT_LIMIT, TOP_K
 
     p = sub.add_parser("lipschitz", help="global l2 Lipschitz upper bounds (AutoLip, SeqLip, LipSDP)",
                        description="Global l2 Lipschitz bounds and estimates of MODEL, each labelled bound "
