@@ -230,9 +230,48 @@ def check_jfb(model, props, source, rng, h, tol) -> list:
         raise JacgraphError(f"verify checks a JFB fixed_point or jfb_grad graph given T with --source T.onnx; this is "
                             f"the {graph} graph{'' if source is not None else ' and no --source was given'}.")
     T64, state = to_float64(load(source)), props["jacgraph.state"]
+    _check_jfb_source(model, props, source, state)
     m64 = to_float64(model)
     feeds = random_feeds(SourceModel(m64), rng)
     return (_check_fixed_point if graph == "fixed_point" else _check_jfb_grad)(m64, props, T64, state, feeds, rng, h, tol)
+
+
+def _check_jfb_source(model, props, source, state):
+    """T (--source) must be the step the JFB graph was compiled from: an input `state` of z*'s shape and an output of
+    that shape, its other inputs among the graph's with their shapes, and every differentiated parameter among its
+    initializers with the graph's shape (else replaying T fails in onnxruntime or on a missing name)."""
+    T, g = SourceModel(source), SourceModel(model)
+    graph_inputs = {i.name for i in g.graph.input}
+
+    def fits(a, b):
+        return a is not None and b is not None and len(a) == len(b) and all(
+            x == y for x, y in zip(a, b) if isinstance(x, int) and isinstance(y, int))
+
+    def shown(shape):
+        return "unknown" if shape is None else f"[{', '.join(map(str, shape))}]"
+
+    z_shape, wrong = g.shape(f"{state}_star"), []
+    names = [i.name for i in T.inputs]
+    if state not in names:
+        wrong.append(f"it has no input named {state!r} (the state; its inputs: {', '.join(names) or 'none'})")
+    for name in names:
+        want = z_shape if name == state else g.shape(name) if name in graph_inputs else None
+        if name != state and name not in graph_inputs:
+            wrong.append(f"its input {name!r} is not an input of the graph")
+        elif not fits(T.shape(name), want):
+            wrong.append(f"its input {name!r} has shape {shown(T.shape(name))}, the graph's {shown(want)}")
+    out = T.graph.output[0].name if T.graph.output else None
+    if out is not None and not fits(T.shape(out), z_shape):
+        wrong.append(f"its output {out!r} has shape {shown(T.shape(out))}, the state's {shown(z_shape)}")
+    for p in json.loads(props.get("jacgraph.wrt", "[]")):
+        if p not in T.initializers:
+            wrong.append(f"it has no parameter {p!r}")
+        elif not fits(tuple(T.initializers[p].dims), g.shape(p)):
+            wrong.append(f"its parameter {p!r} has shape {shown(tuple(T.initializers[p].dims))}, "
+                         f"the graph's {shown(g.shape(p))}")
+    if wrong:
+        raise JacgraphError(f"--source is not the step T this JFB graph was compiled from: {'; '.join(wrong)}. "
+                            "Give the model passed to `jacgraph compile --emit jfb`.")
 
 
 def _step(T64, state, z, feeds, params=None):

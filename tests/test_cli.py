@@ -284,6 +284,28 @@ def test_verify_checks_jfb_graphs(tmp_path, capsys, graph, output, op, value):
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_verify_of_jfb_graphs_against_the_wrong_source_is_a_clear_error(tmp_path, capsys):
+    """A --source that is not the compiled T (state renamed, another input width, another model) exits 2 naming
+    what differs, instead of an internal error (exit 3) from onnxruntime or a missing name."""
+    T = fixed_point_T(tmp_path / "T.onnx")
+    assert run_cli("compile", T, "--emit", "jfb", "--state", "z", "-o", tmp_path / "jfb", "-q") == 0
+    renamed = onnx.load(T)
+    renamed.graph.input[0].name = "h"
+    renamed.graph.node[0].input[0] = "h"
+    narrow = onnx.load(T)
+    narrow.graph.input[1].type.tensor_type.shape.dim[1].dim_value = 3
+    narrow.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ones((3, 6), np.float32), "U"))
+    wrong = {"renamed": (renamed, "no input named 'z'"),
+             "narrow": (narrow, "input 'x' has shape [2, 3], the graph's [2, 4]"),
+             "other": (onnx.load(readout_R(tmp_path / "R.onnx")), "no parameter 'W'")}
+    for name, (model, message) in wrong.items():
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        for graph in ("fixed_point", "jfb_grad"):
+            assert run_cli("verify", tmp_path / f"jfb.{graph}.onnx", "--source", tmp_path / f"{name}.onnx") == 2
+            err = capsys.readouterr().err
+            assert "--source is not the step T" in err and message in err, err
+
+
 def test_verify_refuses_graphs_it_cannot_check(tmp_path, capsys):
     src = mlp_model(tmp_path / "m.onnx")
     assert run_cli("verify", src) == 2  # a source model, not an emitted graph
