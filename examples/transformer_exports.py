@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jacgraph  # noqa: E402
 from jacgraph import runtime  # noqa: E402
-from jacgraph.testing import reference_session, relative_error, run_reference, to_float64  # noqa: E402
+from jacgraph.testing import check_jvp, reference_session, relative_error, run_reference, to_float64  # noqa: E402
 
 SEQ, IMAGE = 5, 32
 
@@ -120,8 +121,33 @@ def convnext():
     return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
 
 
+def hf_resnet():
+    # ResNet-50's layout in miniature: 7x7 stride-2 stem, 3x3 stride-2 max-pool, bottleneck stages; BatchNorm in eval
+    from transformers import ResNetConfig, ResNetModel
+    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"))
+    return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
+
+
+def mobilevit():
+    # MobileNetV2 blocks (SiLU) and MobileViT blocks (unfold into 2x2 patches, transformer, fold back); image 64 so
+    # every feature map (8, 4, 2) is a whole number of patches (a 32 image would interpolate a 1x1 map to 2x2)
+    from transformers import MobileViTConfig, MobileViTModel
+    wrapped, shape = _vision(MobileViTConfig, MobileViTModel, image_size=64, patch_size=2, hidden_sizes=[12, 16, 20],
+                             neck_hidden_sizes=[8, 8, 16, 16, 32, 32, 32], num_attention_heads=2, expand_ratio=2.0,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    # HF's init draws BatchNorm scales from N(0, 0.02): without residuals the signal shrinks 1e-3 per block (the
+    # output was ~1e-30). PyTorch's defaults (BN scale 1) and He-normal convs keep it at scale 1
+    for module in wrapped.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear, torch.nn.LayerNorm)):
+            module.reset_parameters()
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight)
+    return wrapped, shape
+
+
 MODELS = {"bert": bert, "bert_wide": bert_wide, "gpt2": gpt2, "llama": llama, "t5_encoder": t5_encoder, "vit": vit,
-          "swin": swin, "swin_w7": swin_w7, "convnext": convnext}
+          "swin": swin, "swin_w7": swin_w7, "convnext": convnext, "hf_resnet": hf_resnet,
+          "mobilevit": mobilevit}
 
 
 def build(name):
@@ -171,6 +197,20 @@ def torch_references(module, x, v, y_bar):
 def run_float64(model, feeds):
     """The emitted graph's float64 copy in onnx's reference evaluator (float32 feeds widened exactly)."""
     return run_reference(reference_session(to_float64(model)), {k: a.astype(np.float64) for k, a in feeds.items()})
+
+
+def central_difference_error(name, h=1e-5):
+    """The legacy export's JVP graph as a float64 copy (reference evaluator) against float64 central differences of
+    the export's own float64 copy at the same x and v: jacgraph's rules alone, with no torch in the comparison."""
+    module, x = build(name)
+    with warnings.catch_warnings():  # the tracer's warnings about Python branches on shapes: fixed shapes here
+        warnings.simplefilter("ignore")
+        source = export(module, x, "legacy")
+    x_name = source.graph.input[0].name
+    v = np.random.default_rng(2).standard_normal(x.shape)
+    errors = check_jvp(to_float64(source), to_float64(jacgraph.compile(source, emit="jvp")),
+                       {x_name: x.astype(np.float64)}, {x_name: v}, h=h)
+    return max(errors.values())
 
 
 def check(name, exporter, float64=False):
