@@ -48,12 +48,21 @@ def onnx_ad_module():
 
 
 def bench_one(name, folder, threads, runs, batch, clock, with_onnx_ad):
-    path = os.path.join(folder, f"{name}.onnx")
-    architectures.export(name, path, batch=batch)
-    x = architectures.example_input(name, batch=batch).numpy()
-    row = measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad)
-    return {"name": name, **row,
-            "faster_strategy": min(STRATEGIES, key=lambda s: row[f"{s}_ms"])}
+    def run():
+        path = os.path.join(folder, f"{name}.onnx")
+        architectures.export(name, path, batch=batch)
+        x = architectures.example_input(name, batch=batch).numpy()
+        row = measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad)
+        return {**row, "faster_strategy": min(STRATEGIES, key=lambda s: row[f"{s}_ms"])}
+    return recorded(name, run)
+
+
+def recorded(name, run):
+    """{"name": name, **run()}, or {"name": name, "error": why}: one model's failure is a row, not the end."""
+    try:
+        return {"name": name, **run()}
+    except Exception as e:  # pylint: disable=broad-exception-caught  # said in the row's notes
+        return {"name": name, "error": failure(e)}
 
 
 def failure(error: Exception) -> str:
@@ -138,27 +147,33 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
 
 
 def table(rows):
-    ad = "onnx_ad_ratio" in rows[0]
+    """The markdown table: '—' where a number is missing and a notes cell saying why (bench_suite's cells)."""
+    from examples.bench_suite import _memory, _ms, _notes, _ratio
+
+    ad = any(key.startswith("onnx_ad") for r in rows for key in r)
     head = (["architecture", "ORT forward ms"] + [f"{s} / forward" for s in STRATEGIES]
             + (["onnx-ad / forward", f"onnx-ad / {DEFAULT}"] if ad else [])
             + ["torch.func.jvp ms", f"torch.func.jvp / {DEFAULT}", "peak RSS MB forward, JVP",
-               "peak RSS JVP / forward"])
+               "peak RSS JVP / forward", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["name"], f"{r['forward_ms']:.3f}"] + [f"{r[s + '_ratio']:.2f}" for s in STRATEGIES]
-                 + ([f"{r['onnx_ad_ratio']:.2f}", f"{r['onnx_ad_over_jvp']:.2f}"] if ad else [])
-                 + [f"{r['torch_jvp_ms']:.3f}", f"{r['torch_over_jvp']:.2f}",
-                    f"{r['forward_peak_mb']:.0f}, {r['jvp_peak_mb']:.0f}", f"{r['memory_ratio']:.2f}"])
+        cells = ([r["name"], _ms(r, "forward_ms")] + [_ratio(r, s + "_ratio") for s in STRATEGIES]
+                 + ([_ratio(r, "onnx_ad_ratio"), _ratio(r, "onnx_ad_over_jvp")] if ad else [])
+                 + [_ms(r, "torch_jvp_ms"), _ratio(r, "torch_over_jvp"), _memory(r, ["forward", "jvp"]),
+                    _ratio(r, "memory_ratio"), _notes(r)])
         lines.append("| " + " | ".join(cells) + " |")
-    med = lambda k: f"{float(np.median([r[k] for r in rows])):.2f}"  # noqa: E731
+
+    def med(key):  # over the rows that have the number
+        values = [r[key] for r in rows if key in r]
+        return f"{float(np.median(values)):.2f}" if values else "—"
     cells = (["**median**", ""] + [med(s + "_ratio") for s in STRATEGIES]
              + ([med("onnx_ad_ratio"), med("onnx_ad_over_jvp")] if ad else [])
-             + ["", med("torch_over_jvp"), "", med("memory_ratio")])
+             + ["", med("torch_over_jvp"), "", med("memory_ratio"), ""])
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", type=int, default=30)
@@ -167,7 +182,7 @@ def main():
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
     p.add_argument("--onnx-ad", action="store_true", help="also time onnx-ad 0.3's forward-mode graph")
     p.add_argument("--json", help="write the rows to this JSON file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     names = args.only.split(",") if args.only else list(architectures.ARCHITECTURES)
@@ -175,11 +190,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             rows.append(bench_one(name, folder, args.threads, args.runs, args.batch, clock, args.onnx_ad))
-            r = rows[-1]
-            print(f"{name:20s} fwd {r['forward_ms']:8.3f} ms  "
-                  + "  ".join(f"{s} x{r[s + '_ratio']:.2f}" for s in STRATEGIES)
-                  + (f"  onnx-ad x{r['onnx_ad_ratio']:.2f}" if args.onnx_ad else "")
-                  + f"  torch.func.jvp/JVP {r['torch_over_jvp']:.2f}  mem x{r['memory_ratio']:.2f}", flush=True)
+            print(table(rows[-1:]).splitlines()[2], flush=True)
     print()
     print(f"threads={args.threads}, batch={args.batch}, median of {args.runs} interleaved runs, "
           f"{'thread CPU time' if args.cpu_time else 'wall clock'}; default strategy {DEFAULT}")

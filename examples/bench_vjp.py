@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
-from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module  # noqa: E402
+from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module, recorded  # noqa: E402
 from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
 from jacgraph.runtime import run, session  # noqa: E402
@@ -30,10 +30,12 @@ DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "u
 
 
 def bench_one(name, folder, threads, runs, clock, with_onnx_ad=False):
-    path = os.path.join(folder, name + ".onnx")
-    architectures.export(name, path, batch=1)
-    x = architectures.example_input(name, batch=1).numpy()
-    return measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad, memory=False)
+    def run():
+        path = os.path.join(folder, name + ".onnx")
+        architectures.export(name, path, batch=1)
+        x = architectures.example_input(name, batch=1).numpy()
+        return measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad, memory=False)
+    return recorded(name, run)
 
 
 def with_params_as_inputs(source, params):
@@ -105,29 +107,30 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, 
     return row
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--only", help="comma-separated architecture names")
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
     p.add_argument("--onnx-ad", action="store_true", help="also time onnx-ad 0.3's reverse-mode graphs")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
+    from examples.bench_suite import _ms, _notes, _ratio  # '—' where a number is missing, and why in the notes
+
     ad = " onnx-ad x ms | onnx-ad params ms |" if args.onnx_ad else ""
     print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio |" + ad
-          + " PyTorch fwd+bwd ms |")
-    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (1 + 2 * args.onnx_ad))
+          + " PyTorch fwd+bwd ms | notes |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (1 + 2 * args.onnx_ad) + "---|")
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             t = bench_one(name, folder, args.threads, args.runs, clock, args.onnx_ad)
-            ad = "".join(f" {t[f'onnx_ad_{k}_ms']:.3f} |" if f"onnx_ad_{k}_ms" in t else f" {t[f'onnx_ad_{k}_error']} |"
-                         for k in ("x", "params") if args.onnx_ad)
-            print(f"| {name} | {t['forward_ms']:.3f} | {t['vjp_x_ms']:.3f} | {t['vjp_x_ratio']:.2f} | "
-                  f"{t['vjp_params_ms']:.3f} | {t['vjp_params_ratio']:.2f} |{ad} {t['torch_fwd_bwd_ms']:.3f} |",
-                  flush=True)
+            ad_cells = [_ms(t, "onnx_ad_x_ms"), _ms(t, "onnx_ad_params_ms")] if args.onnx_ad else []
+            cells = [name, _ms(t, "forward_ms"), _ms(t, "vjp_x_ms"), _ratio(t, "vjp_x_ratio"), _ms(t, "vjp_params_ms"),
+                     _ratio(t, "vjp_params_ratio"), *ad_cells, _ms(t, "torch_fwd_bwd_ms"), _notes(t)]
+            print("| " + " | ".join(cells) + " |", flush=True)
     print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs, "
           f"{'thread CPU time' if args.cpu_time else 'wall clock'}")
 

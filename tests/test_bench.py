@@ -116,3 +116,33 @@ def test_zoo_model_has_random_weights_in_place_of_the_fills():
     again, _ = bench_suite.zoo_model("squeezenet")  # seed fixed: the same weights
     assert np.array_equal(onnx.numpy_helper.to_array(again.graph.initializer[-1]),
                           weights[again.graph.initializer[-1].name])
+
+
+def test_bench_jvp_and_vjp_tables_say_why_a_comparison_failed(monkeypatch, capsys):
+    """examples/bench_jvp.py and bench_vjp.py: when torch.func, onnx-ad or a memory probe fails for a model, its
+    row says why in a notes cell ('—' where the number would be) instead of the table raising KeyError."""
+    import torch
+
+    from examples import bench_jvp, bench_vjp
+
+    def untraceable(*args, **kwargs):
+        raise RuntimeError("this module cannot be traced")
+
+    def no_onnx_ad():
+        raise ImportError("onnx-ad is not installed here")
+
+    def probe_died(*args, **kwargs):
+        raise MemoryError("the probe process was killed")
+
+    monkeypatch.setattr(torch.func, "jvp", untraceable)
+    monkeypatch.setattr(torch.func, "vjp", untraceable)
+    monkeypatch.setattr(bench_jvp, "onnx_ad_module", no_onnx_ad)
+    monkeypatch.setattr(bench_vjp, "onnx_ad_module", no_onnx_ad)
+    monkeypatch.setattr(bench_jvp, "peak_memory", probe_died)
+    for bench in (bench_jvp, bench_vjp):
+        bench.main(["--only", "mlp", "--runs", "1", "--threads", "1", "--onnx-ad"])
+        row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp |")][-1]  # the table
+        assert "torch: RuntimeError: this module cannot be traced" in row, row
+        assert "ImportError: onnx-ad is not installed here" in row and "—" in row, row
+        if bench is bench_jvp:
+            assert "forward_peak: MemoryError: the probe process was killed" in row, row
