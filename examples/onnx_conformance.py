@@ -677,7 +677,8 @@ def main(argv=None):
     p.add_argument("--markdown", default=DOC_PAGE, help="the docs page to write (default docs/benchmarks/conformance.md)")
     p.add_argument("--no-markdown", action="store_true", help="do not write the docs page")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--from-json", help="re-render the page (and JSON) from a saved run instead of running the cases")
+    p.add_argument("--from-json", help="re-render the page (and --json) from a saved run instead of running the cases; "
+                   f"the file read and {LATEST_JSON} are left as they are")
     args = p.parse_args(argv)
     tools = [t for t in args.tools.split(",") if t]
     checks = [c for c in args.checks.split(",") if c]
@@ -687,6 +688,8 @@ def main(argv=None):
     if "onnx-ad" in tools:
         ensure_onnx_ad()
     if args.from_json:
+        if args.json and os.path.realpath(args.json) == os.path.realpath(args.from_json):
+            p.error("--json names the file --from-json reads; reading a run never overwrites it: give another --json")
         return rerender(args, tools, checks)
     started = time.monotonic()
     cases = collect(set(args.ops.split(",")) if args.ops else None, set(args.cases.split(",")) if args.cases else None)
@@ -718,14 +721,14 @@ def rerender(args, tools, checks):
         for r in records:
             r.setdefault("source_ort", ort_loads(models[r["name"]]) if r["name"] in models else "")
     report["summary"] = summarize(records, tools, checks)
-    write_report(report, args, tools, checks)
+    write_report(report, args, tools, checks, latest=False)  # a re-render is not a run: LATEST_JSON stays
     return report
 
 
-def write_report(report, args, tools, checks):
-    """The run's JSON (--json and LATEST_JSON) and, unless --no-markdown, its docs page."""
+def write_report(report, args, tools, checks, latest=True):
+    """The run's JSON (--json, and LATEST_JSON when latest) and, unless --no-markdown, its docs page."""
     text = json.dumps(report, indent=1, default=str)
-    for path in filter(None, [args.json, LATEST_JSON]):
+    for path in filter(None, [args.json, LATEST_JSON if latest else None]):
         write_atomic(path, text)
     if not args.no_markdown:
         write_atomic(args.markdown, markdown(report["cases"], report["summary"], report["meta"], tools, checks))

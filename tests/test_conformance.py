@@ -4,6 +4,7 @@ Only jacgraph is run here: onnx-ad is the benchmark's comparison, never a depend
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -89,3 +90,29 @@ def test_summary_and_page(cases):
     meta = {"command": "x", "machine": "m", "date": "d", "commit": "c", "seconds": 1.0}
     page = conf.markdown(records, summary, meta, ["jacgraph"], ["jvp"])
     assert f"| jacgraph | jvp | {len(records) - 1} / {len(records)} |" in page
+
+
+def test_from_json_reads_without_overwriting(cases, tmp_path, monkeypatch):
+    """--from-json re-renders the page from a saved run: the file it reads and the latest-run file stay as they
+    were (byte for byte); --json naming the file it reads is refused."""
+    latest = tmp_path / "latest.json"
+    monkeypatch.setattr(conf, "LATEST_JSON", str(latest))
+    records = [conf.run_case(c, ["jacgraph"], ["jvp"]) for c in cases if c[0] in GOOD[:2]]
+    meta = {"command": "x", "machine": "m", "date": "d", "commit": "c", "seconds": 1.0}
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"meta": meta, "summary": {}, "cases": records}))
+    latest.write_text("the latest run")
+    before = saved.read_bytes()
+    page, out = tmp_path / "page.md", tmp_path / "out.json"
+    for source in (saved, latest):
+        if source == latest:
+            latest.write_text(before.decode())
+        conf.main(["--tools", "jacgraph", "--checks", "jvp", "--from-json", str(source), "--markdown", str(page),
+                   "--json", str(out)])
+        assert source.read_bytes() == before and "| jacgraph | jvp | 2 / 2 |" in page.read_text()
+        assert json.loads(out.read_text())["summary"]["cases"] == 2
+    assert latest.read_bytes() == before  # the re-render of the latest run did not rewrite it
+    with pytest.raises(SystemExit):
+        conf.main(["--tools", "jacgraph", "--checks", "jvp", "--from-json", str(saved), "--json", str(saved),
+                   "--no-markdown"])
+    assert saved.read_bytes() == before
