@@ -430,6 +430,11 @@ def case_id(case):
     return case.id or case.op
 
 
+# ops whose JVP rule emits the primal itself, from the tangent's intermediates (LRN: x·d^-β in place of the LRN
+# node), so it equals the source's up to rounding
+PRIMAL_RECOMPUTED = {"LRN"}
+
+
 def run_case(case, K, strategy="twopass"):
     model = case.model()
     emitted = jvp.build(model, tangents=K, strategy=strategy)
@@ -445,7 +450,7 @@ def run_case(case, K, strategy="twopass"):
     src_sess = reference_session(model)
     primal = run_reference(src_sess, feeds)
     for y, value in primal.items():  # the primal outputs pass through unchanged
-        if strategy == "twopass":
+        if strategy == "twopass" and case.op not in PRIMAL_RECOMPUTED:
             np.testing.assert_array_equal(out[y], value)
         else:  # batched runs the primal inside a 2N-batch call, whose BLAS blocking may round differently
             np.testing.assert_allclose(out[y], value, rtol=0, atol=1e-12 * max(1.0, np.abs(value).max()))
