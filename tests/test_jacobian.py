@@ -258,3 +258,29 @@ def test_two_float_inputs_need_inputs_option(tmp_path, capsys):
     a, b = np.array([1, 2, 3], np.float32), np.array([4, 5, 6], np.float32)
     J = runtime.run(jac_model, {"a": a, "b": b})[jac_model.graph.output[1].name]
     np.testing.assert_array_equal(J, np.diag(b))  # d(a*b)/da = diag(b), exactly (one product per entry)
+
+
+@pytest.mark.parametrize("kernel, strides", [([3, 3], [1, 1]), ([3, 2], [2, 1])])
+def test_maxpool_with_column_major_indices(kernel, strides):
+    """MaxPool storage_order=1 only numbers the Indices output column-major (ONNX spec: "used only to convert an
+    n-tuple index value into a single integer value for producing the second output"): the Jacobian of its values
+    is the same as with row-major Indices. Oracle: onnxruntime's own argmax (the row-major copy's Indices), J[o,
+    idx[o]] = tanh'(Y[o]); the emitted graph's Indices output equals onnxruntime's column-major one."""
+    def pool_then_tanh(order):
+        nodes = [helper.make_node("MaxPool", ["x"], ["p", "idx"], kernel_shape=kernel, strides=strides,
+                                  storage_order=order), helper.make_node("Tanh", ["p"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 5])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                                   helper.make_tensor_value_info("idx", TensorProto.INT64, None)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.random.default_rng(3).permutation(60).reshape(1, 2, 6, 5).astype(np.float32) / 60  # no ties
+    column_major = pool_then_tanh(1)
+    J = jacobian.jacobian(column_major, x)
+    y, idx_rows = runtime.run(pool_then_tanh(0), {"x": x}).values()
+    expected = np.zeros((y.size, x.size))
+    expected[np.arange(y.size), idx_rows.ravel()] = 1 - y.ravel() ** 2
+    np.testing.assert_allclose(J, expected, rtol=1e-6, atol=0)
+    emitted = jacobian.emit(column_major, input_shape=x.shape).model
+    ours, theirs = runtime.run(emitted, {"x": x})["idx"], runtime.run(column_major, {"x": x})["idx"]
+    assert not np.array_equal(theirs, idx_rows) and np.array_equal(ours, theirs)

@@ -306,10 +306,9 @@ def conv(ctx, node, ids):
 
 @rule("MaxPool", "AveragePool", "LpPool")
 def pool(ctx, node, ids):
-    """y[n, c, o] depends on x[n, c, window(o)] (max-pool: every element its window could pick)."""
+    """y[n, c, o] depends on x[n, c, window(o)] (max-pool: every element its window could pick). MaxPool's
+    storage_order only numbers its integer Indices output (no pattern), so it changes nothing here."""
     attrs = ctx.src.attrs(node)
-    if node.op_type == "MaxPool" and attrs.get("storage_order", 0):
-        raise JacgraphError(f"MaxPool '{node.name}' uses storage_order=1; re-export with row-major order.")
     in_shape, out_shape = ctx.shape(node.input[0]), ctx.shape(node.output[0])
     kernel = attrs["kernel_shape"]
     r = len(kernel)
