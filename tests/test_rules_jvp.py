@@ -210,6 +210,30 @@ INDEXING_CASES = [
          covers=("Identity",), id="resize-computed-crop-extrapolated"),
 ]
 
+def _rms_nodes(inverse=None):
+    """x² -> ReduceMean over `axes` -> + ε -> Sqrt = r, then d = 1/r as Div(1, r) or Reciprocal(r) (or none, for
+    a final Div(x, r)): RMSNorm as T5 and LLaMA exports write it (the JVP rule emits one tangent for the chain)."""
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
+             helper.make_node("Add", ["ms", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["r"])]
+    if inverse == "Div":
+        nodes.append(helper.make_node("Div", ["one", "r"], ["d"]))
+    elif inverse == "Reciprocal":
+        nodes.append(helper.make_node("Reciprocal", ["r"], ["d"]))
+    return nodes
+
+
+RMS = dict(consts={"two": np.array(2.0), "eps": np.array(1e-3), "one": np.array(1.0), "axes": i64(-1)},
+           covers=("Pow", "ReduceMean", "Sqrt", "Reciprocal"))
+RMS_CASES = [
+    Case("Mul", X, ["x", "d"], extra_nodes=_rms_nodes("Div"), id="rmsnorm-written-out", **RMS),
+    Case("Mul", X, ["d", "x"], extra_nodes=_rms_nodes("Reciprocal"), id="rmsnorm-reciprocal-two-axes",
+         **{**RMS, "consts": {**RMS["consts"], "axes": i64(1, 2)}}),
+    Case("Div", X, ["x", "r"], extra_nodes=_rms_nodes(), id="rmsnorm-divided", **RMS),
+    # d read by another node too: the chain's values have tangents of their own and the rules go node by node
+    Case("Mul", X, ["x", "d"], extra_nodes=_rms_nodes("Div") + [helper.make_node("Neg", ["d"], ["unused"])],
+         id="rmsnorm-d-read-twice", **RMS),
+]
+
 CASES = [
     # --- zero tangents (integer paths, comparisons, piecewise constant) --------------------------
     Case("Shape", X, ["x"]),
@@ -423,6 +447,7 @@ CASES = [
          attrs={"epsilon": 1e-3}, id="instancenorm-all-active"),
     *CONTROL_FLOW_CASES,
     *INDEXING_CASES,
+    *RMS_CASES,
 ]
 
 
@@ -601,3 +626,13 @@ def test_float32_layer_norm_jvp_of_jvp_differentiates_the_reused_statistics():
     assert len(got_outputs) == len(want_outputs) == 4  # y, ẏ and their tangents
     for got_name, want_name in zip(got_outputs, want_outputs):  # the same outputs in order (fresh names differ)
         assert relative_error(got[got_name], want[want_name]) < 1e-4, got_name
+
+
+def test_written_out_rms_norm_gets_one_tangent_for_the_chain():
+    """RMSNorm written out (T5, LLaMA) gets its tangent d·(ẋ - u·mean(u·ẋ)) at the chain's end: 5 tangent nodes
+    (Mul, ReduceMean, Mul, Sub, Mul) and the output's Identity, none for the chain's inside (node by node: 14).
+    Its values are checked against central differences by the rmsnorm cases of test_jvp_rule."""
+    for case in RMS_CASES[:3]:
+        model = case.model()
+        emitted = jvp.build(model)
+        assert len(emitted.graph.node) - len(model.graph.node) == 6, case.id

@@ -8,12 +8,14 @@ CPA ops freeze their state at x; additive inputs (biases, constants) never reach
 from __future__ import annotations
 
 import string
+import weakref
 from collections import Counter
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import JacgraphError
+from ..model import node_inputs
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
 from .reductions import REDUCE_OPS, WEIGHTS, reduction, with_rank
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
@@ -328,15 +330,19 @@ def sum_mean(b, node, *ts):
 
 @rule("Mul")
 def mul(b, node, ta, tb):
-    """ẏ = ȧ·b + a·ḃ."""
+    """ẏ = ȧ·b + a·ḃ (the end of a written-out RMSNorm: rms_norm_tangent)."""
     a, c, y = node.input[0], node.input[1], node.output[0]
+    if (ta is None) != (tb is None) and rms_norm(b.src, node) is not None:
+        return [rms_norm_tangent(b, node, ta if tb is None else tb)]
     return [to_output(b, add_all(b, [times(b, align(b, ta, a, y), c), times(b, align(b, tb, c, y), a)]), y, y)]
 
 
 @rule("Div")
 def div(b, node, ta, tb):
-    """ẏ = (ȧ - y·ḃ) / b."""
+    """ẏ = (ȧ - y·ḃ) / b (the end of a written-out RMSNorm: rms_norm_tangent)."""
     a, c, y = node.input[0], node.input[1], node.output[0]
+    if tb is None and rms_norm(b.src, node) is not None:
+        return [rms_norm_tangent(b, node, ta)]
     num = add_all(b, [align(b, ta, a, y), None if tb is None else b.Neg(b.Mul(align(b, tb, c, y), y))])
     return [to_output(b, b.Div(num, c), y, y)]
 
@@ -796,6 +802,8 @@ def pow_exponent_slope(b, x, y):
 def pow_(b, node, tx, tp):
     """ẏ = ẋ·p·x^(p-1) + ṗ·y·log(x) (edge cases: pow_base_slope, pow_exponent_slope)."""
     x, p, y = node.input[0], node.input[1], node.output[0]
+    if tp is None and starts_rms_norm(b.src, node):
+        return [None]  # the chain's tangent is emitted whole at its end (rms_norm_tangent)
     terms = []
     if tx is not None:
         terms.append(b.Mul(align(b, tx, x, y), pow_base_slope(b, x, p)))
@@ -959,6 +967,90 @@ def instance_norm(b, node, t, tscale=None, tbias=None):
         gamma = b.Unsqueeze(scale, b.ints(range(1, rank - 1)))
         terms.append(b.Mul(b.Sub(b.Sub(t, t_mean), b.Mul(x_hat, proj)), b.Mul(inv_std, gamma)))
     return [add_all(b, terms)]
+
+
+# ---- RMSNorm written out (T5, LLaMA): one tangent for the chain -------------------------------------
+# Exporters write x·rsqrt(mean(x²) + ε) as Pow, ReduceMean, Add, Sqrt, Div(1, ·) or Reciprocal, Mul (or a final
+# Div(x, ·)). Node by node its tangent costs 14 kernels; written with the primal's own d = rsqrt(...) and u = x·d,
+# u̇ = d·(ẋ - u·mean(u·ẋ)) costs 5. The Pow rule drops the chain's inner tangent (nothing else reads the chain's
+# values) and the rule of the chain's last node emits the whole tangent; both ask `rms_norm`, so they agree.
+
+_READERS = weakref.WeakKeyDictionary()
+
+
+def sole_reader(src, name):
+    """The one node of src's graph that reads `name`, or None (read by several, or a graph output)."""
+    readers = _READERS.get(src)
+    if readers is None:
+        readers = {}
+        for node in src.nodes:
+            for read in set(node_inputs(node)):
+                readers.setdefault(read, []).append(node)
+        for out in src.outputs:
+            readers.setdefault(out.name, []).append(None)
+        _READERS[src] = readers
+    found = readers.get(name, [])
+    return found[0] if len(found) == 1 else None
+
+
+def _made_by(src, name, op_type, reader):
+    """The `op_type` node that makes `name` when `reader` is the only node reading it, else None."""
+    node = src.producer.get(name)
+    return node if node is not None and node.op_type == op_type and sole_reader(src, name) is reader else None
+
+
+def _constant_equal(src, name, value):
+    c = src.const(name)
+    return c is not None and c.size == 1 and float(c.reshape(-1)[0]) == value
+
+
+def rms_norm(src, end):
+    """(x, Pow node, ReduceMean node) when `end` computes x·rsqrt(ReduceMean(x², keepdims) + ε) as written out
+    above (ε constant, every value after Pow read by the next node only), else None."""
+    if end.op_type == "Div":
+        x, root = end.input[0], _made_by(src, end.input[1], "Sqrt", end)
+    elif end.op_type == "Mul":
+        for x, d in (end.input, end.input[::-1]):
+            inverse = _made_by(src, d, "Reciprocal", end) or _made_by(src, d, "Div", end)
+            if inverse is not None and (inverse.op_type == "Reciprocal" or _constant_equal(src, inverse.input[0], 1.0)):
+                break
+        else:
+            return None
+        root = _made_by(src, inverse.input[-1], "Sqrt", inverse)
+    else:
+        return None
+    add = root and _made_by(src, root.input[0], "Add", root)
+    if not add or not any(src.const(i) is not None for i in add.input):
+        return None
+    mean = next((_made_by(src, i, "ReduceMean", add) for i in add.input if src.const(i) is None), None)
+    square = mean and src.attrs(mean).get("keepdims", 1) and _made_by(src, mean.input[0], "Pow", mean)
+    if not square or square.input[0] != x or not _constant_equal(src, square.input[1], 2.0):
+        return None
+    return x, square, mean
+
+
+def starts_rms_norm(src, square):
+    """Whether the Pow node `square` begins a written-out RMSNorm (its tangent is then emitted at the end)."""
+    node = square
+    for _ in range(5):  # ReduceMean, Add, Sqrt, [Reciprocal or Div,] Mul or Div
+        node = sole_reader(src, node.output[0])
+        if node is None:
+            return False
+        match = rms_norm(src, node)
+        if match is not None:
+            return match[1] is square
+    return False
+
+
+def rms_norm_tangent(b, end, t):
+    """u̇ = d·(ẋ - u·mean(u·ẋ)) for u = x·d (Mul), or (ẋ - u·mean(u·ẋ))/r for u = x/r (Div); t = ẋ."""
+    x, _, mean = rms_norm(b.src, end)
+    u, rank = end.output[0], b.src.rank(x)
+    t = align(b, t, x, u)
+    inner = b.Sub(t, b.Mul(u, tangent_reduce(b, "ReduceMean", b.Mul(t, u), reduce_axes(b, mean, rank), rank, 1)))
+    if end.op_type == "Div":
+        return b.Div(inner, end.input[1])
+    return b.Mul(inner, end.input[1] if end.input[0] == x else end.input[0])
 
 
 # ---- batched strategy: primal and tangent through one call of the linear op ----------------------
