@@ -57,16 +57,35 @@ EDGE = np.float32([0.0, -0.0, 2.0**-149, -2.0**-149, 1e-40, 2.0**-126, 1e-30, 1.
     ("Clip", {"lo": -1.0, "hi": 1.0}, lambda x: (x > -1) & (x < 1)),
 ], ids=["relu", "relu6", "clip-1-1"])
 def test_nchwc_gates_are_exact_on_edge_values(op, consts, inside):
-    """On [N, C, H, W] float32 tangents the gate is a 0/1 mask from a scaled depthwise Conv and HardSigmoid (kept
-    in onnxruntime's NCHWc layout): exactly the Where gate, at 0, -0, subnormals, the bounds and their neighbours."""
+    """On [N, C, H, W] float32 tangents of a Conv's output the gate is a 0/1 mask from a scaled depthwise Conv and
+    HardSigmoid (kept in onnxruntime's NCHWc layout): exactly the Where gate, at 0, -0, subnormals, the bounds and
+    their neighbours. The gate's input comes from an identity depthwise Conv (weight 1: exact)."""
     shape = [1, 8, 4, 4]
     x = np.resize(EDGE, shape).astype(np.float32)
     x[0, 1] = np.random.default_rng(0).standard_normal([4, 4]) * 4  # ordinary values too
     v = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    model = one_node(op, shape, consts=consts)
+    model = after_identity_conv(one_node(op, shape, consts=consts))
     emitted = jvp.build(model)
     assert "Where" not in {n.op_type for n in emitted.graph.node}
     np.testing.assert_array_equal(tangent(model, [x], [v]), np.where(inside(x), v, np.float32(0)))
+
+
+def after_identity_conv(model):
+    """The one-node model with its input x0 first through a depthwise 1x1 Conv of weight 1 (y = x exactly)."""
+    graph = model.graph
+    channels = graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    graph.initializer.append(numpy_helper.from_array(np.ones([channels, 1, 1, 1], np.float32), "identity"))
+    graph.node[0].input[0] = "x0_conv"
+    graph.node.insert(0, helper.make_node("Conv", ["x0", "identity"], ["x0_conv"], group=channels))
+    return model
+
+
+def test_gate_on_a_value_outside_nchwc_is_the_where_gate():
+    """A ReLU whose input onnxruntime holds in plain NCHW (here the graph input) gets the Where gate: the NCHWc
+    mask would cost a reorder before and after its Conv (in_nchwc)."""
+    model = one_node("Relu", [1, 8, 4, 4])
+    assert "Where" in {n.op_type for n in jvp.build(model).graph.node}
+    assert "Where" not in {n.op_type for n in jvp.build(after_identity_conv(model)).graph.node}
 
 
 def test_abs_derivative_at_zero_is_zero():
