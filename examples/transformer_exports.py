@@ -48,93 +48,92 @@ class LastHidden(torch.nn.Module):
         return self.model(**{self.key: x}).last_hidden_state
 
 
-def _text(config_cls, model_cls, **config):
+def _text(config_cls, model_cls, seq, config, size):
+    """A text model from its tiny `config` updated by `size` (the larger configs); input 1 x seq x hidden."""
+    config = {**config, **size}
     model = model_cls(config_cls(**config, attn_implementation="eager"))
-    return LastHidden(model, "inputs_embeds"), (1, SEQ, config.get("hidden_size") or config.get("n_embd")
+    return LastHidden(model, "inputs_embeds"), (1, seq, config.get("hidden_size") or config.get("n_embd")
                                                 or config["d_model"])
 
 
-def _vision(config_cls, model_cls, **config):
+def _vision(config_cls, model_cls, config, size):
+    config = {**config, **size}
     model = model_cls(config_cls(**config, attn_implementation="eager"))
-    size = config["image_size"]
-    return LastHidden(model, "pixel_values"), (1, config.get("num_channels", 3), size, size)
+    image = config["image_size"]
+    return LastHidden(model, "pixel_values"), (1, config.get("num_channels", 3), image, image)
 
 
-def bert():
+def bert(seq=SEQ, **size):
     from transformers import BertConfig, BertModel
-    return _text(BertConfig, BertModel, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=37, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _text(BertConfig, BertModel, seq, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=37, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), size)
 
 
 def bert_wide():
-    from transformers import BertConfig, BertModel
-    return _text(BertConfig, BertModel, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=512, vocab_size=99, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return bert(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
 
 
-def gpt2():
+def gpt2(seq=SEQ, **size):
     from transformers import GPT2Config, GPT2Model
-    return _text(GPT2Config, GPT2Model, n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64,
-                 bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _text(GPT2Config, GPT2Model, seq, dict(n_embd=32, n_layer=2, n_head=2, vocab_size=99, n_positions=64,
+                 bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), size)
 
 
-def llama():
+def llama(seq=SEQ, **size):
     from transformers import LlamaConfig, LlamaModel
-    return _text(LlamaConfig, LlamaModel, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, intermediate_size=37, vocab_size=99, max_position_embeddings=64)
+    return _text(LlamaConfig, LlamaModel, seq, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=37, vocab_size=99, max_position_embeddings=64), size)
 
 
-def t5_encoder():
+def t5_encoder(seq=SEQ, **size):
     from transformers import T5Config, T5EncoderModel
-    return _text(T5Config, T5EncoderModel, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2, vocab_size=99,
-                 dropout_rate=0.0)
+    return _text(T5Config, T5EncoderModel, seq, dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                                                     vocab_size=99, dropout_rate=0.0), size)
 
 
-def vit():
+def vit(**size):
     from transformers import ViTConfig, ViTModel
-    return _vision(ViTConfig, ViTModel, image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                   num_attention_heads=2, intermediate_size=37, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0)
+    return _vision(ViTConfig, ViTModel, dict(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=37, hidden_dropout_prob=0.0,
+                                             attention_probs_dropout_prob=0.0), size)
 
 
-def swin():
+def swin(**size):
     # window_size 3 does not divide the 8x8 patch grid: Swin pads each window partition (the Pad that failed);
     # depth 2 per stage: the second block's windows are shifted (torch.roll, an attention mask)
     from transformers import SwinConfig, SwinModel
-    return _vision(SwinConfig, SwinModel, image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2],
-                   num_heads=[1, 2], window_size=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                   drop_path_rate=0.0)
+    return _vision(SwinConfig, SwinModel, dict(image_size=IMAGE, patch_size=4, embed_dim=16, depths=[2, 2],
+                                               num_heads=[1, 2], window_size=3, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0, drop_path_rate=0.0), size)
 
 
 def swin_w7():
     # Swin's usual window 7 on a 16x16 patch grid (64x64 image): every partition pads 16 -> 21
-    from transformers import SwinConfig, SwinModel
-    return _vision(SwinConfig, SwinModel, image_size=64, patch_size=4, embed_dim=24, depths=[2, 2],
-                   num_heads=[2, 4], window_size=7, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                   drop_path_rate=0.0)
+    return swin(image_size=64, embed_dim=24, num_heads=[2, 4], window_size=7)
 
 
-def convnext():
+def convnext(**size):
     from transformers import ConvNextConfig, ConvNextModel
-    model = ConvNextModel(ConvNextConfig(image_size=IMAGE, patch_size=4, hidden_sizes=[8, 16], depths=[1, 1],
-                                         num_stages=2, drop_path_rate=0.0))
-    return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
+    config = {**dict(image_size=IMAGE, patch_size=4, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                     drop_path_rate=0.0), **size}
+    image = config["image_size"]
+    return LastHidden(ConvNextModel(ConvNextConfig(**config)), "pixel_values"), (1, 3, image, image)
 
 
-def hf_resnet():
+def hf_resnet(image=IMAGE, **size):
     # ResNet-50's layout in miniature: 7x7 stride-2 stem, 3x3 stride-2 max-pool, bottleneck stages; BatchNorm in eval
     from transformers import ResNetConfig, ResNetModel
-    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"))
-    return LastHidden(model, "pixel_values"), (1, 3, IMAGE, IMAGE)
+    config = {**dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"), **size}
+    return LastHidden(ResNetModel(ResNetConfig(**config)), "pixel_values"), (1, 3, image, image)
 
 
-def mobilevit():
+def mobilevit(**size):
     # MobileNetV2 blocks (SiLU) and MobileViT blocks (unfold into 2x2 patches, transformer, fold back); image 64 so
     # every feature map (8, 4, 2) is a whole number of patches (a 32 image would interpolate a 1x1 map to 2x2)
     from transformers import MobileViTConfig, MobileViTModel
-    wrapped, shape = _vision(MobileViTConfig, MobileViTModel, image_size=64, patch_size=2, hidden_sizes=[12, 16, 20],
-                             neck_hidden_sizes=[8, 8, 16, 16, 32, 32, 32], num_attention_heads=2, expand_ratio=2.0,
-                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    wrapped, shape = _vision(MobileViTConfig, MobileViTModel, dict(
+        image_size=64, patch_size=2, hidden_sizes=[12, 16, 20], neck_hidden_sizes=[8, 8, 16, 16, 32, 32, 32],
+        num_attention_heads=2, expand_ratio=2.0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), size)
     # HF's init draws BatchNorm scales from N(0, 0.02): without residuals the signal shrinks 1e-3 per block (the
     # output was ~1e-30). PyTorch's defaults (BN scale 1) and He-normal convs keep it at scale 1
     for module in wrapped.modules():
@@ -150,10 +149,31 @@ MODELS = {"bert": bert, "bert_wide": bert_wide, "gpt2": gpt2, "llama": llama, "t
           "mobilevit": mobilevit}
 
 
+# The same architectures at sizes where kernels, not onnxruntime's per-node overhead, set the time (the tiny
+# configs' forwards take 0.03-0.07 ms); for speed only (`examples/bench_suite.py --suite transformers_large`)
+LARGE = {
+    "bert_large": lambda: bert(seq=64, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=1024),
+    "gpt2_large": lambda: gpt2(seq=64, n_embd=256, n_layer=4, n_head=4),
+    "llama_large": lambda: llama(seq=64, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=688),
+    "t5_encoder_large": lambda: t5_encoder(seq=64, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4),
+    "vit_large": lambda: vit(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=4,
+                             num_attention_heads=3, intermediate_size=768),  # ViT-Tiny's width, 4 layers
+    "swin_large": lambda: swin(image_size=224, embed_dim=48, depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=7),
+    "convnext_large": lambda: convnext(image_size=224, hidden_sizes=[48, 96, 192, 384], depths=[1, 1, 3, 1],
+                                       num_stages=4),
+    "hf_resnet_large": lambda: hf_resnet(image=224, embedding_size=64, hidden_sizes=[64, 128, 256, 512],
+                                         depths=[2, 2, 2, 2], layer_type="basic"),  # ResNet-18's layout
+    "mobilevit_large": lambda: mobilevit(image_size=256, hidden_sizes=[64, 80, 96],  # MobileViT-XXS
+                                         neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320]),
+}
+
+
 def build(name):
-    """(module in eval mode, float32, seeded weights; example input x as float32 numpy)."""
+    """(module in eval mode, float32, seeded weights; example input x as float32 numpy); name from MODELS or LARGE."""
     torch.manual_seed(0)
-    module, shape = MODELS[name]()
+    module, shape = {**MODELS, **LARGE}[name]()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     return module.eval(), x.numpy()
 
