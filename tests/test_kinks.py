@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jacgraph import runtime
 from jacgraph.passes import jvp
+from jacgraph.rules.jvp import INDICES_BELOW, PHASES_FROM
 
 
 def one_node(op, shape, attrs=None, consts=None, n_inputs=1, out_types=(TensorProto.FLOAT,)):
@@ -129,11 +130,13 @@ def test_maxpool_ties_take_the_index_onnxruntime_reports(attrs):
     np.testing.assert_array_equal(got, v.reshape(-1)[indices])
 
 
-@pytest.mark.parametrize("shape", [[2, 3, 8, 7], [2, 64, 31, 30]], ids=["small", "phase-split"])
+@pytest.mark.parametrize("shape", [[2, 3, 8, 7], [2, 16, 30, 30], [2, 64, 31, 30]],
+                         ids=["small", "unfold", "phase-split"])
 @pytest.mark.parametrize("attrs", MAXPOOL_GEOMETRIES.values(), ids=MAXPOOL_GEOMETRIES.keys())
 def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs, shape):
-    """The slice-and-compare rules (no MaxPool Indices output) give the same ties with K stacked tangents; the larger
-    shape takes the stride-phase split (SpaceToDepth) wherever the strides are equal and above 1."""
+    """The slice-and-compare rules (no MaxPool Indices output) give the same ties with K stacked tangents: strided
+    pools take the one-hot unfold from INDICES_BELOW input elements per window tap (below, the pool's own Indices)
+    and the stride-phase split (SpaceToDepth) from PHASES_FROM where the strides are equal."""
     K = 3
     model = one_node("MaxPool", shape, attrs)
     emitted = jvp.build(model, tangents=K)
@@ -145,9 +148,11 @@ def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs,
     indices = runtime.run(runtime.session(indices_model), {"x0": x})["y1"]
     inferred = onnx.shape_inference.infer_shapes(model).graph.output[0].type.tensor_type.shape
     shapes_agree = [d.dim_value for d in inferred.dim] == list(indices.shape)  # else the Indices kernel is used
-    assert all(len(n.output) == 1 for n in emitted.graph.node if n.op_type == "MaxPool") == shapes_agree
     strides = attrs.get("strides", [1, 1])
-    phase_split = shapes_agree and shape[1] > 3 and strides[0] == strides[1] > 1
+    per_tap = np.prod(shape[1:]) / np.prod(attrs["kernel_shape"])
+    by_indices = not shapes_agree or (max(strides) > 1 and per_tap < INDICES_BELOW)
+    assert all(len(n.output) == 1 for n in emitted.graph.node if n.op_type == "MaxPool") != by_indices
+    phase_split = not by_indices and strides[0] == strides[1] > 1 and per_tap >= PHASES_FROM
     assert any(n.op_type == "SpaceToDepth" for n in emitted.graph.node) == phase_split
     np.testing.assert_array_equal(got, np.stack([vk.reshape(-1)[indices] for vk in v]))
 

@@ -678,16 +678,18 @@ def max_pool(b, node, t):
     x, y = node.input[0], node.output[0]
     has_indices = len(node.output) > 1 and node.output[1]  # the source pays for the Indices kernel anyway
     counts = None if geometry.in_spatial is None or geometry.pads is None else _pool_window_counts(geometry, attrs)
-    # dynamic shapes, or a ceil_mode window count that ONNX shape inference and onnxruntime disagree on:
-    # onnxruntime's own argmax
-    if counts is None or counts != geometry.out_spatial or has_indices:
+    shape = b.src.shape(x) or ()
+    per_tap = np.prod([d for d in shape[1:] if isinstance(d, int)]) / np.prod(geometry.kernel)  # per sample
+    small = any(st > 1 for st in geometry.strides) and per_tap < INDICES_BELOW
+    # dynamic shapes, or a ceil_mode window count that ONNX shape inference and onnxruntime disagree on, or a
+    # small strided pool: onnxruntime's own argmax
+    if counts is None or counts != geometry.out_spatial or has_indices or small:
         indices = row_major_argmax(b, node)
         flat = b.Reshape(t, b.ints([-1] if b.K is None else [b.K, -1]))
         return [b.Gather(flat, indices, axis=lead(b)), None][:len(node.output)]
     spans = [dil * (k - 1) + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
     ends = [max(0, (m - 1) * st + span - n - lo)  # end padding the last window reads (ceil_mode: may exceed pads)
             for m, st, span, n, lo in zip(counts, geometry.strides, spans, geometry.in_spatial, geometry.begin)]
-    per_tap = np.prod([d for d in b.src.shape(x)[1:] if isinstance(d, int)]) / np.prod(geometry.kernel)  # per sample
     if len(counts) == 2 and geometry.strides[0] == geometry.strides[1] > 1 and per_tap >= PHASES_FROM:
         return [_max_pool_phases(b, x, t, y, geometry, counts), None][:len(node.output)]
     if any(st > 1 for st in geometry.strides):
@@ -729,6 +731,13 @@ def _max_pool_unfolded(b, x, t, y, geometry, ends):
     picked = b.GatherElements(unfold_windows(t), argmax, axis=1)
     return b.Reshape(picked, full_shape(b, y))
 
+
+# Input elements per window tap below which a strided pool's JVP reads the Indices of onnxruntime's MaxPool (3
+# nodes: the primal pool with Indices, Reshape, Gather) instead of the one-hot unfold (~9 nodes as onnxruntime runs
+# it, with its Convs' reorders): on pools this small the nodes, not the data, cost. Interleaved A/B, thread CPU time,
+# 7x40 runs at load 11: lenet (2 pools, 1176 and 400 per tap) 0.965x the JVP's time, alexnet_style (2 of 3 pools)
+# 0.979x, squeezenet_style (1 of 3) 0.993x.
+INDICES_BELOW = 1500
 
 # Input elements per window tap from which the phase split beats the one-hot unfold: it emits about 2·taps + 10
 # nodes against the unfold's ~10, so it wins only where data, not node count, is the cost. Single pools, thread CPU
