@@ -14,7 +14,9 @@ Suites:
                 by random initializers of the same shape and dtype, seed 0 (He-normal for Conv/Gemm weights,
                 uniform(0.5, 1.5) for BatchNormalization scales/variances and the Mul scales DenseNet and
                 Inception v2 unfold them into, normal(0, 0.1) for the rest); the small tensors the file keeps
-                are used as stored. No PyTorch module exists for these, so there is no PyTorch column;
+                are used as stored. The Gemm before a final Softmax is scaled (its alpha and beta) to logits of
+                standard deviation 1 at the input: random weights saturated resnet50's and shufflenet's Softmax to
+                exact 0/1 (J v = 0). No PyTorch module exists for these, so there is no PyTorch column;
   transformers  the Hugging Face exports of examples/transformer_exports.py (tiny random configs, legacy exporter,
                 opset 17), PyTorch module = the same wrapped model;
   transformers_large  the same architectures at larger sizes (transformer_exports.LARGE: 64 tokens x 256, 224x224
@@ -138,9 +140,12 @@ def _unsaturate(model, x):
     probe.CopyFrom(model)
     probe.graph.output.append(helper.make_tensor_value_info(last.input[0], onnx.TensorProto.FLOAT, None))
     logits = runtime.run(probe, {model.graph.input[0].name: x}, [last.input[0]])[last.input[0]]
-    weights = {t.name: t for t in model.graph.initializer}
-    for name in gemm.input[1:3]:
-        weights[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[name]) / logits.std(), name))
+    for name in ("alpha", "beta"):  # Y = alpha·A·B + beta·C: both scaled
+        attr = next((a for a in gemm.attribute if a.name == name), None)
+        if attr is None:
+            gemm.attribute.append(helper.make_attribute(name, 1.0 / float(logits.std())))
+        else:
+            attr.f /= float(logits.std())
 
 
 def _arch(name, folder):

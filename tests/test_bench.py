@@ -118,6 +118,29 @@ def test_zoo_model_has_random_weights_in_place_of_the_fills():
                           weights[again.graph.initializer[-1].name])
 
 
+def test_zoo_classifier_is_scaled_off_softmax_saturation():
+    """bench_suite._unsaturate: a Gemm -> Softmax head whose logits spread by ~1e3 (a saturated Softmax: J v = 0)
+    gets alpha and beta scaled so that its logits at x have standard deviation 1; the Softmax is then not 0/1."""
+    from examples import bench_suite
+    from jacgraph import runtime
+
+    rng = np.random.default_rng(0)
+    w, c = helper.make_tensor("w", TensorProto.FLOAT, [8, 10], 1e3 * rng.standard_normal(80)), \
+        helper.make_tensor("c", TensorProto.FLOAT, [10], rng.standard_normal(10))
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["logits"], beta=2.0), helper.make_node("Softmax", ["logits"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    before = runtime.run(model, {"x": x})["y"]
+    bench_suite._unsaturate(model, x)  # pylint: disable=protected-access
+    alpha, beta = (next(a.f for a in model.graph.node[0].attribute if a.name == k) for k in ("alpha", "beta"))
+    logits = alpha * x.astype(np.float64) @ onnx.numpy_helper.to_array(w) + beta * onnx.numpy_helper.to_array(c)
+    after = runtime.run(model, {"x": x})["y"]
+    assert before.max() == 1.0 and abs(logits.std() - 1) < 1e-4 and abs(beta / alpha / 2.0 - 1) < 1e-6
+    assert 0 < after.min() and after.max() < 1
+
+
 def test_bench_jvp_and_vjp_tables_say_why_a_comparison_failed(monkeypatch, capsys):
     """examples/bench_jvp.py and bench_vjp.py: when torch.func, onnx-ad or a memory probe fails for a model, its
     row says why in a notes cell ('—' where the number would be) instead of the table raising KeyError."""
