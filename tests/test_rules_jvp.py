@@ -232,6 +232,11 @@ RMS_CASES = [
     # d read by another node too: the chain's values have tangents of their own and the rules go node by node
     Case("Mul", X, ["x", "d"], extra_nodes=_rms_nodes("Div") + [helper.make_node("Neg", ["d"], ["unused"])],
          id="rmsnorm-d-read-twice", **RMS),
+    # SiLU x·sigmoid(x) (LLaMA, MobileViT): one tangent ẋ·(s + y(1-s)) at the Mul; then with s read twice
+    Case("Mul", X, ["x", "sg"], extra_nodes=[helper.make_node("Sigmoid", ["x"], ["sg"])], covers=("Sigmoid",),
+         id="silu-written-out"),
+    Case("Mul", X, ["sg", "x"], extra_nodes=[helper.make_node("Sigmoid", ["x"], ["sg"]),
+                                             helper.make_node("Neg", ["sg"], ["unused"])], id="silu-s-read-twice"),
 ]
 
 CASES = [
@@ -636,3 +641,29 @@ def test_written_out_rms_norm_gets_one_tangent_for_the_chain():
         model = case.model()
         emitted = jvp.build(model)
         assert len(emitted.graph.node) - len(model.graph.node) == 6, case.id
+
+
+def test_written_out_silu_gets_one_tangent():
+    """SiLU x·sigmoid(x) gets ẋ·(s + y·(1 - s)) at its Mul: 4 tangent nodes and the output's Identity (node by
+    node: 6). On a float32 NCHW value onnxruntime holds in NCHWc (a 16-channel Conv's output), 1 - s is a depthwise
+    1x1 Conv (weight -1, bias 1) instead of a Sub: checked in onnxruntime float32 against float64 central
+    differences of the source's float64 copy (float32 round-off through a Conv and the gate stays far below 1e-5)."""
+    from jacgraph import runtime
+    from jacgraph.testing import reference_session as ref, to_float64
+
+    case = RMS_CASES[4]
+    model = case.model()
+    assert len(jvp.build(model).graph.node) - len(model.graph.node) == 5
+    rng = np.random.default_rng(5)
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [conv, helper.make_node("Sigmoid", ["c"], ["sg"]), helper.make_node("Mul", ["c", "sg"], ["y0"])]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [1, 16, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal([16, 3, 3, 3]).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    emitted = jvp.build(model)
+    assert [n.attribute[0].i for n in emitted.graph.node if n.op_type == "Conv" and n.input[0] == "sg"] == [16]
+    x, v = rng.standard_normal([1, 3, 6, 6]), rng.standard_normal([1, 3, 6, 6])
+    got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
+    fd = central_difference(ref(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
+    assert relative_error(got["y0_dot"], fd) < 1e-5

@@ -18,7 +18,7 @@ from ..errors import JacgraphError
 from ..model import node_inputs
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
 from .reductions import REDUCE_OPS, WEIGHTS, reduction, with_rank
-from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
+from .registry import SLOPES, ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 JVP = RuleTable("JVP", "the JVP pass")
 rule = JVP.register
@@ -334,6 +334,8 @@ def mul(b, node, ta, tb):
     a, c, y = node.input[0], node.input[1], node.output[0]
     if (ta is None) != (tb is None) and rms_norm(b.src, node) is not None:
         return [rms_norm_tangent(b, node, ta if tb is None else tb)]
+    if (ta is None) != (tb is None) and silu(b.src, node) is not None:
+        return [silu_tangent(b, node, ta if tb is None else tb)]
     return [to_output(b, add_all(b, [times(b, align(b, ta, a, y), c), times(b, align(b, tb, c, y), a)]), y, y)]
 
 
@@ -1108,6 +1110,45 @@ def rms_norm_tangent(b, end, t):
     if end.op_type == "Div":
         return b.Div(inner, end.input[1])
     return b.Mul(inner, end.input[1] if end.input[0] == x else end.input[0])
+
+
+def silu(src, end):
+    """(x, the Sigmoid node) when `end` is Mul(x, Sigmoid(x)) (SiLU/swish as exporters write it) and nothing else
+    reads the Sigmoid's output, else None."""
+    if end.op_type != "Mul":
+        return None
+    for x, s in (end.input, end.input[::-1]):
+        sigmoid = _made_by(src, s, "Sigmoid", end)
+        if sigmoid is not None and sigmoid.input[0] == x:
+            return x, sigmoid
+    return None
+
+
+@rule("Sigmoid")
+def sigmoid(b, node, t):
+    """ẏ = ẋ·y(1-y) (jacgraph.rules.slopes); inside a SiLU x·sigmoid(x), nothing: silu_tangent emits the whole."""
+    reader = sole_reader(b.src, node.output[0])
+    if reader is not None and silu(b.src, reader) is not None:
+        return [None]
+    return elementwise(SLOPES["Sigmoid"])(b, node, t)
+
+
+def silu_tangent(b, end, t):
+    """y = x·s, s = sigmoid(x): ẏ = ẋ·(s + y·(1 - s)), from the primal's own s and y; t = ẋ."""
+    _, sigmoid = silu(b.src, end)
+    sig, y = sigmoid.output[0], end.output[0]
+    return b.Mul(t, b.Add(sig, b.Mul(y, one_minus(b, sig, y))))
+
+
+def one_minus(b, v, y):
+    """1 - v for v of y's shape. Where onnxruntime holds y in NCHWc with whole channel blocks, a depthwise 1x1 Conv
+    (weight -1, bias 1: the same one rounding) keeps the tangent in NCHWc; a Sub from a constant has no NCHWc
+    kernel and costs reorders of its operands and of the tangent around it (4 per SiLU on MobileViT)."""
+    if not (nchwc_gate_fits(b, y) and b.src.shape(y)[1] % NCHWC_BLOCK == 0):
+        return b.Sub(s(b, 1.0, y), v)
+    channels = b.src.shape(y)[1]
+    weight = b.const(np.full([channels, 1, 1, 1], -1.0, np.float32), hint="minus_one")
+    return b.Conv(v, weight, b.const(np.ones([channels], np.float32), hint="ones"), group=channels, kernel_shape=[1, 1])
 
 
 # ---- batched strategy: primal and tangent through one call of the linear op ----------------------
