@@ -3,6 +3,9 @@
     python examples/compare_jvp_graphs.py --before /path/to/old/checkout [--runs 30] [--only squeezenet_style]
                                           [--profile] [--json out.json]
 
+--only also takes the light zoo models of examples/bench_suite.py (squeezenet, shufflenet, ...: random weights,
+seed 0, as bench_suite loads them).
+
 Each checkout emits its graph in its own process (default strategy, `jvp.build`), from the same exported model;
 then the forward model and both JVP graphs run interleaved in this process with one onnxruntime thread, timed
 with this thread's CPU time (median of --runs). Printed: JVP / forward before and after, after / before, and
@@ -25,7 +28,7 @@ import onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from examples import architectures  # noqa: E402
+from examples import architectures, bench_suite  # noqa: E402
 from jacgraph import runtime  # noqa: E402
 from jacgraph.bench import format_profile, profile, time_calls  # noqa: E402
 
@@ -42,12 +45,16 @@ def emit(checkout, source_path, out_path):
 
 def compare(name, folder, before, runs, with_profile):
     path = os.path.join(folder, f"{name}.onnx")
-    architectures.export(name, path)
+    if name in bench_suite.ZOO:
+        model, x = bench_suite.zoo_model(name)
+        onnx.save(model, path)
+    else:
+        architectures.export(name, path)
+        x = architectures.example_input(name).numpy()
     source = onnx.load(path)
     graphs = {"before": emit(before, path, os.path.join(folder, f"{name}.before.onnx")),
               "after": emit(ROOT, path, os.path.join(folder, f"{name}.after.onnx"))}
     x_name = source.graph.input[0].name
-    x = architectures.example_input(name).numpy()
     feeds = {x_name: x, f"{x_name}_dot": np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)}
     sessions = {"forward": (runtime.session(source, threads=1), {x_name: x})}
     sessions.update({k: (runtime.session(m, threads=1), feeds) for k, m in graphs.items()})
@@ -69,7 +76,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="path of the older jacgraph checkout")
     p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--only", help="comma-separated architecture names")
+    p.add_argument("--only", help="comma-separated architecture (or light zoo model) names")
     p.add_argument("--profile", action="store_true", help="per-op kernel times of the forward and both graphs")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args()
