@@ -204,3 +204,40 @@ def test_layer_norm_with_mean_and_inv_std_outputs_expands():
     directions = {k: rng.standard_normal(v.shape) for k, v in feeds64.items()}
     errors = check_jvp(m64, jacgraph.compile(m64, emit="jvp"), feeds64, directions)
     assert set(errors) == {"y", "mean", "inv_std"} and max(errors.values()) < FD_TOL, errors
+
+
+def conv_resize_gemm():
+    """Conv (216 weights) -> Resize by float scales -> Reshape to [1, -1] -> Gemm (2048 weights): weights above
+    SHAPE_DATA_LIMIT elements, and the small initializers whose values decide shapes (scales, the Reshape target)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+             numpy_helper.from_array(rng.standard_normal((8 * 12 * 12, 4)).astype(np.float32) / 30, "B")]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[0, 0, 0, 0]),
+             helper.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Reshape", ["r", "flat"], ["f"]), helper.make_node("Gemm", ["f", "B"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shape_inference_never_gets_the_weights_and_is_skipped_when_every_value_is_typed(monkeypatch):
+    """lowering's shape inference sees the weights (initializers over SHAPE_DATA_LIMIT elements) as typed inputs,
+    not their values, with the same result byte for byte; prepare runs no inference on a model whose values are all
+    typed already (it hands the model back)."""
+    model = conv_resize_gemm()
+    full = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    assert [d.dim_value for d in full.graph.output[0].type.tensor_type.shape.dim] == [1, 4]  # scales, flat read
+    handed = []
+    infer = onnx.shape_inference.infer_shapes
+
+    def recording(proto, *args, **kwargs):
+        handed.append(max(int(np.prod(t.dims)) for t in proto.graph.initializer))
+        return infer(proto, *args, **kwargs)
+
+    monkeypatch.setattr(lowering.shape_inference, "infer_shapes", recording)
+    ours = lowering._inferred(model)
+    assert handed == [4] and ours.SerializeToString(deterministic=True) == full.SerializeToString(deterministic=True)
+    assert lowering.prepare(full) is full and handed == [4]  # no second inference
+    assert lowering.unknown_rank_values(model) and lowering.prepare(model) is model and handed == [4, 4]
