@@ -239,6 +239,32 @@ RMS_CASES = [
                                              helper.make_node("Neg", ["sg"], ["unused"])], id="silu-s-read-twice"),
 ]
 
+
+def _gelu_erf_nodes(scale_op="Div"):
+    """BERT's GELU x·(erf(x/√2) + 1), the 0.5 left outside: z = Div(x, √2) (or Mul(x, 1/√2)), Erf, Add 1."""
+    return [helper.make_node(scale_op, ["x", "root2" if scale_op == "Div" else "inv_root2"], ["z"]),
+            helper.make_node("Erf", ["z"], ["e"]), helper.make_node("Add", ["e", "one"], ["a"])]
+
+
+def _gelu_tanh_nodes():
+    """GPT-2's GELU 0.5x·(1 + tanh(k·(x + c·x³))) as exported: h = 0.5x, Pow 3, Mul c, Add x, Mul k, Tanh, Add 1."""
+    return [helper.make_node("Mul", ["x", "half"], ["h"]), helper.make_node("Pow", ["x", "three"], ["cube"]),
+            helper.make_node("Mul", ["cube", "c"], ["q"]), helper.make_node("Add", ["x", "q"], ["r"]),
+            helper.make_node("Mul", ["r", "k"], ["i"]), helper.make_node("Tanh", ["i"], ["th"]),
+            helper.make_node("Add", ["th", "one"], ["a"])]
+
+
+GELU_CONSTS = {"root2": np.array(np.sqrt(2.0)), "inv_root2": np.array(np.sqrt(0.5)), "one": np.array(1.0),
+               "half": np.array(0.5), "three": np.array(3.0), "c": np.array(0.044715), "k": np.array(np.sqrt(2 / np.pi))}
+GELU_CASES = [
+    Case("Mul", X, ["x", "a"], extra_nodes=_gelu_erf_nodes(), consts=GELU_CONSTS, covers=("Erf",), id="gelu-erf"),
+    Case("Mul", X, ["a", "x"], extra_nodes=_gelu_erf_nodes("Mul"), consts=GELU_CONSTS, id="gelu-erf-mul"),
+    Case("Mul", X, ["h", "a"], extra_nodes=_gelu_tanh_nodes(), consts=GELU_CONSTS, covers=("Tanh",), id="gelu-tanh"),
+    # an inner value read elsewhere: node by node
+    Case("Mul", X, ["h", "a"], extra_nodes=_gelu_tanh_nodes() + [helper.make_node("Neg", ["i"], ["unused"])],
+         consts=GELU_CONSTS, id="gelu-tanh-inner-read-twice"),
+]
+
 CASES = [
     # --- zero tangents (integer paths, comparisons, piecewise constant) --------------------------
     Case("Shape", X, ["x"]),
@@ -453,6 +479,7 @@ CASES = [
     *CONTROL_FLOW_CASES,
     *INDEXING_CASES,
     *RMS_CASES,
+    *GELU_CASES,
 ]
 
 
@@ -641,6 +668,17 @@ def test_written_out_rms_norm_gets_one_tangent_for_the_chain():
         model = case.model()
         emitted = jvp.build(model)
         assert len(emitted.graph.node) - len(model.graph.node) == 6, case.id
+
+
+def test_written_out_gelu_gets_one_tangent():
+    """GELU's erf form gets ẋ·(a + z·erf'(z)) at Mul(x, a): 7 tangent nodes and the output's Identity (node by node
+    10); the tanh form ḣ·(a + (1 - th²)·(i + 2kc·x³)) at Mul(h, a): 7 and h's own Mul (node by node 14). Values:
+    the gelu cases of test_jvp_rule."""
+    counts = []
+    for case in GELU_CASES:
+        model = case.model()
+        counts.append(len(jvp.build(model).graph.node) - len(model.graph.node))
+    assert counts[:3] == [8, 8, 9] and counts[3] > 9, counts  # the last: an inner value read twice, node by node
 
 
 def test_written_out_silu_gets_one_tangent():

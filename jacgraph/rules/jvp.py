@@ -7,9 +7,10 @@ CPA ops freeze their state at x; additive inputs (biases, constants) never reach
 """
 from __future__ import annotations
 
+import math
 import string
 import weakref
-from collections import Counter
+from collections import Counter, namedtuple
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -310,6 +311,8 @@ def neg(b, node, t):
 def add_sub(b, node, ta, tb):
     """ẏ = ȧ ± ḃ (constants drop out), broadcast to y."""
     a, c, y = node.input[0], node.input[1], node.output[0]
+    if inside_chain(b.src, node):
+        return [None]  # GELU's x + c·x³: the chain's tangent is emitted whole at its end (chain_tangent)
     if tb is None:
         return [to_output(b, ta, a, y)]
     tb = b.Neg(tb) if node.op_type == "Sub" else tb
@@ -330,21 +333,21 @@ def sum_mean(b, node, *ts):
 
 @rule("Mul")
 def mul(b, node, ta, tb):
-    """ẏ = ȧ·b + a·ḃ (the end of a written-out RMSNorm: rms_norm_tangent)."""
+    """ẏ = ȧ·b + a·ḃ (a written-out RMSNorm, SiLU or GELU: chain_tangent at its end, nothing inside)."""
     a, c, y = node.input[0], node.input[1], node.output[0]
-    if (ta is None) != (tb is None) and rms_norm(b.src, node) is not None:
-        return [rms_norm_tangent(b, node, ta if tb is None else tb)]
-    if (ta is None) != (tb is None) and silu(b.src, node) is not None:
-        return [silu_tangent(b, node, ta if tb is None else tb)]
+    whole = chain_tangent(b, node, ta, tb)
+    if whole is not None or inside_chain(b.src, node):
+        return [whole]
     return [to_output(b, add_all(b, [times(b, align(b, ta, a, y), c), times(b, align(b, tb, c, y), a)]), y, y)]
 
 
 @rule("Div")
 def div(b, node, ta, tb):
-    """ẏ = (ȧ - y·ḃ) / b (the end of a written-out RMSNorm: rms_norm_tangent)."""
+    """ẏ = (ȧ - y·ḃ) / b (a written-out RMSNorm or GELU: chain_tangent at its end, nothing inside)."""
     a, c, y = node.input[0], node.input[1], node.output[0]
-    if tb is None and rms_norm(b.src, node) is not None:
-        return [rms_norm_tangent(b, node, ta)]
+    whole = chain_tangent(b, node, ta, tb)
+    if whole is not None or inside_chain(b.src, node):
+        return [whole]
     num = add_all(b, [align(b, ta, a, y), None if tb is None else b.Neg(b.Mul(align(b, tb, c, y), y))])
     return [to_output(b, b.Div(num, c), y, y)]
 
@@ -861,8 +864,8 @@ def pow_exponent_slope(b, x, y):
 def pow_(b, node, tx, tp):
     """ẏ = ẋ·p·x^(p-1) + ṗ·y·log(x) (edge cases: pow_base_slope, pow_exponent_slope)."""
     x, p, y = node.input[0], node.input[1], node.output[0]
-    if tp is None and starts_rms_norm(b.src, node):
-        return [None]  # the chain's tangent is emitted whole at its end (rms_norm_tangent)
+    if tp is None and inside_chain(b.src, node):
+        return [None]  # the chain's tangent is emitted whole at its end (chain_tangent)
     terms = []
     if tx is not None:
         terms.append(b.Mul(align(b, tx, x, y), pow_base_slope(b, x, p)))
@@ -1028,11 +1031,15 @@ def instance_norm(b, node, t, tscale=None, tbias=None):
     return [add_all(b, terms)]
 
 
-# ---- RMSNorm written out (T5, LLaMA): one tangent for the chain -------------------------------------
-# Exporters write x·rsqrt(mean(x²) + ε) as Pow, ReduceMean, Add, Sqrt, Div(1, ·) or Reciprocal, Mul (or a final
-# Div(x, ·)). Node by node its tangent costs 14 kernels; written with the primal's own d = rsqrt(...) and u = x·d,
-# u̇ = d·(ẋ - u·mean(u·ẋ)) costs 5. The Pow rule drops the chain's inner tangent (nothing else reads the chain's
-# values) and the rule of the chain's last node emits the whole tangent; both ask `rms_norm`, so they agree.
+# ---- smooth chains written out (RMSNorm, SiLU, GELU): one tangent for the chain ----------------------
+# Exporters write RMSNorm (T5, LLaMA), SiLU (LLaMA, MobileViT) and GELU (BERT, ViT, Swin, ConvNeXt: erf form;
+# GPT-2: tanh form) as chains of elementwise nodes. Node by node their tangents cost 4-9 kernels more than the
+# chain's derivative written with the primal's own intermediates (RMSNorm 14 -> 5, SiLU 6 -> 4, GELU 10 -> 7 and
+# 14 -> 8). A chain whose inner values nothing else reads gets its whole tangent at its last node (`Chain.tangent`,
+# from the tangent of the end's input `feed`); the rules of the inner nodes a tangent reaches return None
+# (`inside_chain`). Both ask `chain_at`, so they agree; a chain value read elsewhere keeps node-by-node rules.
+
+Chain = namedtuple("Chain", "feed inside tangent")  # tangent(b, end, tangent of feed) -> the end's tangent
 
 _READERS = weakref.WeakKeyDictionary()
 
@@ -1058,20 +1065,62 @@ def _made_by(src, name, op_type, reader):
     return node if node is not None and node.op_type == op_type and sole_reader(src, name) is reader else None
 
 
-def _constant_equal(src, name, value):
+def _scalar(src, name):
+    """The value of a one-element constant, else None."""
     c = src.const(name)
-    return c is not None and c.size == 1 and float(c.reshape(-1)[0]) == value
+    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
+
+
+def _with_scalar(src, node):
+    """(the other input, the scalar) when one of the binary node's inputs is a one-element constant, else None."""
+    for other, c in (node.input, node.input[::-1]):
+        if _scalar(src, c) is not None and _scalar(src, other) is None:
+            return other, _scalar(src, c)
+    return None
+
+
+def chain_at(src, end):
+    """The written-out chain that ends at `end`, or None."""
+    for match in (rms_norm, silu, gelu_erf, gelu_tanh):
+        chain = match(src, end)
+        if chain is not None:
+            return chain
+    return None
+
+
+def inside_chain(src, node):
+    """Whether `node` is an inner node of a chain (its tangent is then emitted whole at the chain's end)."""
+    reader = node
+    for _ in range(8):  # the longest walk: GELU's tanh form, from its Pow to its end
+        reader = sole_reader(src, reader.output[0])
+        if reader is None:
+            return False
+        chain = chain_at(src, reader)
+        if chain is not None:
+            return any(inner is node for inner in chain.inside)
+    return False
+
+
+def chain_tangent(b, node, ta, tb):
+    """The whole chain's tangent when `node` ends a chain whose inner tangents were dropped, else None."""
+    chain = chain_at(b.src, node)
+    if chain is None:
+        return None
+    tangents = dict(zip(node.input, (ta, tb)))
+    if any(t is not None for name, t in tangents.items() if name != chain.feed):
+        return None  # (cannot happen: the chain's other values depend on `feed` alone)
+    return chain.tangent(b, node, tangents[chain.feed])
 
 
 def rms_norm(src, end):
-    """(x, Pow node, ReduceMean node) when `end` computes x·rsqrt(ReduceMean(x², keepdims) + ε) as written out
-    above (ε constant, every value after Pow read by the next node only), else None."""
+    """x·rsqrt(ReduceMean(x², keepdims) + ε) as Pow, ReduceMean, Add, Sqrt, then Mul(x, Div(1, ·) or Reciprocal(·))
+    or Div(x, ·): u̇ = d·(ẋ - u·mean(u·ẋ)) with the primal's d = rsqrt(...) and u (Div: divided by the Sqrt)."""
     if end.op_type == "Div":
-        x, root = end.input[0], _made_by(src, end.input[1], "Sqrt", end)
+        x, factor, root = end.input[0], end.input[1], _made_by(src, end.input[1], "Sqrt", end)
     elif end.op_type == "Mul":
-        for x, d in (end.input, end.input[::-1]):
-            inverse = _made_by(src, d, "Reciprocal", end) or _made_by(src, d, "Div", end)
-            if inverse is not None and (inverse.op_type == "Reciprocal" or _constant_equal(src, inverse.input[0], 1.0)):
+        for x, factor in (end.input, end.input[::-1]):
+            inverse = _made_by(src, factor, "Reciprocal", end) or _made_by(src, factor, "Div", end)
+            if inverse is not None and (inverse.op_type == "Reciprocal" or _scalar(src, inverse.input[0]) == 1.0):
                 break
         else:
             return None
@@ -1079,65 +1128,83 @@ def rms_norm(src, end):
     else:
         return None
     add = root and _made_by(src, root.input[0], "Add", root)
-    if not add or not any(src.const(i) is not None for i in add.input):
-        return None
-    mean = next((_made_by(src, i, "ReduceMean", add) for i in add.input if src.const(i) is None), None)
+    mean = add and _with_scalar(src, add) and _made_by(src, _with_scalar(src, add)[0], "ReduceMean", add)
     square = mean and src.attrs(mean).get("keepdims", 1) and _made_by(src, mean.input[0], "Pow", mean)
-    if not square or square.input[0] != x or not _constant_equal(src, square.input[1], 2.0):
+    if not square or square.input[0] != x or _scalar(src, square.input[1]) != 2.0:
         return None
-    return x, square, mean
 
-
-def starts_rms_norm(src, square):
-    """Whether the Pow node `square` begins a written-out RMSNorm (its tangent is then emitted at the end)."""
-    node = square
-    for _ in range(5):  # ReduceMean, Add, Sqrt, [Reciprocal or Div,] Mul or Div
-        node = sole_reader(src, node.output[0])
-        if node is None:
-            return False
-        match = rms_norm(src, node)
-        if match is not None:
-            return match[1] is square
-    return False
-
-
-def rms_norm_tangent(b, end, t):
-    """u̇ = d·(ẋ - u·mean(u·ẋ)) for u = x·d (Mul), or (ẋ - u·mean(u·ẋ))/r for u = x/r (Div); t = ẋ."""
-    x, _, mean = rms_norm(b.src, end)
-    u, rank = end.output[0], b.src.rank(x)
-    t = align(b, t, x, u)
-    inner = b.Sub(t, b.Mul(u, tangent_reduce(b, "ReduceMean", b.Mul(t, u), reduce_axes(b, mean, rank), rank, 1)))
-    if end.op_type == "Div":
-        return b.Div(inner, end.input[1])
-    return b.Mul(inner, end.input[1] if end.input[0] == x else end.input[0])
+    def tangent(b, end, t):
+        u, rank = end.output[0], b.src.rank(x)
+        t = align(b, t, x, u)
+        projection = tangent_reduce(b, "ReduceMean", b.Mul(t, u), reduce_axes(b, mean, rank), rank, 1)
+        inner = b.Sub(t, b.Mul(u, projection))
+        return b.Div(inner, factor) if end.op_type == "Div" else b.Mul(inner, factor)
+    return Chain(x, [square], tangent)
 
 
 def silu(src, end):
-    """(x, the Sigmoid node) when `end` is Mul(x, Sigmoid(x)) (SiLU/swish as exporters write it) and nothing else
-    reads the Sigmoid's output, else None."""
+    """x·sigmoid(x) as Mul(x, Sigmoid(x)): ẏ = ẋ·(s + y·(1 - s)) with the primal's s and y."""
     if end.op_type != "Mul":
         return None
-    for x, s in (end.input, end.input[::-1]):
-        sigmoid = _made_by(src, s, "Sigmoid", end)
+    for x, s_name in (end.input, end.input[::-1]):
+        sigmoid = _made_by(src, s_name, "Sigmoid", end)
         if sigmoid is not None and sigmoid.input[0] == x:
-            return x, sigmoid
+            return Chain(x, [sigmoid], lambda b, end, t: b.Mul(t, b.Add(s_name, b.Mul(end.output[0], one_minus(
+                b, s_name, end.output[0])))))
+    return None
+
+
+def gelu_erf(src, end):
+    """x·(erf(z) + β) with z = x/γ (Div) or x·γ (Mul): Mul(x, Add(Erf(z), β)), the 0.5 outside the chain.
+    ẏ = ẋ·(a + z·erf'(z)) with the primal's z and a = erf(z) + β, erf'(z) = 2/√π·exp(-z²)."""
+    if end.op_type != "Mul":
+        return None
+    for x, a in (end.input, end.input[::-1]):
+        add = _made_by(src, a, "Add", end)
+        erf = add and _with_scalar(src, add) and _made_by(src, _with_scalar(src, add)[0], "Erf", add)
+        z = erf and (_made_by(src, erf.input[0], "Div", erf) or _made_by(src, erf.input[0], "Mul", erf))
+        if z and _with_scalar(src, z) is not None and _with_scalar(src, z)[0] == x and (
+                z.op_type == "Mul" or z.input[0] == x):
+            def tangent(b, end, t, a=a, z=z.output[0]):
+                slope = b.Mul(b.Mul(z, b.Exp(b.Neg(b.Mul(z, z)))), s(b, 2.0 / math.sqrt(math.pi), z))
+                return b.Mul(t, b.Add(a, slope))
+            return Chain(x, [z], tangent)
+    return None
+
+
+def gelu_tanh(src, end):
+    """Mul(h, tanh(i) + β) with h = α·x, i = k·(x + c·x³) written Pow(x, 3), Mul(c), Add(x, ·), Mul(k), Tanh, Add(β)
+    (GPT-2's "new GELU"): ẏ = ḣ·(a + (1 - th²)·(i + 2kc·x³)) with the primal's a, th, i and x³ (α, β, c, k any)."""
+    if end.op_type != "Mul":
+        return None
+    for h, a in (end.input, end.input[::-1]):
+        add = _made_by(src, a, "Add", end)
+        tanh = add and _with_scalar(src, add) and _made_by(src, _with_scalar(src, add)[0], "Tanh", add)
+        inner = tanh and _made_by(src, tanh.input[0], "Mul", tanh)
+        k = inner and _with_scalar(src, inner)
+        total = k and _made_by(src, k[0], "Add", inner)
+        scaled = total and (_made_by(src, total.input[1], "Mul", total) or _made_by(src, total.input[0], "Mul", total))
+        c = scaled and _with_scalar(src, scaled)
+        cube = c and _made_by(src, c[0], "Pow", scaled)
+        half = src.producer.get(h)
+        if not cube or _scalar(src, cube.input[1]) != 3.0 or half is None or half.op_type != "Mul":
+            continue
+        x = cube.input[0]
+        if sorted(total.input) != sorted([x, scaled.output[0]]) or (_with_scalar(src, half) or [None])[0] != x:
+            continue
+        def tangent(b, end, t, a=a, th=tanh.output[0], i=inner.output[0], p=cube.output[0], kc=k[1] * c[1]):
+            slope = b.Mul(one_minus(b, b.Mul(th, th), th), b.Add(i, b.Mul(p, s(b, 2.0 * kc, p))))
+            return b.Mul(t, b.Add(a, slope))
+        return Chain(h, [cube, total], tangent)
     return None
 
 
 @rule("Sigmoid")
 def sigmoid(b, node, t):
-    """ẏ = ẋ·y(1-y) (jacgraph.rules.slopes); inside a SiLU x·sigmoid(x), nothing: silu_tangent emits the whole."""
-    reader = sole_reader(b.src, node.output[0])
-    if reader is not None and silu(b.src, reader) is not None:
+    """ẏ = ẋ·y(1-y) (jacgraph.rules.slopes); inside a SiLU x·sigmoid(x), nothing: the chain's end emits it."""
+    if inside_chain(b.src, node):
         return [None]
     return elementwise(SLOPES["Sigmoid"])(b, node, t)
-
-
-def silu_tangent(b, end, t):
-    """y = x·s, s = sigmoid(x): ẏ = ẋ·(s + y·(1 - s)), from the primal's own s and y; t = ẋ."""
-    _, sigmoid = silu(b.src, end)
-    sig, y = sigmoid.output[0], end.output[0]
-    return b.Mul(t, b.Add(sig, b.Mul(y, one_minus(b, sig, y))))
 
 
 def one_minus(b, v, y):
