@@ -681,18 +681,22 @@ def dense_tanh(path, n=64):
     return path
 
 
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
 @pytest.mark.parametrize("argv", [
     ["sense", "{m}", "--x0", "{x}", "--robust", "--pattern", "dense", "--budget", "4000", "-o", "{d}/J.npz"],  # old: >95 s
     ["bench", "{m}", "--runs", "10000000", "--no-memory"],
+    ["bound", "{m}", "--x0", "{xs}", "--eps", "0.1", "-o", "{d}/b.npz"],  # 20000 points: minutes
 ])
-def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path, argv):
-    """SIGINT once the command is working (its progress line is out): exit 130 at once, no partial file."""
+def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path, argv, signame, code, said):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a scheduler) once the command is working (its progress line is out):
+    exit 130 or 143 at once with a message, no partial file, no traceback."""
     import signal
     import time
 
-    model, x0 = dense_tanh(tmp_path / "m.onnx"), tmp_path / "x.npy"
+    model, x0, xs = dense_tanh(tmp_path / "m.onnx"), tmp_path / "x.npy", tmp_path / "xs.npy"
     np.save(x0, np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32))
-    argv = [a.format(m=model, x=x0, d=tmp_path) for a in argv]
+    np.save(xs, np.random.default_rng(1).standard_normal((20000, 64)).astype(np.float32))
+    argv = [a.format(m=model, x=x0, xs=xs, d=tmp_path) for a in argv]
     proc = subprocess.Popen([sys.executable, "-m", "jacgraph.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
@@ -701,15 +705,15 @@ def test_ctrl_c_stops_within_a_second_and_leaves_nothing(tmp_path, argv):
         if line.startswith(f"jacgraph {argv[0]}: ") and line.rstrip().endswith(" s)"):
             break
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signame))
     proc.wait(timeout=30)
     waited = time.monotonic() - sent
     lines += proc.stderr.readlines()
-    assert proc.returncode == 130, lines
+    assert proc.returncode == code, lines
     # the main thread polls every 0.1 s (measured 0.07 s); 2 s leaves room for a loaded 2-core machine
     assert waited < 2.0
-    assert "interrupted; nothing partial was written" in "".join(lines) and "Traceback" not in "".join(lines)
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "x.npy"]
+    assert f"{said}; nothing partial was written" in "".join(lines) and "Traceback" not in "".join(lines)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "x.npy", "xs.npy"]
 
 
 def test_a_closed_pipe_is_a_quiet_exit_not_an_internal_error():
@@ -723,6 +727,30 @@ def test_a_closed_pipe_is_a_quiet_exit_not_an_internal_error():
     done = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 141, done
     assert done.stderr == "", done.stderr
+
+
+def test_sigterm_while_an_output_is_being_written_leaves_neither_it_nor_its_temporary(tmp_path):
+    """SIGTERM while a command is inside its atomic write (the temporary half written): exit 143, the target never
+    appears and the temporary is removed."""
+    import signal
+    import time
+
+    code = ("import argparse, sys, time; from jacgraph.cli import run_command; from jacgraph.cli.files import "
+            "atomic_output\n"
+            "def func(args):\n    with atomic_output(sys.argv[1], suffix='.npz') as tmp:\n"
+            "        open(tmp, 'wb').write(b'half'); print('writing', flush=True); time.sleep(60)\n"
+            "sys.exit(run_command(argparse.Namespace(func=func, command='bound', quiet=True)))\n")
+    out = tmp_path / "b.npz"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline() == "writing\n"
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".jacgraph-")]  # the temporary is there, half written
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == 143 and time.monotonic() - sent < 2.0
+    assert "jacgraph bound: terminated (SIGTERM); nothing partial was written" in proc.stderr.read()
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("name", ["pool_cnn", "resnet_cnn"])

@@ -3,16 +3,19 @@
 One convention for every command (docs/using-the-cli.md): -o/--output for what it writes, checked
 before any work; --json (valid JSON); --quiet; --threads; --max-memory for the memory guard; exit
 codes 0 (done), 1 (verify found the graph wrong), 2 (bad input, a one-paragraph `jacgraph: error:`,
-nothing written), 3 (a bug in jacgraph: `jacgraph: internal error:`), 130 (interrupted, nothing half-written).
+nothing written), 3 (a bug in jacgraph: `jacgraph: internal error:`), 130 (interrupted, nothing half-written),
+143 (ended by SIGTERM, likewise).
 
 The command runs in a worker thread while the main thread waits, so Ctrl-C is seen within a fraction of
 a second even while onnxruntime, numpy or a solver holds the worker in native code: the main thread
-then removes the command's temporary files and ends the process (exit 130). Work that outlasts ~2 s
+then removes the command's temporary files and ends the process (exit 130). SIGTERM (a job scheduler, `kill`,
+a container stopping) is handled the same way, exit 143. Work that outlasts ~2 s
 gets a progress line on stderr (unless --quiet).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,6 +33,7 @@ from .report import quiet
 __all__ = ["main", "parser", "atomic_output", "write_atomic", "output_paths", "parse_shape"]
 
 INTERNAL_ERROR = 3
+TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended
 PROGRESS_AFTER_S = 2.0
 PROGRESS_EVERY_S = 10.0
 STAGE_EVERY_S = 1.0
@@ -44,7 +48,8 @@ def version() -> str:
 
 def parser() -> Parser:
     p = Parser(prog="jacgraph", description="Compile ONNX models into ONNX models of their derivatives. "
-               "Exit codes: 0 done, 1 verify failed, 2 bad input (nothing written), 3 internal error, 130 interrupted.")
+               "Exit codes: 0 done, 1 verify failed, 2 bad input (nothing written), 3 internal error, 130 interrupted, "
+               "143 terminated (SIGTERM).")
     p.add_argument("--version", action="version", version=f"jacgraph {version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_compile, add_inspect, add_bench, add_verify, add_bound, add_lipschitz, add_sense):
@@ -80,11 +85,17 @@ def run_command(args) -> int:
     worker = threading.Thread(target=work, name=f"jacgraph {args.command}", daemon=True)
     started = time.monotonic()
     progress.reset()  # a stage left by an earlier command in this process
+    previous = _catch_sigterm()
     try:
         worker.start()
         _wait(worker, args, started)
     except KeyboardInterrupt:
         _interrupted(args)
+    except _Terminated:
+        _interrupted(args, TERMINATED, "terminated (SIGTERM)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     error = outcome.get("error")
     if isinstance(error, JacgraphError):
         return _error(error)
@@ -125,12 +136,27 @@ def _wait(worker, args, started):
             last, shown = now, note
 
 
-def _interrupted(args):
-    """Ctrl-C: no partial output (temporaries removed; finished files were renamed whole), exit 130 now."""
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread (which only waits for the worker) by _on_sigterm."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _catch_sigterm():
+    """SIGTERM to _on_sigterm while a command runs (only the main thread may set a handler): the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _interrupted(args, code=130, what="interrupted"):
+    """Ctrl-C (or SIGTERM): no partial output (temporaries removed; finished files were renamed whole), exit now."""
     remove_live_temporaries()
-    print(f"jacgraph {args.command}: interrupted; nothing partial was written", file=sys.stderr, flush=True)
+    print(f"jacgraph {args.command}: {what}; nothing partial was written", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(130)
+    os._exit(code)
 
 
 if __name__ == "__main__":
