@@ -217,7 +217,9 @@ def build(model, norm="inf", input_shape=None, dtype=np.float64, method="recurja
     is skipped and that node keeps its interval bounds (sound, looser; listed in the metadata).
     slope_inputs=True (graph lowering; "auto" takes it): the lower-line slopes of the ReLU/LeakyReLU nodes
     become inputs alpha_<k> [batch, units] (default NaN: CROWN's own choice) and outputs slope_<k> give the
-    slopes used; passes/alpha_crown.py optimises them."""
+    slopes used; every CROWN back-substitution that runs at once over all its rows (not in chunks) takes
+    per-bounded-neuron, per-side slopes alpha_<t>_<k>_upper/_lower [batch, n_t, n_k] instead (alpha-CROWN
+    proper); slope_inputs="unit": alpha_<k> everywhere. passes/alpha_crown.py optimises them."""
     norm = str(norm)
     if norm not in NORMS:
         raise JacgraphError(f"--norm {norm!r} is not supported; choose inf (an l_inf ball) or 2 (an l_2 ball).")
@@ -562,17 +564,19 @@ class _DagBounds:
         self.sel[k] = (PU, PL, cmax, PU, DU)
         self.box[k] = (b.Squeeze(lmax, b.ints([2])), umax)
 
-    def _through(self, k, up, lo, store, C):
-        """Push coefficients (up, lo) on node k's values one step down (CROWN) into store; C the constants."""
+    def _through(self, k, up, lo, store, C, sides=None):
+        """Push coefficients (up, lo) on node k's values one step down (CROWN) into store; C the constants.
+        sides: (upper, lower) Relaxations of an act node for the upper and the lower bound, per row (per-neuron
+        slopes, passes/alpha_crown.py); default the node's one relaxation, shared by every row and both sides."""
         b = self.b
         node = self.nodes[k]
         pu, nu, pl, nl = b.Relu(up), b.Min(up, b.c(0.0)), b.Relu(lo), b.Min(lo, b.c(0.0))
         j = node.inputs[0]
         if node.kind == "act":
-            r = self.rel[k]
-            new = (b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
-            dc = (b.reduce("ReduceSum", b.Add(b.Mul(pu, r.cU), b.Mul(nu, r.cL)), [-1], keepdims=0),
-                  b.reduce("ReduceSum", b.Add(b.Mul(pl, r.cL), b.Mul(nl, r.cU)), [-1], keepdims=0))
+            ru, rl = sides or (self.rel[k], self.rel[k])
+            new = (b.Add(b.Mul(pu, ru.aU), b.Mul(nu, ru.aL)), b.Add(b.Mul(pl, rl.aL), b.Mul(nl, rl.aU)))
+            dc = (b.reduce("ReduceSum", b.Add(b.Mul(pu, ru.cU), b.Mul(nu, ru.cL)), [-1], keepdims=0),
+                  b.reduce("ReduceSum", b.Add(b.Mul(pl, rl.cL), b.Mul(nl, rl.cU)), [-1], keepdims=0))
         else:
             PU, PL, cmax, _, _ = self.sel[k]
             new = (b.Add(b.MatMul(pu, PU), b.MatMul(nu, PL)), b.Add(b.MatMul(pl, PL), b.MatMul(nl, PU)))
@@ -586,7 +590,8 @@ class _DagBounds:
         """Linear bounds (lo, hi) [b, n_t] on node t's values, back-substituted to the input and bounded over
         the ball; `rows` at a time when given (fewer than n_t: an ONNX Loop over chunks of rows)."""
         n = self.nodes[t].n
-        return self._chunked(n, rows or n, lambda eye: self._crown_rows(t, eye, x3, eps))
+        at_once = (rows or n) >= n  # all of t's rows in one step: per-neuron slopes may enter (alpha-CROWN)
+        return self._chunked(n, rows or n, lambda eye: self._crown_rows(t, eye, x3, eps, at_once))
 
     def _chunked(self, n, rows, step, lead=1):
         """step(eye) -> (lo, hi) [b, (m,) rows] for identity rows eye [(1,) 1, rows, n] (`lead` axes of 1).
@@ -622,8 +627,9 @@ class _DagBounds:
         return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=perm), b.ints([0] * lead + [-1])), b.ints([0]), b.ints([n]),
                              b.ints([lead])) for t in stacked)
 
-    def _crown_rows(self, t, eye, x3, eps):
-        """CROWN for the rows `eye` [1, rows, n_t] of node t (a slice of the identity): (lo, hi) [b, rows]."""
+    def _crown_rows(self, t, eye, x3, eps, all_rows=False):
+        """CROWN for the rows `eye` [1, rows, n_t] of node t (a slice of the identity): (lo, hi) [b, rows].
+        all_rows: eye is the whole identity, so per-row slopes (SlopeInputs.relaxations) line up with its rows."""
         b = self.b
         store, C = {t: (eye, eye)}, None
         for k in range(t, -1, -1):
@@ -637,7 +643,8 @@ class _DagBounds:
                 for j in node.inputs:
                     _add_to(store, j, b, *_both(self.op(k, j).adj, up, lo))
             elif node.kind in ("act", "max"):
-                C = self._through(k, up, lo, store, C)
+                sides = self.slopes.relaxations(self, t, k) if all_rows and self.slopes and node.kind == "act" else None
+                C = self._through(k, up, lo, store, C, sides)
             else:
                 xv = lambda coef: b.Squeeze(b.MatMul(coef, x3), b.ints([2]))  # noqa: E731  [b, rows]
                 e = eps  # [b, 1]
@@ -771,7 +778,7 @@ def _build_graph(src, norm, input_shape, dtype, method, preactivation_bounds, me
     b.add_input("eps", elem, ["batch"])
     x = b.Reshape("x0", b.ints([0, n0]))
     eps = b.Reshape("eps", b.ints([-1, 1]))
-    slopes = declare_slope_inputs(b, graph) if slope_inputs else {}
+    slopes = declare_slope_inputs(b, graph, per_neuron=slope_inputs != "unit") if slope_inputs else {}
     dag = _DagBounds(b, graph, norm, method, memory_limit, slopes)
     dag.forward(x, eps, b.Unsqueeze(x, b.ints([2])))
     dag.jacobian()
