@@ -465,6 +465,7 @@ CASES = [
     Case("Cast", X, ["x"], attrs={"to": TensorProto.INT64}, kinks=(-2, -1, 0, 1, 2), id="cast-int"),
     Case("LRN", X4, ["x"], attrs={"size": 3, "alpha": 0.3, "beta": 0.75, "bias": 1.5}),
     Case("LRN", {"x": (1, 6, 2, 2)}, ["x"], attrs={"size": 4}, id="lrn-even"),
+    Case("LRN", X4, ["x"], attrs={"size": 5, "alpha": 0.2, "beta": 0.6, "bias": 2.0}, id="lrn-pow"),  # Pow, not Sqrt
     Case("LayerNormalization", X, ["x", "scale", "bias"], attrs={"axis": -1, "epsilon": 1e-3},
          consts={"scale": f64(4), "bias": f64(4)}),
     Case("LayerNormalization", {"x": (2, 3, 4), "scale": (3, 4), "bias": (3, 4)}, ["x", "scale", "bias"], attrs={"axis": 1},
@@ -704,4 +705,26 @@ def test_written_out_silu_gets_one_tangent():
     x, v = rng.standard_normal([1, 3, 6, 6]), rng.standard_normal([1, 3, 6, 6])
     got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
     fd = central_difference(ref(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
+    assert relative_error(got["y0_dot"], fd) < 1e-5
+
+
+def test_float32_lrn_runs_no_lrn_kernel():
+    """The LRN rule emits the primal as x·d^-β from the tangent's d (onnxruntime's LRN kernel was a third of AlexNet's
+    forward): no LRN node is left, y equals onnxruntime's LRN to float32 rounding, ẏ matches float64 central
+    differences (AlexNet's constants: size 5, α 1e-4, β 0.75, bias 1)."""
+    from jacgraph import runtime
+    from jacgraph.testing import to_float64
+
+    node = helper.make_node("LRN", ["x"], ["y0"], size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    info = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 5, 5])  # noqa: E731
+    model = helper.make_model(helper.make_graph([node], "lrn", [info("x")], [info("y0")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    emitted = jvp.build(model)
+    assert "LRN" not in {n.op_type for n in emitted.graph.node}
+    rng = np.random.default_rng(0)
+    x, v = 10 * rng.standard_normal([1, 8, 5, 5]), rng.standard_normal([1, 8, 5, 5])  # α·mean(x²) ~ 1e-2: d ≠ bias
+    got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
+    want = runtime.run(runtime.session(model), {"x": x.astype(np.float32)})["y0"]
+    assert relative_error(got["y0"], want) < 1e-6
+    fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
