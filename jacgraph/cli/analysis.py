@@ -80,8 +80,10 @@ def add_bound(sub):
                    help="recurjac (default) or interval (the plain interval chain, for comparison)")
     p.add_argument("--input-shape", help="fixed input shape when the model's is symbolic, e.g. 1,3,32,32")
     p.add_argument("--optimize-slopes", type=integer(0), default=0, metavar="N",
-                   help="optimise the lower-line slopes of the ReLU/LeakyReLU relaxations (the alpha-CROWN idea) by N "
-                        "projected gradient (Adam) steps per point, the gradient from jacgraph's VJP of the bound graph; "
+                   help="optimise the lower-line slopes of the ReLU/LeakyReLU relaxations (alpha-CROWN) by N "
+                        "projected gradient (Adam) steps per point, the gradient from jacgraph's VJP of the bound graph: "
+                        "one slope per bounded neuron and side where a back-substitution runs at once, one per unit "
+                        "where it runs in chunks of rows (large CNNs); "
                         "every step's bounds are sound and the elementwise best are kept, so they are never wider than "
                         "without. Costs about N runs of the bound and gradient graphs per point; uses the graph "
                         "lowering. Default 0: off (CROWN's slopes)")
