@@ -1129,7 +1129,8 @@ def rms_norm(src, end):
         return None
     add = root and _made_by(src, root.input[0], "Add", root)
     mean = add and _with_scalar(src, add) and _made_by(src, _with_scalar(src, add)[0], "ReduceMean", add)
-    square = mean and src.attrs(mean).get("keepdims", 1) and _made_by(src, mean.input[0], "Pow", mean)
+    constant_axes = mean and (len(mean.input) < 2 or not mean.input[1] or src.const(mean.input[1]) is not None)
+    square = constant_axes and src.attrs(mean).get("keepdims", 1) and _made_by(src, mean.input[0], "Pow", mean)
     if not square or square.input[0] != x or _scalar(src, square.input[1]) != 2.0:
         return None
 
