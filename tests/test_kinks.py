@@ -8,6 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jacgraph import runtime
 from jacgraph.passes import jvp
+from jacgraph.testing import central_difference, reference_session, relative_error, to_float64
 from jacgraph.rules.jvp import INDICES_BELOW, PHASES_FROM
 
 
@@ -136,7 +137,8 @@ def test_maxpool_ties_take_the_index_onnxruntime_reports(attrs):
 def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs, shape):
     """The slice-and-compare rules (no MaxPool Indices output) give the same ties with K stacked tangents: strided
     pools take the one-hot unfold from INDICES_BELOW input elements per window tap (below, the pool's own Indices)
-    and the stride-phase split (SpaceToDepth) from PHASES_FROM where the strides are equal."""
+    and the stride-phase split from PHASES_FROM where the strides are equal (by one-hot Convs, or by SpaceToDepth
+    when dilated)."""
     K = 3
     model = one_node("MaxPool", shape, attrs)
     emitted = jvp.build(model, tangents=K)
@@ -153,8 +155,29 @@ def test_maxpool_static_shapes_find_the_winner_without_the_indices_kernel(attrs,
     by_indices = not shapes_agree or (max(strides) > 1 and per_tap < INDICES_BELOW)
     assert all(len(n.output) == 1 for n in emitted.graph.node if n.op_type == "MaxPool") != by_indices
     phase_split = not by_indices and strides[0] == strides[1] > 1 and per_tap >= PHASES_FROM
-    assert any(n.op_type == "SpaceToDepth" for n in emitted.graph.node) == phase_split
+    ops = {n.op_type for n in emitted.graph.node}
+    assert ("ArgMax" in ops) == (not by_indices and max(strides) > 1 and not phase_split)  # the one-hot unfold
+    dilated = attrs.get("dilations", [1, 1]) != [1, 1]  # the phases by SpaceToDepth, else by one-hot Convs
+    assert ("SpaceToDepth" in ops) == (phase_split and dilated)
     np.testing.assert_array_equal(got, np.stack([vk.reshape(-1)[indices] for vk in v]))
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 1, 1], [1, 1, 1, 1]], ids=["end-padded", "padded"])
+def test_maxpool_phase_convs_against_float64_central_differences(pads):
+    """A float32 3x3/2 pool large enough for the stride phases (32x40x40: 5689 input elements per tap) takes them by
+    one-hot Convs; its JVP in onnxruntime equals float64 central differences of the source's float64 copy. The
+    tangent is a copied cell of ẋ, so the only error is the differences' round-off (h = 1e-8: ~1e-8 relative; a
+    window's two largest values closer than h·|v| is a ~1e-3 chance over the 20x20x32 windows, and the seed is fixed)."""
+    model = one_node("MaxPool", [1, 32, 40, 40], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": pads})
+    emitted = jvp.build(model)
+    assert "SpaceToDepth" not in {n.op_type for n in emitted.graph.node}
+    assert sum(n.op_type == "Conv" for n in emitted.graph.node) == 8  # 4 phases of x, 4 of ẋ
+    rng = np.random.default_rng(4)
+    x, v = rng.standard_normal([2, 1, 32, 40, 40]).astype(np.float32)
+    got = tangent(model, [x], [v])
+    fd = central_difference(reference_session(to_float64(model)), {"x0": x.astype(np.float64)},
+                            {"x0": v.astype(np.float64)}, 1e-8)["y0"]
+    assert relative_error(got, fd) < 1e-6
 
 
 def test_maxpool_with_a_symbolic_channel_count_still_compiles_and_picks_the_index_onnxruntime_reports():

@@ -675,7 +675,8 @@ def max_pool(b, node, t):
     order, exactly (Slice and Max copy values, Equal compares them exactly); Σ k_i slices instead of
     a Π k_i-fold unfold. Padding is explicit (-inf, and 0 in the tangent), so a padded cell never
     wins, and ceil_mode's windows are counted as onnxruntime counts them. Strided windows: see
-    _max_pool_phases (large 2-D inputs, equal strides) and _max_pool_unfolded (the rest). Measured per
+    _max_pool_phase_convs and _max_pool_phases (large 2-D inputs, equal strides; the dilated ones by
+    SpaceToDepth), _max_pool_unfolded (the rest) and INDICES_BELOW (small ones). Measured per
     architecture in docs/benchmarks/speed.md and docs/benchmarks/jvp-profile.md.
     """
     attrs = b.src.attrs(node)
@@ -696,7 +697,10 @@ def max_pool(b, node, t):
     ends = [max(0, (m - 1) * st + span - n - lo)  # end padding the last window reads (ceil_mode: may exceed pads)
             for m, st, span, n, lo in zip(counts, geometry.strides, spans, geometry.in_spatial, geometry.begin)]
     if len(counts) == 2 and geometry.strides[0] == geometry.strides[1] > 1 and per_tap >= PHASES_FROM:
-        return [_max_pool_phases(b, x, t, y, geometry, counts), None][:len(node.output)]
+        by_convs = geometry.dilations == [1, 1] and b.src.dtype(x) == TensorProto.FLOAT \
+            and isinstance(b.src.shape(x)[1], int)
+        split = _max_pool_phase_convs if by_convs else _max_pool_phases
+        return [split(b, x, t, y, geometry, counts), None][:len(node.output)]
     if any(st > 1 for st in geometry.strides):
         return [_max_pool_unfolded(b, x, t, y, geometry, ends), None][:len(node.output)]
     values, tangent = x, t
@@ -788,6 +792,57 @@ def _max_pool_phases(b, x, t, y, geometry, counts):
     picked = b.Reshape(picked, b.ints([b.K] * lead(b) + [-1, rows, sizes[1]]))
     picked = b.Slice(picked, b.ints([0]), b.ints([cols]), b.ints([-1]))
     return b.Reshape(picked, full_shape(b, y))
+
+
+def _max_pool_phase_convs(b, x, t, y, geometry, counts):
+    """2-D windows with stride s on both axes, no dilation, float32: stride phase (p, q) of the input (cells
+    (s·i + p, s·j + q) of the padded input) is a depthwise Conv with a one-hot (p+1)x(q+1) kernel and stride s,
+    which onnxruntime runs in NCHWc straight from a Conv before the pool: no reorder of the whole input, no Pad,
+    no SpaceToDepth, and the taps come out in the pool's own layout (unet 0.94x, squeezenet zoo 0.94x, vgg 0.97x
+    the JVP's time against _max_pool_phases; docs/benchmarks/jvp-profile.md). Tap (di, dj) is phase (di % s, dj % s) at
+    (i, j) + (di // s, dj // s): one 2-D Slice. A one-hot Conv copies its cell (1·v plus zeros; an inf or NaN
+    neighbour in the kernel's footprint would spoil it, as in _max_pool_unfolded); the Conv's zero padding is set
+    to -inf in x's phases by a constant, so a padded cell never wins. The first tap in row-major order equal to
+    the pool's output wins (exact ties)."""
+    (rows, cols), s = counts, geometry.strides[0]
+    channels, dtype = b.src.shape(x)[1], b.src.np_dtype(x)
+    kernel_h, kernel_w = geometry.kernel
+
+    def phase(v, p, q, fill):  # [N', C, H, W] -> [N', C, rows + reach, cols + reach] of phase (p, q)
+        need = [rows + (kernel_h - 1 - p) // s, cols + (kernel_w - 1 - q) // s]
+        ends = [max(0, (m - 1) * s + e + 1 - n - lo) for m, e, n, lo in
+                zip(need, (p, q), geometry.in_spatial, geometry.begin)]
+        onehot = np.zeros([channels, 1, p + 1, q + 1], dtype)
+        onehot[:, :, p, q] = 1
+        out = b.Conv(v, b.const(onehot, hint="phase_tap"), group=channels, kernel_shape=[p + 1, q + 1],
+                     strides=[s, s], pads=geometry.begin + ends)
+        sizes = [(n + lo + e - k) // s + 1 for n, lo, e, k in
+                 zip(geometry.in_spatial, geometry.begin, ends, (p + 1, q + 1))]
+        cells = [np.arange(m) * s + e - lo for m, e, lo in zip(sizes, (p, q), geometry.begin)]
+        outside = ~np.outer((cells[0] >= 0) & (cells[0] < geometry.in_spatial[0]),
+                            (cells[1] >= 0) & (cells[1] < geometry.in_spatial[1]))
+        if fill is not None and outside.any():
+            out = b.Add(out, b.const(np.where(outside, fill, 0).astype(dtype)[None, None], hint="phase_padding"))
+        return out, sizes
+
+    def tap(planes, di, dj):
+        v, sizes = planes[di % s, dj % s]
+        start = [di // s, dj // s]
+        if start == [0, 0] and sizes == [rows, cols]:
+            return v
+        return b.Slice(v, b.ints(start), b.ints([start[0] + rows, start[1] + cols]), b.ints([-2, -1]))
+
+    used = {(di % s, dj % s) for di in range(kernel_h) for dj in range(kernel_w)}
+    values = {pq: phase(x, *pq, -np.inf) for pq in used}
+    folded, tangents = fold(b, t), {}  # K stacked tangents: [K·N, C, H, W] for the Conv, [K, N, ...] for the taps
+    for pq in used:
+        v, sizes = phase(folded, *pq, None)
+        tangents[pq] = unfold(b, v), sizes
+    taps = list(np.ndindex(kernel_h, kernel_w))  # row-major window order
+    picked = tap(tangents, *taps[-1])
+    for di, dj in reversed(taps[:-1]):
+        picked = b.Where(b.Equal(tap(values, di, dj), y), tap(tangents, di, dj), picked)
+    return picked
 
 
 def _pool_window_counts(geometry, attrs):
