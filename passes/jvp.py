@@ -20,20 +20,22 @@ DEFAULT_STRATEGY = "auto"
 
 def weight_bound(src: SourceModel, node, stacked: bool = False) -> bool:
     """The `auto` strategy's choice: batch a linear op's tangent with its primal (one call over concat(x, ẋ))
-    when its weights are large (>= 128K, 512 KB in float32: more than a core's L2 cache holds) and at least
-    16x its outputs per sample, so that reading the weights once for both pays for the Concat, Split and bias
-    Add. Measured in docs/benchmarks/speed.md: smaller thresholds batched mobilenetv2's 4x4 1x1 convs and
-    lost. With one tangent (not `stacked`) convolutions stay two-pass: the ReLU/Clip gates then run in
-    onnxruntime's NCHWc layout, which a batched Conv's batch-axis Concat and Split leave, and it measured
-    1-4% slower on resnet18 and vgg_style; with K stacked tangents (Where gates) batching still pays
-    (resnet18 K=4: docs/benchmarks/jvp-profile.md)."""
-    if not stacked and node.op_type not in ("Gemm", "MatMul"):
+    when its weights are at least 16x its outputs per sample, so that reading the weights once for both pays for
+    the Concat, Split and bias Add, and large: >= 16K for Gemm/MatMul, >= 128K for Conv. Measured in
+    docs/benchmarks/speed.md: dense layers from 16K weights gain (bert_wide's 128x128 and 128x512 MatMuls over
+    5 tokens: JVP 2.13 -> 1.87 x forward, maxout_mlp 1.59 -> 1.50), from 4K they lose (gpt2's 32x128 Gemms:
+    2.27 -> 2.46); smaller conv thresholds batched mobilenetv2's 4x4 1x1 convs and lost. With one tangent (not
+    `stacked`) convolutions stay two-pass: the ReLU/Clip gates then run in onnxruntime's NCHWc layout, which a
+    batched Conv's batch-axis Concat and Split leave, and it measured 1-4% slower on resnet18 and vgg_style; with K
+    stacked tangents (Where gates) batching still pays (resnet18 K=4: docs/benchmarks/jvp-profile.md)."""
+    dense = node.op_type in ("Gemm", "MatMul")
+    if not stacked and not dense:
         return False
     w, y = src.shape(node.input[1]), src.shape(node.output[0])
     if not (w and y and all(isinstance(d, int) for d in list(w) + list(y[1:]))):
         return False
     weights = math.prod(w)
-    return weights >= 2**17 and weights >= 16 * math.prod(y[1:])
+    return weights >= (2**14 if dense else 2**17) and weights >= 16 * math.prod(y[1:])
 
 
 def missing_rules(src: SourceModel, wrt, table) -> Counter:
