@@ -35,16 +35,18 @@ def model_and_net(name):
     return bounds_models.export_bytes(net, shape), net, shape
 
 
-def run(model, x0, eps, method, memory_limit=recurjac.MEMORY_LIMIT):
-    t0 = time.perf_counter()
+def run(model, x0, eps, method, memory_limit=recurjac.MEMORY_LIMIT, threads=None):
+    """Bounds (lo, hi), build+session (wall, process CPU) s, run (wall, process CPU, this thread's CPU) s and the
+    interval-only nodes. Process CPU counts every thread (onnxruntime's intra-op pool too); with threads=1 all
+    of the run is on this thread, so its thread CPU is the run's work whatever the load."""
+    t0, c0 = time.perf_counter(), time.process_time()
     graph = recurjac.build(model, method=method, memory_limit=memory_limit)
-    sess = session(graph, provider="CPUExecutionProvider")
-    t1 = time.perf_counter()
-    cpu = time.process_time()  # every thread of the process: onnxruntime's intra-op threads included
+    sess = session(graph, threads=threads, provider="CPUExecutionProvider")
+    t1, c1, th1 = time.perf_counter(), time.process_time(), time.thread_time()
     lo, hi = sess.run(None, {"x0": x0, "eps": np.array([eps])})
-    t2 = time.perf_counter()
+    t2, c2, th2 = time.perf_counter(), time.process_time(), time.thread_time()
     meta = {p.key: p.value for p in graph.metadata_props}
-    return lo, hi, t1 - t0, (t2 - t1, time.process_time() - cpu), meta.get("jacgraph.interval_only_nodes", "[]")
+    return lo, hi, (t1 - t0, c1 - c0), (t2 - t1, c2 - c1, th2 - th1), meta.get("jacgraph.interval_only_nodes", "[]")
 
 
 def sampled_range(net, x0, eps, n, rng, bounds=None):
@@ -87,6 +89,7 @@ def main():
     p.add_argument("--interval-too", action=argparse.BooleanOptionalAction, default=True,
                    help="also build the interval chain (--no-interval-too: RecurJac only)")
     p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice)")
     p.add_argument("--memory-limit", type=float, default=recurjac.MEMORY_LIMIT / 2**30,
                    help="GiB one back-substitution step may hold (recurjac.build memory_limit; larger ones run in chunks)")
     p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,unet_cnn,lenet,cifar_cnn,"
@@ -95,7 +98,7 @@ def main():
     args = p.parse_args()
     if args.lipschitz:
         return lipschitz_table(args.models.split(","), args.samples)
-    print("| model | input | RecurJac: build+session s | run s: wall / CPU | mean width | interval-only nodes | "
+    print("| model | input | RecurJac: build+session s: wall / CPU | run s: wall / CPU / thread CPU | mean width | interval-only nodes | "
           "interval chain: mean width | sampled range (lower bound) | sampled outside by (<= 0: inside) | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -103,8 +106,8 @@ def main():
         x0 = np.random.default_rng(0).standard_normal((1, *shape))
         try:
             limit = int(args.memory_limit * 2**30)
-            lo, hi, t_build, t_run, skipped = run(model, x0, args.eps, "recurjac", limit)
-            li, hi_i, _, _, _ = run(model, x0, args.eps, "interval", limit) if args.interval_too else \
+            lo, hi, t_build, t_run, skipped = run(model, x0, args.eps, "recurjac", limit, args.threads)
+            li, hi_i, _, _, _ = run(model, x0, args.eps, "interval", limit, args.threads) if args.interval_too else \
                 (lo * np.nan,) * 2 + (0,) * 3
         except JacgraphError as e:
             print(f"| {name} | {'x'.join(map(str, shape))} | refused: {e} | | | | | | | "
@@ -112,7 +115,8 @@ def main():
             continue
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before torch samples Jacobians
         sampled, outside = sampled_range(net, x0, args.eps, args.samples, np.random.default_rng(1), (lo, hi))
-        print(f"| {name} | {'x'.join(map(str, shape))} | {t_build:.1f} | {t_run[0]:.1f} / {t_run[1]:.1f} | {np.mean(hi - lo):.4g} | "
+        print(f"| {name} | {'x'.join(map(str, shape))} | {t_build[0]:.1f} / {t_build[1]:.1f} | "
+              f"{t_run[0]:.1f} / {t_run[1]:.1f} / {t_run[2]:.1f} | {np.mean(hi - lo):.4g} | "
               f"{skipped} | {np.mean(hi_i - li):.4g} | {sampled:.4g} | {outside:.2g} | {rss:.2f} |", flush=True)
 
 

@@ -35,7 +35,10 @@ Large operators stay structured there: a recognised convolution patch-wise (jacg
 exact float64), anything else sparse (ELL gather-multiply-reduce). A back-substitution with more rows
 than fit `memory_limit` at once runs in chunks of rows (an ONNX Loop): every CROWN step, and the
 RecurJac step at the input; an inner node's RecurJac step that does not fit keeps the interval step
-(sound, looser; listed in the metadata).
+(sound, looser; listed in the metadata). CROWN runs only for the units that the interval step leaves
+straddling a kink (chosen at run time; the others' relaxation is already exact), and a RecurJac step keeps
+the coefficients that every output shares apart from low-rank terms over the units with an interval
+derivative, when at run time that is less work (_DagBounds._jac_step). Both give the same bounds.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ MEMORY_LIMIT = 2 << 30   # bytes one back-substitution may hold (per coefficient
 TEMPORARIES = 6          # live tensors of a coefficient's size in one back-substitution step
 PROTO_LIMIT = 1 << 30    # bytes of dense lowered weights an emitted graph may embed (protobuf caps at 2 GiB)
 DENSE_OP_BYTES = 64 << 20  # a linear operator up to this size is a dense MatMul in the bound graph, else sparse (ELL)
+CROWN_UNDECIDED_ONLY = True  # graph lowering: CROWN rows only for units the cheap bound leaves undecided (_undecided)
+PIECEWISE_LINEAR = ("relu", "leaky_relu", "hardsigmoid", "clip")  # activations a unit strictly inside one piece decides
+FACTORED_JACOBIAN = "auto"  # graph lowering's RecurJac steps: "auto" (run-time If on the work), "always", "never"
 
 
 # ---- factored back-substitution ----------------------------------------------------------------
@@ -417,6 +423,10 @@ class _Operator:
     def adj(self, X, kind="M"):
         return self._apply(X, kind, True)
 
+    def work(self) -> int:
+        """Multiply-adds per row of applying it: its nonzeros (all entries when dense)."""
+        return int(self.M.shape[0] * self.M.shape[1] if self.dense else self.M.nnz)
+
     def nbytes(self) -> int:
         """Bytes of its constants in the bound graph (four kinds, both directions)."""
         if self.conv is not None:
@@ -461,6 +471,7 @@ class _DagBounds:
         self._mats = {}
         self.box, self.rel, self.sel, self.deriv, self.G, self.grel, self.part = {}, {}, {}, {}, {}, {}, {}
         self.interval_only = []  # nodes whose bounds are interval-only: back-substitution over the memory limit
+        self.funits, self.Z = {}, {}  # jac_backsub_factored's undecided units (_factor_units) and term maps (_term_maps)
 
     def op(self, c, k) -> "_Operator":
         """Linear node c's operator on its input k (built once)."""
@@ -486,7 +497,9 @@ class _DagBounds:
         """Estimated peak bytes of the bound graph when run, before anything is emitted: the operators'
         constants about 3 times (numpy, the proto, onnxruntime), the largest back-substitution step as
         forward() and jacobian() will size it (CROWN at once or one chunk of rows; RecurJac's where it
-        fits), every node's box and Jacobian bounds, and the results for `points` points."""
+        fits), every node's box and Jacobian bounds, and the results for `points` points. CROWN over the
+        undecided units only holds at most the rows counted here, and the factored RecurJac step runs only
+        where it holds no more per row than the dense one (_jac_step), so neither raises the estimate."""
         steps = [0]
         for k, node in enumerate(self.nodes[:-1]):
             if node.kind == "linear" and any(self.nodes[c].kind != "linear" for c in self.cons[k]) and \
@@ -523,7 +536,11 @@ class _DagBounds:
                     if self.norm == "inf" and node.inputs == [0]:
                         pass  # affine in the input: over an l_inf ball its interval bound is CROWN's, exactly
                     elif rows:  # in chunks of `rows` rows when not all fit at once
-                        c_lo, c_hi = self.crown(k, x3, eps, rows)
+                        pick = self._undecided(k, lo, hi)
+                        if pick is None:
+                            c_lo, c_hi = self.crown(k, x3, eps, rows)
+                        else:
+                            c_lo, c_hi = self._crown_picked(k, x3, eps, rows, pick, lo, hi)
                         lo, hi = b.max(lo, c_lo), b.min(hi, c_hi)
                     else:
                         self.interval_only.append(k)
@@ -593,22 +610,64 @@ class _DagBounds:
         at_once = (rows or n) >= n  # all of t's rows in one step: per-neuron slopes may enter (alpha-CROWN)
         return self._chunked(n, rows or n, lambda eye: self._crown_rows(t, eye, x3, eps, at_once))
 
-    def _chunked(self, n, rows, step, lead=1):
+    def _undecided(self, k, lo, hi):
+        """Bool [b, n_k]: the units of linear node k whose cheap bounds (lo, hi) leave some consumer's
+        relaxation undecided (an interval touching a kink of a piecewise-linear activation), or None
+        (every unit needs its CROWN row): a smooth activation or a max consumer depends on the exact
+        bounds, and slope inputs (alpha-CROWN) line up with all rows. A decided unit's relaxation and
+        derivative are those of its one linear piece for any tighter bounds, so CROWN could not change
+        them; it keeps its cheap bound (sound, possibly wider: only later cheap bounds read it)."""
+        b = self.b
+        acts = [self.nodes[c] for c in self.cons[k] if self.nodes[c].kind != "linear"]
+        if not CROWN_UNDECIDED_ONLY or self.slopes or \
+                any(node.kind != "act" or node.activation not in PIECEWISE_LINEAR for node in acts):
+            return None
+        pick = None
+        for node in acts:
+            dl, du = DERIV[node.activation](b, lo, hi, node.act_attrs)
+            t = b.Not(b.Equal(dl, du))
+            pick = t if pick is None else b.Or(pick, t)
+        return pick
+
+    def _crown_picked(self, t, x3, eps, rows, pick, lo, hi):
+        """CROWN rows only for the units `pick` [b, n_t] marks at any point of the batch (NonZero: how many is
+        known at run time), at most `rows` at a time; every other unit keeps (lo, hi). Returns [b, n_t] each."""
+        b = self.b
+        ids = b.Reshape(b.NonZero(b.reduce("ReduceMax", b.Cast(pick, to=onnx.TensorProto.INT32), [0], keepdims=0)),
+                        b.ints([-1]))  # [r]
+        found = self._chunked(self.nodes[t].n, rows, lambda eye: self._crown_rows(t, eye, x3, eps), ids=ids)
+        where = b.Expand(b.Unsqueeze(ids, b.ints([0])), b.shape(found[0]))  # [b, r]
+        return tuple(b.ScatterElements(base, where, t, axis=1) for base, t in zip((lo, hi), found))
+
+    def _chunked(self, n, rows, step, lead=1, ids=None):
         """step(eye) -> (lo, hi) [b, (m,) rows] for identity rows eye [(1,) 1, rows, n] (`lead` axes of 1).
         rows >= n: one step over the whole identity. Otherwise the step is emitted once, as the body of a
         Loop over ceil(n / rows) chunks, so peak memory is one chunk's; the body builds its rows with Equal
-        (no n x n constant), rows past n are zero and cut off. Returns (lo, hi) [b, (m,) n]."""
+        (no n x n constant), rows past n are zero and cut off. Returns (lo, hi) [b, (m,) n].
+        ids (int64 [r], r known at run time, 0 allowed): only those rows of the identity, returned as
+        [b, (m,) r]: at once, or in ceil((r + 1) / rows) chunks of equal size <= rows, padded with index -1
+        (a zero row), so that no step sees an empty tensor."""
         b = self.b
-        if rows >= n:
+        one_hot = lambda g, units: g.Unsqueeze(_one_hot(g, units, n), g.ints(list(range(lead))))  # noqa: E731
+        if rows >= n and ids is None:
             return step(b.c(np.eye(n).reshape((1,) * lead + (n, n))))
-        chunks = -(-n // rows)
+        if rows >= n:
+            found = step(one_hot(b, b.Concat(ids, b.ints([-1]), axis=0)))
+            return tuple(b.Slice(t, b.ints([0]), b.shape(ids), b.ints([lead])) for t in found)
+        if ids is None:
+            chunks, size, end = b.const(np.asarray(-(-n // rows), np.int64), hint="chunks"), rows, b.ints([n])
+            size_name = b.const(np.asarray(rows, np.int64), hint="rows")
+        else:
+            end = b.shape(ids)  # [r]
+            c1 = b.Div(b.Add(end, b.ints([rows])), b.ints([rows]))  # floor(r / rows) + 1 >= 1 chunks
+            s1 = b.Div(b.Add(end, c1), c1)  # ceil((r + 1) / chunks) <= rows per chunk
+            ids = b.Pad(ids, b.Concat(b.ints([0]), b.Sub(b.Mul(c1, s1), end), axis=0), b.const(np.asarray(-1, np.int64)))
+            chunks, size, size_name = b.Reshape(c1, b.ints([])), None, b.Reshape(s1, b.ints([]))
         body = b.subgraph(onnx.GraphProto())
         it, cond = body.fresh("chunk"), body.fresh("cond_in")
-        first = body.Mul(it, body.const(np.asarray(rows, np.int64), hint="rows"))
-        ids = body.Range(first, body.Add(first, body.const(np.asarray(rows, np.int64), hint="rows")),
-                         body.const(np.asarray(1, np.int64), hint="one"))
-        eye = body.Equal(body.Unsqueeze(ids, body.ints([1])), body.const(np.arange(n, dtype=np.int64), hint="units"))
-        eye = body.Unsqueeze(body.Cast(eye, to=helper.np_dtype_to_tensor_dtype(b.dtype)), body.ints(list(range(lead))))
+        first = body.Mul(it, size_name)
+        units = body.Range(first, body.Add(first, size_name), body.const(np.asarray(1, np.int64), hint="one"))
+        eye = one_hot(body, units if ids is None else body.Gather(ids, units, axis=0))
         self.b = body
         try:
             lo, hi = step(eye)
@@ -619,12 +678,12 @@ class _DagBounds:
         body.inputs.extend([helper.make_tensor_value_info(it, onnx.TensorProto.INT64, []),
                             helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])])
         body.outputs.extend([helper.make_tensor_value_info(outs[0], onnx.TensorProto.BOOL, []),
-                             helper.make_tensor_value_info(outs[1], elem, [None] * lead + [rows]),
-                             helper.make_tensor_value_info(outs[2], elem, [None] * lead + [rows])])
-        stacked = b.op("Loop", b.const(np.asarray(chunks, np.int64), hint="chunks"), b.const(np.asarray(True), hint="true"),
+                             helper.make_tensor_value_info(outs[1], elem, [None] * lead + [size]),
+                             helper.make_tensor_value_info(outs[2], elem, [None] * lead + [size])])
+        stacked = b.op("Loop", chunks, b.const(np.asarray(True), hint="true"),
                        n_out=2, body=body.graph("rows_chunk"))  # [chunks, b, (m,) rows] each
         perm = list(range(1, lead + 1)) + [0, lead + 1]  # the chunk axis next to the rows
-        return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=perm), b.ints([0] * lead + [-1])), b.ints([0]), b.ints([n]),
+        return tuple(b.Slice(b.Reshape(b.Transpose(t, perm=perm), b.ints([0] * lead + [-1])), b.ints([0]), end,
                              b.ints([lead])) for t in stacked)
 
     def _crown_rows(self, t, eye, x3, eps, all_rows=False):
@@ -671,7 +730,7 @@ class _DagBounds:
             if self.method == "recurjac" and self.nodes[k].kind != "linear":
                 n, rows = self.nodes[k].n, self.chunk_rows(range(k + 1, self.out + 1), self.m)
                 if rows >= n or (rows and k == 0):  # chunked at the input only: its bounds are the result
-                    lo, hi = self._chunked(n, rows, lambda eye, k=k: self.jac_backsub(k, eye), lead=2)
+                    lo, hi = self._jac_step(k, n, rows)
                     L, U = b.max(L, lo), b.min(U, hi)
                 else:
                     self.interval_only.append(k)
@@ -725,6 +784,140 @@ class _DagBounds:
                                          b.reduce("ReduceSum", b.Add(b.Mul(pl, lo_p), b.Mul(nl, hi_p)), [-1], keepdims=0)))
         return C[1], C[0]
 
+    def jac_backsub_factored(self, k, eye):
+        """jac_backsub with its coefficients factored, for nodes above k with no max node: the part that every
+        output row i and both sides share, S [b, 1, rows, n_j] (units whose derivative interval is one
+        point: relu' in {0} or {1}, the same line for every i), plus one low-rank term per activation node c
+        over its undecided units (an interval derivative), X_c [b, m, 2, rows, k_c] times the one-hot of those
+        units pushed up to node j (_term_maps, independent of the rows: emitted once, outside the Loop). The
+        operators above apply to S once, not to m outputs x 2 sides; only the k_c columns are relaxed per
+        output (the chain pass's Backsub does the same). Same bounds as jac_backsub, up to round-off."""
+        b = self.b
+        store, C, X = {k: eye}, None, {}
+        for j in range(k, self.out + 1):
+            if j not in store:
+                continue
+            S = store.pop(j)
+            if j == self.out:  # dy_i/dy = e_i: the coefficient of unit i in row i
+                diag = b.Unsqueeze(b.reduce("ReduceSum", b.Mul(S, b.c(np.eye(self.m).reshape(1, self.m, 1, self.m))),
+                                            [-1], keepdims=0), b.ints([2]))  # [b, m, 1, rows]
+                for c, Xc in X.items():
+                    if (c, j) not in self.Z:
+                        continue
+                    Zi = b.Unsqueeze(b.Transpose(self.Z[(c, j)], perm=[0, 2, 1]), b.ints([2, 4]))  # [b, m, 1, k, 1]
+                    diag = b.Add(diag, b.Squeeze(b.MatMul(Xc, Zi), b.ints([4])))
+                diag = b.Add(diag, b.c(np.zeros((1, 1, 2, 1))))  # both sides present
+                C = _add_pair(b, C, _slots(b, diag))
+                continue
+            for c in self.cons[j]:
+                if self.nodes[c].kind == "linear":
+                    f = self.op(c, j).fwd(S)
+                    store[c] = f if c not in store else b.Add(store[c], f)
+                    continue
+                u = self.funits[c]
+                lam = b.Unsqueeze(b.Gather(S, u["ids"], axis=-1), b.ints([2]))  # [b, 1, 1, rows, k]
+                for t, Xt in X.items():
+                    if (t, c) in self.Z:
+                        lam = b.Add(lam, b.MatMul(Xt, b.Unsqueeze(self.Z[(t, c)], b.ints([1, 2]))))  # [b, m, 2, rows, k]
+                mag = b.Abs(lam)
+                X[c] = b.Add(b.Mul(lam, u["a"][0]), b.Mul(mag, u["a"][1]))
+                dc = b.reduce("ReduceSum", b.Add(b.Mul(lam, u["c"][0]), b.Mul(mag, u["c"][1])), [-1], keepdims=0)
+                C = _add_pair(b, C, _slots(b, dc))
+                store[c] = b.Mul(S, b.Unsqueeze(u["d0"], b.ints([1])))
+        return C[1], C[0]
+
+    def _factor_units(self, c):
+        """Act node c's undecided units for jac_backsub_factored, emitted outside any Loop: the units whose
+        derivative interval is not one point at some point of the batch (NonZero), plus one padding unit whose
+        lines are zero so that no tensor is empty: their indices [k], their lines as (mid, +-radius) of slope
+        and intercept [b, m, 2 or 1, 1, k], their count (float [1]), and d0 [b, 1, n]: the point derivative of
+        the others, 0 at the undecided ones."""
+        b = self.b
+        r, (_, du) = self.grel[c], self.deriv[c]  # lines [b, m, 1, n]; du [b, 1, n]
+        n = self.nodes[c].n
+        some = b.reduce("ReduceMax", b.Reshape(b.Cast(r.sel, to=onnx.TensorProto.INT32), b.ints([-1, n])), [0], keepdims=0)
+        found = b.Reshape(b.NonZero(some), b.ints([-1]))
+        ids = b.Concat(found, b.ints([0]), axis=0)  # [k]
+        valid = b.Concat(b.Expand(b.c(1.0), b.shape(found)), b.c(np.zeros(1)), axis=0)
+        line = lambda t: b.Unsqueeze(b.Mul(b.Gather(t, ids, axis=-1), valid), b.ints([2]))  # noqa: E731  [b, m, 1, 1, k]
+        aU, aL, cU, cL = (line(t) for t in (r.aU, r.aL, r.cU, r.cL))
+        # Lambda+ a1 + Lambda- a2 = Lambda (a1 + a2)/2 + |Lambda| (a1 - a2)/2: the sides differ in the sign of the second
+        half = b.c(0.5)
+        sides = lambda t: b.Concat(t, b.Neg(t), axis=2)  # noqa: E731
+        return {"ids": ids, "a": (b.Mul(b.Add(aU, aL), half), sides(b.Mul(b.Sub(aU, aL), half))),
+                "c": (b.Mul(b.Add(cU, cL), half), sides(b.Mul(b.Sub(cU, cL), half))),
+                "count": b.Cast(b.shape(ids), to=helper.np_dtype_to_tensor_dtype(b.dtype)),
+                "d0": b.where(b.Cast(some, to=onnx.TensorProto.BOOL), b.c(0.0), du)}
+
+    def _term_maps(self, acts):
+        """Z[(c, t)]: the one-hot of act c's undecided units pushed up every path to node t's input, scaled by d0 at
+        each act between, at t's undecided units [b, k_c, k_t] (t an act above c), or at the output t [b, k_c, m].
+        The row-independent half of each term of jac_backsub_factored, emitted once outside the Loop."""
+        b, Z = self.b, {}
+        for c in acts:
+            ids = self.funits[c]["ids"]
+            Y = {c: b.Unsqueeze(_one_hot(b, ids, self.nodes[c].n), b.ints([0]))}  # [1, k, n]
+            for t in range(c + 1, self.out + 1):
+                node = self.nodes[t]
+                parts = [self.op(t, i).fwd(Y[i]) if node.kind == "linear" else Y[i] for i in node.inputs if i in Y]
+                if not parts:
+                    continue
+                y = parts[0] if len(parts) == 1 else b.Sum(*parts)
+                if node.kind == "linear":
+                    Y[t] = y
+                else:
+                    Z[(c, t)] = b.Gather(y, self.funits[t]["ids"], axis=-1)
+                    Y[t] = b.Mul(y, self.funits[t]["d0"])
+            if self.out in Y:
+                Z[(c, self.out)] = Y[self.out]
+        return Z
+
+    def _jac_step(self, k, n, rows):
+        """RecurJac's back-substitution for node k's rows, in chunks of `rows` (lo, hi) [b, m, n]: jac_backsub, or
+        where no max node lies above k, an If that runs jac_backsub_factored when it does less work (per row,
+        2 m x the pairs of undecided-unit counts it multiplies against the operators' nonzeros; at run time)."""
+        b = self.b
+        dense = lambda: self._chunked(n, rows, lambda eye: self.jac_backsub(k, eye), lead=2)  # noqa: E731
+        acts = [c for c in range(k + 1, self.out) if self.nodes[c].kind != "linear"]
+        if FACTORED_JACOBIAN == "never" or any(self.nodes[c].kind == "max" for c in acts):
+            return dense()
+        self.funits = {c: self._factor_units(c) for c in acts}
+
+        def factored():
+            self.Z = self._term_maps(acts)  # in the branch that runs it: only then is its work spent
+            return self._chunked(n, rows, lambda eye: self.jac_backsub_factored(k, eye), lead=2)
+
+        if FACTORED_JACOBIAN == "always":
+            return factored()
+        pairs, total = b.c(0.0), b.c(0.0)
+        for c in acts:  # at c: its units times those of every term below it, and its own
+            pairs, total = b.Add(pairs, b.Mul(self.funits[c]["count"], b.Add(total, b.c(1.0)))), \
+                b.Add(total, self.funits[c]["count"])
+        above = range(k + 1, self.out + 1)
+        work = float(sum(self.op(c, j).work() for c in above if self.nodes[c].kind == "linear" for j in self.nodes[c].inputs))
+        m2, widest = 2.0 * self.m, self.row_bytes(above) / (8.0 * TEMPORARIES)
+        # multiply-adds: the shared part once per row, the terms' 2m columns per row, the term maps once
+        factored_work = b.Add(b.c(n * work), b.Add(b.Mul(pairs, b.c(m2 * n)), b.Mul(total, b.c(work))))
+        cheaper = b.Less(factored_work, b.c(m2 * n * work))
+        # memory: per row no more than jac_backsub's m x widest (what chunk_rows sized), and the term maps'
+        # rows (one widest row each, and its gathered copy) within the limit
+        fits = b.And(b.LessOrEqual(b.Add(b.Mul(total, b.c(m2)), b.c(widest)), b.c(self.m * widest)),
+                     b.LessOrEqual(b.Mul(total, b.c(16.0 * widest)), b.c(float(self.limit))))
+        return self._branch(b.Reshape(b.And(cheaper, fits), b.ints([])), factored, dense)
+
+    def _branch(self, cond, then, other):
+        """If(cond) then() else other(), each emitted into its own branch graph and returning (lo, hi)."""
+        b, elem, graphs = self.b, helper.np_dtype_to_tensor_dtype(self.b.dtype), []
+        for name, emit in (("factored", then), ("dense", other)):
+            g = b.subgraph(onnx.GraphProto())
+            self.b = g
+            try:
+                outs = [g.Identity(t) for t in emit()]
+            finally:
+                self.b = b
+            g.outputs.extend(helper.make_tensor_value_info(t, elem, [None] * 3) for t in outs)
+            graphs.append(g.graph(f"jacobian_{name}"))
+        return tuple(b.op("If", cond, n_out=2, then_branch=graphs[0], else_branch=graphs[1]))
 
 def _add_to(store, k, b, up, lo):
     """store[k] += (up, lo): a node's coefficient is the sum over its consumers."""
@@ -736,6 +929,17 @@ def _both(f, up, lo):
     starts from, until the first relaxation splits it)."""
     fu = f(up)
     return fu, fu if lo == up else f(lo)
+
+
+def _one_hot(b, ids, n):
+    """Rows [k, n] of the identity for unit indices ids [k] (an index outside 0..n-1: a zero row)."""
+    eq = b.Equal(b.Unsqueeze(ids, b.ints([1])), b.const(np.arange(n, dtype=np.int64), hint="units"))
+    return b.Cast(eq, to=helper.np_dtype_to_tensor_dtype(b.dtype))
+
+
+def _slots(b, t):
+    """(upper, lower): slots 0 and 1 of axis 2 of t [b, m, 2, ...], that axis dropped."""
+    return tuple(b.Squeeze(b.Slice(t, b.ints([s]), b.ints([s + 1]), b.ints([2])), b.ints([2])) for s in (0, 1))
 
 
 def _add_pair(b, C, dc):

@@ -663,12 +663,14 @@ def test_chunked_crown_equals_crown_at_once(norm, monkeypatch):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
 
 
-def test_chunked_jacobian_backsubstitution_at_the_input_equals_it_at_once(monkeypatch):
+@pytest.mark.parametrize("factored", ["never", "always"])
+def test_chunked_jacobian_backsubstitution_at_the_input_equals_it_at_once(factored, monkeypatch):
     """The input's RecurJac back-substitution (the one that gives J_lower, J_upper) in chunks of 5 rows, all
-    else at once, gives the bounds of one back-substitution of all rows."""
+    else at once, gives the bounds of one back-substitution of all rows (dense, or factored: no run-time If)."""
     net, shape, model = _strided_cnn()
     x0 = np.random.default_rng(6).standard_normal((2, *shape))
     monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    monkeypatch.setattr(recurjac, "FACTORED_JACOBIAN", factored)
     whole = recurjac.build(model, memory_limit=1 << 40, lowering="graph")
     rows = recurjac._DagBounds.chunk_rows
     monkeypatch.setattr(recurjac._DagBounds, "chunk_rows",  # only the range above the input: range(1, out + 1)
@@ -691,3 +693,59 @@ def test_strided_cnn_patch_wise_and_chunked_is_sound(limit, monkeypatch):
     x0 = np.random.default_rng(4).standard_normal(shape)
     widths, unstable = assert_dag_sound(model, net, shape, x0, [0.0, 0.05, 0.2], memory_limit=limit)
     assert widths[0] < 1e-12 and min(unstable[1:]) >= 0.1, (widths, unstable)
+
+
+# ---- CROWN rows only for undecided units; the factored RecurJac step ---------------------------------
+
+# per point of a batch of two: nothing undecided (eps 0: an empty selection), some, all (eps 5: every unit unstable)
+SELECTION_EPS = [[0.0, 0.0], [0.0, 0.05], [0.05, 0.2], [5.0, 5.0]]
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 100_000])
+def test_crown_rows_for_undecided_units_give_the_bounds_of_all_rows(limit, monkeypatch):
+    """CROWN rows only for the units the cheap interval step leaves undecided (NonZero at run time, then
+    Scatter back), at once or in chunks, give the Jacobian bounds of CROWN over all rows, from no unit
+    undecided (empty selection) to all; the units it skips keep their cheap, wider, bounds."""
+    net, shape, model = _strided_cnn()
+    x0 = np.random.default_rng(7).standard_normal((2, *shape))
+    monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    graphs = {}
+    for only in (False, True):
+        monkeypatch.setattr(recurjac, "CROWN_UNDECIDED_ONLY", only)
+        graphs[only] = recurjac.build(model, memory_limit=limit, lowering="graph", preactivation_bounds=True)
+    # the two CROWN nodes (l_inf) scatter their rows into the lower and the upper cheap bounds
+    assert [sum(n.op_type == "ScatterElements" for n in graphs[only].graph.node) for only in (False, True)] == [0, 4]
+    onnx.checker.check_model(graphs[True], full_check=True)
+    skipped = []
+    for eps in SELECTION_EPS:
+        want, got = _outputs(graphs[False], x0, eps), _outputs(graphs[True], x0, eps)
+        for g, w in zip(got[:2], want[:2]):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+        unstable = np.concatenate([((lo < 0) & (hi > 0)).ravel() for lo, hi in zip(want[2::2], want[3::2])])
+        wider = max(float((w - g).max()) for g, w in zip(got[2::2], want[2::2]))  # lower bounds: cheap <= CROWN
+        skipped.append((unstable.mean(), wider))
+    assert skipped[0][0] == 0.0 and skipped[0][1] < 1e-12 and skipped[-1][0] == 1.0  # none and every unit unstable
+    assert 0 < skipped[2][0] < 0.5 and skipped[2][1] > 1e-3, skipped  # some: and rows were skipped
+
+
+@pytest.mark.parametrize("name", ["strided_cnn", "resnet_cnn", "pool_cnn"])
+def test_factored_jacobian_step_gives_the_dense_bounds(name, monkeypatch):
+    """The RecurJac steps with the shared part and low-rank terms (jac_backsub_factored), and the run-time
+    choice between it and the dense step, give the dense step's bounds, on a chain, on residual joins and
+    with a max pool (the steps below it stay dense), from no unit undecided to all."""
+    net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
+    model = bounds_models.export_bytes(net, shape)
+    x0 = np.random.default_rng(8).standard_normal((2, *shape))
+    monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
+    outs = {}
+    for mode in ("never", "always", "auto"):
+        monkeypatch.setattr(recurjac, "FACTORED_JACOBIAN", mode)
+        graph = recurjac.build(model, memory_limit=1 << 40, lowering="graph")
+        assert any(n.op_type == "If" for n in graph.graph.node) == (mode == "auto")
+        outs[mode] = [_outputs(graph, x0, eps) for eps in SELECTION_EPS]
+    onnx.checker.check_model(graph, full_check=True)
+    assert np.mean(outs["never"][2][1] - outs["never"][2][0]) > 1e-3
+    for mode in ("always", "auto"):
+        for got, want in zip(outs[mode], outs["never"]):
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)

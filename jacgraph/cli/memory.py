@@ -132,7 +132,9 @@ def bound_working_set(src: SourceModel, input_shape=None, points: int = 1) -> fl
     backward recursion's bounds [2, outputs, units] per stage and the [points, outputs, inputs] results.
     A model the pass lowers as a graph (not a chain, or a chain too big for dense stages): its structured
     operators, the largest back-substitution step (capped by the pass's memory limit; chunked or
-    interval-only beyond it) and the per-node bounds (recurjac.graph_working_set)."""
+    interval-only beyond it) and the per-node bounds (recurjac.graph_working_set). The step is sized for
+    every row and the dense RecurJac step: CROWN over the undecided units only and the factored RecurJac
+    step (chosen at run time) hold no more, so the estimate is what the worst eps can take."""
     from .. import layers
     from ..passes import recurjac
 
