@@ -463,30 +463,91 @@ def _ball_directions(rng, count, shape, norm):
     return np.concatenate([inside, boundary, extreme]).reshape((-1, *shape))
 
 
+POINTS_PER_RUN = 64  # sampled points per run of the float64 Jacobian graph, fewer where RUN_VALUES caps them
+RUN_VALUES = 1 << 27  # float64 values (1 GiB) the tangents of one run may hold, counted over the source's values
+AGREEMENT = 1e-12  # relative: a batched run reproduces the one-point runs up to float64 rounding, or is not used
+
+
 def _true_jacobian(source, in_shape):
     """points [P, *in_shape] -> J [P, outputs, inputs], from the source's float64 JVP with one tangent
-    per input element (onnxruntime in float64 where it has the kernels, else onnx.reference)."""
-    from .passes import jvp
-
+    per input element (onnxruntime in float64 where it has the kernels, else onnx.reference), up to
+    POINTS_PER_RUN points per run. A source whose input has a fixed batch of 1 runs on a copy of itself with a
+    free batch axis, once that copy has given the same outputs and Jacobians as the source itself (one point
+    per run) on the first points asked for; otherwise (an exporter's Reshape to [1, -1] fails or differs
+    there) one point per run, as the source is written."""
     src = SourceModel(source)
     x = src.float_inputs()[0]
-    n = int(np.prod(in_shape))
-    graph = to_float64(jvp.build(src, inputs=[x], tangents=n))
-    meta = {p.key: p.value for p in graph.metadata_props}
-    x_dot = dict(json.loads(meta["jacgraph.tangent_inputs"]))[x]
-    y_dot = json.loads(meta["jacgraph.tangent_outputs"])[0][1]
-    sess = float64_session(graph)
-    run = lambda feeds: sess.run([y_dot], feeds)[0]  # noqa: E731
     declared = src.shape(x) or ()
-    batch = declared[0] if declared and isinstance(declared[0], int) else None
-    eye = np.eye(n)
+    single, per_run = _jvp_runner(src, x, in_shape), _points_per_run(src, in_shape)
+    if not (declared and declared[0] == 1):
+        return lambda points: _in_runs(single, points, per_run)
+    batched, trusted = _free_batch_runner(source, x, in_shape), []
 
     def jacobians(points):
-        chunk, out = (1 if batch == 1 else 64), []
-        for s in range(0, len(points), chunk):
-            p = points[s:s + chunk]
-            tangent = np.broadcast_to(eye.reshape(n, 1, *in_shape), (n, len(p), *in_shape)).copy()
-            Y = np.asarray(run({x: p.reshape((len(p), *in_shape)), x_dot: tangent}))  # [n, P, outputs...]
-            out.append(np.moveaxis(Y.reshape(n, len(p), -1), 0, 2))  # [P, outputs, n]
-        return np.concatenate(out) if out else np.zeros((0, 0, n))
+        if not trusted:
+            trusted.append(batched is not None and _agrees(batched, single, points[:3]))
+        return _in_runs(batched, points, per_run) if trusted[0] else _in_runs(single, points, 1)
     return jacobians
+
+
+def _jvp_runner(src, x, in_shape):
+    """points [P, *in_shape] -> (y [P, outputs], J [P, outputs, inputs]) in one run of the float64 JVP of src."""
+    from .passes import jvp
+
+    n = int(np.prod(in_shape))
+    result = jvp.emit(src, inputs=[x], tangents=n)
+    y, y_dot = next(iter(result.tangent_outputs.items()))
+    sess, x_dot = float64_session(to_float64(result.model)), result.tangent_inputs[x]
+    eye = np.eye(n).reshape(n, 1, *in_shape)
+
+    def run(points):
+        tangent = np.broadcast_to(eye, (n, len(points), *in_shape)).copy()
+        Y, Y_dot = sess.run([y, y_dot], {x: points, x_dot: tangent})
+        return (np.asarray(Y).reshape(len(points), -1),
+                np.moveaxis(np.asarray(Y_dot).reshape(n, len(points), -1), 0, 2))  # [P, outputs, n]
+    return run
+
+
+def _free_batch_runner(source, x, in_shape):
+    """_jvp_runner of a copy of the source whose input x has a free batch axis (the source as loaded, so shape
+    arithmetic is redone per batch); None where that copy does not build."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(load(source))
+    (vi,) = [i for i in copy.graph.input if i.name == x]
+    vi.type.tensor_type.shape.dim[0].Clear()
+    vi.type.tensor_type.shape.dim[0].dim_param = "points"
+    for out in copy.graph.output:  # their declared batch of 1 no longer holds
+        out.type.tensor_type.ClearField("shape")
+    del copy.graph.value_info[:]
+    try:
+        return _jvp_runner(SourceModel(copy), x, in_shape)
+    except Exception:  # whatever fails here, the source as written still runs, one point at a time
+        return None
+
+
+def _agrees(batched, single, points) -> bool:
+    """The batched runner gives every point's output and Jacobian as one-point runs do (AGREEMENT relative)."""
+    try:
+        got = batched(points)
+    except Exception:  # a copy that cannot run a batch (Reshape to [1, -1] then Gemm) is not used
+        return False
+    want = [np.concatenate(part) for part in zip(*(single(points[i:i + 1]) for i in range(len(points))))]
+    return all(a.shape == b.shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+               and np.max(np.abs(a - b), initial=0.0) <= AGREEMENT * max(1.0, np.max(np.abs(b), initial=0.0))
+               for a, b in zip(got, want))
+
+
+def _points_per_run(src, in_shape) -> int:
+    """POINTS_PER_RUN, or fewer where the tangents of every value of the source (one per input element, per
+    point) would pass RUN_VALUES."""
+    n = int(np.prod(in_shape))
+    values = [vi.name for vi in list(src.graph.input) + list(src.graph.value_info) + list(src.graph.output)]
+    per_point = n * sum(int(np.prod([d for d in (src.shape(v) or ())[1:] if isinstance(d, int)])) for v in values)
+    return int(max(1, min(POINTS_PER_RUN, RUN_VALUES // max(per_point, 1))))
+
+
+def _in_runs(run, points, per_run):
+    """The Jacobians at points [P, ...], per_run points per run."""
+    n = int(np.prod(points.shape[1:]))
+    out = [run(points[s:s + per_run])[1] for s in range(0, len(points), per_run)]
+    return np.concatenate(out) if out else np.zeros((0, 0, n))
