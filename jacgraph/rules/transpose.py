@@ -816,10 +816,11 @@ def lrn(b, node, g):
                                pads=pads, count_include_pad=1)
         return b.Mul(b.Squeeze(pooled, b.ints([1])), s(b, float(size), x))
 
+    alpha_n = float(np.float32(alpha) / np.float32(size))  # α/n in float32, as onnxruntime's kernel and the JVP rule
     # S sums [c - (n-1)//2, c + n//2]; its transpose sums [c - n//2, c + (n-1)//2] (they differ for even n)
-    d = b.Add(b.Mul(window_sum(b.Mul(x, x), (size - 1) // 2, size // 2), s(b, alpha / size, x)), s(b, bias, x))
+    d = b.Add(b.Mul(window_sum(b.Mul(x, x), (size - 1) // 2, size // 2), s(b, alpha_n, x)), s(b, bias, x))
     inner = b.Mul(b.Mul(g, x), b.Pow(d, s(b, -beta - 1.0, x)))
-    cross = b.Mul(window_sum(inner, size // 2, (size - 1) // 2), b.Mul(x, s(b, 2.0 * alpha * beta / size, x)))
+    cross = b.Mul(window_sum(inner, size // 2, (size - 1) // 2), b.Mul(x, s(b, 2.0 * alpha_n * beta, x)))
     return [b.Sub(b.Mul(g, b.Pow(d, s(b, -beta, x))), cross)]
 
 
