@@ -14,7 +14,9 @@ adaptive choice, the piece closer to the interval):
   t's upper bounds and another for its lower bounds, as alpha-CROWN proper has;
 - per unit: alpha_<k> [batch, n_k], shared by every row and side, in back-substitutions that run in chunks of
   rows (large CNNs, an ONNX Loop: a per-row input would have to be sliced per chunk, and n_t x n_k slopes
-  would not fit the memory the chunking is there to save); slopes="unit" uses them everywhere.
+  would not fit the memory the chunking is there to save), and for (start node, ReLU node) pairs past the
+  per-neuron budget (memory_limit / PER_NEURON_SHARE at PER_NEURON_BYTES a slope); slopes="unit" uses them
+  everywhere.
 
 Outputs slope_<k> [batch, n_k] give CROWN's slopes (where alpha_<k> is NaN) and slope_objective [batch] the
 sum of the widths u - l of the pre-activation bounds of every linear node that feeds a nonlinearity. Then,
@@ -23,7 +25,9 @@ per batch of points:
 1. Start from CROWN's slopes (slope_<k>; per-neuron inputs get them on every row).
 2. The gradient of slope_objective w.r.t. the alpha inputs comes from jacgraph's own VJP pass over the
    bound graph (pruned to that output), run in onnxruntime.
-3. Adam steps on the slopes in numpy, projected into the valid range after each step.
+3. Adam steps on the slopes in numpy, projected into the valid range after each step. A per-neuron slope is
+   its node's shared slope plus its own offset (`run`): the shared part follows the gradient summed over all
+   rows and sides (offsets held at 0 give the shared mode exactly), the offsets refine it per bound.
 4. Every iterate's bounds are sound, so the result is the elementwise best over the iterates (the max
    of the lower bounds, the min of the upper ones).
 
@@ -31,8 +35,8 @@ Why the pre-activation widths and not J's: in a ReLU network the Jacobian bounds
 only through which units the pre-activation bounds make stable (relu' in {0}, {1} or [0, 1], a step
 function of l and u), so their gradient w.r.t. the slopes is zero almost everywhere; narrower l, u are
 what turns units stable. With per-neuron slopes each row and side of a start node has its own slopes, so
-minimising the sum minimises every bound on its own (for the first relaxed layer the problem is convex: the
-optimum is the LP of the triangle relaxation); with shared slopes one choice must serve them all.
+minimising the sum minimises every bound on its own (for the first relaxed layer the problem is convex;
+examples/alpha_crown_gap.py solves it exactly as LPs); with shared slopes one choice must serve them all.
 """
 from __future__ import annotations
 
