@@ -232,6 +232,10 @@ RMS_CASES = [
     # d read by another node too: the chain's values have tangents of their own and the rules go node by node
     Case("Mul", X, ["x", "d"], extra_nodes=_rms_nodes("Div") + [helper.make_node("Neg", ["d"], ["unused"])],
          id="rmsnorm-d-read-twice", **RMS),
+    # a ReduceMean with empty axes and noop_with_empty_axes=1 is the identity: the chain's mean(u·ẋ) is u·ẋ itself
+    Case("Mul", X, ["x", "d"], extra_nodes=[helper.make_node("ReduceMean", ["sq", "no_axes"], ["ms"], noop_with_empty_axes=1)
+                                            if n.op_type == "ReduceMean" else n for n in _rms_nodes("Div")],
+         id="rmsnorm-mean-is-identity", **{**RMS, "consts": {**RMS["consts"], "no_axes": i64()}}),
     # SiLU x·sigmoid(x) (LLaMA, MobileViT): one tangent ẋ·(s + y(1-s)) at the Mul; then with s read twice
     Case("Mul", X, ["x", "sg"], extra_nodes=[helper.make_node("Sigmoid", ["x"], ["sg"])], covers=("Sigmoid",),
          id="silu-written-out"),

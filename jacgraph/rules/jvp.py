@@ -1192,7 +1192,8 @@ def rms_norm(src, end):
     def tangent(b, end, t):
         u, rank = end.output[0], b.src.rank(x)
         t = align(b, t, x, u)
-        projection = tangent_reduce(b, "ReduceMean", b.Mul(t, u), reduce_axes(b, mean, rank), rank, 1)
+        axes, product = reduce_axes(b, mean, rank), b.Mul(t, u)  # axes [] (noop_with_empty_axes): mean = identity
+        projection = product if axes == [] else tangent_reduce(b, "ReduceMean", product, axes, rank, 1)
         inner = b.Sub(t, b.Mul(u, projection))
         return b.Div(inner, factor) if end.op_type == "Div" else b.Mul(inner, factor)
     return Chain(x, [square], tangent)
