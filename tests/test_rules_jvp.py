@@ -236,6 +236,10 @@ RMS_CASES = [
     Case("Mul", X, ["x", "d"], extra_nodes=[helper.make_node("ReduceMean", ["sq", "no_axes"], ["ms"], noop_with_empty_axes=1)
                                             if n.op_type == "ReduceMean" else n for n in _rms_nodes("Div")],
          id="rmsnorm-mean-is-identity", **{**RMS, "consts": {**RMS["consts"], "no_axes": i64()}}),
+    # a one-element ε of higher rank than x makes the chain's values of higher rank: node by node (the chain's axes
+    # and tangent are x's)
+    Case("Mul", X, ["x", "d"], extra_nodes=_rms_nodes("Div"), id="rmsnorm-eps-raises-rank",
+         **{**RMS, "consts": {**RMS["consts"], "eps": np.full((1, 1, 1, 1), 1e-3)}}),
     # SiLU x·sigmoid(x) (LLaMA, MobileViT): one tangent ẋ·(s + y(1-s)) at the Mul; then with s read twice
     Case("Mul", X, ["x", "sg"], extra_nodes=[helper.make_node("Sigmoid", ["x"], ["sg"])], covers=("Sigmoid",),
          id="silu-written-out"),
@@ -267,6 +271,8 @@ GELU_CASES = [
     # an inner value read elsewhere: node by node
     Case("Mul", X, ["h", "a"], extra_nodes=_gelu_tanh_nodes() + [helper.make_node("Neg", ["i"], ["unused"])],
          consts=GELU_CONSTS, id="gelu-tanh-inner-read-twice"),
+    Case("Mul", X, ["x", "a"], extra_nodes=_gelu_erf_nodes(), consts={**GELU_CONSTS, "root2": np.full((1, 1, 1, 1), 1.7)},
+         id="gelu-erf-scale-raises-rank"),  # z of higher rank than x: node by node
 ]
 
 CASES = [

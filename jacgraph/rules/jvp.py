@@ -1135,11 +1135,13 @@ def _with_scalar(src, node):
 
 
 def chain_at(src, end):
-    """The written-out chain that ends at `end`, or None."""
+    """The written-out chain that ends at `end`, or None. Its end must have its feed's rank: a one-element constant
+    of higher rank (ε, γ, β as [1, 1, 1, 1]) would raise the rank of the chain's values, which the tangents (x's
+    axes, K stacked in front) do not follow; such a chain goes node by node."""
     for match in (rms_norm, silu, gelu_erf, gelu_tanh):
         chain = match(src, end)
         if chain is not None:
-            return chain
+            return chain if src.rank(end.output[0]) == src.rank(chain.feed) else None
     return None
 
 
