@@ -119,12 +119,13 @@ def opset_of(proto) -> int:
 SHAPE_DATA_LIMIT = 64  # elements: more than any input whose values decide a shape (a shape, axes, pads, scales)
 
 
-def _inferred(proto):
+def _inferred(proto, strict=False):
     """Types of intermediate values (context-dependent function bodies and the RNN lowering read them).
 
     Inference runs on a copy whose large initializers (the weights) are graph inputs of their type and shape:
     it needs their shapes, never their values, and handing them to the C++ inference and back took most of
-    its time (2.4 s of thread CPU on a 548 MB VGG-19). The result gets the initializers back, in their order."""
+    its time (2.4 s of thread CPU on a 548 MB VGG-19). The result gets the initializers back, in their order.
+    `strict`: onnx's strict mode, and its error is raised (SourceModel reports it) instead of ignored."""
     large = [t for t in proto.graph.initializer if int(np.prod(t.dims)) > SHAPE_DATA_LIMIT]
     light = proto
     if large:
@@ -136,8 +137,10 @@ def _inferred(proto):
         light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in large if t.name not in listed)
     try:
-        inferred = shape_inference.infer_shapes(light, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, strict_mode=strict, data_prop=True)
     except Exception:  # strict errors are reported by SourceModel with a clear message; here we only need types
+        if strict:
+            raise
         return proto
     if large:
         del inferred.graph.input[len(proto.graph.input):]
