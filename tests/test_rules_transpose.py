@@ -22,7 +22,7 @@ from jacgraph import runtime
 from jacgraph.errors import JacgraphError
 from jacgraph.passes import jvp, vjp
 from jacgraph.rules.transpose import VJP
-from jacgraph.testing import _exact_reference_ops, central_difference, relative_error, run_reference
+from jacgraph.testing import central_difference, reference_session, relative_error, run_reference
 from test_rules_jvp import CASES, X, X4, Case, case_id, f64, i64
 
 DOT_TOL = 1e-10
@@ -30,46 +30,9 @@ FD_TOL = 1e-6
 H = 1e-6
 
 
-class _FastConvTranspose:
-    """ConvTranspose in float64 numpy, one kernel tap at a time (onnx 1.23's reference implementation
-    is slow on the architectures and mixes up channels when group > 1 and a group has several input
-    channels). Explicit pads only: that is what the reverse pass emits."""
-
-    @staticmethod
-    def run(X, W, B=None, dilations=None, group=1, output_padding=None, pads=None, strides=None, **_):
-        d = X.ndim - 2
-        strides, dilations = strides or [1] * d, dilations or [1] * d
-        pads, output_padding = pads or [0] * 2 * d, output_padding or [0] * d
-        k = W.shape[2:]
-        spatial = X.shape[2:]
-        full_len = [(spatial[i] - 1) * strides[i] + (k[i] - 1) * dilations[i] + 1 for i in range(d)]
-        out_len = [full_len[i] + output_padding[i] - pads[i] - pads[d + i] for i in range(d)]
-        cin, cout_g = W.shape[0], W.shape[1]
-        full = np.zeros((X.shape[0], cout_g * group, *[max(f, pads[i] + out_len[i]) for i, f in enumerate(full_len)]))
-        for gi in range(group):
-            xg = X[:, gi * (cin // group):(gi + 1) * (cin // group)]
-            wg = W[gi * (cin // group):(gi + 1) * (cin // group)]
-            for tap in np.ndindex(*k):
-                where = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (spatial[i] - 1) * strides[i] + 1,
-                                    strides[i]) for i in range(d))
-                full[(slice(None), slice(gi * cout_g, (gi + 1) * cout_g)) + where] += np.einsum(
-                    "nc...,cm->nm...", xg, wg[(slice(None), slice(None)) + tap])
-        out = full[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + out_len[i]) for i in range(d))]
-        if B is not None:
-            out = out + B.reshape([1, -1] + [1] * d)
-        return (out.astype(X.dtype),)
-
-
 def reference(model):
-    """The float64 reference evaluator, with the fast exact ConvTranspose above."""
-    from onnx.reference import ReferenceEvaluator
-    from onnx.reference.op_run import OpRun
-
-    class ConvTranspose(OpRun):
-        def _run(self, X, W, B=None, **attrs):
-            return _FastConvTranspose.run(X, W, B, **attrs)
-
-    return ReferenceEvaluator(model, new_ops=_exact_reference_ops() + [ConvTranspose])
+    """The float64 reference evaluator (jacgraph.reference's ConvTranspose is fast, exact and right for groups)."""
+    return reference_session(model)
 
 
 def props(model):
