@@ -1,6 +1,7 @@
 """Jacobian bounds on DAG architectures: jacgraph RecurJac vs the interval chain vs sampled Jacobians.
 
     python examples/bench_bounds.py [--eps 0.02] [--samples 2000] [--models residual_mlp,...] [--lipschitz]
+                                    [--threads N] [--crown-rows all --jacobian-step never: as before both speed-ups]
 
 Per model (examples/bounds_models.py, random weights; "lenet" is examples/architectures.py's quickstart
 LeNet): the time to build the bound graph and its onnxruntime session and to run it for one point
@@ -90,12 +91,17 @@ def main():
                    help="also build the interval chain (--no-interval-too: RecurJac only)")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own choice)")
+    p.add_argument("--crown-rows", choices=["undecided", "all"], default="undecided",
+                   help="CROWN rows only for units the interval step leaves undecided (default), or all (as before)")
+    p.add_argument("--jacobian-step", choices=["auto", "always", "never"], default=recurjac.FACTORED_JACOBIAN,
+                   help="the factored RecurJac step: chosen at run time (auto), always, or never (the dense step, as before)")
     p.add_argument("--memory-limit", type=float, default=recurjac.MEMORY_LIMIT / 2**30,
                    help="GiB one back-substitution step may hold (recurjac.build memory_limit; larger ones run in chunks)")
     p.add_argument("--models", default="residual_mlp,resnet_cnn,densenet_cnn,pool_cnn,inception_cnn,unet_cnn,lenet,cifar_cnn,"
                                          "resnet_cifar")
     p.add_argument("--lipschitz", action="store_true", help="the AutoLip table instead of the Jacobian-bound table")
     args = p.parse_args()
+    recurjac.CROWN_UNDECIDED_ONLY, recurjac.FACTORED_JACOBIAN = args.crown_rows == "undecided", args.jacobian_step
     if args.lipschitz:
         return lipschitz_table(args.models.split(","), args.samples)
     print("| model | input | RecurJac: build+session s: wall / CPU | run s: wall / CPU / thread CPU | mean width | interval-only nodes | "
