@@ -856,10 +856,12 @@ def _pool_window_counts(geometry, attrs):
 def _first_maximum_pass(b, values, tangent, i, geometry, count, end, lowest, best=None):
     """Max over the window's taps (dilation apart) of `count` stride-1 windows along spatial axis i, and the tangent
     at the first tap attaining it; `best` is that max when already computed (the last tap's values are then not
-    read). The axis alone is padded here (`lowest`, -inf; 0 in the tangent), so the tap at offset `begin` over the whole axis
-    is the unpadded tensor itself, with no Slice: per 3x3 pad-1 pool 11 full-size copies instead of 14 (JVP time
-    0.965x on inception_style, 0.964x on inception_v1 against padding both axes first; docs/benchmarks/jvp-profile.md)."""
-    taps, dilation, begin, size = geometry.kernel[i], geometry.dilations[i], geometry.begin[i], geometry.in_spatial[i]
+    read). The axis alone is padded here (`lowest`, -inf; 0 in the tangent), so the tap at offset `begin` over the
+    whole axis is the unpadded tensor itself, with no Slice: per 3x3 pad-1 pool 11 full-size copies instead of 14
+    (JVP time 0.965x on inception_style, 0.964x on inception_v1 against padding both axes first;
+    docs/benchmarks/jvp-profile.md)."""
+    taps, dilation = geometry.kernel[i], geometry.dilations[i]
+    begin, size = geometry.begin[i], geometry.in_spatial[i]
     rank = len(geometry.kernel) + 2
 
     def padded(v, k, fill=None):  # k leading tangent axes
