@@ -228,14 +228,15 @@ def build(name, seed=0):
     return net.double().eval()
 
 
-def export_bytes(net, shape, opset=17) -> bytes:
-    """ONNX bytes (input x [N, *shape], output y, dynamic batch), BatchNorm kept as a node."""
+def export_bytes(net, shape, opset=17, dynamic_batch=True) -> bytes:
+    """ONNX bytes (input x [N, *shape], output y, dynamic batch unless dynamic_batch=False: then [1, *shape]),
+    BatchNorm kept as a node."""
     buf = io.BytesIO()
     x = torch.zeros((1, *shape), dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net.float(), (x.float(),), buf, dynamo=False, opset_version=opset,
                           training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic_batch else None)
     net.double()
     return buf.getvalue()

@@ -913,7 +913,11 @@ def _with_shapes_fixed(src, x, shape):
     per sample."""
     declared = src.shape(x) or (None,)
     batch = declared[0] if isinstance(declared[0], int) else 1
-    if tuple(declared) == (batch, *shape) and all(n.op_type in GRAPH_OPS for n in src.active_nodes([x])):
+    active = src.active_nodes([x])
+    computed = {x} | {o for n in active for o in n.output}
+    # a fixed-shape export still computes pads and sizes from constants (torch: Concat/Slice/Cast chains)
+    folded = all(not i or i in computed or src.const(i) is not None for n in active for i in n.input)
+    if tuple(declared) == (batch, *shape) and folded and all(n.op_type in GRAPH_OPS for n in active):
         return src
     return SourceModel(src.proto, input_shapes={x: [batch, *shape]})
 

@@ -359,6 +359,17 @@ def test_graph_lowering_of_upsampling_matches_the_torch_model(name):
     assert_lowering_matches_torch(net, shape, onnx_bytes)
 
 
+def test_graph_lowering_of_a_fixed_batch_unet_folds_its_constant_pad_chain():
+    """Exported at a fixed batch of 1, torch writes U-Net's pads as a chain of Constant/Concat/Slice/Cast nodes
+    that does not depend on x: it is folded too (it was refused as 'computed pads')."""
+    net, shape = bounds_models.build("unet_cnn"), bounds_models.INPUT_SHAPES["unet_cnn"]
+    onnx_bytes = bounds_models.export_bytes(net, shape, dynamic_batch=False)
+    model = onnx.load_from_string(onnx_bytes)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, *shape]
+    assert {"Pad", "Concat", "Cast"} <= {n.op_type for n in model.graph.node}
+    assert_lowering_matches_torch(net, shape, onnx_bytes)
+
+
 @pytest.mark.parametrize("declared", [[1, 1, 4, 4], ["N", 1, "H", "W"]])
 @pytest.mark.parametrize("mode,transform", [("cubic", "half_pixel"), ("linear", "tf_crop_and_resize")])
 def test_graph_lowering_refuses_other_resize_modes_and_lists_every_unsupported_node(mode, transform, declared):
