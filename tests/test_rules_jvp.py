@@ -13,9 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from jacgraph import runtime
 from jacgraph.passes import jvp
 from jacgraph.rules.jvp import JVP
-from jacgraph.testing import central_difference, reference_session, relative_error, run_reference
+from jacgraph.testing import central_difference, reference_session, relative_error, run_reference, to_float64
 
 TOL = 1e-6
 H = 1e-6
@@ -623,9 +624,6 @@ def test_float32_layer_norm_reuses_the_primal_mean_and_inv_std_dev():
     above recompute them: those outputs are float/bfloat16 only). Checked in onnxruntime float32 against float64
     central differences of the source's float64 copy: float32 round-off (6e-8) through 8-term means and the
     normalisation stays far below 1e-5."""
-    from jacgraph import runtime
-    from jacgraph.testing import reference_session as ref, to_float64
-
     case = Case("LayerNormalization", {"x": (2, 3, 8), "scale": (8,), "bias": (8,)}, ["x", "scale", "bias"],
                 attrs={"axis": -1, "epsilon": 1e-3})
     model = case.model()
@@ -640,7 +638,7 @@ def test_float32_layer_norm_reuses_the_primal_mean_and_inv_std_dev():
     dirs = {k: rng.standard_normal(s) for k, s in case.inputs.items()}
     got = runtime.run(runtime.session(emitted), {**{k: v.astype(np.float32) for k, v in feeds.items()},
                                                  **{f"{k}_dot": v.astype(np.float32) for k, v in dirs.items()}})
-    fd = central_difference(ref(to_float64(model)), feeds, dirs, H)["y0"]
+    fd = central_difference(reference_session(to_float64(model)), feeds, dirs, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
 
 
@@ -650,9 +648,6 @@ def test_float32_layer_norm_jvp_of_jvp_differentiates_the_reused_statistics():
     whose Mean/InvStdDev are read into its function body). Oracle: the float64 model's JVP of JVP (statistics
     recomputed, checked by the closure cases), run in onnx's reference evaluator; float32 round-off through two
     derivative levels stays far below 1e-4."""
-    from jacgraph import runtime
-    from jacgraph.testing import reference_session as ref
-
     case = Case("LayerNormalization", {"x": (2, 3, 8), "scale": (8,), "bias": (8,)}, ["x", "scale", "bias"],
                 attrs={"axis": -1, "epsilon": 1e-3})
     model64 = case.model()
@@ -664,7 +659,7 @@ def test_float32_layer_norm_jvp_of_jvp_differentiates_the_reused_statistics():
     rng = np.random.default_rng(4)
     feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]) for i in twice64.graph.input}
     got = runtime.run(runtime.session(twice32), {k: v.astype(np.float32) for k, v in feeds.items()})
-    want = run_reference(ref(twice64), feeds)
+    want = run_reference(reference_session(twice64), feeds)
     got_outputs, want_outputs = [o.name for o in twice32.graph.output], [o.name for o in twice64.graph.output]
     assert len(got_outputs) == len(want_outputs) == 4  # y, ẏ and their tangents
     for got_name, want_name in zip(got_outputs, want_outputs):  # the same outputs in order (fresh names differ)
@@ -697,9 +692,6 @@ def test_written_out_silu_gets_one_tangent():
     node: 6). On a float32 NCHW value onnxruntime holds in NCHWc (a 16-channel Conv's output), 1 - s is a depthwise
     1x1 Conv (weight -1, bias 1) instead of a Sub: checked in onnxruntime float32 against float64 central
     differences of the source's float64 copy (float32 round-off through a Conv and the gate stays far below 1e-5)."""
-    from jacgraph import runtime
-    from jacgraph.testing import reference_session as ref, to_float64
-
     case = next(c for c in RMS_CASES if c.id == "silu-written-out")
     model = case.model()
     assert len(jvp.build(model).graph.node) - len(model.graph.node) == 5
@@ -714,7 +706,7 @@ def test_written_out_silu_gets_one_tangent():
     assert [n.attribute[0].i for n in emitted.graph.node if n.op_type == "Conv" and n.input[0] == "sg"] == [16]
     x, v = rng.standard_normal([1, 3, 6, 6]), rng.standard_normal([1, 3, 6, 6])
     got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
-    fd = central_difference(ref(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
+    fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
 
 
@@ -722,9 +714,6 @@ def test_float32_lrn_runs_no_lrn_kernel():
     """The LRN rule emits the primal as x·d^-β from the tangent's d (onnxruntime's LRN kernel was a third of AlexNet's
     forward): no LRN node is left, y equals onnxruntime's LRN to float32 rounding, ẏ matches float64 central
     differences (AlexNet's constants: size 5, α 1e-4, β 0.75, bias 1)."""
-    from jacgraph import runtime
-    from jacgraph.testing import to_float64
-
     node = helper.make_node("LRN", ["x"], ["y0"], size=5, alpha=1e-4, beta=0.75, bias=1.0)
     info = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 5, 5])  # noqa: E731
     model = helper.make_model(helper.make_graph([node], "lrn", [info("x")], [info("y0")]),
