@@ -719,8 +719,9 @@ def _linear_value(src, node, op, a, ins, x):
             raise JacgraphError(f"Gather '{node.name}' must pick constant indices out of the features.")
         axis = _axis(int(a.get("axis", 0)), len(x.shape) + 1, node)
         indices, size = np.asarray(indices, np.int64), x.shape[axis]
-        if np.any((indices < -size) | (indices >= size)):
-            raise JacgraphError(f"Gather '{node.name}' picks index {int(indices.flat[np.argmax((indices < -size) | (indices >= size))])} "
+        outside = (indices < -size) | (indices >= size)
+        if outside.any():
+            raise JacgraphError(f"Gather '{node.name}' picks index {int(indices[outside].flat[0])} "
                                 f"of an axis of size {size}: the model is invalid there; fix its indices.")
         picked = np.take(np.arange(n).reshape(x.shape), indices, axis=axis)
         return x.map(_select(picked, n), shape=picked.shape)
