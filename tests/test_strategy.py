@@ -42,11 +42,8 @@ def test_auto_batches_the_weight_bound_gemm_not_the_small_conv():
 def test_auto_batches_a_weight_bound_conv_only_for_stacked_tangents():
     """A 3x3 conv 128 -> 128 on 4x4 (147K weights, 72x its 2048 outputs) is weight-bound: auto batches it only for
     K stacked tangents (one tangent: its gates stay in NCHWc); --strategy batched always does."""
-    weights = numpy_helper.from_array(np.zeros((128, 128, 3, 3), np.float32), "K")
-    graph = helper.make_graph([helper.make_node("Conv", ["x", "K"], ["y"], pads=[1, 1, 1, 1])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 4, 4])], [weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _one_op("Conv", [1, 128, 4, 4], [128, 128, 3, 3], [1, 128, 4, 4])
+    model.graph.node[0].attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
     count = lambda m: [n.op_type for n in m.graph.node].count("Conv")  # noqa: E731
     assert count(jvp.build(model, strategy="auto")) == 2 and count(jvp.build(model, strategy="batched")) == 1
     assert count(jvp.build(model, strategy="auto", tangents=4)) == 1
