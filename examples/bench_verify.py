@@ -17,26 +17,12 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from examples.bounds_models import INPUT_SHAPES, build  # noqa: E402
+from examples.bounds_models import INPUT_SHAPES, build, export_bytes  # noqa: E402
 from jacgraph.cli import main as cli  # noqa: E402
 from jacgraph.verify import verify  # noqa: E402
-
-
-def export_batch_of_one(name, path):
-    net = build(name).float()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.zeros((1, *INPUT_SHAPES[name])),), buf, dynamo=False, opset_version=17,
-                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"])
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
 
 
 def main(argv=None):
@@ -48,7 +34,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as d:
         for name in args.models:
             source, graph = os.path.join(d, f"{name}.onnx"), os.path.join(d, f"{name}.recurjac.onnx")
-            export_batch_of_one(name, source)
+            with open(source, "wb") as f:
+                f.write(export_bytes(build(name), INPUT_SHAPES[name], dynamic_batch=False))
             shape = ",".join(map(str, (1, *INPUT_SHAPES[name])))
             with contextlib.redirect_stdout(io.StringIO()):
                 assert cli(["compile", source, "--emit", "recurjac", "--input-shape", f"x={shape}", "-o", graph]) == 0
