@@ -371,5 +371,6 @@ def main(argv=None):
                     json.dump({"settings": settings(), "rows": rows}, f, indent=2, allow_nan=False)
     report(rows, settings())
 
+
 if __name__ == "__main__":
     main()

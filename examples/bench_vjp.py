@@ -30,12 +30,12 @@ DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "u
 
 
 def bench_one(name, folder, threads, runs, clock, with_onnx_ad=False):
-    def run():
+    def run_model():
         path = os.path.join(folder, name + ".onnx")
         architectures.export(name, path, batch=1)
         x = architectures.example_input(name, batch=1).numpy()
         return measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad, memory=False)
-    return recorded(name, run)
+    return recorded(name, run_model)
 
 
 def with_params_as_inputs(source, params):
