@@ -108,9 +108,9 @@ def main():
             print(f"| {name} | {r['forward_ms']:.3f} | {r['before_ratio']:.2f} | {r['after_ratio']:.2f} | "
                   f"{r['after_over_before']:.3f} | {r['max_tangent_difference']:.1e} | "
                   f"{', '.join(map(str, r['optimized_nodes']))} |", flush=True)
-    ratios = [r[k] for k in ("before_ratio", "after_ratio") for r in rows]
     if rows:
-        print(f"median: before {np.median(ratios[:len(rows)]):.2f}, after {np.median(ratios[len(rows):]):.2f}")
+        before, after = (np.median([r[k] for r in rows]) for k in ("before_ratio", "after_ratio"))
+        print(f"median: before {before:.2f}, after {after:.2f}")
     for r in rows:
         if "profile" in r:
             print(f"\n{r['name']} (kernel ms, median per kernel over the runs, summed per op type):\n{r['profile']}")
