@@ -384,7 +384,8 @@ def _check_bound_source(source, in_shape, outputs):
 def check_autolip(model, props, source, rng, tol) -> list:
     """op / adj: the graph against A / A^T (A rebuilt from the source) at 3 random vectors. power: its sigma is at
     most ||A u|| for its output u, with 1e-9 relative for rounding: the iterates' values only grow (moments of
-    A^T A are log-convex), so sigma_k^2 = ||A^T A u_{k-1}|| <= ||A u_k||^2 <= ||A||^2; and sigma > 0 unless A = 0.
+    A^T A are log-convex), so sigma_k^2 = ||A^T A u_{k-1}|| <= ||A u_k||^2 <= ||A||^2; sigma > 0 unless A = 0;
+    and sigma >= ||A u|| (1 - 1e-3), so a sigma scaled down or left short of convergence fails.
     The graph runs as emitted in onnxruntime: float32 Conv graphs in float32 (onnxruntime has no float64
     ConvTranspose and onnx.reference's fails on grouped ones), with 1e-5 instead of 1e-9 for float32 rounding."""
     from .passes.lipschitz import emitted_operator
