@@ -640,7 +640,7 @@ class _DagBounds:
                         b.ints([-1]))  # [r]
         found = self._chunked(self.nodes[t].n, rows, lambda eye: self._crown_rows(t, eye, x3, eps), ids=ids)
         where = b.Expand(b.Unsqueeze(ids, b.ints([0])), b.shape(found[0]))  # [b, r]
-        return tuple(b.ScatterElements(base, where, t, axis=1) for base, t in zip((lo, hi), found))
+        return tuple(b.ScatterElements(cheap, where, tight, axis=1) for cheap, tight in zip((lo, hi), found))
 
     def _chunked(self, n, rows, step, lead=1, ids=None):
         """step(eye) -> (lo, hi) [b, (m,) rows] for identity rows eye [(1,) 1, rows, n] (`lead` axes of 1).
@@ -921,6 +921,7 @@ class _DagBounds:
             g.outputs.extend(helper.make_tensor_value_info(t, elem, [None] * 3) for t in outs)
             graphs.append(g.graph(f"jacobian_{name}"))
         return tuple(b.op("If", cond, n_out=2, then_branch=graphs[0], else_branch=graphs[1]))
+
 
 def _add_to(store, k, b, up, lo):
     """store[k] += (up, lo): a node's coefficient is the sum over its consumers."""
