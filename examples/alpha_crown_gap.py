@@ -23,7 +23,7 @@ import torch
 from scipy.optimize import linprog
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import bounds_models  # noqa: E402
+from examples import bench_auto_lirpa, bounds_models  # noqa: E402
 from jacgraph.passes.alpha_crown import SlopeOptimiser  # noqa: E402
 from jacgraph.runtime import session  # noqa: E402
 from jacgraph.passes import recurjac  # noqa: E402
@@ -55,7 +55,6 @@ def main():
     args = p.parse_args()
     sys.path[:0] = [args.source] + ([args.deps] if args.deps else [])
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
-    from auto_LiRPA.jacobian import JacobianOP
 
     net = bounds_models.build("recurjac_mlp")
     x0, eps = net.example_input, args.eps
@@ -81,16 +80,8 @@ def main():
     opt.run(x0, [eps], iterations=20)
     jacgraph_neuron = (-best[0], best[1])
 
-    class JacobianWrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, xt):
-            return JacobianOP.apply(self.inner(xt), xt)
-
     xt = torch.tensor(x0, dtype=torch.float32)
-    bm = BoundedModule(JacobianWrapper(net.float()), xt, device="cpu")
+    bm = BoundedModule(bench_auto_lirpa.jacobian_module(net), xt, device="cpu")
     X = BoundedTensor(xt, PerturbationLpNorm(norm=np.inf, eps=eps))
     bm.compute_bounds(method="CROWN-Optimized", C=None, x=(X,), bound_upper=False,
                       final_node_name=bm.jacobian_start_nodes[0].name)  # what compute_jacobian_bounds(optimize=True) runs

@@ -41,8 +41,9 @@ from examples import bench_bounds, bounds_models  # noqa: E402
 from jacgraph.passes import alpha_crown, recurjac  # noqa: E402
 
 
-def auto_lirpa_width(net, x0, eps, optimize=True, clock=time.perf_counter):
-    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+def jacobian_module(net) -> torch.nn.Module:
+    """net (float32) wrapped so that its output is auto_LiRPA's JacobianOP of net at the input: what auto_LiRPA
+    bounds to bound net's Jacobian (auto_LiRPA must be importable)."""
     from auto_LiRPA.jacobian import JacobianOP
 
     class JacobianWrapper(torch.nn.Module):
@@ -53,9 +54,15 @@ def auto_lirpa_width(net, x0, eps, optimize=True, clock=time.perf_counter):
         def forward(self, x):
             return JacobianOP.apply(self.model(x), x)
 
+    return JacobianWrapper(net.float())
+
+
+def auto_lirpa_width(net, x0, eps, optimize=True, clock=time.perf_counter):
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
     x = torch.tensor(x0, dtype=torch.float32)
     t0 = clock()
-    model = BoundedModule(JacobianWrapper(net.float()), x, device="cpu")
+    model = BoundedModule(jacobian_module(net), x, device="cpu")
     lower, upper = model.compute_jacobian_bounds(BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps)),
                                                  optimize=optimize)
     t = clock() - t0
