@@ -226,10 +226,14 @@ class SlopeOptimiser:
         obj, *grads = self.gradient.run([OBJECTIVE] + self.grad_outputs, {**feeds, **alpha})
         return obj, dict(zip(self.spec, grads))
 
+    def _shared(self) -> dict:
+        """{slope_<k>: node k's shared input alpha_<k>}: the parameter each per-neuron input of k adds its offset to."""
+        return {s["output"]: a for a, s in self.spec.items() if "start" not in s}
+
     def slopes(self, params):
         """The alpha inputs from the optimised parameters: a shared input is its parameter, a per-neuron one
         alpha_<t>_<k>_<side> is node k's shared parameter (on every row) plus its own offset parameter."""
-        base = {s["output"]: a for a, s in self.spec.items() if "start" not in s}
+        base = self._shared()
         return {a: params[a] if "start" not in s else params[base[s["output"]]][:, None] + params[a]
                 for a, s in self.spec.items()}
 
@@ -251,7 +255,7 @@ class SlopeOptimiser:
         first = self.bounds.run(["J_lower", "J_upper", OBJECTIVE] + used, feeds)
         best_lo, best_hi, obj = first[:3]
         start = dict(zip(used, first[3:]))  # CROWN's slopes [batch, n_k]
-        base = {s["output"]: a for a, s in self.spec.items() if "start" not in s}
+        base = self._shared()
         params = {a: start[s["output"]] if "start" not in s else np.zeros((len(feeds["eps"]), *s["shape"]))
                   for a, s in self.spec.items()}
         history = [obj]
