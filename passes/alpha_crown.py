@@ -101,7 +101,7 @@ class SlopeInputs(dict):
             if self._bytes + cost > dag.limit // PER_NEURON_SHARE:
                 return None  # over the budget: this pair keeps the shared slopes
             self._bytes += cost
-            b, n_t = self.b, self.graph.nodes[t].n
+            b = self.b
             l, u = (b.Unsqueeze(v, b.ints([1])) for v in dag.box[node.inputs[0]])  # [b, 1, n_k]
             sides = []
             for side in ("upper", "lower"):
