@@ -47,8 +47,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from jacgraph.lowering import reads
-from jacgraph.layers import lower_graph
-from jacgraph.model import SourceModel
+from jacgraph.layers import Graph, lower_graph
 from jacgraph.passes import recurjac, vjp
 from jacgraph.rules.bounds import RELAX, SLOPED, slope_range
 from jacgraph.runtime import session
@@ -111,6 +110,18 @@ class SlopeInputs(dict):
             self._made[(t, k)] = tuple(sides)
         return self._made[(t, k)]
 
+    def spec(self) -> dict:
+        """slope_spec's {alpha_<k>: ...} for the shared inputs, plus {alpha_<t>_<k>_<side>: {"node": k, "start": t,
+        "side": side, "output": slope_<k>, "range": ..., "shape": [n_t, n_k]}} for each per-neuron input declared,
+        in the order of the graph's inputs."""
+        shared = slope_spec(self.graph)
+        spec = {name: shared[name] for name in self.values()}
+        for t, k in self._made:
+            for side in ("upper", "lower"):
+                spec[f"alpha_{t}_{k}_{side}"] = {**shared[f"alpha_{k}"], "start": t, "side": side,
+                                                 "shape": [self.graph.nodes[t].n, self.graph.nodes[k].n]}
+        return spec
+
 
 def _declare(b, name, dims):
     """A float input name ["batch", *dims] defaulting to NaN (CROWN's choice) of shape [1, .., 1, dims[-1]]: a
@@ -129,9 +140,9 @@ def declare_slope_inputs(b, graph, per_neuron=True) -> SlopeInputs:
     return SlopeInputs(b, graph, shared, per_neuron)
 
 
-def emit_slope_outputs(b, dag, slopes) -> str:
+def emit_slope_outputs(b, dag, slopes: SlopeInputs) -> str:
     """Outputs slope_<k> [batch, n_k] (the lower slopes used) and slope_objective [batch]; returns the
-    metadata that documents them (slope_spec as JSON)."""
+    metadata that describes every slope input (SlopeInputs.spec as JSON), which SlopeOptimiser reads back."""
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
     spec = slope_spec(dag.g)
     for k, name in slopes.items():
@@ -144,34 +155,28 @@ def emit_slope_outputs(b, dag, slopes) -> str:
         widths = [b.reduce("ReduceSum", b.Mul(dag.box[0][0], b.c(0.0)), [1], keepdims=0)]
     b.nodes.append(helper.make_node("Identity", [b.Sum(*widths) if len(widths) > 1 else widths[0]], [OBJECTIVE]))
     b.add_output(OBJECTIVE, elem, ["batch"])
-    return json.dumps(spec)
+    return json.dumps(slopes.spec())
 
 
-def _inputs_spec(model, graph) -> dict:
-    """slope_spec's {alpha_<k>: ...} for the shared inputs, plus {alpha_<t>_<k>_<side>: {"node": k, "start": t,
-    "side": side, "output": slope_<k>, "range": ..., "shape": [n_t, n_k]}} for each per-neuron input the graph has."""
-    shared = slope_spec(graph)
-    spec = dict(shared)
-    for i in model.graph.input:
-        parts = i.name.split("_")
-        if len(parts) == 4 and parts[0] == "alpha" and parts[3] in ("upper", "lower"):
-            t, k = int(parts[1]), int(parts[2])
-            spec[i.name] = {**shared[f"alpha_{k}"], "start": t, "side": parts[3],
-                            "shape": [graph.nodes[t].n, graph.nodes[k].n]}
-    return spec
-
-
-def per_neuron_bytes(model, input_shape=None, memory_limit=recurjac.MEMORY_LIMIT) -> float:
-    """Bytes the per-neuron slopes of an optimised bound may take (for the memory guard, before building): every
-    (linear node t feeding a nonlinearity, ReLU/LeakyReLU node k before it) pair at PER_NEURON_BYTES per slope,
-    both sides, capped by the budget SlopeInputs keeps to. An upper bound: chunked and unreachable pairs count."""
-    graph = lower_graph(model if isinstance(model, SourceModel) else SourceModel(model), input_shape)
+def per_neuron_bytes(graph: Graph, memory_limit=recurjac.MEMORY_LIMIT) -> float:
+    """Bytes the per-neuron slopes of an optimised bound of a lowered graph may take: every (linear node t feeding a
+    nonlinearity, ReLU/LeakyReLU node k before it) pair at PER_NEURON_BYTES per slope, both sides, capped by the
+    budget SlopeInputs keeps to. An upper bound: chunked and unreachable pairs count."""
     cons = graph.consumers()
     sloped = [k for k, node in enumerate(graph.nodes) if node.kind == "act" and node.activation in SLOPED]
     starts = [t for t, node in enumerate(graph.nodes[:-1])
               if node.kind == "linear" and any(graph.nodes[c].kind != "linear" for c in cons[t])]
     total = sum(PER_NEURON_BYTES * 2.0 * graph.nodes[t].n * graph.nodes[k].n for t in starts for k in sloped if k < t)
     return min(total, memory_limit // PER_NEURON_SHARE)
+
+
+def working_set(model, input_shape=None, points=1, memory_limit=recurjac.MEMORY_LIMIT) -> float:
+    """Bytes an optimised bound is estimated to hold (for the memory guard, before building), from one lowering:
+    MEMORY_FACTOR times the bound graph's working set (the gradient graph keeps the back-substitution's values for
+    its reverse sweep) plus the per-neuron slopes."""
+    graph = lower_graph(model, input_shape)
+    return (MEMORY_FACTOR * recurjac.graph_working_set(graph, points=points, memory_limit=memory_limit)
+            + per_neuron_bytes(graph, memory_limit))
 
 
 # ---- the optimiser ------------------------------------------------------------------------------
@@ -205,11 +210,11 @@ class SlopeOptimiser:
                  memory_limit=recurjac.MEMORY_LIMIT, threads=None, slopes="neuron"):
         if slopes not in ("neuron", "unit"):
             raise ValueError(f"slopes={slopes!r}: choose 'neuron' or 'unit'")
-        src = model if isinstance(model, SourceModel) else SourceModel(model)
-        self.model = recurjac.build(src, norm=norm, method=method, input_shape=input_shape, dtype=dtype,
+        self.model = recurjac.build(model, norm=norm, method=method, input_shape=input_shape, dtype=dtype,
                                     lowering="graph", slope_inputs=slopes, memory_limit=memory_limit,
                                     preactivation_bounds=True)  # z<k>_lower/upper: which units are unstable
-        self.spec = _inputs_spec(self.model, lower_graph(src, input_shape))
+        meta = {p.key: p.value for p in self.model.metadata_props}  # absent: no ReLU/LeakyReLU, nothing to optimise
+        self.spec = json.loads(meta.get("jacgraph.slope_inputs", "{}"))  # every alpha input, as the build declared it
         self.dtype = np.dtype(dtype)
         self.bounds = session(self.model, threads=threads)
         if self.spec:

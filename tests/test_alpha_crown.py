@@ -3,6 +3,8 @@ defaults reproduce CROWN's bounds, per-neuron slopes equal on every row reproduc
 bounds are never wider than CROWN's (per-neuron: never wider than the shared mode's) and stay sound against
 sampled float64 torch Jacobians, and the VJP graph's gradient of the objective agrees with central differences.
 """
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +12,7 @@ from test_layers import chain_model, random_mlp
 from test_recurjac import N_POINTS, TOL, bounds, graph_kinks, jacobians, sample_ball, stage_function
 
 from examples import bounds_models
+from jacgraph import layers
 from jacgraph.cli import main
 from jacgraph.layers import lower, lower_graph
 from jacgraph.passes import alpha_crown, recurjac
@@ -261,5 +264,65 @@ def test_cli_memory_guard_counts_the_gradient_graph(tmp_path, capsys):
     assert main(args) == 0
     capsys.readouterr()
     assert main(args + ["--optimize-slopes", "5", "-o", str(tmp_path / "r.npz")]) == 2
+    assert "--optimize-slopes" in capsys.readouterr().err
+    assert not (tmp_path / "r.npz").exists()
+
+
+def test_slope_inputs_metadata_describes_every_alpha_input(residual):
+    """Old: the jacgraph.slope_inputs metadata listed only the shared inputs (nothing read it) and SlopeOptimiser
+    lowered the model a second time to size the per-neuron ones. Now the metadata lists every alpha input with
+    its range and shape, and it is what the optimiser reads."""
+    _, _, model, opt, unit = residual
+    graph = lower_graph(model)
+    for o in (opt, unit):
+        meta = {p.key: p.value for p in o.model.metadata_props}
+        spec = json.loads(meta["jacgraph.slope_inputs"])
+        assert spec == o.spec
+        assert list(spec) == [i.name for i in o.model.graph.input if i.name.startswith("alpha_")]
+        for a, s in spec.items():
+            n_k = graph.nodes[s["node"]].n
+            assert s["shape"] == ([graph.nodes[s["start"]].n, n_k] if "start" in s else [n_k]), a
+            assert s["range"] == [0.0, 1.0] and s["output"] == f"slope_{s['node']}"
+    assert sum("start" in s for s in opt.spec.values()) == 6
+
+
+def test_the_model_is_lowered_once_to_build_and_once_to_check_memory(residual, tmp_path, monkeypatch):
+    """Old: SlopeOptimiser lowered the model twice (the build, then again to size its per-neuron inputs), and
+    `jacgraph bound --optimize-slopes` twice more for its memory estimate."""
+    calls = []
+
+    def counted(model, input_shape=None):
+        calls.append(1)
+        return lower_graph(model, input_shape)
+
+    monkeypatch.setattr(layers, "lower_graph", counted)
+    monkeypatch.setattr(alpha_crown, "lower_graph", counted)
+    _, shape, model, _, _ = residual
+    SlopeOptimiser(model)
+    assert len(calls) == 1
+    (tmp_path / "m.onnx").write_bytes(model)
+    np.save(tmp_path / "x0.npy", np.zeros(shape))
+    calls.clear()
+    assert main(["bound", str(tmp_path / "m.onnx"), "--x0", str(tmp_path / "x0.npy"), "--eps", "0.1",
+                 "--optimize-slopes", "1", "--quiet"]) == 0
+    assert len(calls) == 2
+
+
+def test_cli_memory_guard_sizes_the_graph_lowering_on_a_chain(tmp_path, capsys):
+    """Old: on a plain MLP the guard sized the chain lowering (what the plain bound runs), but optimised slopes
+    always run the graph lowering, which holds several times more (784-256-256-10: estimate 79 MiB against a
+    measured 407 MiB peak RSS). A limit twice the old estimate now refuses, before allocating anything."""
+    from jacgraph.cli import memory
+    from jacgraph.model import SourceModel
+
+    rng = np.random.default_rng(9)
+    (tmp_path / "m.onnx").write_bytes(random_mlp([64, 64, 64, 10], rng).SerializeToString())
+    np.save(tmp_path / "x0.npy", rng.standard_normal(64))
+    src = SourceModel(str(tmp_path / "m.onnx"))
+    old = memory.bound_working_set(src, None, 1) * alpha_crown.MEMORY_FACTOR + alpha_crown.per_neuron_bytes(lower_graph(src))
+    assert alpha_crown.working_set(src) > 2 * old
+    args = ["bound", str(tmp_path / "m.onnx"), "--x0", str(tmp_path / "x0.npy"), "--eps", "0.1", "--quiet",
+            "--max-memory", str(int(2 * old)), "--optimize-slopes", "2", "-o", str(tmp_path / "r.npz")]
+    assert main(args) == 2
     assert "--optimize-slopes" in capsys.readouterr().err
     assert not (tmp_path / "r.npz").exists()

@@ -28,10 +28,11 @@ def cmd_bound(args) -> int:
     # a batch [N, *sample] has the model input's rank (batch axis included); one point has one axis fewer
     rank = len(src.inputs[0].type.tensor_type.shape.dim) or 2
     points = len(x0) if x0.ndim >= rank else 1
-    need = memory.bound_working_set(src, shape, points)
-    if args.optimize_slopes:  # the gradient graph keeps the back-substitution's values for its reverse sweep
-        from ..passes.alpha_crown import MEMORY_FACTOR, per_neuron_bytes
-        need = need * MEMORY_FACTOR + per_neuron_bytes(src, shape)
+    if args.optimize_slopes:  # always the graph lowering, with a gradient graph and per-neuron slopes
+        from ..passes.alpha_crown import working_set
+        need = working_set(src, shape, points)
+    else:
+        need = memory.bound_working_set(src, shape, points)
     memory.check(need, f"bound for {points} point(s)" + (" with optimised slopes" if args.optimize_slopes else ""),
                  "Give fewer points in --x0, a smaller --input-shape or no --optimize-slopes", args.max_memory)
     # progress: the stage notes jacgraph.cli prints (point i of N included), not a second tqdm bar beside them
