@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from jacgraph.errors import JacgraphError
 from jacgraph.lowering import reads
 from jacgraph.layers import Graph, lower_graph
 from jacgraph.passes import recurjac, vjp
@@ -209,7 +210,9 @@ class SlopeOptimiser:
     def __init__(self, model, norm="inf", method="recurjac", input_shape=None, dtype=np.float64,
                  memory_limit=recurjac.MEMORY_LIMIT, threads=None, slopes="neuron"):
         if slopes not in ("neuron", "unit"):
-            raise ValueError(f"slopes={slopes!r}: choose 'neuron' or 'unit'")
+            raise JacgraphError(f"SlopeOptimiser(slopes={slopes!r}): no such slope mode. Choose 'neuron' (the default: "
+                                "one slope per bounded neuron and side) or 'unit' (one slope per unit, shared by every "
+                                "bound: less memory, looser bounds).")
         self.model = recurjac.build(model, norm=norm, method=method, input_shape=input_shape, dtype=dtype,
                                     lowering="graph", slope_inputs=slopes, memory_limit=memory_limit,
                                     preactivation_bounds=True)  # z<k>_lower/upper: which units are unstable

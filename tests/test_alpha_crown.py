@@ -14,6 +14,7 @@ from test_recurjac import N_POINTS, TOL, bounds, graph_kinks, jacobians, sample_
 from examples import bounds_models
 from jacgraph import layers
 from jacgraph.cli import main
+from jacgraph.errors import JacgraphError
 from jacgraph.layers import lower, lower_graph
 from jacgraph.passes import alpha_crown, recurjac
 from jacgraph.passes.alpha_crown import OBJECTIVE, SlopeOptimiser
@@ -326,3 +327,10 @@ def test_cli_memory_guard_sizes_the_graph_lowering_on_a_chain(tmp_path, capsys):
     assert main(args) == 2
     assert "--optimize-slopes" in capsys.readouterr().err
     assert not (tmp_path / "r.npz").exists()
+
+
+@pytest.mark.parametrize("slopes", ["neurons", None, 1])
+def test_an_unknown_slope_mode_is_a_jacgraph_error(slopes):
+    """Old: a ValueError. Now the one error type for bad input, naming both modes, before anything is built."""
+    with pytest.raises(JacgraphError, match="no such slope mode. Choose 'neuron'.*or 'unit'"):
+        SlopeOptimiser(b"not even a model", slopes=slopes)
