@@ -545,6 +545,8 @@ class _DagBounds:
                         else:
                             c_lo, c_hi = self._crown_picked(k, x3, eps, rows, pick, lo, hi)
                         lo, hi = b.max(lo, c_lo), b.min(hi, c_hi)
+                        # two bounds of one point (eps 0) from different sums can cross by round-off: keep l <= u
+                        lo, hi = b.min(lo, hi), b.max(lo, hi)
                     else:
                         self.interval_only.append(k)
                 self.box[k] = (lo, hi)
@@ -579,7 +581,8 @@ class _DagBounds:
         PL = b.Cast(b.Equal(istar, b.const(np.arange(n_in, dtype=np.int64).reshape(1, 1, -1))), to=fdt)
         PU = b.where(b.Unsqueeze(dominant, b.ints([2])), PL, b.c(0.0))
         cmax = b.where(dominant, b.c(0.0), umax)
-        possible = b.Cast(b.GreaterOrEqual(uw, lmax), to=fdt)
+        # i* can win: also where its u < l by round-off (eps 0), else its derivative interval would be [1, 0]
+        possible = b.Cast(b.Or(b.GreaterOrEqual(uw, lmax), b.Equal(Wx, istar)), to=fdt)
         DU = b.ScatterElements(b.Mul(PL, b.c(0.0)), Wx, possible, axis=2)
         self.sel[k] = (PU, PL, cmax, PU, DU)
         self.box[k] = (b.Squeeze(lmax, b.ints([2])), umax)
