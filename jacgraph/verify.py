@@ -325,10 +325,14 @@ def _check_jfb_grad(m64, props, T64, state, feeds, rng, h, tol) -> list:
 # ---- bounds -----------------------------------------------------------------------------------------
 
 def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
-    """Sampled true Jacobians (float64, exact for the network at each point) inside the emitted bounds."""
+    """Sampled true Jacobians (float64, exact for the network at each point) inside the emitted bounds. The source
+    is read once and checked against the graph's declared shapes before the graph runs (a wrong --source is an
+    error at once, not after a long run)."""
     from .runtime import session
 
     in_shape = tuple(json.loads(props["jacgraph.input_shape"]))
+    src, outputs = SourceModel(source), _bound_outputs(model)
+    _check_bound_source(src, in_shape, outputs)
     norm = props.get("jacgraph.norm", "inf")
     x0 = rng.standard_normal((1, *in_shape)) if x0 is None else np.asarray(x0, np.float64)
     if x0.shape == in_shape:
@@ -341,8 +345,9 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
     checks = [Check("bounds finite", 0.0 if np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) else float("inf"),
                     0.0, "J_lower and J_upper hold no NaN or inf"),
               Check("J_lower <= J_upper", float(max(np.max(lo - hi), 0.0)), 0.0, "largest crossing of the bounds")]
-    _check_bound_source(source, in_shape, lo.shape[1])
-    jacobian = _true_jacobian(source, in_shape)
+    if outputs is None:
+        _check_bound_source(src, in_shape, lo.shape[1])
+    jacobian = _true_jacobian(source, in_shape, src)
     slack = (1e-9 if _input_dtype(model) == np.float64 else 1e-5) * max(1.0, float(np.max(np.abs(hi))),
                                                                          float(np.max(np.abs(lo))))
     outside, worst, counts = 0, 0.0, [0, 0]
@@ -364,15 +369,21 @@ def check_bounds(model, props, source, rng, x0, eps, samples) -> list:
     return checks
 
 
-def _check_bound_source(source, in_shape, outputs):
+def _bound_outputs(model) -> int | None:
+    """The number of outputs the bound graph bounds, from its first output J_lower's declared [batch, outputs,
+    inputs]; None where that is not a number (then the source is checked against the output of a run)."""
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[1].dim_value if len(dims) == 3 and dims[1].HasField("dim_value") else None
+
+
+def _check_bound_source(src: SourceModel, in_shape, outputs):
     """The source must be the network the bound graph was compiled from: one float input of the graph's point
     shape, `outputs` output values (else its Jacobians cannot be compared, and onnxruntime fails on them)."""
-    src = SourceModel(source)
     inputs = src.float_inputs()
     sample = (src.shape(inputs[0]) or (None,))[1:] if len(inputs) == 1 else None
     out = (src.shape(src.graph.output[0].name) or (None,))[1:] if len(src.graph.output) == 1 else None
     known = sample is not None and out is not None and all(isinstance(d, int) for d in (*sample, *out))
-    if known and (int(np.prod(sample)) != int(np.prod(in_shape)) or int(np.prod(out)) != outputs):
+    if known and (int(np.prod(sample)) != int(np.prod(in_shape)) or outputs is not None and int(np.prod(out)) != outputs):
         raise JacgraphError(f"--source takes inputs of shape {list(sample)} and gives {int(np.prod(out))} outputs per "
                             f"point, but the bound graph is for points of shape {list(in_shape)} and {outputs} "
                             "outputs: give the model the graph was compiled from.")
@@ -469,14 +480,14 @@ RUN_VALUES = 1 << 27  # float64 values (1 GiB) the tangents of one run may hold,
 AGREEMENT = 1e-12  # relative: a batched run reproduces the one-point runs up to float64 rounding, or is not used
 
 
-def _true_jacobian(source, in_shape):
+def _true_jacobian(source, in_shape, src: SourceModel | None = None):
     """points [P, *in_shape] -> J [P, outputs, inputs], from the source's float64 JVP with one tangent
     per input element (onnxruntime in float64 where it has the kernels, else onnx.reference), up to
     POINTS_PER_RUN points per run. A source whose input has a fixed batch of 1 runs on a copy of itself with a
     free batch axis, once that copy has given the same outputs and Jacobians as the source itself (one point
     per run) on the first points asked for; otherwise (an exporter's Reshape to [1, -1] fails or differs
-    there) one point per run, as the source is written."""
-    src = SourceModel(source)
+    there) one point per run, as the source is written. src: SourceModel(source) where the caller has it."""
+    src = src or SourceModel(source)
     x = src.float_inputs()[0]
     declared = src.shape(x) or ()
     single, per_run = _jvp_runner(src, x, in_shape), _points_per_run(src, in_shape)

@@ -124,3 +124,31 @@ def test_verify_passes_sound_bounds_and_fails_broken_ones_on_a_batch_of_one(flat
         assert main([args[0], str(tmp_path / "broken.onnx"), *args[2:]]) == 1
         report = capsys.readouterr().out
         assert "FAILED" in report and failed in report and "OK" not in report.replace("FAILED", "")
+
+
+def test_a_wrong_source_exits_2_before_the_bound_graph_runs(tmp_path, capsys, monkeypatch):
+    """Old: verify ran the bound graph (the long part on a large model) and only then read --source, and read it
+    twice. Now a source of the wrong shapes exits 2 with the one-paragraph error before any session is made, and
+    a right source is read once."""
+    from jacgraph import runtime
+
+    src = conv_model(tmp_path / "m.onnx", "Flatten")
+    out = tmp_path / "m.recurjac.onnx"
+    assert main(["compile", str(src), "--emit", "recurjac", "-o", str(out), "-q"]) == 0
+    w = RNG.standard_normal((4, 2))
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "small",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(w.astype(np.float32), "w")])
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), wrong)
+    sessions, built, real_session, real_source = [], [], runtime.session, verify.SourceModel
+    monkeypatch.setattr(runtime, "session", lambda *a, **k: sessions.append(1) or real_session(*a, **k))
+    monkeypatch.setattr(verify, "SourceModel", lambda m, *a, **k: built.append(m) or real_source(m, *a, **k))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--source", str(wrong), "--samples", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--source takes inputs of shape [4] and gives 2 outputs" in err and "[1, 6, 6] and 3 outputs" in err
+    assert "Traceback" not in err and not sessions
+    assert main(["verify", str(out), "--source", str(src), "--samples", "30"]) == 0
+    assert sessions and built.count(str(src)) == 1
