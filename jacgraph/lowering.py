@@ -50,12 +50,12 @@ def prepare(proto: onnx.ModelProto, input_shapes=None, native=None) -> onnx.Mode
     for _ in range(MAX_EXPANSION_DEPTH):
         if not any(_needs_expansion(n, keep, opset_of(proto)) for n in all_nodes(proto.graph)):
             break
-        proto, changed = _expand(_inferred(proto), keep), True
+        proto, changed = _expand(with_inferred_types(proto), keep), True
     if any(_is_recurrence(n) for n in all_nodes(proto.graph)):
-        proto, changed = lower_recurrences(_inferred(proto)), True
+        proto, changed = lower_recurrences(with_inferred_types(proto)), True
     if not changed and not unknown_rank_values(proto):  # every value typed already: inference would add nothing
         return original
-    inferred = _inferred(proto)
+    inferred = with_inferred_types(proto)
     if changed or unknown_rank_values(inferred):  # a torch MultiheadAttention export loses ranks that folding finds
         proto = fold_constants(inferred)
         if not changed and proto is inferred:  # nothing folded: hand back the caller's model itself
@@ -119,7 +119,7 @@ def opset_of(proto) -> int:
 SHAPE_DATA_LIMIT = 64  # elements: more than any input whose values decide a shape (a shape, axes, pads, scales)
 
 
-def _inferred(proto, strict=False):
+def with_inferred_types(proto, strict=False):
     """Types of intermediate values (context-dependent function bodies and the RNN lowering read them).
 
     Inference runs on a copy whose large initializers (the weights) are graph inputs of their type and shape:

@@ -171,7 +171,7 @@ class SourceModel:
         if prepare:  # function bodies, RNN/GRU/LSTM, fixed input shapes: see jacgraph.lowering
             proto = lowering.prepare(proto, input_shapes=input_shapes, native=native)
         try:  # strict: a MatMul/Gemm/Add whose shapes do not fit is an error here, not a crash in onnxruntime later
-            proto = lowering._inferred(proto, strict=True)  # the weights handed over as typed inputs (faster)
+            proto = lowering.with_inferred_types(proto, strict=True)  # the weights handed over as typed inputs (faster)
         except Exception as e:
             raise JacgraphError(f"ONNX shape inference failed on the model: {_inference_reason(e)}. The shapes of that "
                                 "node's inputs do not fit together; check the input shapes the model declares, "

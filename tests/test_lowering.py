@@ -237,7 +237,7 @@ def test_shape_inference_never_gets_the_weights_and_is_skipped_when_every_value_
         return infer(proto, *args, **kwargs)
 
     monkeypatch.setattr(lowering.shape_inference, "infer_shapes", recording)
-    ours = lowering._inferred(model)
+    ours = lowering.with_inferred_types(model)
     assert handed == [4] and ours.SerializeToString(deterministic=True) == full.SerializeToString(deterministic=True)
     assert lowering.prepare(full) is full and handed == [4]  # no second inference
     assert lowering.unknown_rank_values(model) and lowering.prepare(model) is model and handed == [4, 4]
