@@ -47,6 +47,13 @@ def onnx_ad_module():
         return importlib.import_module("onnx_ad")
 
 
+def onnx_ad_forward(source, x, v):
+    """onnx-ad 0.3's forward-mode graph of source's first output in its first input, and its feeds (tangent v)."""
+    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
+    ad = onnx_ad_module().forward(source, inputs=[x_name], outputs=[y_name], layout="onnx")
+    return ad, {x_name: x, [i.name for i in ad.graph.input][len(source.graph.input)]: v[..., None]}
+
+
 def bench_one(name, folder, threads, runs, batch, clock, with_onnx_ad):
     def run():
         path = os.path.join(folder, f"{name}.onnx")
@@ -110,10 +117,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
     sessions = {k: runtime.session(m, threads=threads) for k, (m, _) in graphs.items()}
     row = {"default_strategy": default}
     if with_onnx_ad:
-        def build():
-            ad = onnx_ad_module().forward(source, inputs=[x_name], outputs=[y_name], layout="onnx")
-            return ad, {x_name: x, [i.name for i in ad.graph.input][len(source.graph.input)]: v[..., None]}
-        add_onnx_ad(row, graphs, sessions, build, threads)
+        add_onnx_ad(row, graphs, sessions, lambda: onnx_ad_forward(source, x, v), threads)
     if "onnx_ad" in sessions:  # both graphs must compute the same J v, or the timing compares different things
         ad = graphs["onnx_ad"][0]
         theirs_name, ours_name = ad.graph.output[len(source.graph.output)].name, emitted[default].tangent_outputs[y_name]

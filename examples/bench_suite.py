@@ -313,7 +313,8 @@ def report(rows, settings):
     """The tables of one run (its rows and settings), per suite, and the goal misses."""
     mode = settings["mode"]
     before, after = settings["load_average"]
-    print(f"\n{mode.upper()}, onnxruntime {settings['onnxruntime']} CPU, threads={settings['threads']}, batch 1, "
+    where = settings.get("provider", "CPU") + (f" ({settings['device']})" if "device" in settings else "")
+    print(f"\n{mode.upper()}, onnxruntime {settings['onnxruntime']} {where}, threads={settings['threads']}, batch 1, "
           f"median of the runs given, interleaved{' (warm)' if settings.get('warm') else ''}, {settings['clock']}; "
           f"1-minute load average {before:.1f} -> "
           f"{after:.1f}; {settings['date']}")

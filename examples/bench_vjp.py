@@ -51,6 +51,16 @@ def with_params_as_inputs(source, params):
     return model, {p: onnx.numpy_helper.to_array(moved[p]) for p in params}
 
 
+def onnx_ad_reverse(source, x, u, wrt):
+    """onnx-ad 0.3's reverse-mode graph of source's first output in its first input and the initializers `wrt`
+    (made inputs), and its feeds (seed cotangent u)."""
+    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
+    model, values = with_params_as_inputs(source, wrt)
+    ad = onnx_ad_module().reverse(model, inputs=[x_name] + wrt, outputs=[y_name], layout="onnx")
+    seed = [i.name for i in ad.graph.input][len(model.graph.input)]
+    return ad, {x_name: x, **values, seed: u[..., None]}
+
+
 def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, warm=False):
     """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
     reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
@@ -67,12 +77,8 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, 
     if with_onnx_ad:
         params = emitted["vjp_params"].params
         for key, wrt in (("x", []), ("params", params)):
-            def build(wrt=wrt):
-                model, values = with_params_as_inputs(source, wrt)
-                ad = onnx_ad_module().reverse(model, inputs=[x_name] + wrt, outputs=[y_name], layout="onnx")
-                seed = [i.name for i in ad.graph.input][len(model.graph.input)]
-                return ad, {x_name: x, **values, seed: u[..., None]}
-            add_onnx_ad(row, graphs, sessions, build, threads, key=f"onnx_ad_{key}")
+            add_onnx_ad(row, graphs, sessions, lambda wrt=wrt: onnx_ad_reverse(source, x, u, wrt), threads,
+                        key=f"onnx_ad_{key}")
             if f"onnx_ad_{key}" in sessions:  # onnx-ad's gradients, in its inputs' order, against jacgraph's
                 theirs = sessions[f"onnx_ad_{key}"].run(None, graphs[f"onnx_ad_{key}"][1])[len(source.graph.output):]
                 names = [emitted[f"vjp_{key}"].gradient_outputs[n] for n in [x_name] + wrt]

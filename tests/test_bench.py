@@ -169,3 +169,24 @@ def test_bench_jvp_and_vjp_tables_say_why_a_comparison_failed(monkeypatch, capsy
         assert "ImportError: onnx-ad is not installed here" in row and "—" in row, row
         if bench is bench_jvp:
             assert "forward_peak: MemoryError: the probe process was killed" in row, row
+
+
+def test_bench_cuda_pipeline_on_the_cpu_provider(tmp_path, capsys):
+    """examples/bench_cuda.py's prepare -> build -> bound timing, run with its cpu provider (no GPU in CI): both
+    modes give every ratio and jacgraph's results agree with onnx-ad's (read back from the bound outputs)."""
+    import onnxruntime as ort
+
+    from examples import bench_cuda, bench_suite
+
+    model, x, _ = bench_suite.SUITES["archs"][1]("mlp", str(tmp_path))
+    onnx.save(model, tmp_path / "archs__mlp.onnx")
+    np.save(tmp_path / "archs__mlp.npy", x)
+    suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "mlp", ["jvp", "vjp"]))
+    jvp_row = bench_cuda.time_model(ort, suite, name, "jvp", plans["jvp"], 2, "cpu")
+    _positive_finite(jvp_row, ["forward_ms", "auto_ms", "auto_ratio", "onnx_ad_ms", "onnx_ad_over_jvp"])
+    assert jvp_row["onnx_ad_difference"] < 1e-3
+    vjp_row = bench_cuda.time_model(ort, suite, name, "vjp", plans["vjp"], 2, "cpu")
+    _positive_finite(vjp_row, ["vjp_x_ratio", "vjp_params_ratio", "onnx_ad_x_ratio", "onnx_ad_params_ratio"])
+    assert vjp_row["onnx_ad_x_difference"] < 1e-3 and vjp_row["onnx_ad_params_difference"] < 1e-3
+    broken = bench_cuda.time_model(ort, suite, name, "jvp", {"error": "ValueError: no"}, 2, "cpu")
+    assert broken["error"] == "ValueError: no"  # a model that did not build is a row saying why
