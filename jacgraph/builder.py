@@ -94,6 +94,10 @@ class Builder:
         self.copies[id(node)] = new
         return new
 
+    def remove_copy(self, node: onnx.NodeProto):
+        """Take back the copy of a source node, for a rule that computes the node's outputs itself in its place."""
+        self.nodes.remove(self.copies.pop(id(node)))
+
     def extra_output(self, node: onnx.NodeProto, index: int, hint: str) -> str:
         """Name of optional output `index` of the copied `node`, added to the copy if the source left it off."""
         copied = self.copies[id(node)]

@@ -1044,7 +1044,7 @@ def lrn(b, node, t):
         inv = b.Reciprocal(b.Mul(root, b.Sqrt(root)))
     else:
         inv = b.Pow(d, s(b, -beta, x))
-    b.nodes.remove(b.copies.pop(id(node)))
+    b.remove_copy(node)
     b.nodes.append(helper.make_node("Mul", [x, inv], [y], name=b.fresh("jg_LRN")))
     cross = unfold(b, window_mean(fold(b, b.Mul(t, x))))
     second = b.Mul(cross, b.Mul(b.Div(y, d), s(b, 2.0 * alpha * beta, x)))
