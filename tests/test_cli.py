@@ -782,3 +782,36 @@ def test_verify_recurjac_against_another_model_exits_2(tmp_path, capsys):
     for other in (conv_net(tmp_path / "c.onnx", spatial=(8, 8)), fixed_point_T(tmp_path / "t.onnx")):
         assert run_cli("verify", out, "--source", other) == 2, other
         assert "give the model the graph was compiled from" in capsys.readouterr().err.lower()
+
+
+class _FakeSignal:
+    """The signal module as jacgraph.cli sees it, with one SIGTERM handler; None is a handler installed in C by a
+    program embedding Python (what signal.getsignal and signal.signal report for it)."""
+    SIGTERM = 15
+
+    def __init__(self, handler):
+        self.handler, self.installed = handler, []
+
+    def getsignal(self, signum):
+        return self.handler
+
+    def signal(self, signum, handler):
+        self.installed.append(handler)
+        previous, self.handler = self.handler, handler
+        return previous
+
+
+@pytest.mark.parametrize("host", [None, "python"])
+def test_sigterm_handler_is_restored_or_never_replaced(tmp_path, monkeypatch, host):
+    """A Python handler is swapped for jacgraph's while the command runs and put back after. Old: a handler set in C
+    (getsignal None) was replaced and never put back, so jacgraph's handler outlived the command in the host."""
+    from jacgraph import cli
+
+    def python_handler(signum, frame):
+        pass
+
+    fake = _FakeSignal(python_handler if host else None)
+    monkeypatch.setattr(cli, "signal", fake)
+    assert main(["inspect", str(dense_tanh(tmp_path / "m.onnx")), "-q"]) == 0
+    assert fake.handler is (python_handler if host else None)
+    assert fake.installed == ([cli._on_sigterm, python_handler] if host else [])

@@ -145,8 +145,12 @@ def _on_sigterm(signum, frame):
 
 
 def _catch_sigterm():
-    """SIGTERM to _on_sigterm while a command runs (only the main thread may set a handler): the previous one."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM to _on_sigterm while a command runs: the handler to put back afterwards, or None where none was set.
+    None on a thread other than the main one (only it may set a handler), and where the present handler was not
+    set from Python (signal.getsignal gives None: a program embedding Python installed it in C). Python could not
+    put that one back (SIG_DFL in its place would make SIGTERM kill the host), so it is left alone: SIGTERM then
+    does what the host chose, not jacgraph's clean exit 143."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
 
