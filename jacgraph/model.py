@@ -161,6 +161,8 @@ def _shape_of(type_proto) -> tuple | None:
 class SourceModel:
     """A source model, never mutated: nodes in topological order, value types, attributes, constants."""
 
+    _readers = None  # (nodes, len(nodes), outputs, len(outputs), {value: its readers}), made by readers()
+
     def __init__(self, model, input_shapes=None, native=None, prepare=True):
         """`input_shapes` {input: dims} fixes dynamic input dims; `native` the op types with rules (function ops
         outside it are expanded; default: jacgraph.lowering.native_ops()); prepare=False skips jacgraph.lowering."""
@@ -299,6 +301,22 @@ class SourceModel:
             if isinstance(v, bytes):
                 out[k] = v.decode()
         return out
+
+    def readers(self, name) -> list:
+        """The nodes that read `name` (subgraph captures included), and None for each graph output it is. The map
+        is made on first use and made again whenever self.nodes or self.outputs is no longer the list it was made
+        from (replaced, or of another length), so it describes the nodes the passes walk, never older ones."""
+        made = self._readers
+        if made is None or made[0] is not self.nodes or made[1] != len(self.nodes) \
+                or made[2] is not self.outputs or made[3] != len(self.outputs):
+            found = {}
+            for node in self.nodes:
+                for read in set(node_inputs(node)):
+                    found.setdefault(read, []).append(node)
+            for out in self.outputs:
+                found.setdefault(out.name, []).append(None)
+            made = self._readers = (self.nodes, len(self.nodes), self.outputs, len(self.outputs), found)
+        return made[4].get(name, [])
 
     def op_counts(self) -> Counter:
         return Counter(op_key(n) for n in self.nodes)

@@ -41,3 +41,23 @@ def test_shapes_that_do_not_fit_are_still_one_clear_error():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     with pytest.raises(JacgraphError, match=r"ONNX shape inference failed on the model: \(op_type:Gemm"):
         SourceModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_readers_describe_the_node_list_the_passes_walk():
+    """Old: the JVP rules kept who reads each value in a cache keyed on the SourceModel alone, so a node list
+    replaced after the first lookup was never seen. The map is made again when the list it was made from changes."""
+    from jacgraph.rules.jvp import sole_reader
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"]),
+             helper.make_node("Abs", ["r"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("y", "z")])
+    src = SourceModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [n.op_type for n in src.readers("r")] == ["Neg", "Abs"] and src.readers("y") == [None]
+    assert sole_reader(src, "r") is None
+    src.nodes = [n for n in src.nodes if n.op_type != "Abs"]
+    assert sole_reader(src, "r").op_type == "Neg"
+    src.nodes.append(nodes[2])  # the same list, grown in place
+    assert sole_reader(src, "r") is None
+    src.outputs = src.outputs[:1]
+    assert src.readers("z") == []

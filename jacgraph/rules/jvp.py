@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 import string
-import weakref
 from collections import Counter, namedtuple
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import JacgraphError
-from ..model import node_inputs
 from . import slopes  # noqa: F401  (fills the elementwise family every table reads)
 from .reductions import REDUCE_OPS, WEIGHTS, reduction, with_rank
 from .registry import SLOPES, ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
@@ -1110,21 +1108,9 @@ def instance_norm(b, node, t, tscale=None, tbias=None):
 
 Chain = namedtuple("Chain", "feed inside tangent")  # tangent(b, end, tangent of feed) -> the end's tangent
 
-_READERS = weakref.WeakKeyDictionary()
-
-
 def sole_reader(src, name):
     """The one node of src's graph that reads `name`, or None (read by several, or a graph output)."""
-    readers = _READERS.get(src)
-    if readers is None:
-        readers = {}
-        for node in src.nodes:
-            for read in set(node_inputs(node)):
-                readers.setdefault(read, []).append(node)
-        for out in src.outputs:
-            readers.setdefault(out.name, []).append(None)
-        _READERS[src] = readers
-    found = readers.get(name, [])
+    found = src.readers(name)  # SourceModel's map, made again if its node list changes (it cannot go stale)
     return found[0] if len(found) == 1 else None
 
 
