@@ -1,8 +1,12 @@
 """Kink and tie conventions, pinned exactly at the kinks (float32, onnxruntime, as users run them)."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -50,14 +54,15 @@ def test_clip_derivative_is_zero_on_the_bounds():
 
 
 EDGE = np.float32([0.0, -0.0, 2.0**-149, -2.0**-149, 1e-40, 2.0**-126, 1e-30, 1.0, -1.0, 6.0, np.nextafter(6, 0),
-                   np.nextafter(6, 7), 3.4e38, -3.4e38, np.inf, -np.inf])
+                   np.nextafter(6, 7), 3.4e38, -3.4e38, np.inf, -np.inf, np.nextafter(1, 0), np.nextafter(1, 2)])
 
 
 @pytest.mark.parametrize("op, consts, inside", [
     ("Relu", {}, lambda x: x > 0),
     ("Clip", {"lo": 0.0, "hi": 6.0}, lambda x: (x > 0) & (x < 6)),
     ("Clip", {"lo": -1.0, "hi": 1.0}, lambda x: (x > -1) & (x < 1)),
-], ids=["relu", "relu6", "clip-1-1"])
+    ("Clip", {"lo": 0.0, "hi": 1.0}, lambda x: (x > 0) & (x < 1)),
+], ids=["relu", "relu6", "clip-1-1", "clip01"])
 def test_nchwc_gates_are_exact_on_edge_values(op, consts, inside):
     """On [N, C, H, W] float32 tangents of a Conv's output the gate is a 0/1 mask from a scaled depthwise Conv and
     HardSigmoid (kept in onnxruntime's NCHWc layout): exactly the Where gate, at 0, -0, subnormals, the bounds and
@@ -80,6 +85,65 @@ def after_identity_conv(model):
     graph.node[0].input[0] = "x0_conv"
     graph.node.insert(0, helper.make_node("Conv", ["x0", "identity"], ["x0_conv"], group=channels))
     return model
+
+
+@pytest.mark.parametrize("hi", [6.0, 1.0])
+def test_relu6_gate_is_two_fused_convs_and_one_mul(hi):
+    """Clip(0, hi) on an NCHWc value: [y > 0] from one mask Conv, then [y < hi] where that mask is 1 from a second
+    depthwise Conv of the mask with y added, which onnxruntime runs as one NCHWc Conv (y its sum input, HardSigmoid
+    its activation); one Mul applies the gate. (The values are checked on edge cases above.)"""
+    model = after_identity_conv(one_node("Clip", [1, 8, 4, 4], consts={"lo": 0.0, "hi": hi}))
+    emitted = jvp.build(model)
+    assert sum(n.op_type == "Mul" for n in emitted.graph.node) == 1
+    options = onnxruntime.SessionOptions()
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        onnxruntime.InferenceSession(emitted.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    fused = [n for n in optimized.graph.node if n.op_type == "Conv" and len(n.input) == 4
+             and any(a.name == "activation" and a.s == b"HardSigmoid" for a in n.attribute)]
+    assert len(fused) == 1 and "Add" not in {n.op_type for n in optimized.graph.node}
+
+
+def test_hard_swish_slope_is_exact_beyond_and_at_plus_minus_three():
+    """float32 HardSwish's slope h + [|x| <= 3]·(h - 1/2), h = HardSigmoid(x): exactly 0 below -3 and 1 above 3 (the
+    float neighbours of ±3, huge values, ±inf), -1/2 and 3/2 at -3 and 3 (PyTorch's middle piece), and x/3 + 1/2
+    to float32 round-off between (h is rounded once, then doubled: a few ulps of 1/2)."""
+    three = np.float32(3)
+    x = np.float32([-np.inf, -3.4e38, -1e8, -4, np.nextafter(-three, -4), -3, np.nextafter(-three, 0), -1.5, -2.0**-149,
+                    -0.0, 0.0, 1e-30, 1, np.nextafter(three, 0), 3, np.nextafter(three, 4), 4, 1e8, 3.4e38, np.inf])
+    v = np.float32(np.arange(1, len(x) + 1))
+    model = one_node("HardSwish", [len(x)])
+    assert not {"Where", "Greater", "Less"} & {n.op_type for n in jvp.build(model).graph.node}
+    slope = tangent(model, [x], [v]) / v
+    beyond, at = np.abs(x) > 3, np.abs(x) == 3
+    np.testing.assert_array_equal(slope[beyond], (x[beyond] > 0).astype(np.float32))
+    np.testing.assert_array_equal(slope[at], np.where(x[at] > 0, 1.5, -0.5))
+    middle = ~beyond & ~at
+    np.testing.assert_allclose(slope[middle], x[middle].astype(np.float64) / 3 + 0.5, rtol=0, atol=4 * 2.0**-24)
+
+
+def test_relu6_gate_and_hard_swish_slope_against_float64_central_differences():
+    """Conv -> ReLU6 -> Conv -> HardSwish in float32 (the ReLU6 gate from two NCHWc Convs, the HardSwish slope from
+    HardSigmoids): onnxruntime's JVP equals float64 central differences of the source's float64 copy, to float32
+    round-off through two Convs (~1e-6; no unit of this fixed draw lies within h of a kink)."""
+    rng = np.random.default_rng(6)
+    weights = {"w1": rng.standard_normal([16, 3, 3, 3]) * 1.5, "w2": rng.standard_normal([16, 16, 1, 1]) * 0.5}
+    nodes = [helper.make_node("Conv", ["x0", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["c2"]),
+             helper.make_node("HardSwish", ["c2"], ["y0"])]
+    values = {**weights, "lo": 0.0, "hi": 6.0}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in values.items()]
+    graph = helper.make_graph(nodes, "relu6_hardswish",
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert "Where" not in {n.op_type for n in jvp.build(model).graph.node}
+    x, v = rng.standard_normal([2, 1, 3, 8, 8])
+    got = tangent(model, [x.astype(np.float32)], [v.astype(np.float32)])
+    fd = central_difference(reference_session(to_float64(model)), {"x0": x}, {"x0": v}, 1e-6)["y0"]
+    assert relative_error(got, fd) < 1e-5
 
 
 def test_gate_on_a_value_outside_nchwc_is_the_where_gate():

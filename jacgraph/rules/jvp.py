@@ -587,6 +587,19 @@ def positive_mask(b, v, lower=0.0, sign=1.0):
     return b.HardSigmoid(scaled, alpha=2.0**127, beta=0.0)
 
 
+def below_where_positive(b, y, positive, hi):
+    """[y < hi]·positive for y in [0, hi] and positive = [y > 0] as 0/1: one depthwise 1x1 Conv of `positive` (weight
+    -hi, no bias) plus y, then HardSigmoid(α = -2^127). onnxruntime fuses the Add as the NCHWc Conv's sum input and the
+    HardSigmoid as its activation, so a ReLU6 gate is two Convs and one Mul instead of two Convs and two Muls
+    (mobilenetv2_style JVP 0.92x; docs/benchmarks/jvp-profile.md section 7). Exact: where positive is 1 the sum is
+    y - hi with one rounding (exact sign; nonzero, at least 2^-127 for hi >= 2^-100, so 2^127 times it saturates);
+    where it is 0, y is ±0 and so is the sum."""
+    channels = b.src.shape(y)[1]
+    weight = b.const(np.full([channels, 1, 1, 1], -hi, np.float32), hint="gate_bound")
+    shifted = b.Add(b.Conv(positive, weight, group=channels, kernel_shape=[1, 1]), y)
+    return b.HardSigmoid(shifted, alpha=-2.0**127, beta=0.0)
+
+
 @rule("Relu")
 def relu(b, node, t):
     """ẏ = ẋ·[x > 0] = ẋ·[y > 0]; relu'(0) = 0. On NCHW float32 tangents the mask is built in NCHWc
@@ -624,6 +637,8 @@ def clip(b, node, t, *_):
     hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bounds = [(b.src.const(v), sign) for v, sign in ((lo, 1.0), (hi, -1.0)) if v]  # lo < y, y < hi
     if nchwc_gate_fits(b, y) and bounds and all(v is not None and v.size == 1 and abs(float(v)) < 8 for v, _ in bounds):
+        if len(bounds) == 2 and float(bounds[0][0]) == 0 and float(bounds[1][0]) >= 2.0**-100:  # ReLU6
+            return [b.Mul(t, below_where_positive(b, y, positive_mask(b, y), float(bounds[1][0])))]
         masks = [positive_mask(b, y, float(v), sign) for v, sign in bounds]
         return [b.Mul(t, masks[0] if len(masks) == 1 else b.Mul(*masks))]
     inside = None
