@@ -152,7 +152,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, strategies=No
 
 def table(rows):
     """The markdown table: '—' where a number is missing and a notes cell saying why (bench_suite's cells)."""
-    from examples.bench_suite import _memory, _ms, _notes, _ratio
+    from examples.bench_suite import memory_cell, ms_cell, notes_cell, ratio_cell
 
     ad = any(key.startswith("onnx_ad") for r in rows for key in r)
     head = (["architecture", "ORT forward ms"] + [f"{s} / forward" for s in STRATEGIES]
@@ -161,10 +161,10 @@ def table(rows):
                "peak RSS JVP / forward", "notes"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["name"], _ms(r, "forward_ms")] + [_ratio(r, s + "_ratio") for s in STRATEGIES]
-                 + ([_ratio(r, "onnx_ad_ratio"), _ratio(r, "onnx_ad_over_jvp")] if ad else [])
-                 + [_ms(r, "torch_jvp_ms"), _ratio(r, "torch_over_jvp"), _memory(r, ["forward", "jvp"]),
-                    _ratio(r, "memory_ratio"), _notes(r)])
+        cells = ([r["name"], ms_cell(r, "forward_ms")] + [ratio_cell(r, s + "_ratio") for s in STRATEGIES]
+                 + ([ratio_cell(r, "onnx_ad_ratio"), ratio_cell(r, "onnx_ad_over_jvp")] if ad else [])
+                 + [ms_cell(r, "torch_jvp_ms"), ratio_cell(r, "torch_over_jvp"), memory_cell(r, ["forward", "jvp"]),
+                    ratio_cell(r, "memory_ratio"), notes_cell(r)])
         lines.append("| " + " | ".join(cells) + " |")
 
     def med(key):  # over the rows that have the number

@@ -65,6 +65,7 @@ TRANSFORMERS = list(transformer_exports.MODELS)
 JVP_GOAL, ONNX_AD_GOAL = 2.2, 1.25
 # timing rounds cost about this many forwards (forward, jacgraph, onnx-ad; and twice that in reverse mode)
 ROUND_COST = {"jvp": 8, "vjp": 20}
+NOTE_KEY = "bench_suite.note"  # a model's metadata entry saying what the benchmark could not do to it (its row says so)
 
 
 def _role(name, consumers):
@@ -131,7 +132,8 @@ def _unsaturate(model, x):
     """Scale the Gemm that feeds a final Softmax so that its logits at x have unit standard deviation. With random
     weights the residual sums grow block after block: resnet50's and shufflenet's Softmax gave exact 0s and a 1,
     so J v was exactly 0 and the check against onnx-ad compared zeros. The shapes, and so the timings, are the
-    same."""
+    same. Logits of no spread at x (all equal: zero weights, say) have no scale to divide by: the model is left
+    unchanged and says so in its metadata (NOTE_KEY), which the benchmark row's notes repeat."""
     last = model.graph.node[-1]
     gemm = next((n for n in model.graph.node if last.input[0] in n.output), None)
     if last.op_type != "Softmax" or gemm is None or gemm.op_type != "Gemm":
@@ -140,12 +142,17 @@ def _unsaturate(model, x):
     probe.CopyFrom(model)
     probe.graph.output.append(helper.make_tensor_value_info(last.input[0], onnx.TensorProto.FLOAT, None))
     logits = runtime.run(probe, {model.graph.input[0].name: x}, [last.input[0]])[last.input[0]]
+    spread = float(logits.astype(np.float64).std())
+    if not spread > np.finfo(np.float32).eps * float(np.abs(logits).max()):  # no spread beyond rounding, or NaN
+        model.metadata_props.add(key=NOTE_KEY, value=f"classifier not rescaled (its logits at x have spread "
+                                                     f"{spread:.1e}: nothing to scale by)")
+        return
     for name in ("alpha", "beta"):  # Y = alpha·A·B + beta·C: both scaled
         attr = next((a for a in gemm.attribute if a.name == name), None)
         if attr is None:
-            gemm.attribute.append(helper.make_attribute(name, 1.0 / float(logits.std())))
+            gemm.attribute.append(helper.make_attribute(name, 1.0 / spread))
         else:
-            attr.f /= float(logits.std())
+            attr.f /= spread
 
 
 def _arch(name, folder):
@@ -186,6 +193,7 @@ def bench_model(suite, name, mode, args, clock, folder):
     t0 = time.perf_counter()
     try:
         source, x, module = SUITES[suite][1](name, folder)
+        row.update({"note": p.value for p in source.metadata_props if p.key == NOTE_KEY})
         row["runs"] = runs_for(source, x, mode, args, clock)
         measure = bench_jvp.measure if mode == "jvp" else bench_vjp.measure
         row.update(measure(source, x, module, args.threads, row["runs"], clock, True, memory=not args.no_memory,
@@ -196,11 +204,13 @@ def bench_model(suite, name, mode, args, clock, folder):
     return row
 
 
-def _ms(row, key):
+def ms_cell(row, key):
+    """A table cell: row[key] in ms, or '—' where the row has no such number (the notes say why)."""
     return f"{row[key]:.3f}" if key in row else "—"
 
 
-def _ratio(row, key, goal=None, at_most=True):
+def ratio_cell(row, key, goal=None, at_most=True):
+    """A table cell: the ratio row[key], with 'ok' / '**miss**' against goal when one is given; '—' if absent."""
     if key not in row:
         return "—"
     if goal is None:
@@ -214,12 +224,15 @@ def _near(value, goal):
     return f"{value:.3f}" if round(value, 2) == goal else f"{value:.2f}"
 
 
-def _memory(row, keys):
+def memory_cell(row, keys):
+    """A table cell: the peak RSS (MB) of each graph in keys, '—' for one not measured."""
     return ", ".join(f"{row[k + '_peak_mb']:.0f}" if k + "_peak_mb" in row else "—" for k in keys)
 
 
-def _notes(row):
-    notes = [f"{k[:-6] if k.endswith('_error') else k}: {v}" for k, v in row.items() if k.endswith("error")]
+def notes_cell(row):
+    """A table cell: why a number is missing (each *error of the row) and which comparisons disagree."""
+    notes = [row["note"]] if "note" in row else []  # about the model itself (see _unsaturate)
+    notes += [f"{k[:-6] if k.endswith('_error') else k}: {v}" for k, v in row.items() if k.endswith("error")]
     notes += [f"{k[:-len('_difference')]}: differs from jacgraph's by {v:.1e}" for k, v in row.items()
               if k.endswith("_difference") and v > 1e-3]
     return "; ".join(notes).replace("|", "/")
@@ -235,19 +248,19 @@ VJP_COLUMNS = ["model", "runs", "forward ms", "VJP x ms", "VJP x / forward", "on
 
 
 def _jvp_cells(r):
-    return [_ms(r, "forward_ms"), _ms(r, f"{bench_jvp.DEFAULT}_ms"),
-            _ratio(r, f"{bench_jvp.DEFAULT}_ratio", JVP_GOAL), _ms(r, "onnx_ad_ms"), _ratio(r, "onnx_ad_ratio"),
-            _ratio(r, "onnx_ad_over_jvp", ONNX_AD_GOAL, at_most=False), _ms(r, "torch_jvp_ms"),
-            _ratio(r, "torch_over_jvp"), _memory(r, ["forward", "jvp", "onnx_ad"])]
+    return [ms_cell(r, "forward_ms"), ms_cell(r, f"{bench_jvp.DEFAULT}_ms"),
+            ratio_cell(r, f"{bench_jvp.DEFAULT}_ratio", JVP_GOAL), ms_cell(r, "onnx_ad_ms"),
+            ratio_cell(r, "onnx_ad_ratio"), ratio_cell(r, "onnx_ad_over_jvp", ONNX_AD_GOAL, at_most=False),
+            ms_cell(r, "torch_jvp_ms"), ratio_cell(r, "torch_over_jvp"), memory_cell(r, ["forward", "jvp", "onnx_ad"])]
 
 
 def _vjp_cells(r):
-    over = lambda a, b: f"{r[a] / r[b]:.2f}" if a in r and b in r else "—"  # noqa: E731
-    return [_ms(r, "forward_ms"), _ms(r, "vjp_x_ms"), _ratio(r, "vjp_x_ratio"), _ms(r, "onnx_ad_x_ms"),
-            over("onnx_ad_x_ms", "vjp_x_ms"), _ms(r, "vjp_params_ms"), _ratio(r, "vjp_params_ratio"),
-            _ms(r, "onnx_ad_params_ms"), over("onnx_ad_params_ms", "vjp_params_ms"), _ms(r, "torch_x_ms"),
-            _ms(r, "torch_fwd_bwd_ms"), over("torch_fwd_bwd_ms", "vjp_params_ms"),
-            _memory(r, ["forward", "vjp_x", "vjp_params"])]
+    r = {**r, **bench_vjp.peer_ratios(r)}  # rows saved before the row carried them, and bench_cuda.py's
+    return [ms_cell(r, "forward_ms"), ms_cell(r, "vjp_x_ms"), ratio_cell(r, "vjp_x_ratio"),
+            ms_cell(r, "onnx_ad_x_ms"), ratio_cell(r, "onnx_ad_x_over_vjp"), ms_cell(r, "vjp_params_ms"),
+            ratio_cell(r, "vjp_params_ratio"), ms_cell(r, "onnx_ad_params_ms"),
+            ratio_cell(r, "onnx_ad_params_over_vjp"), ms_cell(r, "torch_x_ms"), ms_cell(r, "torch_fwd_bwd_ms"),
+            ratio_cell(r, "torch_fwd_bwd_over_vjp"), memory_cell(r, ["forward", "vjp_x", "vjp_params"])]
 
 
 # per mode: the ratios whose median over a suite is reported (key, label)
@@ -255,12 +268,16 @@ MEDIANS = {"jvp": [(f"{bench_jvp.DEFAULT}_ratio", "JVP / forward"), ("onnx_ad_ra
                    ("onnx_ad_over_jvp", "onnx-ad / jacgraph"), ("torch_over_jvp", "torch.func.jvp / jacgraph")],
            "vjp": [("vjp_x_ratio", "VJP x / forward"), ("onnx_ad_x_ratio", "onnx-ad x / forward"),
                    ("vjp_params_ratio", "VJP params / forward"), ("onnx_ad_params_ratio", "onnx-ad params / forward"),
-                   ("torch_fwd_bwd_ratio", "PyTorch fwd+bwd / forward")]}
+                   ("torch_fwd_bwd_ratio", "PyTorch fwd+bwd / forward"),
+                   ("onnx_ad_x_over_vjp", "onnx-ad x / jacgraph"),
+                   ("onnx_ad_params_over_vjp", "onnx-ad params / jacgraph"),
+                   ("torch_fwd_bwd_over_vjp", "PyTorch fwd+bwd / jacgraph params")]}
 
 
 def medians(rows, mode):
     """{label: median over the rows that have it} of the mode's ratios."""
     out = {}
+    rows = [{**r, **bench_vjp.peer_ratios(r)} for r in rows] if mode == "vjp" else rows  # as in _vjp_cells
     for key, label in MEDIANS[mode]:
         values = [r[key] for r in rows if key in r]
         if values:
@@ -286,7 +303,7 @@ def table(rows, mode):
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         body = cells(r) if "error" not in r else ["—"] * (len(columns) - 3)
-        lines.append("| " + " | ".join([r["name"], str(r.get("runs", "—"))] + body + [_notes(r)]) + " |")
+        lines.append("| " + " | ".join([r["name"], str(r.get("runs", "—"))] + body + [notes_cell(r)]) + " |")
     lines.append("")
     lines.append("medians: " + ", ".join(f"{k} {v:.2f}" for k, v in medians(rows, mode).items()))
     return "\n".join(lines)

@@ -61,6 +61,16 @@ def onnx_ad_reverse(source, x, u, wrt):
     return ad, {x_name: x, **values, seed: u[..., None]}
 
 
+# each peer's graph or call: the jacgraph graph computing the same gradients (PyTorch's backward gives all of them)
+PEERS = {"onnx_ad_x": "vjp_x", "onnx_ad_params": "vjp_params", "torch_fwd_bwd": "vjp_params"}
+
+
+def peer_ratios(row):
+    """{peer + '_over_vjp': peer ms / jacgraph ms} for each of PEERS that row has both medians of."""
+    return {f"{peer}_over_vjp": row[f"{peer}_ms"] / row[f"{ours}_ms"] for peer, ours in PEERS.items()
+            if f"{peer}_ms" in row and f"{ours}_ms" in row}
+
+
 def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, warm=False):
     """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
     reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
@@ -108,6 +118,7 @@ def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, 
             row["torch_error"] = failure(e)
     row.update({f"{k}_ms": val for k, val in med.items()})
     row.update({f"{k}_ratio": val / med["forward"] for k, val in med.items() if k != "forward"})
+    row.update(peer_ratios(row))
     if memory:
         add_peak_memory(row, graphs, {k: k for k in graphs}, threads)
     return row
@@ -124,7 +135,7 @@ def main(argv=None):
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
-    from examples.bench_suite import _ms, _notes, _ratio  # '—' where a number is missing, and why in the notes
+    from examples.bench_suite import ms_cell, notes_cell, ratio_cell  # '—' where a number is missing, and why
 
     ad = " onnx-ad x ms | onnx-ad params ms |" if args.onnx_ad else ""
     print("| model | forward ms | vjp (x_bar) ms | ratio | vjp --wrt params ms | ratio |" + ad
@@ -133,9 +144,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
             t = bench_one(name, folder, args.threads, args.runs, clock, args.onnx_ad)
-            ad_cells = [_ms(t, "onnx_ad_x_ms"), _ms(t, "onnx_ad_params_ms")] if args.onnx_ad else []
-            cells = [name, _ms(t, "forward_ms"), _ms(t, "vjp_x_ms"), _ratio(t, "vjp_x_ratio"), _ms(t, "vjp_params_ms"),
-                     _ratio(t, "vjp_params_ratio"), *ad_cells, _ms(t, "torch_fwd_bwd_ms"), _notes(t)]
+            ad_cells = [ms_cell(t, "onnx_ad_x_ms"), ms_cell(t, "onnx_ad_params_ms")] if args.onnx_ad else []
+            cells = [name, ms_cell(t, "forward_ms"), ms_cell(t, "vjp_x_ms"), ratio_cell(t, "vjp_x_ratio"),
+                     ms_cell(t, "vjp_params_ms"), ratio_cell(t, "vjp_params_ratio"), *ad_cells,
+                     ms_cell(t, "torch_fwd_bwd_ms"), notes_cell(t)]
             print("| " + " | ".join(cells) + " |", flush=True)
     print(f"threads={args.threads}, batch 1, median of {args.runs} interleaved runs, "
           f"{'thread CPU time' if args.cpu_time else 'wall clock'}")

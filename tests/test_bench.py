@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from jacgraph.bench import format_profile, peak_memory, profile
@@ -100,7 +101,10 @@ def test_bench_suite_vjp(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     _positive_finite(row, ["forward_ms", "vjp_x_ms", "vjp_params_ms", "onnx_ad_x_ms", "onnx_ad_params_ms",
                            "torch_x_ms", "torch_fwd_bwd_ms", "vjp_x_ratio", "forward_peak_mb", "vjp_x_peak_mb",
-                           "vjp_params_peak_mb"])
+                           "vjp_params_peak_mb", "onnx_ad_x_over_vjp", "onnx_ad_params_over_vjp",
+                           "torch_fwd_bwd_over_vjp"])
+    assert row["onnx_ad_params_over_vjp"] == row["onnx_ad_params_ms"] / row["vjp_params_ms"]
+    assert "onnx-ad x / jacgraph" in printed and "PyTorch fwd+bwd / jacgraph params" in printed  # the medians
     assert row["onnx_ad_x_difference"] < 1e-3 and row["onnx_ad_params_difference"] < 1e-3
 
 
@@ -118,6 +122,16 @@ def test_zoo_model_has_random_weights_in_place_of_the_fills():
                           weights[again.graph.initializer[-1].name])
 
 
+def gemm_softmax(w, c):
+    """y = Softmax(x w + 2 c), x of shape [1, 8]: a zoo-style classifier head (Gemm with beta 2 -> Softmax)."""
+    w, c = helper.make_tensor("w", TensorProto.FLOAT, [8, 10], w), helper.make_tensor("c", TensorProto.FLOAT, [10], c)
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["logits"], beta=2.0),
+             helper.make_node("Softmax", ["logits"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, c])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_zoo_classifier_is_scaled_off_softmax_saturation():
     """bench_suite._unsaturate: a Gemm -> Softmax head whose logits spread by ~1e3 (a saturated Softmax: J v = 0)
     gets alpha and beta scaled so that its logits at x have standard deviation 1; the Softmax is then not 0/1."""
@@ -125,20 +139,49 @@ def test_zoo_classifier_is_scaled_off_softmax_saturation():
     from jacgraph import runtime
 
     rng = np.random.default_rng(0)
-    w, c = helper.make_tensor("w", TensorProto.FLOAT, [8, 10], 1e3 * rng.standard_normal(80)), \
-        helper.make_tensor("c", TensorProto.FLOAT, [10], rng.standard_normal(10))
-    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["logits"], beta=2.0), helper.make_node("Softmax", ["logits"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], [w, c])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    w, c = 1e3 * rng.standard_normal(80), rng.standard_normal(10)
+    model = gemm_softmax(w, c)
     x = rng.standard_normal((1, 8)).astype(np.float32)
     before = runtime.run(model, {"x": x})["y"]
     bench_suite._unsaturate(model, x)  # pylint: disable=protected-access
     alpha, beta = (next(a.f for a in model.graph.node[0].attribute if a.name == k) for k in ("alpha", "beta"))
-    logits = alpha * x.astype(np.float64) @ onnx.numpy_helper.to_array(w) + beta * onnx.numpy_helper.to_array(c)
+    logits = alpha * x.astype(np.float64) @ w.reshape(8, 10).astype(np.float32) + beta * c.astype(np.float32)
     after = runtime.run(model, {"x": x})["y"]
     assert before.max() == 1.0 and abs(logits.std() - 1) < 1e-4 and abs(beta / alpha / 2.0 - 1) < 1e-6
     assert 0 < after.min() and after.max() < 1
+    assert not model.metadata_props  # rescaled: nothing to note
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0, float("nan")])
+def test_zoo_classifier_with_logits_of_no_spread_is_left_unchanged(bias):
+    """bench_suite._unsaturate on logits that are all equal (zero weights), or NaN: there is no spread to divide
+    by (it divided by zero before). The graph is left exactly as it was, and the model's metadata says why."""
+    from examples import bench_suite
+
+    model = gemm_softmax(np.zeros(80), np.full(10, bias))
+    graph_before = model.graph.SerializeToString()
+    bench_suite._unsaturate(model, np.ones((1, 8), np.float32))  # pylint: disable=protected-access
+    assert model.graph.SerializeToString() == graph_before
+    (note,) = [p.value for p in model.metadata_props if p.key == bench_suite.NOTE_KEY]
+    assert note.startswith("classifier not rescaled")
+
+
+def test_bench_suite_row_notes_a_classifier_left_unrescaled(tmp_path, capsys, monkeypatch):
+    """A suite model whose classifier _unsaturate left alone: the run goes on, and its row and table say so."""
+    from examples import bench_suite
+
+    def load(_name, _folder):
+        model, x = gemm_softmax(np.zeros(80), np.zeros(10)), np.ones((1, 8), np.float32)
+        bench_suite._unsaturate(model, x)  # pylint: disable=protected-access
+        return model, x, None
+
+    monkeypatch.setitem(bench_suite.SUITES, "head", (["zero_head"], load))
+    out = tmp_path / "vjp.json"
+    bench_suite.main(["--mode", "vjp", "--suite", "head", "--runs", "1", "--no-memory", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["note"].startswith("classifier not rescaled") and "error" not in row
+    table_row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| zero_head |")]
+    assert len(table_row) == 1 and "classifier not rescaled" in table_row[0]
 
 
 def test_bench_jvp_and_vjp_tables_say_why_a_comparison_failed(monkeypatch, capsys):
