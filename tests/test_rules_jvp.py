@@ -276,6 +276,29 @@ GELU_CASES = [
          id="gelu-erf-scale-raises-rank"),  # z of higher rank than x: node by node
 ]
 
+def _bn_then(*nodes):
+    """BatchNormalization of x (mean and bias 0: ReLU's kink stays at x = 0) into `nodes` (its output is "n")."""
+    return [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["n"], epsilon=1e-3), *nodes]
+
+
+BN_FOLD = dict(consts={"scale": f64(4, seed=3), "bias": np.zeros(4), "mean": np.zeros(4), "var": np.abs(f64(4)) + 0.5,
+                       "w": f64(5, 4, 3, 3), "w2": f64(4, 2, 3, 3)},
+               kinks=(0,), covers=("BatchNormalization", "Relu"))
+# A BatchNormalization read only by Convs, directly or through a Relu, has its scale folded into the tangent Convs'
+# weights (scale_folds_into_convs); read by anything else, or by a grouped Conv, node by node.
+BN_FOLD_CASES = [
+    Case("Conv", {"x": (2, 4, 5, 5)}, ["r", "w"], extra_nodes=_bn_then(helper.make_node("Relu", ["n"], ["r"])),
+         id="batchnorm-relu-conv-folded", **BN_FOLD),
+    Case("Conv", {"x": (2, 4, 5, 5)}, ["n", "w"], attrs={"pads": [1, 1, 1, 1]}, extra_nodes=_bn_then(),
+         id="batchnorm-conv-folded", **{**BN_FOLD, "consts": {**BN_FOLD["consts"], "bias": f64(4), "mean": f64(4)}}),
+    Case("Conv", {"x": (2, 4, 5, 5)}, ["r", "w2"], attrs={"group": 2}, extra_nodes=_bn_then(helper.make_node("Relu", ["n"], ["r"])),
+         id="batchnorm-relu-grouped-conv", **BN_FOLD),
+    Case("Conv", {"x": (2, 4, 5, 5)}, ["r", "w"], extra_nodes=_bn_then(helper.make_node("Relu", ["n"], ["r"]),
+                                                                      helper.make_node("Neg", ["r"], ["unused"])),
+         id="batchnorm-relu-read-twice", **BN_FOLD),
+]
+
+
 CASES = [
     # --- zero tangents (integer paths, comparisons, piecewise constant) --------------------------
     Case("Shape", X, ["x"]),
@@ -492,6 +515,7 @@ CASES = [
     *INDEXING_CASES,
     *RMS_CASES,
     *GELU_CASES,
+    *BN_FOLD_CASES,
 ]
 
 
@@ -727,3 +751,11 @@ def test_float32_lrn_runs_no_lrn_kernel():
     assert relative_error(got["y0"], want) < 1e-6
     fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
+
+
+def test_batchnorm_read_only_by_convs_runs_no_tangent_batchnorm():
+    """BN -> ReLU -> Conv and BN -> Conv: the tangent path has no BatchNormalization (its scale is in the tangent
+    Conv's weights); read twice or by a grouped Conv it keeps its own. Values: the batchnorm cases of test_jvp_rule."""
+    counts = {c.id: sum(n.op_type == "BatchNormalization" for n in jvp.build(c.model()).graph.node) for c in BN_FOLD_CASES}
+    assert counts == {"batchnorm-relu-conv-folded": 1, "batchnorm-conv-folded": 1, "batchnorm-relu-grouped-conv": 2,
+                      "batchnorm-relu-read-twice": 2}, counts

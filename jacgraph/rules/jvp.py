@@ -411,10 +411,11 @@ def _no_stacked_weight_tangent(b, node, *tangents):
 
 @rule("Conv", "ConvTranspose")
 def conv(b, node, tx, tw=None, tbias=None):
-    """ẏ = conv(ẋ, W) + conv(x, Ẇ) + ḃ; the bias is additive and drops out when constant."""
+    """ẏ = conv(ẋ, W) + conv(x, Ẇ) + ḃ; the bias is additive and drops out when constant. Behind a folded
+    BatchNormalization (scale_folds_into_convs) ẋ's term takes W·s instead of W."""
     attrs = b.src.attrs(node)
     _no_stacked_weight_tangent(b, node, tw)
-    terms = [None if tx is None else batch_first(b, tx, node.op_type, node.input[1], **attrs),
+    terms = [None if tx is None else batch_first(b, tx, node.op_type, folded_weight(b, node), **attrs),
              None if tw is None else b.op(node.op_type, node.input[0], tw, **attrs)]
     out = add_all(b, terms)
     if tbias is not None:
@@ -438,6 +439,8 @@ def batch_norm(b, node, t, tscale=None, tbias=None, tmean=None, tvar=None):
     if attrs.get("training_mode", 0):
         raise JacgraphError(f"BatchNormalization '{node.name}' is in training mode; export the model in eval() mode.")
     x, scale, bias, mean, var = node.input[:5]
+    if t is not None and scale_folds_into_convs(b.src, node):
+        return [t] + [None] * (len(node.output) - 1)  # its scale is in the tangent Convs' weights (conv)
     terms = []
     if t is not None:
         zero = b.Mul(bias, s(b, 0.0, x))
@@ -453,6 +456,46 @@ def batch_norm(b, node, t, tscale=None, tbias=None, tmean=None, tvar=None):
                   None if tvar is None else b.Mul(per_channel(b, tvar, rank),
                                                   b.Mul(x_hat, chan(b.Mul(b.Mul(scale, b.Mul(r, r)), s(b, -0.5, x)))))]
     return [add_all(b, terms)] + [None] * (len(node.output) - 1)
+
+
+# A BatchNormalization whose output reaches only Convs, directly or through one Relu (DenseNet's BN-ReLU-Conv), is not
+# applied to the tangent: its per-channel scale s = γ/√(σ²+ε) commutes with the ReLU's elementwise 0/1 gate, so it
+# goes into the tangent Convs' weights instead (W·s over input channels, folded into a constant by onnxruntime): one
+# BatchNormalization kernel less per block. The tangent held for the BN and ReLU outputs is then ẋ without s, and
+# only those Convs read it (both rules ask scale_folds_into_convs, so they agree).
+
+def scale_folds_into_convs(src, bn):
+    """Whether `bn` (inference mode, constant parameters, no extra outputs read) feeds, alone or through a Relu
+    that alone reads it, only group-1 Convs with constant weights, as their data input."""
+    if src.attrs(bn).get("training_mode", 0) or any(bn.output[1:]) or any(src.const(p) is None for p in bn.input[1:5]):
+        return False
+    value = bn.output[0]
+    gate = sole_reader(src, value)
+    if gate is not None and gate.op_type == "Relu":
+        value = gate.output[0]
+    convs = src.readers(value)
+    return bool(convs) and all(c is not None and c.op_type == "Conv" and c.input[0] == value and value not in c.input[1:]
+                               and src.attrs(c).get("group", 1) == 1 and src.const(c.input[1]) is not None
+                               for c in convs)
+
+
+def folded_batch_norm(src, conv):
+    """The BatchNormalization whose scale conv's tangent term takes into its weights, or None."""
+    made = src.producer.get(conv.input[0])
+    if made is not None and made.op_type == "Relu":
+        made = src.producer.get(made.input[0])
+    return made if made is not None and made.op_type == "BatchNormalization" and scale_folds_into_convs(src, made) else None
+
+
+def folded_weight(b, conv):
+    """The weight conv's tangent term takes: W, or W·s with s the scale of the BatchNormalization folded into it."""
+    bn = folded_batch_norm(b.src, conv)
+    if bn is None:
+        return conv.input[1]
+    scale, var = bn.input[1], bn.input[4]
+    per_channel_scale = b.Div(scale, b.Sqrt(b.Add(var, s(b, b.src.attrs(bn)["epsilon"], var))))
+    shape = [1, -1] + [1] * (b.src.rank(conv.input[1]) - 2)  # over W's input-channel axis
+    return b.Mul(conv.input[1], b.Reshape(per_channel_scale, b.ints(shape)))
 
 
 @rule("AveragePool", "GlobalAveragePool")
@@ -1295,8 +1338,10 @@ def one_minus(b, v, y):
 # ---- batched strategy: primal and tangent through one call of the linear op ----------------------
 
 def _batched_linear(b, node, tx, *inactive, bias_axis_from_end=None):
-    """Run the op once on concat(x, ẋ) along the batch axis; the bias is added to the primal half only."""
-    if tx is None or any(t is not None for t in inactive) or b.src.attrs(node).get("transA", 0):
+    """Run the op once on concat(x, ẋ) along the batch axis; the bias is added to the primal half only. Not behind a
+    folded BatchNormalization (its tangent needs other weights than its primal)."""
+    if (tx is None or any(t is not None for t in inactive) or b.src.attrs(node).get("transA", 0)
+            or node.op_type == "Conv" and folded_batch_norm(b.src, node) is not None):
         return NotImplemented
     x = node.input[0]
     attrs = b.src.attrs(node)
