@@ -1,10 +1,14 @@
 """Benchmark the emitted VJP graphs (input gradient, and all parameter gradients) against PyTorch's backward.
 
-    python examples/bench_vjp.py [--threads 1] [--runs 50] [--only mlp,lenet] [--cpu-time]
+    python examples/bench_vjp.py [--threads 1] [--runs 50] [--only mlp,lenet] [--cpu-time] [--onnx-ad]
+    python examples/bench_vjp.py --profile --only shufflenet [--onnx-ad]    (per-op kernel times instead)
 
 onnxruntime forward, `--emit vjp`, `--emit vjp --wrt params` are timed interleaved in one process
 (median of --runs), so machine noise hits all alike, and PyTorch forward+backward in a loop of its own.
 --cpu-time: this thread's CPU time instead of the wall clock (see examples/bench_jvp.py).
+--only takes the architectures of examples/architectures.py and the light-zoo models of examples/bench_suite.py
+(random weights, no PyTorch module). --profile prints, per model, the per-op kernel time of each graph
+(onnxruntime's profiler, jacgraph.bench.profile: medians per kernel over --runs, wall clock) side by side.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import architectures  # noqa: E402
 from examples.bench_jvp import add_onnx_ad, add_peak_memory, failure, onnx_ad_module, recorded  # noqa: E402
-from jacgraph.bench import time_calls  # noqa: E402
+from jacgraph.bench import format_profile, profile, time_calls  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
 from jacgraph.runtime import run, session  # noqa: E402
 from jacgraph.testing import relative_error  # noqa: E402
@@ -29,13 +33,20 @@ from jacgraph.testing import relative_error  # noqa: E402
 DEFAULT = ["mlp", "lenet", "resnet18", "mobilenetv2_style", "densenet_style", "unet"]
 
 
+def load(name, folder):
+    """(model, x, module): an architecture of examples/architectures.py, exported to folder, or a light-zoo model
+    of examples/bench_suite.py (module None: no PyTorch module exists for it)."""
+    from examples import bench_suite  # here: bench_suite imports this module
+
+    if name in bench_suite.ZOO:
+        return (*bench_suite.zoo_model(name), None)
+    path = os.path.join(folder, name + ".onnx")
+    architectures.export(name, path, batch=1)
+    return onnx.load(path), architectures.example_input(name, batch=1).numpy(), architectures.build(name)
+
+
 def bench_one(name, folder, threads, runs, clock, with_onnx_ad=False):
-    def run_model():
-        path = os.path.join(folder, name + ".onnx")
-        architectures.export(name, path, batch=1)
-        x = architectures.example_input(name, batch=1).numpy()
-        return measure(onnx.load(path), x, architectures.build(name), threads, runs, clock, with_onnx_ad, memory=False)
-    return recorded(name, run_model)
+    return recorded(name, lambda: measure(*load(name, folder), threads, runs, clock, with_onnx_ad, memory=False))
 
 
 def with_params_as_inputs(source, params):
@@ -71,17 +82,37 @@ def peer_ratios(row):
             if f"{peer}_ms" in row and f"{ours}_ms" in row}
 
 
-def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, warm=False):
-    """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
-    reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
-    given; peak RSS. A failing comparison is recorded as `*_error`, never raised (see bench_jvp.measure)."""
+def vjp_graphs(source, x, forward):
+    """({key: (model, feeds)} of the forward and both VJP graphs, the two VJPResults, the cotangent u): u is
+    standard normal (seed 0) in the shape of the first output, which the forward session computes."""
     x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
-    forward = session(source, threads=threads)
     y = forward.run(None, {x_name: x})[0]
     u = np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype)
     emitted = {"vjp_x": vjp.emit(source), "vjp_params": vjp.emit(source, wrt="params")}
     graphs = {"forward": (source, {x_name: x})}
     graphs.update({k: (r.model, {x_name: x, r.cotangent_inputs[y_name]: u}) for k, r in emitted.items()})
+    return graphs, emitted, u
+
+
+def print_profiles(source, x, threads, runs, with_onnx_ad):
+    """Per-op kernel time of the forward, both VJP graphs and (with_onnx_ad) onnx-ad's, side by side."""
+    graphs, emitted, u = vjp_graphs(source, x, session(source, threads=threads))
+    columns = {k: profile(*graphs[k], threads, runs=runs) for k in graphs}
+    for key, wrt in ((("x", []), ("params", emitted["vjp_params"].params)) if with_onnx_ad else ()):
+        try:
+            columns[f"onnx_ad_{key}"] = profile(*onnx_ad_reverse(source, x, u, wrt), threads, runs=runs)
+        except Exception as e:  # pylint: disable=broad-exception-caught  # onnx-ad refuses some models: say so
+            print(f"  onnx_ad_{key}: {failure(e)}")
+    print(format_profile(columns.pop("forward"), columns.pop("vjp_x"), "vjp_x", columns))
+
+
+def measure(source, x, module, threads, runs, clock, with_onnx_ad, memory=True, warm=False):
+    """Median ms of the forward, the input-gradient VJP and the all-parameter VJP (and with_onnx_ad onnx-ad 0.3's
+    reverse-mode graphs for the same two), timed interleaved, and PyTorch's backward for both when a `module` is
+    given; peak RSS. A failing comparison is recorded as `*_error`, never raised (see bench_jvp.measure)."""
+    x_name = source.graph.input[0].name
+    forward = session(source, threads=threads)
+    graphs, emitted, u = vjp_graphs(source, x, forward)
     sessions = {"forward": forward, **{k: session(r.model, threads=threads) for k, r in emitted.items()}}
     row = {}
     if with_onnx_ad:
@@ -128,13 +159,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--only", help="comma-separated architecture names")
+    p.add_argument("--only", help="comma-separated architecture or light-zoo model names")
     p.add_argument("--cpu-time", action="store_true", help="time with this thread's CPU time (use with --threads 1)")
     p.add_argument("--onnx-ad", action="store_true", help="also time onnx-ad 0.3's reverse-mode graphs")
+    p.add_argument("--profile", action="store_true", help="per-op kernel times of each graph instead of timings")
     args = p.parse_args(argv)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     names = args.only.split(",") if args.only else DEFAULT
+    if args.profile:
+        with tempfile.TemporaryDirectory() as folder:
+            for name in names:
+                print(f"\n{name}: per-op kernel time, median of {args.runs} runs, threads={args.threads}")
+                print_profiles(*load(name, folder)[:2], args.threads, args.runs, args.onnx_ad)
+        return
     from examples.bench_suite import ms_cell, notes_cell, ratio_cell  # '—' where a number is missing, and why
 
     ad = " onnx-ad x ms | onnx-ad params ms |" if args.onnx_ad else ""

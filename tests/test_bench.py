@@ -214,6 +214,19 @@ def test_bench_jvp_and_vjp_tables_say_why_a_comparison_failed(monkeypatch, capsy
             assert "forward_peak: MemoryError: the probe process was killed" in row, row
 
 
+def test_bench_vjp_profile_puts_each_graphs_op_times_side_by_side(capsys):
+    """examples/bench_vjp.py --profile: per-op kernel time of the forward, both VJP graphs and onnx-ad's two."""
+    from examples import bench_vjp
+
+    bench_vjp.main(["--profile", "--only", "mlp", "--runs", "1", "--threads", "1", "--onnx-ad"])
+    out = capsys.readouterr().out
+    head = next(line for line in out.splitlines() if "op type" in line)
+    for column in ("forward", "vjp_x", "vjp_params", "onnx_ad_x", "onnx_ad_params"):
+        assert f"{column} ms, nodes" in head, head
+    gemm = next(line for line in out.splitlines() if line.split()[:1] == ["Gemm"])
+    assert gemm.count(" ms ") == 5, gemm  # every graph runs the last layer's Gemm: a time in each column
+
+
 def test_bench_cuda_pipeline_on_the_cpu_provider(tmp_path, capsys):
     """examples/bench_cuda.py's prepare -> build -> bound timing, run with its cpu provider (no GPU in CI): both
     modes give every ratio and jacgraph's results agree with onnx-ad's (read back from the bound outputs)."""
