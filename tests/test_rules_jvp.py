@@ -296,6 +296,12 @@ BN_FOLD_CASES = [
     Case("Conv", {"x": (2, 4, 5, 5)}, ["r", "w"], extra_nodes=_bn_then(helper.make_node("Relu", ["n"], ["r"]),
                                                                       helper.make_node("Neg", ["r"], ["unused"])),
          id="batchnorm-relu-read-twice", **BN_FOLD),
+    # after a Conv that only it reads, onnxruntime fuses the tangent BN into the tangent Conv: node by node
+    Case("Conv", {"x": (2, 4, 5, 5)}, ["r", "w"], extra_nodes=[
+        helper.make_node("Conv", ["x", "w0"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["n"], epsilon=1e-3),
+        helper.make_node("Relu", ["n"], ["r"])], id="conv-batchnorm-relu-conv", covers=("BatchNormalization", "Relu"),
+         consts={**BN_FOLD["consts"], "w0": f64(4, 4, 3, 3, seed=5), "bias": f64(4, seed=6)}),
 ]
 
 
@@ -758,4 +764,4 @@ def test_batchnorm_read_only_by_convs_runs_no_tangent_batchnorm():
     Conv's weights); read twice or by a grouped Conv it keeps its own. Values: the batchnorm cases of test_jvp_rule."""
     counts = {c.id: sum(n.op_type == "BatchNormalization" for n in jvp.build(c.model()).graph.node) for c in BN_FOLD_CASES}
     assert counts == {"batchnorm-relu-conv-folded": 1, "batchnorm-conv-folded": 1, "batchnorm-relu-grouped-conv": 2,
-                      "batchnorm-relu-read-twice": 2}, counts
+                      "batchnorm-relu-read-twice": 2, "conv-batchnorm-relu-conv": 2}, counts
