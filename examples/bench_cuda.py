@@ -39,6 +39,7 @@ from jacgraph.testing import relative_error  # noqa: E402
 SUITES = ("archs", "zoo", "transformers")
 PREPARED = ("archs", "transformers")  # exported by `prepare`; the zoo is made where `run` runs
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+TF32 = [True]  # onnxruntime's CUDA default: float32 Conv/MatMul in TF32 (10-bit mantissa) on Ampere and newer
 
 
 def prepare(folder):
@@ -126,7 +127,8 @@ def bound_call(ort, model_file, feeds_file, device):
     opts = ort.SessionOptions()
     opts.log_severity_level = 2  # warnings: onnxruntime says when it places nodes on the CPU (Memcpy nodes)
     provider = PROVIDERS[device]
-    sess = ort.InferenceSession(model_file, opts, providers=[provider, "CPUExecutionProvider"])
+    options = {"use_tf32": "0"} if device == "cuda" and not TF32[0] else {}
+    sess = ort.InferenceSession(model_file, opts, providers=[(provider, options), "CPUExecutionProvider"])
     if sess.get_providers()[0] != provider:
         raise RuntimeError(f"{provider} did not load: {sess.get_providers()}")
     binding = sess.io_binding()
@@ -171,7 +173,7 @@ def settings(ort, mode, load_before, device):
     return {"mode": mode, "threads": "default", "provider": device.upper(), "clock": "wall clock",
             "load_average": [load_before, os.getloadavg()[0]],
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "onnxruntime": ort.__version__,
-            "device": _device_name() if device == "cuda" else "this machine's CPU"}
+            "device": f"{_device_name()}, TF32 {'on' if TF32[0] else 'off'}" if device == "cuda" else "this CPU"}
 
 
 def _device_name():
@@ -238,9 +240,11 @@ def main(argv=None):
     p.add_argument("--provider", choices=list(PROVIDERS), default="cuda",
                    help="cpu: the same protocol on the CPU provider (onnxruntime's default threads), to check a setup")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--no-tf32", action="store_true", help="CUDA: full float32 Conv/MatMul (use_tf32=0)")
     p.add_argument("--json", help="write the rows and settings of each mode to this JSON file")
     p.add_argument("--tables", metavar="JSON", help="print the tables of a run saved with --json; run nothing")
     args = p.parse_args(argv)
+    TF32[0] = not args.no_tf32
     if args.tables:
         with open(args.tables) as f:
             tables(json.load(f))

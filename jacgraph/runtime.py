@@ -41,6 +41,13 @@ def max_ir_version() -> int:
     return 7
 
 
+# onnxruntime's CUDA provider runs float32 Conv/MatMul in TF32 (a 10-bit mantissa) by default on Ampere and newer
+# GPUs: on an H200, jacgraph's and onnx-ad's J v of the zoo CNNs then differed by 1e-3 to 2e-2 (relative), and by
+# less than 1e-3 with TF32 off (docs/benchmarks/speed.md, "On the GPU"). Derivatives are checked against float64
+# references, so jacgraph asks for full float32.
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
 @functools.lru_cache(maxsize=None)
 def providers() -> tuple:
     """CUDA first when its provider library really loads (not merely listed), else CPU; said once."""
@@ -88,11 +95,11 @@ def session(model, threads: int | None = None, optimize: bool = True, provider: 
         lowered.CopyFrom(model)
         lowered.ir_version = max_ir_version()
         model = lowered
-    chosen = (provider,) if provider else providers()
+    chosen = [(p, PROVIDER_OPTIONS.get(p, {})) for p in ((provider,) if provider else providers())]
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:  # one message cannot hold it: onnxruntime reads it from files
-            return _session_from_files(ort, model, opts, list(chosen))
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=list(chosen))
+            return _session_from_files(ort, model, opts, chosen)
+        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=chosen)
     except Exception as e:
         raise ort_error("could not load the model", e, model) from None
 
