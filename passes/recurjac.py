@@ -30,7 +30,9 @@ Models that are not a chain (residual joins, Concat/Split/Slice, pooling, MaxPoo
 graph lowering (jacgraph.layers.lower_graph, `_DagBounds` below): the same three steps over a DAG of
 linear joins and nonlinear nodes, coefficients dense [.., rows, units] and summed over every consumer
 at a fork; a max node is relaxed like an activation (lower line through the argmax of the lower
-bounds, upper line exact only where one input dominates) with derivatives in {0}, {1} or [0, 1].
+bounds, upper line exact only where one input dominates) with derivatives in {0}, {1} or [0, 1]; in
+RecurJac's back-substitution each window's derivative is one-hot on a member that can win (_max_lines), so
+an exact tie at eps 0 allows each tied member's derivative, not their sum.
 Large operators stay structured there: a recognised convolution patch-wise (jacgraph.structured,
 exact float64), anything else sparse (ELL gather-multiply-reduce). A back-substitution with more rows
 than fit `memory_limit` at once runs in chunks of rows (an ONNX Loop): every CROWN step, and the
@@ -462,7 +464,7 @@ class _DagBounds:
     over all its consumers. Jacobian bounds G[k] on dy/d node_k [b, m, n_k] run from G[out] = I down to
     the input; at a nonlinear node and at the input the interval step is intersected with a
     back-substitution over the nodes above (RecurJac), where the product G_c * sigma' is relaxed
-    linearly in G_c (rules/bounds.py bilinear) and a max node's part is its interval."""
+    linearly in G_c (rules/bounds.py bilinear), and so is G_c times a max node's selection (_max_lines)."""
 
     def __init__(self, b, graph, norm, method, memory_limit, slopes=None):
         self.b, self.g, self.norm, self.method, self.limit = b, graph, norm, method, memory_limit
@@ -472,7 +474,8 @@ class _DagBounds:
         self.out = len(self.nodes) - 1
         self.m = self.nodes[-1].n
         self._mats = {}
-        self.box, self.rel, self.sel, self.deriv, self.G, self.grel, self.part = {}, {}, {}, {}, {}, {}, {}
+        self.box, self.rel, self.sel, self.deriv, self.G, self.grel = {}, {}, {}, {}, {}, {}
+        self.winners = {}  # max node -> (windows [n, K], bool [b, n, K]: the members that can win), _max_lines
         self.interval_only = []  # nodes whose bounds are interval-only: back-substitution over the memory limit
         self.funits, self.Z = {}, {}  # jac_backsub_factored's undecided units (_factor_units) and term maps (_term_maps)
 
@@ -485,11 +488,14 @@ class _DagBounds:
 
     def row_bytes(self, k_range, m=1) -> int:
         """Bytes one coefficient row (times m outputs) holds in a back-substitution over nodes k_range: its
-        coefficients are n_j per row, a gathered operator's product (ELL or patch-wise) `gathered` per row."""
+        coefficients are n_j per row, a gathered operator's product (ELL or patch-wise) `gathered` per row, a
+        max node's gathered windows (n x K) per row."""
         widest = max((self.nodes[j].n for j in k_range), default=1)
         for c in k_range:
             if self.nodes[c].kind == "linear":
                 widest = max([widest] + [self.op(c, j).gathered for j in self.nodes[c].inputs])
+            elif self.nodes[c].kind == "max":  # _max_lines gathers every window's members
+                widest = max(widest, self.nodes[c].windows.size)
         return 8 * m * widest * TEMPORARIES
 
     def chunk_rows(self, k_range, m=1) -> int:
@@ -582,9 +588,10 @@ class _DagBounds:
         PU = b.where(b.Unsqueeze(dominant, b.ints([2])), PL, b.c(0.0))
         cmax = b.where(dominant, b.c(0.0), umax)
         # i* can win: also where its u < l by round-off (eps 0), else its derivative interval would be [1, 0]
-        possible = b.Cast(b.Or(b.GreaterOrEqual(uw, lmax), b.Equal(Wx, istar)), to=fdt)
-        DU = b.ScatterElements(b.Mul(PL, b.c(0.0)), Wx, possible, axis=2)
+        possible = b.Or(b.GreaterOrEqual(uw, lmax), b.Equal(Wx, istar))  # [b, n, K]
+        DU = b.ScatterElements(b.Mul(PL, b.c(0.0)), Wx, b.Cast(possible, to=fdt), axis=2)
         self.sel[k] = (PU, PL, cmax, PU, DU)
+        self.winners[k] = (W, possible)
         self.box[k] = (b.Squeeze(lmax, b.ints([2])), umax)
 
     def _through(self, k, up, lo, store, C, sides=None):
@@ -729,7 +736,6 @@ class _DagBounds:
             L = U = None
             for c in self.cons[k]:
                 part = self._part(c, k)
-                self.part[(c, k)] = part
                 L, U = part if L is None else (b.Add(L, part[0]), b.Add(U, part[1]))
             if L is None:  # not on a path to the output
                 L = U = b.c(np.zeros((1, self.m, self.nodes[k].n)))
@@ -774,21 +780,41 @@ class _DagBounds:
                 C = _add_pair(b, C, (b.reduce("ReduceSum", b.Mul(up, sel), [-1], keepdims=0),
                                      b.reduce("ReduceSum", b.Mul(lo, sel), [-1], keepdims=0)))
                 continue
-            pu, nu, pl, nl = b.Relu(up), b.Min(up, z), b.Relu(lo), b.Min(lo, z)
             for c in self.cons[j]:
                 kind = self.nodes[c].kind
                 if kind == "linear":
                     _add_to(store, c, b, *_both(self.op(c, j).fwd, up, lo))
                 elif kind == "act":
-                    r = self.grel[c]
+                    r, (pu, nu, pl, nl) = self.grel[c], (b.Relu(up), b.Min(up, z), b.Relu(lo), b.Min(lo, z))
                     _add_to(store, c, b, b.Add(b.Mul(pu, r.aU), b.Mul(nu, r.aL)), b.Add(b.Mul(pl, r.aL), b.Mul(nl, r.aU)))
                     C = _add_pair(b, C, (b.reduce("ReduceSum", b.Add(b.Mul(pu, r.cU), b.Mul(nu, r.cL)), [-1], keepdims=0),
                                          b.reduce("ReduceSum", b.Add(b.Mul(pl, r.cL), b.Mul(nl, r.cU)), [-1], keepdims=0)))
-                else:  # a max node's part enters as its interval
-                    lo_p, hi_p = (b.Unsqueeze(t, b.ints([2])) for t in self.part[(c, j)])
-                    C = _add_pair(b, C, (b.reduce("ReduceSum", b.Add(b.Mul(pu, hi_p), b.Mul(nu, lo_p)), [-1], keepdims=0),
-                                         b.reduce("ReduceSum", b.Add(b.Mul(pl, lo_p), b.Mul(nl, hi_p)), [-1], keepdims=0)))
+                else:
+                    ru, rl = self._max_lines(c, up, lo)
+                    _add_to(store, c, b, ru.aU, rl.aL)
+                    C = _add_pair(b, C, (b.reduce("ReduceSum", ru.cU, [-1], keepdims=0),
+                                         b.reduce("ReduceSum", rl.cL, [-1], keepdims=0)))
         return C[1], C[0]
+
+    def _max_lines(self, c, up, lo):
+        """Max node c in a RecurJac back-substitution: coefficients (up, lo) [b, m, rows, n_in] on dy/d(its input)
+        become lines in G_c = dy/d node_c, as Relaxations (upper line of the first, lower of the second).
+        dy/dz_i = sum_o G_c[o] D[o, i], D[o] one-hot on a member of window o that can win, so the coefficient of
+        G_c[o] is s_o = <lambda, D[o]>, in [min, max] of lambda over o's possible winners, and G_c[o] s_o is
+        relaxed linearly in G_c[o] (bilinear). Where one member dominates this is exact; at a tie it allows
+        each tied member's derivative (and their convex hull) per window, not their sum."""
+        b = self.b
+        W, possible = self.winners[c]  # [n, K], bool [b, n, K]
+        can = b.Unsqueeze(possible, b.ints([1, 2]))  # [b, 1, 1, n, K]
+        big = b.c(np.finfo(b.dtype).max)
+        L, U = (b.Unsqueeze(t, b.ints([2])) for t in self.G[c])  # [b, m, 1, n]
+        lines = []
+        for coef in (up, lo):
+            w = b.Gather(coef, W, axis=-1)  # [b, m, rows, n, K]
+            s_lo = b.reduce("ReduceMin", b.where(can, w, big), [-1], keepdims=0)
+            s_hi = b.reduce("ReduceMax", b.where(can, w, b.Neg(big)), [-1], keepdims=0)
+            lines.append(bilinear(b, L, U, s_lo, s_hi))
+        return lines
 
     def jac_backsub_factored(self, k, eye):
         """jac_backsub with its coefficients factored, for nodes above k with no max node: the part that every
