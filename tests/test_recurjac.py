@@ -663,11 +663,13 @@ def test_chunked_crown_equals_crown_at_once(norm, monkeypatch):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("factored", ["never", "always"])
-def test_chunked_jacobian_backsubstitution_at_the_input_equals_it_at_once(factored, monkeypatch):
+@pytest.mark.parametrize("name,factored", [("strided_cnn", "never"), ("strided_cnn", "always"), ("pool_cnn", "never")])
+def test_chunked_jacobian_backsubstitution_at_the_input_equals_it_at_once(name, factored, monkeypatch):
     """The input's RecurJac back-substitution (the one that gives J_lower, J_upper) in chunks of 5 rows, all
-    else at once, gives the bounds of one back-substitution of all rows (dense, or factored: no run-time If)."""
-    net, shape, model = _strided_cnn()
+    else at once, gives the bounds of one back-substitution of all rows (dense, or factored: no run-time If;
+    pool_cnn: a max node's lines inside the Loop body)."""
+    net, shape = bounds_models.build(name), bounds_models.INPUT_SHAPES[name]
+    model = bounds_models.export_bytes(net, shape)
     x0 = np.random.default_rng(6).standard_normal((2, *shape))
     monkeypatch.setattr(recurjac, "DENSE_OP_BYTES", 0)
     monkeypatch.setattr(recurjac, "FACTORED_JACOBIAN", factored)
