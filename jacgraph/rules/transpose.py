@@ -629,7 +629,8 @@ def _conv_transpose_adjoint_pads(b, node, kernel, strides, dilations):
     if not output_shape and auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * 2 * d if auto_pad == "VALID" else list(attrs.get("pads") or [0] * 2 * d)
         return pads[:d], [e - p for e, p in zip(pads[d:], extra)]
-    in_spatial = (b.src.shape(node.input[0]) or [None, None])[2:]
+    xs = b.src.shape(node.input[0])
+    in_spatial = xs[2:] if xs else None
     if output_shape and not static(in_spatial):
         raise JacgraphError(f"ConvTranspose '{node.name}' sets output_shape on an input whose spatial shape is unknown "
                             "at compile time; export with a fixed input size or explicit pads.")
