@@ -765,3 +765,28 @@ def test_batchnorm_read_only_by_convs_runs_no_tangent_batchnorm():
     counts = {c.id: sum(n.op_type == "BatchNormalization" for n in jvp.build(c.model()).graph.node) for c in BN_FOLD_CASES}
     assert counts == {"batchnorm-relu-conv-folded": 1, "batchnorm-conv-folded": 1, "batchnorm-relu-grouped-conv": 2,
                       "batchnorm-relu-read-twice": 2, "conv-batchnorm-relu-conv": 2}, counts
+
+
+def test_residual_add_of_a_pooled_tangent_runs_in_nchwc():
+    """A residual Add of a max pool's tangent (onnxruntime's Indices and a Gather: NCHW only) and a Conv's tangent
+    (NCHWc) passes the pooled one through an identity depthwise Conv (into_nchwc), so the Add and what follows stay in
+    NCHWc. Checked in onnxruntime float32 against float64 central differences of the source's float64 copy (float32
+    round-off through two Convs stays far below 1e-5), and the Conv is there."""
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("MaxPool", ["r0"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "p"], ["y0"])]
+    weights = [numpy_helper.from_array(rng.standard_normal([16, c, 3, 3]).astype(np.float32) / 4, w)
+               for w, c in (("w0", 3), ("w1", 16))]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [1, 16, 5, 5])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    emitted = jvp.build(model)
+    identity = [n for n in emitted.graph.node if n.op_type == "Conv" and n.input[1].startswith("identity")]
+    assert len(identity) == 1 and next(n for n in emitted.graph.node if identity[0].input[0] in n.output).op_type == "Gather"
+    x, v = rng.standard_normal([1, 3, 10, 10]), rng.standard_normal([1, 3, 10, 10])
+    got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
+    fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
+    assert relative_error(got["y0_dot"], fd) < 1e-5

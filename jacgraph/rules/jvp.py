@@ -316,7 +316,28 @@ def add_sub(b, node, ta, tb):
     tb = b.Neg(tb) if node.op_type == "Sub" else tb
     if ta is None:
         return [to_output(b, tb, c, y)]
+    if node.op_type == "Add" and nchwc_gate_fits(b, y) and _made_in_nchw(b, ta) != _made_in_nchw(b, tb):
+        ta, tb = (into_nchwc(b, t, y) if _made_in_nchw(b, t) else t for t in (ta, tb))
     return [to_output(b, b.Add(align(b, ta, a, y), align(b, tb, c, y)), y, y)]
+
+
+NCHW_ONLY = ("Where", "Gather", "GatherElements", "Slice", "Reshape")  # no NCHWc kernel in onnxruntime
+
+
+def _made_in_nchw(b, t):
+    """Whether tangent t comes from an op onnxruntime runs in NCHW only (a max pool's selection)."""
+    made = next((n for n in reversed(b.nodes) if t in n.output), None)
+    return made is not None and made.op_type in NCHW_ONLY
+
+
+def into_nchwc(b, t, y):
+    """t through an identity depthwise 1x1 Conv (weight 1: exact), which onnxruntime runs in NCHWc. A residual Add of a
+    Conv's tangent (NCHWc) and a max pool's (NCHW: Where/Gather) otherwise runs in NCHW, and so do the gate and the
+    Adds after it along the residual path, each with reorders (resnet18's first stage: 4 ReorderOutput, 2
+    ReorderInput and 2 NCHW Adds for this one Conv)."""
+    channels = b.src.shape(y)[1]
+    weight = b.const(np.ones([channels, 1, 1, 1], np.float32), hint="identity")
+    return b.Conv(t, weight, group=channels, kernel_shape=[1, 1])
 
 
 @rule("Sum", "Mean")
