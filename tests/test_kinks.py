@@ -106,17 +106,30 @@ def test_relu6_gate_is_two_fused_convs_and_one_mul(hi):
     assert len(fused) == 1 and "Add" not in {n.op_type for n in optimized.graph.node}
 
 
-def test_hard_swish_slope_is_exact_beyond_and_at_plus_minus_three():
-    """float32 HardSwish's slope h + [|x| <= 3]·(h - 1/2), h = HardSigmoid(x): exactly 0 below -3 and 1 above 3 (the
-    float neighbours of ±3, huge values, ±inf), -1/2 and 3/2 at -3 and 3 (PyTorch's middle piece), and x/3 + 1/2
-    to float32 round-off between (h is rounded once, then doubled: a few ulps of 1/2)."""
-    three = np.float32(3)
-    x = np.float32([-np.inf, -3.4e38, -1e8, -4, np.nextafter(-three, -4), -3, np.nextafter(-three, 0), -1.5, -2.0**-149,
-                    -0.0, 0.0, 1e-30, 1, np.nextafter(three, 0), 3, np.nextafter(three, 4), 4, 1e8, 3.4e38, np.inf])
+THREE = np.float32(3)
+HARD_SWISH_EDGE = np.float32([-np.inf, -3.4e38, -1e8, -4, np.nextafter(-THREE, -4), -3, np.nextafter(-THREE, 0), -1.5,
+                              -2.0**-149, -0.0, 0.0, 1e-30, 1, np.nextafter(THREE, 0), 3, np.nextafter(THREE, 4), 4, 1e8,
+                              3.4e38, np.inf])
+
+
+@pytest.mark.parametrize("nchwc", [False, True], ids=["nchw", "nchwc"])
+def test_hard_swish_slope_is_exact_beyond_and_at_plus_minus_three(nchwc):
+    """float32 HardSwish's slope: exactly 0 below -3 and 1 above 3 (the float neighbours of ±3, huge values, ±inf),
+    -1/2 and 3/2 at -3 and 3 (PyTorch's middle piece), and x/3 + 1/2 to float32 round-off between (a few ulps of
+    1/2). On a plain tensor h + [|x| <= 3]·(h - 1/2) with h = HardSigmoid(x); on an NCHWc value (after a Conv)
+    Clip(x/3 + 1/2, -1/2, 3/2) - [x > 3]/2 + [x < -3]/2 from depthwise Convs and HardSigmoid masks."""
+    x = HARD_SWISH_EDGE
     v = np.float32(np.arange(1, len(x) + 1))
-    model = one_node("HardSwish", [len(x)])
-    assert not {"Where", "Greater", "Less"} & {n.op_type for n in jvp.build(model).graph.node}
-    slope = tangent(model, [x], [v]) / v
+    if nchwc:
+        model = after_identity_conv(one_node("HardSwish", [1, 4, len(x), 1]))
+        x, v = np.repeat(x.reshape(1, 1, -1, 1), 4, axis=1), np.repeat(v.reshape(1, 1, -1, 1), 4, axis=1)
+    else:
+        model = one_node("HardSwish", [len(x)])
+    ops = [n.op_type for n in jvp.build(model).graph.node]
+    assert not {"Where", "Greater", "Less"} & set(ops)
+    assert ops.count("Conv") == (5 if nchwc else 0) and ("Abs" in ops) != nchwc  # identity Conv, its tangent, 3
+    slope = (tangent(model, [x], [v]) / v).reshape(-1)
+    x = x.reshape(-1)
     beyond, at = np.abs(x) > 3, np.abs(x) == 3
     np.testing.assert_array_equal(slope[beyond], (x[beyond] > 0).astype(np.float32))
     np.testing.assert_array_equal(slope[at], np.where(x[at] > 0, 1.5, -0.5))

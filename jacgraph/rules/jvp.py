@@ -724,6 +724,30 @@ def hard_sigmoid(b, node, t):
     return [b.Where(inside, b.Mul(t, s(b, attrs["alpha"], x)), s(b, 0.0, x))]
 
 
+@rule("HardSwish")
+def hard_swish(b, node, t):
+    """ẏ = ẋ·(x < -3 ? 0 : x > 3 ? 1 : x/3 + 1/2), PyTorch's middle piece at ±3 (jacgraph.rules.slopes). onnxruntime
+    runs HardSwish in NCHWc (as HardSigmoid and Mul), so on an NCHWc x the slope is made of kernels it keeps there
+    and x, ẋ and ẏ are not reordered (hardswish_se 0.94x the JVP's time; docs/benchmarks/jvp-profile.md section 7):
+    q = Clip(x/3 + 1/2, -1/2, 3/2) by a depthwise 1x1 Conv with the Clip fused (exactly -1/2 below -3 and 3/2 above 3,
+    while x/3 + 1/2 rounds to -1/2 and 3/2 at ±3), then q - [x > 3]/2 + [x < -3]/2 by two depthwise Convs of exact
+    HardSigmoid masks (2^100·(x - 3), -2^100·(x + 3)) with the running sum as their fused sum input."""
+    x = node.input[0]
+    if not nchwc_gate_fits(b, x):
+        return elementwise(SLOPES["HardSwish"])(b, node, t)
+    channels = b.src.shape(x)[1]
+
+    def depthwise(v, weight, bias=None):
+        scale = b.const(np.full([channels, 1, 1, 1], weight, np.float32), hint="hard_swish_scale")
+        shift = None if bias is None else b.const(np.full([channels], bias, np.float32), hint="hard_swish_shift")
+        return b.Conv(v, scale, shift, group=channels, kernel_shape=[1, 1])
+
+    middle = b.Clip(depthwise(x, 1.0 / 3.0, 0.5), s(b, -0.5, x), s(b, 1.5, x))
+    above = b.HardSigmoid(x, alpha=2.0**100, beta=-3.0 * 2.0**100)
+    below = b.HardSigmoid(x, alpha=-2.0**100, beta=-3.0 * 2.0**100)
+    return [b.Mul(t, b.Add(depthwise(below, 0.5), b.Add(depthwise(above, -0.5), middle)))]
+
+
 @rule("Abs")
 def abs_(b, node, t):
     """ẏ = ẋ·sign(x); abs'(0) = 0."""
