@@ -149,8 +149,8 @@ def resolve_window(attrs, kernel, in_spatial=None, out_spatial=None, transpose=F
 
     SAME_UPPER/SAME_LOWER: Conv and pools pad so that out = ceil(in/stride) (out_spatial defaults to that),
     total = (out-1)·s + d·(k-1) + 1 - in, the odd cell at the end for SAME_UPPER, at the start for SAME_LOWER.
-    ConvTranspose (transpose=True): total = s·(in-1) + d·(k-1) + 1 - out, split the other way round, as
-    onnxruntime does.
+    ConvTranspose (transpose=True) with SAME_* or output_shape: see _transpose_pads (the same split, with
+    output_padding in the total; its end may be negative).
     """
     kernel = list(kernel)
     d = len(kernel)
@@ -163,7 +163,9 @@ def resolve_window(attrs, kernel, in_spatial=None, out_spatial=None, transpose=F
     if out_spatial is None and in_spatial is not None and auto_pad.startswith("SAME") and not transpose:
         out_spatial = [-(-n // s) for n, s in zip(in_spatial, strides)]
     begin, end = pads[:d], pads[d:]
-    if auto_pad == "VALID":
+    if transpose and (auto_pad in ("SAME_UPPER", "SAME_LOWER") or attrs.get("output_shape")):
+        begin, end = _transpose_pads(attrs, kernel, strides, dilations, in_spatial, auto_pad)
+    elif auto_pad == "VALID":
         begin, end = [0] * d, [0] * d
     elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         if in_spatial is None or out_spatial is None:
@@ -172,16 +174,34 @@ def resolve_window(attrs, kernel, in_spatial=None, out_spatial=None, transpose=F
             begin, end = [], []
             for i in range(d):
                 span = dilations[i] * (kernel[i] - 1) + 1
-                if transpose:
-                    total = max(0, strides[i] * (in_spatial[i] - 1) + span - out_spatial[i])
-                else:
-                    total = max(0, (out_spatial[i] - 1) * strides[i] + span - in_spatial[i])
+                total = max(0, (out_spatial[i] - 1) * strides[i] + span - in_spatial[i])
                 small = total // 2
-                upper = auto_pad == "SAME_UPPER"
-                first = (total - small if upper else small) if transpose else (small if upper else total - small)
+                first = small if auto_pad == "SAME_UPPER" else total - small
                 begin.append(first)
                 end.append(total - first)
     return WindowGeometry(kernel, strides, dilations, begin, end, in_spatial, out_spatial, auto_pad)
+
+
+def _transpose_pads(attrs, kernel, strides, dilations, in_spatial, auto_pad):
+    """ConvTranspose's (begin, end) with auto_pad SAME_* or output_shape, as onnxruntime does and the ONNX spec says:
+    out = output_shape or in·s, total = s·(in-1) + output_padding + d·(k-1) + 1 - out, begin = total//2 for SAME_UPPER
+    and total - total//2 otherwise (explicit pads are ignored), end = total - begin. An out past the full size
+    (total < 0) gets begin 0 and a negative end: zeros appended. (None, None) for output_shape and an unknown in."""
+    d = len(kernel)
+    extra = list(attrs.get("output_padding") or [0] * d)
+    output_shape = list(attrs.get("output_shape") or [])[-d:]
+    if output_shape and in_spatial is None:
+        return None, None
+    begin, end = [], []
+    for i in range(d):
+        # without output_shape out = in·s: total = output_padding + span - s, whatever in is
+        total = extra[i] + dilations[i] * (kernel[i] - 1) + 1 - strides[i]
+        total += strides[i] * in_spatial[i] - output_shape[i] if output_shape else 0
+        padded = max(total, 0)
+        first = padded // 2 if auto_pad == "SAME_UPPER" else padded - padded // 2
+        begin.append(first)
+        end.append(total - first)
+    return begin, end
 
 
 def window_geometry(src, node) -> WindowGeometry:

@@ -613,50 +613,32 @@ def conv(b, node, g):
     return [xb, wb, _bias_grad(b, node, g)][:len(node.input)]
 
 
-def _conv_transpose_adjoint_pads(b, node, kernel, strides, dilations):
-    """(begin, end) pads of the Conv that maps ConvTranspose's output shape back to its input's (its adjoint in x).
+def _conv_transpose_adjoint_geometry(b, node):
+    """Strides, dilations and the (begin, end) pads of the Conv that maps ConvTranspose's output shape back to its
+    input's (its adjoint in x).
 
-    y = ConvTranspose(x) has out = s·(in-1) + output_padding + d·(k-1) + 1 - begin - end_y cells; the Conv of ḡ
-    by W lands on in cells when its end pad is end_y - output_padding, which is negative where output_padding
-    (or an output_shape past the full size) appends cells no window reaches: those are cut from ḡ instead.
-    auto_pad SAME_* and output_shape set the pads as onnxruntime does (and the ONNX spec says): total =
-    max(0, s·(in-1) + output_padding + d·(k-1) + 1 - out), out = output_shape or in·s, begin = total//2 for
-    SAME_UPPER and total - total//2 otherwise (pinned against onnxruntime by tests/test_vjp_conv_slice.py).
+    y = ConvTranspose(x) has out = s·(in-1) + output_padding + d·(k-1) + 1 - begin - end cells, with auto_pad and
+    output_shape resolved as onnxruntime does (registry.resolve_window); the Conv of ḡ by W lands on in cells when
+    its end pad is end - output_padding, which is negative where output_padding (or an output_shape past the full
+    size) appends cells no window reaches.
     """
-    attrs, d = b.src.attrs(node), len(kernel)
-    extra = list(attrs.get("output_padding") or [0] * d)
-    auto_pad, output_shape = attrs.get("auto_pad", "NOTSET") or "NOTSET", attrs.get("output_shape")
-    if not output_shape and auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * 2 * d if auto_pad == "VALID" else list(attrs.get("pads") or [0] * 2 * d)
-        return pads[:d], [e - p for e, p in zip(pads[d:], extra)]
-    xs = b.src.shape(node.input[0])
-    in_spatial = xs[2:] if xs else None
-    if output_shape and not static(in_spatial):
+    g = window_geometry(b.src, node)
+    if g.begin is None:
         raise JacgraphError(f"ConvTranspose '{node.name}' sets output_shape on an input whose spatial shape is unknown "
                             "at compile time; export with a fixed input size or explicit pads.")
-    begin, end = [], []
-    for i in range(d):
-        span = dilations[i] * (kernel[i] - 1) + 1
-        # SAME without output_shape: out = in·s, so total = output_padding + span - s whatever `in` is
-        full_minus_out = (strides[i] * (in_spatial[i] - 1) + span - output_shape[-d:][i] if output_shape
-                          else span - strides[i])
-        total = max(0, full_minus_out + extra[i])
-        first = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-        begin.append(first)
-        end.append(full_minus_out - first)
-    return begin, end
+    extra = b.src.attrs(node).get("output_padding") or [0] * len(g.kernel)
+    return g.strides, g.dilations, g.begin, [e - p for e, p in zip(g.end, extra)]
 
 
 @rule("ConvTranspose")
 def conv_transpose(b, node, g):
     """x̄ = Conv(ḡ, W) with the same strides, dilations, groups and the pads that land on x (see
-    _conv_transpose_adjoint_pads); W̄ = conv of ḡ by x with the same geometry; b̄ = Σ ḡ."""
+    _conv_transpose_adjoint_geometry); W̄ = conv of ḡ by x with the same geometry; b̄ = Σ ḡ."""
     attrs = b.src.attrs(node)
     x, w = node.input[:2]
     kernel, group = _kernel(b, node), attrs["group"]
     d = len(kernel)
-    strides, dilations = list(attrs.get("strides") or [1] * d), list(attrs.get("dilations") or [1] * d)
-    begin, end = _conv_transpose_adjoint_pads(b, node, kernel, strides, dilations)
+    strides, dilations, begin, end = _conv_transpose_adjoint_geometry(b, node)
     pads = begin + [max(e, 0) for e in end]
     # ḡ's cells past every window's reach (no x or W reads them): the Conv's floor drops fewer than a stride of
     # them by itself; more are cut first
