@@ -12,6 +12,7 @@ from torch import nn
 from examples import bounds_models
 from jacgraph.passes import recurjac
 from jacgraph.reference import reference_session, run_reference
+from jacgraph.runtime import session
 from jacgraph.testing import to_float64
 
 # Bound and oracle are float64 through a few layers of width <= 320 with entries O(1): round-off ~1e-15.
@@ -111,3 +112,16 @@ def test_exact_ties_at_eps_zero_give_each_windows_tied_derivatives_not_their_sum
     # sound around the tie too (every window stays tied-or-undecided there: the same width, which a ball can't shrink)
     widths, _ = assert_dag_sound(model, net, (1, 8, 8), np.zeros((1, 8, 8)), [1e-3, 0.05])
     assert np.mean(hi - lo) - EXACT <= widths[0] <= widths[1] + EXACT, (np.mean(hi - lo), widths)
+
+
+def test_a_batch_through_max_pools_equals_its_points_one_by_one():
+    """The max node's lines are per point of the batch (its possible winners [b, n, K]): three points at eps
+    0, 0.05 and 0.3 in one run give the bounds of three runs."""
+    _, model = _pool_mix()
+    x0 = np.random.default_rng(3).standard_normal((3, 1, 8, 8))
+    eps = [0.0, 0.05, 0.3]
+    sess = session(recurjac.build(model, lowering="graph"), provider="CPUExecutionProvider")
+    together = bounds(sess, x0, eps)
+    for i in range(3):
+        for got, want in zip(bounds(sess, x0[i:i + 1], eps[i:i + 1]), together):
+            np.testing.assert_allclose(got[0], want[i], rtol=0, atol=EXACT)
