@@ -65,20 +65,31 @@ def _source(folder, suite, name):
     return bench_suite.zoo_model(name)
 
 
+def _peer(graphs, notes, key, build_peer):
+    """Add onnx-ad's graph as graphs[key], or say why it failed as notes[key + '_error'] (onnx-ad refuses some ops:
+    the peer's failure is a note, jacgraph's row stays)."""
+    try:
+        graphs[key] = build_peer()
+    except Exception as e:  # pylint: disable=broad-exception-caught  # recorded, as bench_jvp.add_onnx_ad does
+        notes[f"{key}_error"] = bench_jvp.failure(e)
+    return key in graphs
+
+
 def _graphs(source, x, mode):
-    """{key: (model, feeds)} of one mode, and the checks [(row key, ours, our outputs, theirs, their outputs)]."""
+    """{key: (model, feeds)} of one mode, the checks [(row key, ours, our outputs, theirs, their outputs)] and the
+    notes {key_error: why} of peers that failed."""
     from jacgraph.passes import jvp, vjp
 
     x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
-    graphs, checks, n_out = {"forward": (source, {x_name: x})}, [], len(source.graph.output)
+    graphs, checks, notes, n_out = {"forward": (source, {x_name: x})}, [], {}, len(source.graph.output)
     if mode == "jvp":
         v = np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype)
         r = jvp.emit(source, strategy=bench_jvp.DEFAULT)
         graphs[bench_jvp.DEFAULT] = (r.model, {x_name: x, r.tangent_inputs[x_name]: v})
-        graphs["onnx_ad"] = bench_jvp.onnx_ad_forward(source, x, v)
-        checks.append(("onnx_ad_difference", bench_jvp.DEFAULT, [r.tangent_outputs[y_name]], "onnx_ad",
-                       [graphs["onnx_ad"][0].graph.output[n_out].name]))
-        return graphs, checks
+        if _peer(graphs, notes, "onnx_ad", lambda: bench_jvp.onnx_ad_forward(source, x, v)):
+            checks.append(("onnx_ad_difference", bench_jvp.DEFAULT, [r.tangent_outputs[y_name]], "onnx_ad",
+                           [graphs["onnx_ad"][0].graph.output[n_out].name]))
+        return graphs, checks, notes
     from jacgraph.runtime import run, session
 
     y = run(session(source, threads=1), {x_name: x}, [y_name])[y_name]
@@ -87,17 +98,18 @@ def _graphs(source, x, mode):
     for key, r in emitted.items():
         wrt = r.params if key == "params" else []
         graphs[f"vjp_{key}"] = (r.model, {x_name: x, r.cotangent_inputs[y_name]: u})
-        graphs[f"onnx_ad_{key}"] = bench_vjp.onnx_ad_reverse(source, x, u, wrt)
+        if not _peer(graphs, notes, f"onnx_ad_{key}", lambda wrt=wrt: bench_vjp.onnx_ad_reverse(source, x, u, wrt)):
+            continue
         theirs = dict(zip([x_name] + wrt, [o.name for o in graphs[f"onnx_ad_{key}"][0].graph.output][n_out:]))
         compared = bench_vjp.onnx_ad_compared(source, [x_name] + wrt)  # no BatchNorm running statistics
         checks.append((f"onnx_ad_{key}_difference", f"vjp_{key}", [r.gradient_outputs[n] for n in compared],
                        f"onnx_ad_{key}", [theirs[n] for n in compared]))
-    return graphs, checks
+    return graphs, checks, notes
 
 
 def build(job):
     """Worker: one model's graphs of each mode saved under folder/graphs/SUITE__NAME/; (suite, name, {mode: plan})
-    where a plan is {"graphs": {key: [model file, feeds file]}, "checks": [...]} or {"error": why}."""
+    where a plan is {"graphs": {key: [model file, feeds file]}, "checks": [...], "notes": {...}} or {"error": why}."""
     folder, suite, name, modes = job
     os.environ["JACGRAPH_PROVIDER"] = "cpu"  # the workers build on the CPU; the GPU is for the timing alone
     out = os.path.join(folder, "graphs", f"{suite}__{name}")
@@ -109,14 +121,14 @@ def build(job):
         return suite, name, {m: {"error": bench_jvp.failure(e)} for m in modes}
     for mode in modes:
         try:
-            graphs, checks = _graphs(source, x, mode)
+            graphs, checks, notes = _graphs(source, x, mode)
             files = {}
             for key, (model, feeds) in graphs.items():
                 files[key] = [os.path.join(out, f"{mode}_{key}.onnx"), os.path.join(out, f"{mode}_{key}.npz")]
                 big = model.ByteSize() > 1_800_000_000  # one protobuf message holds at most 2 GB
                 onnx.save(model, files[key][0], save_as_external_data=big)
                 np.savez(files[key][1], **feeds)
-            plans[mode] = {"graphs": files, "checks": checks}
+            plans[mode] = {"graphs": files, "checks": checks, "notes": notes}
         except Exception as e:  # pylint: disable=broad-exception-caught  # the model's row says why
             plans[mode] = {"error": bench_jvp.failure(e)}
     return suite, name, plans
@@ -148,6 +160,7 @@ def time_model(ort, suite, name, mode, plan, runs, device):
     row = {"suite": suite, "name": name, "runs": runs, "default_strategy": bench_jvp.DEFAULT}
     if "error" in plan:
         return {**row, "error": plan["error"]}
+    row.update(plan.get("notes", {}))
     calls, outputs = {}, {}
     for key, (model_file, feeds_file) in plan["graphs"].items():
         print(f"@@ {name} {mode} {key}", file=sys.stderr, flush=True)

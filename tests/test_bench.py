@@ -248,6 +248,30 @@ def test_bench_cuda_pipeline_on_the_cpu_provider(tmp_path, capsys):
     assert broken["error"] == "ValueError: no"  # a model that did not build is a row saying why
 
 
+def test_bench_cuda_keeps_jacgraph_when_onnx_ad_refuses(tmp_path, monkeypatch):
+    """onnx-ad refusing a model (its UnsupportedOperator on grouped Conv weights, say) is a note in the row; the
+    forward and jacgraph's graphs are still built and timed (it once dropped the whole row)."""
+    import onnxruntime as ort
+
+    from examples import bench_cuda, bench_jvp, bench_suite, bench_vjp
+
+    def refuses(*_):
+        raise NotImplementedError("not differentiated by the peer")
+
+    monkeypatch.setattr(bench_jvp, "onnx_ad_forward", refuses)
+    monkeypatch.setattr(bench_vjp, "onnx_ad_reverse", refuses)
+    model, x, _ = bench_suite.SUITES["archs"][1]("mlp", str(tmp_path))
+    onnx.save(model, tmp_path / "archs__mlp.onnx")
+    np.save(tmp_path / "archs__mlp.npy", x)
+    suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "mlp", ["jvp", "vjp"]))
+    jvp_row = bench_cuda.time_model(ort, suite, name, "jvp", plans["jvp"], 2, "cpu")
+    _positive_finite(jvp_row, ["forward_ms", "auto_ms", "auto_ratio"])
+    assert "not differentiated by the peer" in jvp_row["onnx_ad_error"] and "onnx_ad_ms" not in jvp_row
+    vjp_row = bench_cuda.time_model(ort, suite, name, "vjp", plans["vjp"], 2, "cpu")
+    _positive_finite(vjp_row, ["vjp_x_ratio", "vjp_params_ratio"])
+    assert "onnx_ad_x_error" in vjp_row and "onnx_ad_params_error" in vjp_row and "error" not in vjp_row
+
+
 def conv_batchnorm_net(seed=0):
     """(model, x): Conv-BatchNorm-Relu, a BatchNorm unfolded into Mul/Add by per-channel constants, Conv-BatchNorm,
     GlobalAveragePool, Gemm: the zoo's DenseNet-121/Inception v2/ResNet-50 pattern at 3x6x6, float32."""
