@@ -127,14 +127,14 @@ def main(argv=None):
             print(f"| {name} | {r['forward_ms']:.3f} | {r['jacgraph_ratio']:.2f} | {r['onnx_ad_ratio']:.2f} | "
                   f"{r['two_forwards_ratio']:.2f} | {r['onnx_ad_over_jacgraph']:.3f} | {r['onnx_ad_over_two_forwards']:.3f} "
                   f"| {r['load']:.1f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     for r in rows:
         print(f"\n{r['name']}: ops after onnxruntime's optimizations (J v of the two graphs differ by "
               f"{r['tangent_difference']:.1e} of the largest)\n{op_table(r['ops'])}")
         if "profile" in r:
             print(f"{r['name']} (kernel ms, median per kernel over the runs, summed per op type):\n{r['profile']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
