@@ -2,6 +2,7 @@
 
     python examples/vjp_zoo_checks.py inception_v1 shufflenet            (input gradient)
     python examples/vjp_zoo_checks.py --params resnet50                  (all-parameter gradient)
+    python examples/vjp_zoo_checks.py --pools squeezenet                 (its MaxPools, with and without Indices)
 
 Input gradient: d = g_jacgraph - g_onnx_ad (both float32, onnxruntime CPU), normalised. The true <J^T u, d> is
 <u, J d>, here float64 central differences of the source (reference evaluator on a float64 copy) at two steps;
@@ -9,6 +10,8 @@ printed beside <g, d> of each float32 gradient, of jacgraph's VJP graph run in f
 run in float32 with onnxruntime's graph optimizations off and with only ConvBNFusion off.
 --params: the relative difference of the two all-parameter gradients grouped by how the parameter is used
 (op type and input index), with the number of tensors onnx-ad returns as exactly zero.
+--pools: thread CPU time of each MaxPool of the model alone, fed its activations at x, with and without the
+Indices output (the VJP graph reads Indices), 30 interleaved runs, one thread.
 Same models, weights (seed 0) and cotangent u (seed 0) as examples/bench_suite.py.
 """
 from __future__ import annotations
@@ -17,12 +20,17 @@ import argparse
 import os
 import sys
 
+import time
+
 import numpy as np
+import onnx
 import onnxruntime
+from onnx import TensorProto, helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import bench_suite, bench_vjp  # noqa: E402
 from jacgraph import runtime  # noqa: E402
+from jacgraph.bench import time_calls  # noqa: E402
 from jacgraph.reference import reference_session, run_reference  # noqa: E402
 from jacgraph.testing import central_difference, to_float64  # noqa: E402
 
@@ -92,13 +100,38 @@ def check_parameter_gradient(name):
         print(f"  {key:32s} {np.sqrt(diff / max(norm, 1e-60)):.2e}  ({count} tensors, {zeros} all zero in onnx-ad)")
 
 
+def time_pools(name):
+    model, x = bench_suite.zoo_model(name)
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n.input[0], TensorProto.FLOAT, None) for n in pools)
+    inputs = runtime.run(probe, {model.graph.input[0].name: x}, [n.input[0] for n in pools])
+    calls = {}
+    for i, pool in enumerate(pools):
+        a = inputs[pool.input[0]]
+        for outputs in (["y"], ["y", "indices"]):
+            node = helper.make_node("MaxPool", ["x"], outputs, **{at.name: helper.get_attribute_value(at)
+                                                                   for at in pool.attribute})
+            graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, a.shape)],
+                                      [helper.make_tensor_value_info(o, t, None) for o, t in
+                                       zip(outputs, (TensorProto.FLOAT, TensorProto.INT64))])
+            sess = runtime.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads=1)
+            label = f"pool {i} {'x'.join(map(str, a.shape[1:]))} {'with Indices' if len(outputs) == 2 else 'plain'}"
+            calls[label] = lambda sess=sess, a=a: sess.run(None, {"x": a})
+    for label, ms in time_calls(calls, 30, clock=time.thread_time).items():
+        print(f"{name} {label}: {ms:.3f} ms thread CPU time")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", choices=list(bench_suite.ZOO))
     p.add_argument("--params", action="store_true", help="the all-parameter gradient instead of the input's")
+    p.add_argument("--pools", action="store_true", help="time the model's MaxPools with and without Indices")
     args = p.parse_args(argv)
+    check = time_pools if args.pools else check_parameter_gradient if args.params else check_input_gradient
     for name in args.models:
-        (check_parameter_gradient if args.params else check_input_gradient)(name)
+        check(name)
 
 
 if __name__ == "__main__":
