@@ -16,7 +16,8 @@ Suites:
                 Inception v2 unfold them into, normal(0, 0.1) for the rest); the small tensors the file keeps
                 are used as stored. The Gemm before a final Softmax is scaled (its alpha and beta) to logits of
                 standard deviation 1 at the input: random weights saturated resnet50's and shufflenet's Softmax to
-                exact 0/1 (J v = 0). No PyTorch module exists for these, so there is no PyTorch column;
+                exact 0/1 (J v = 0); logits with no spread to scale are left as they are, and the row's notes
+                say so. No PyTorch module exists for these, so there is no PyTorch column;
   transformers  the Hugging Face exports of examples/transformer_exports.py (tiny random configs, legacy exporter,
                 opset 17), PyTorch module = the same wrapped model;
   transformers_large  the same architectures at larger sizes (transformer_exports.LARGE: 64 tokens x 256, 224x224
