@@ -71,6 +71,7 @@ DENSE_OP_BYTES = 64 << 20  # a linear operator up to this size is a dense MatMul
 CROWN_UNDECIDED_ONLY = True  # graph lowering: CROWN rows only for units the cheap bound leaves undecided (_undecided)
 PIECEWISE_LINEAR = ("relu", "leaky_relu", "hardsigmoid", "clip")  # activations a unit strictly inside one piece decides
 FACTORED_JACOBIAN = "auto"  # graph lowering's RecurJac steps: "auto" (run-time If on the work), "always", "never"
+TIE_ULPS = 1024  # max node: members within this many ulps of the node's largest bound of the window's max may tie
 
 
 # ---- factored back-substitution ----------------------------------------------------------------
@@ -582,13 +583,17 @@ class _DagBounds:
         big = b.c(np.finfo(b.dtype).max)
         others = b.reduce("ReduceMax", b.where(b.Equal(Wx, istar), b.Neg(big), uw), [2], keepdims=0)
         umax = b.reduce("ReduceMax", uw, [2], keepdims=0)
-        dominant = b.Greater(b.Squeeze(lmax, b.ints([2])), others)  # [b, n]
+        # bounds of one point (eps 0) from sums in different orders break an exact tie by an ulp: members within
+        # `slack` of the max may tie with it (can win, are not dominated); looser only within the slack
+        slack = b.Mul(b.reduce("ReduceMax", b.max(b.Abs(lo_j), b.Abs(hi_j)), [1], keepdims=1),
+                      b.c(TIE_ULPS * np.finfo(b.dtype).eps))  # [b, 1]
+        dominant = b.Greater(b.Sub(b.Squeeze(lmax, b.ints([2])), slack), others)  # [b, n]
         fdt = helper.np_dtype_to_tensor_dtype(b.dtype)
         PL = b.Cast(b.Equal(istar, b.const(np.arange(n_in, dtype=np.int64).reshape(1, 1, -1))), to=fdt)
         PU = b.where(b.Unsqueeze(dominant, b.ints([2])), PL, b.c(0.0))
         cmax = b.where(dominant, b.c(0.0), umax)
         # i* can win: also where its u < l by round-off (eps 0), else its derivative interval would be [1, 0]
-        possible = b.Or(b.GreaterOrEqual(uw, lmax), b.Equal(Wx, istar))  # [b, n, K]
+        possible = b.Or(b.GreaterOrEqual(b.Add(uw, b.Unsqueeze(slack, b.ints([2]))), lmax), b.Equal(Wx, istar))
         DU = b.ScatterElements(b.Mul(PL, b.c(0.0)), Wx, b.Cast(possible, to=fdt), axis=2)
         self.sel[k] = (PU, PL, cmax, PU, DU)
         self.winners[k] = (W, possible)
