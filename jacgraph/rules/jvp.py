@@ -649,11 +649,16 @@ def positive_mask(b, v, lower=0.0, sign=1.0):
     2^125·sign·(v - lower) (a power-of-two scale: a nonzero difference of such float32 multiples is at least
     2^-24, and a sum rounds to 0 only when exactly 0) fused with HardSigmoid(α = 2^127, β = 0), which sends
     every positive value to at least 2^103 before clipping to [0, 1]: the mask is exact (|lower| < 8)."""
-    channels = b.src.shape(v)[1]
-    weight = b.const(np.full([channels, 1, 1, 1], sign * 2.0**125, np.float32), hint="gate_scale")
-    bias = b.const(np.full([channels], -sign * lower * 2.0**125, np.float32), hint="gate_shift")
-    scaled = b.Conv(v, weight, bias, group=channels, kernel_shape=[1, 1])
+    scaled = depthwise(b, v, b.src.shape(v)[1], sign * 2.0**125, -sign * lower * 2.0**125)
     return b.HardSigmoid(scaled, alpha=2.0**127, beta=0.0)
+
+
+def depthwise(b, v, channels, scale, shift=None, hint="gate"):
+    """scale·v + shift on a float32 [N, channels, H, W] value as a depthwise 1x1 Conv, which onnxruntime runs in
+    NCHWc with an activation after it fused, or an Add of another NCHWc value (as the Conv's sum input)."""
+    weight = b.const(np.full([channels, 1, 1, 1], scale, np.float32), hint=f"{hint}_scale")
+    bias = None if shift is None else b.const(np.full([channels], shift, np.float32), hint=f"{hint}_shift")
+    return b.Conv(v, weight, bias, group=channels, kernel_shape=[1, 1])
 
 
 def below_where_positive(b, y, positive, hi):
@@ -663,9 +668,7 @@ def below_where_positive(b, y, positive, hi):
     (mobilenetv2_style JVP 0.92x; docs/benchmarks/jvp-profile.md section 7). Exact: where positive is 1 the sum is
     y - hi with one rounding (exact sign; nonzero, at least 2^-127 for hi >= 2^-100, so 2^127 times it saturates);
     where it is 0, y is ±0 and so is the sum."""
-    channels = b.src.shape(y)[1]
-    weight = b.const(np.full([channels, 1, 1, 1], -hi, np.float32), hint="gate_bound")
-    shifted = b.Add(b.Conv(positive, weight, group=channels, kernel_shape=[1, 1]), y)
+    shifted = b.Add(depthwise(b, positive, b.src.shape(y)[1], -hi), y)
     return b.HardSigmoid(shifted, alpha=-2.0**127, beta=0.0)
 
 
@@ -736,16 +739,11 @@ def hard_swish(b, node, t):
     if not nchwc_gate_fits(b, x):
         return elementwise(SLOPES["HardSwish"])(b, node, t)
     channels = b.src.shape(x)[1]
-
-    def depthwise(v, weight, bias=None):
-        scale = b.const(np.full([channels, 1, 1, 1], weight, np.float32), hint="hard_swish_scale")
-        shift = None if bias is None else b.const(np.full([channels], bias, np.float32), hint="hard_swish_shift")
-        return b.Conv(v, scale, shift, group=channels, kernel_shape=[1, 1])
-
-    middle = b.Clip(depthwise(x, 1.0 / 3.0, 0.5), s(b, -0.5, x), s(b, 1.5, x))
+    middle = b.Clip(depthwise(b, x, channels, 1.0 / 3.0, 0.5, "hard_swish"), s(b, -0.5, x), s(b, 1.5, x))
     above = b.HardSigmoid(x, alpha=2.0**100, beta=-3.0 * 2.0**100)
     below = b.HardSigmoid(x, alpha=-2.0**100, beta=-3.0 * 2.0**100)
-    return [b.Mul(t, b.Add(depthwise(below, 0.5), b.Add(depthwise(above, -0.5), middle)))]
+    up_to_above = b.Add(depthwise(b, above, channels, -0.5, hint="hard_swish"), middle)
+    return [b.Mul(t, b.Add(depthwise(b, below, channels, 0.5, hint="hard_swish"), up_to_above))]
 
 
 @rule("Abs")
@@ -1380,9 +1378,7 @@ def one_minus(b, v, y):
     kernel and costs reorders of its operands and of the tangent around it (4 per SiLU on MobileViT)."""
     if not (nchwc_gate_fits(b, y) and b.src.shape(y)[1] % NCHWC_BLOCK == 0):
         return b.Sub(s(b, 1.0, y), v)
-    channels = b.src.shape(y)[1]
-    weight = b.const(np.full([channels, 1, 1, 1], -1.0, np.float32), hint="minus_one")
-    return b.Conv(v, weight, b.const(np.ones([channels], np.float32), hint="ones"), group=channels, kernel_shape=[1, 1])
+    return depthwise(b, v, b.src.shape(y)[1], -1.0, 1.0, "minus_one")
 
 
 # ---- batched strategy: primal and tangent through one call of the linear op ----------------------
