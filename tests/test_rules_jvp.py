@@ -791,3 +791,12 @@ def test_residual_add_of_a_pooled_tangent_runs_in_nchwc():
     got = runtime.run(runtime.session(emitted), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
     fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
     assert relative_error(got["y0_dot"], fd) < 1e-5
+
+
+def test_batched_gemm_adds_its_constant_bias_through_c():
+    """The batched Gemm over concat(x, ẋ) takes β·C on the primal rows and 0 on the tangents' as its C input (one
+    constant), so no Add follows its Split; values: the gemm case of test_batched_strategy (one tangent and K = 2)."""
+    case = next(c for c in BATCHED_CASES if c.op == "Gemm" and not c.id)
+    for K in (None, 2):
+        ops = [n.op_type for n in jvp.build(case.model(), tangents=K, strategy="batched").graph.node]
+        assert ops.count("Gemm") == 1 and "Add" not in ops, ops

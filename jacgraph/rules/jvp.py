@@ -1394,7 +1394,10 @@ def _batched_linear(b, node, tx, *inactive, bias_axis_from_end=None):
     stacked = b.Concat(x, fold(b, tx), axis=0)
     n = b.shape(x, 0, 1)
     rest = b.Sub(b.shape(stacked, 0, 1), n)
-    if node.op_type == "Gemm":
+    rows = _bias_rows(b, node, x) if node.op_type == "Gemm" else None
+    if rows is not None:  # the bias through Gemm's C, on the primal rows only: no Add after the Split
+        out, bias = b.Gemm(stacked, node.input[1], rows, alpha=attrs["alpha"], transB=attrs["transB"]), None
+    elif node.op_type == "Gemm":
         out = b.Gemm(stacked, node.input[1], alpha=attrs["alpha"], transB=attrs["transB"])
         bias = b.Mul(node.input[2], s(b, attrs["beta"], x)) if len(node.input) > 2 and node.input[2] else None
     elif node.op_type == "MatMul":
@@ -1407,6 +1410,18 @@ def _batched_linear(b, node, tx, *inactive, bias_axis_from_end=None):
     y = node.output[0]
     b.nodes.append(_named(b.Add(primal, bias) if bias is not None else primal, y, b))
     return [unfold(b, tangent)]
+
+
+def _bias_rows(b, node, x):
+    """β·C broadcast over the primal's rows and 0 over the tangents' ([N + K·N, out]) as one constant, where C is a
+    constant and both counts are static; else None."""
+    bias = b.src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    n, out = (b.src.shape(x) or (None,))[0], (b.src.shape(node.output[0]) or (None, None))[1]
+    if bias is None or not isinstance(n, int) or not isinstance(out, int):
+        return None
+    primal = np.broadcast_to(b.src.attrs(node)["beta"] * bias.astype(np.float64), (n, out))
+    rows = np.concatenate([primal, np.zeros(((b.K or 1) * n, out))])
+    return b.const(rows.astype(b.src.np_dtype(x)), hint="bias_rows")
 
 
 def _named(value, name, b):
