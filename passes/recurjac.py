@@ -569,8 +569,9 @@ class _DagBounds:
 
     def _max_node(self, k, node):
         """max over windows: lower line z_{i*} (i* = argmax of the lower bounds); upper line z_{i*} where
-        i* dominates (l_{i*} > u of every other member), else the constant max u. Derivatives: dy_o/dz_i in
-        [1, 1] where i* dominates, [0, 0] where u_i < max l (i never wins), [0, 1] otherwise."""
+        i* dominates (l_{i*} > u of every other member, by more than the round-off slack), else the constant
+        max u. Derivatives: dy_o/dz_i in [1, 1] where i* dominates, [0, 0] where u_i < max l (i never wins, again
+        beyond the slack), [0, 1] otherwise."""
         b = self.b
         lo_j, hi_j = self.box[node.inputs[0]]
         n_in = self.nodes[node.inputs[0]].n
