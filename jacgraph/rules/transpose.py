@@ -720,10 +720,57 @@ def global_average_pool(b, node, g):
 
 @rule("MaxPool")
 def max_pool(b, node, g, *_):
-    """x̄ = ḡ scatter-added at the argmax MaxPool reports (ties: the first maximum, as the JVP rule)."""
+    """x̄ = ḡ scatter-added at the argmax MaxPool reports (ties: the first maximum, as the JVP rule).
+
+    onnxruntime's MaxPool with an Indices output runs a generic kernel 8-30x slower than its plain one, so
+    large 2-D float32 pools with equal strides and no dilation find the winner without it
+    (_max_pool_by_positions); small ones (INDICES_BELOW input elements per window tap), a source that reads the
+    Indices anyway, dynamic shapes and the rest scatter at the pool's own Indices.
+    """
     x = node.input[0]
+    if _max_pool_without_indices(b, node):
+        return [_max_pool_by_positions(b, node, g)]
     indices = row_major_argmax(b, node)
     return [scatter_add(b, x, indices, g, unique=window_geometry(b.src, node).disjoint)]
+
+
+def _max_pool_without_indices(b, node):
+    """The cases _max_pool_by_positions takes: 2-D, float32, static [C, H, W] (fewer than 2^24 cells per plane),
+    equal strides, no dilation, the window count onnxruntime uses equal to the inferred one, no Indices output in
+    the source, and a large pool (the JVP rule then finds the winner without the Indices kernel too)."""
+    geometry, x = window_geometry(b.src, node), node.input[0]
+    shape = b.src.shape(x) or ()
+    if len(geometry.kernel) != 2 or b.src.dtype(x) != onnx.TensorProto.FLOAT or not static(shape[1:]) \
+            or geometry.pads is None or geometry.out_spatial is None or geometry.dilations != [1, 1] \
+            or geometry.strides[0] != geometry.strides[1] or (len(node.output) > 1 and node.output[1]):
+        return False
+    per_tap = np.prod(shape[1:]) / np.prod(geometry.kernel)
+    overlapping_needs_opset = not geometry.disjoint and b.opset < 16  # ScatterElements' reduction: the other route
+    return per_tap >= INDICES_BELOW and np.prod(shape[2:]) < 2 ** 24 and not overlapping_needs_opset \
+        and _pool_window_counts(geometry, b.src.attrs(node)) == geometry.out_spatial
+
+
+def _max_pool_by_positions(b, node, g):
+    """x̄ without MaxPool's Indices: the JVP rule of the pool (jacgraph.rules.jvp.max_pool: one-hot phase Convs,
+    slices and Equal, the first maximum in row-major window order, which is the index onnxruntime reports) run on a
+    constant tangent holding each cell's 1-based flat spatial position (exact in float32 below 2^24 cells; with a
+    static batch its Convs on a constant are folded by onnxruntime) gives each window's winning cell; ḡ is
+    scatter-added there along the flat spatial axis, into one extra slot 0 that is dropped: a padded cell's
+    position. The JVP's choice
+    is taken as it is, so the two passes stay each other's transpose, also where an infinite x spoils the JVP's
+    one-hot Convs (0·inf = NaN, so no tap equals y there and the JVP falls back to the window's last tap)."""
+    x = node.input[0]
+    spatial = list(b.src.shape(x)[2:])
+    cells, windows = int(np.prod(spatial)), int(np.prod(b.src.shape(node.output[0])[2:]))
+    one_based = np.arange(1, cells + 1, dtype=np.float32).reshape([1, 1] + spatial)
+    positions = b.Expand(b.const(one_based, hint="cell_positions"), shape_of(b, x))  # x's shape: every JVP route
+    winners = b.Cast(JVP["MaxPool"](b, node, positions)[0], to=onnx.TensorProto.INT64)
+    flat_g = b.Reshape(g, b.ints([-1, windows]))
+    slots = b.ConstantOfShape(b.Concat(b.shape(flat_g, 0, 1), b.ints([cells + 1]), axis=0),
+                              value=helper.make_tensor("value", onnx.TensorProto.FLOAT, [1], [0]))
+    reduction = {} if window_geometry(b.src, node).disjoint else {"reduction": "add"}  # slot 0 is dropped
+    summed = b.ScatterElements(slots, b.Reshape(winners, b.ints([-1, windows])), flat_g, axis=1, **reduction)
+    return b.Reshape(b.Slice(summed, b.ints([1]), b.ints([cells + 1]), b.ints([1])), shape_of(b, x))
 
 
 @rule("GlobalMaxPool")
@@ -872,8 +919,8 @@ def cast(b, node, g):
 # The transposes of the flat-position rules in jacgraph.rules.jvp: a gather's transpose scatters
 # (adds where positions repeat), a scatter's transpose gathers.
 
-from .jvp import (explicit_einsum, flat_positions, grid_slopes, lp_slope, moved_positions, row_major_argmax,  # noqa: E402
-                  scatter_parts, scatter_where, unpooled_shape)
+from .jvp import (INDICES_BELOW, _pool_window_counts, explicit_einsum, flat_positions, grid_slopes,  # noqa: E402
+                  lp_slope, moved_positions, row_major_argmax, scatter_parts, scatter_where, unpooled_shape)
 
 def _flat(b, v):
     return b.Reshape(v, b.ints([-1]))
