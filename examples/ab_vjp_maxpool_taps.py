@@ -1,6 +1,6 @@
-"""A/B of the input-gradient VJP with MaxPool's x̄ at winners the JVP rule finds (transpose._max_pool_by_positions, new) against the
-pool's Indices scatter (old), on light-zoo models, interleaved, with an identical-graph control (a second session of
-the old graph), thread CPU time on one onnxruntime thread.
+"""A/B of the input-gradient VJP with MaxPool's x̄ at the winners the JVP rule finds (new:
+transpose._max_pool_by_positions) against the pool's Indices scatter (old), on light-zoo models, interleaved, with an
+identical-graph control (a second session of the old graph), thread CPU time on one onnxruntime thread.
 
     python examples/ab_vjp_maxpool_taps.py [--only squeezenet,inception_v1] [--rounds 5] [--runs 20]
 
@@ -49,8 +49,8 @@ def ab(name, rounds, runs):
     meds = [time_calls(calls, runs, clock=time.thread_time) for _ in range(rounds)]
     pools = sum(n.op_type == "MaxPool" for n in source.graph.node)
     by_indices = sum(n.op_type == "MaxPool" and len(n.output) == 2 for n in new.model.graph.node)
-    print(f"{name}: {pools} MaxPools, {pools - by_indices} without Indices in the new graph; max |x̄_new - x̄_old| / max |x̄_old|"
-          f" = {error:.2e}")
+    print(f"{name}: {pools} MaxPools, {pools - by_indices} without Indices in the new graph; "
+          f"max |x̄_new - x̄_old| / max |x̄_old| = {error:.2e}")
     for m in meds:
         print("  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items())
               + f"  new/old {m['new'] / m['old']:.3f}  control/old {m['old_control'] / m['old']:.3f}")
