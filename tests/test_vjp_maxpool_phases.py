@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from jacgraph import runtime
 from jacgraph.passes import jvp, vjp
-from jacgraph.rules.jvp import INDICES_BELOW
+from jacgraph.rules.jvp import INDICES_BELOW, PHASES_FROM
 
 GEOMETRIES = {
     "2x2/2": {"kernel_shape": [2, 2], "strides": [2, 2]},
@@ -143,3 +143,22 @@ def test_at_opset_13_only_disjoint_pools_take_the_positions():
     g = np.random.default_rng(3).integers(-4, 5, y.shape).astype(np.float32)
     got = runtime.run(runtime.session(emitted), {"x": x, "y_bar": g})["x_bar"]
     np.testing.assert_array_equal(got, by_indices(GEOMETRIES["2x2/2"], x, g))
+
+
+PHASE_SHAPE = [1, 32, 40, 41]  # 5831 input elements per tap of a 3x3 window: the JVP's one-hot phase Convs
+
+
+@pytest.mark.parametrize("sample", ["normal", "ties", "huge-negatives"])
+@pytest.mark.parametrize("name", ["2x2/2", "3x3/2", "3x3/2-pad1", "3x3/2-pad-ceil", "same-upper"])
+def test_x_bar_through_the_jvp_phase_convs_equals_the_indices_route(name, sample):
+    """The same exact equality where the JVP rule finds the winners by one-hot phase Convs (PHASES_FROM and more)."""
+    attrs, rng = GEOMETRIES[name], np.random.default_rng(5)
+    assert np.prod(PHASE_SHAPE[1:]) / np.prod(attrs["kernel_shape"]) >= PHASES_FROM
+    x = INPUTS[sample](rng, PHASE_SHAPE)
+    taps, emitted = takes_the_taps(attrs, PHASE_SHAPE)
+    ops = {n.op_type for n in emitted.graph.node}
+    assert taps and "Conv" in ops and "ArgMax" not in ops  # the phase Convs, not the one-hot unfold
+    y = runtime.run(runtime.session(pool(attrs, PHASE_SHAPE)), {"x": x})["y"]
+    g = rng.integers(-4, 5, y.shape).astype(np.float32)
+    got = runtime.run(runtime.session(emitted), {"x": x, "y_bar": g})["x_bar"]
+    np.testing.assert_array_equal(got, by_indices(attrs, x, g))
