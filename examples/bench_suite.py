@@ -235,7 +235,7 @@ def notes_cell(row):
     notes = [row["note"]] if "note" in row else []  # about the model itself (see _unsaturate)
     notes += [f"{k[:-6] if k.endswith('_error') else k}: {v}" for k, v in row.items() if k.endswith("error")]
     notes += [f"{k[:-len('_difference')]}: differs from jacgraph's by {v:.1e}" for k, v in row.items()
-              if k.endswith("_difference") and v > 1e-3]
+              if k.endswith("_difference") and not v <= 1e-3]  # NaN (a NaN or inf result) is a note too
     return "; ".join(notes).replace("|", "/")
 
 

@@ -345,3 +345,13 @@ def test_bench_checks_against_onnx_ad_leave_batchnorm_running_statistics_out(tmp
     suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "conv_bn", ["vjp"]))
     cuda_row = bench_cuda.time_model(ort, suite, name, "vjp", plans["vjp"], 1, "cpu")
     assert cuda_row["onnx_ad_x_difference"] < 1e-5 and cuda_row["onnx_ad_params_difference"] < 1e-5, cuda_row
+
+
+def test_row_notes_a_nan_difference_from_onnx_ad():
+    """A comparison whose relative difference is NaN (a NaN or inf in either result) is a note, like a large one.
+    Old: `v > 1e-3` is False for NaN, so the row read as agreeing."""
+    from examples.bench_suite import notes_cell
+
+    assert notes_cell({"onnx_ad_difference": 1e-5}) == ""
+    assert "onnx_ad: differs from jacgraph's by nan" in notes_cell({"onnx_ad_difference": float("nan")})
+    assert "onnx_ad_x: differs from jacgraph's by 2.0e-02" in notes_cell({"onnx_ad_x_difference": 2e-2})
