@@ -43,7 +43,7 @@ def max_ir_version() -> int:
 
 # onnxruntime's CUDA provider runs float32 Conv/MatMul in TF32 (a 10-bit mantissa) by default on Ampere and newer
 # GPUs: on an H200, jacgraph's and onnx-ad's J v of the zoo CNNs then differed by 1e-3 to 2e-2 (relative), and by
-# less than 1e-3 with TF32 off (docs/benchmarks/speed.md, "On the GPU"). Derivatives are checked against float64
+# less than 1e-3 with TF32 off (docs/benchmarks/cuda.md, "TF32"). Derivatives are checked against float64
 # references, so jacgraph asks for full float32.
 PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
