@@ -16,10 +16,9 @@ import sys
 import time
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import bench_suite  # noqa: E402
+from examples import bench_suite, bench_vjp  # noqa: E402
 from jacgraph.passes import vjp  # noqa: E402
 from jacgraph.testing import central_difference, reference_session, run_reference, to_float64  # noqa: E402
 
@@ -27,16 +26,6 @@ from jacgraph.testing import central_difference, reference_session, run_referenc
 def grouped_conv_weights(model):
     return sorted({n.input[1] for n in model.graph.node
                    if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)})
-
-
-def with_inputs(model64, names):
-    """The float64 source with the named initializers turned into graph inputs (so central differences move them)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model64)
-    for init in [i for i in m.graph.initializer if i.name in names]:
-        m.graph.input.append(onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.DOUBLE, list(init.dims)))
-        m.graph.initializer.remove(init)
-    return m
 
 
 def check(name, n_weights, steps=(1e-5, 1e-7, 1e-9)):
@@ -47,12 +36,12 @@ def check(name, n_weights, steps=(1e-5, 1e-7, 1e-9)):
     (u_name,) = dict(result.cotangent_inputs).values()
     grads = dict(result.gradient_outputs)
     source64 = to_float64(source)
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in source64.graph.initializer if i.name in chosen}
     feeds = {x_name: x.astype(np.float64)}
     rng = np.random.default_rng(0)
     u = rng.standard_normal(run_reference(reference_session(source64), feeds)[y_name].shape)
     out = run_reference(reference_session(to_float64(result.model)), {**feeds, u_name: u})
-    opened = reference_session(with_inputs(source64, chosen))
+    opened_model, values = bench_vjp.with_params_as_inputs(source64, chosen)  # central differences move them
+    opened = reference_session(opened_model)
     rows = []
     for w in chosen:
         v = rng.standard_normal(values[w].shape)
