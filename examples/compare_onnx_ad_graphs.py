@@ -72,13 +72,11 @@ def optimized_ops(model, path):
 def compare(name, runs, with_profile, folder):
     with tempfile.TemporaryDirectory() as scratch:
         source, x = load(name, scratch)
-    x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
+    x_name = source.graph.input[0].name
     v = np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype)
     ours = jvp.emit(source)
-    theirs = bench_jvp.onnx_ad_module().forward(source, inputs=[x_name], outputs=[y_name], layout="onnx")
-    seed = [i.name for i in theirs.graph.input][len(source.graph.input)]
     graphs = {"forward": (source, {x_name: x}), "jacgraph": (ours.model, {x_name: x, ours.tangent_inputs[x_name]: v}),
-              "onnx_ad": (theirs, {x_name: x, seed: v[..., None]}),
+              "onnx_ad": bench_jvp.onnx_ad_forward(source, x, v),
               "two_forwards": (two_forwards(source), {"p_" + x_name: x, "t_" + x_name: v})}
     ops = {k: optimized_ops(m, os.path.join(folder, f"{name}.{k}.optimized.onnx")) for k, (m, _) in graphs.items()}
     for k, (m, _) in graphs.items():
