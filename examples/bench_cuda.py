@@ -78,7 +78,7 @@ def _peer(graphs, notes, key, build_peer):
 def _graphs(source, x, mode):
     """{key: (model, feeds)} of one mode, the checks [(row key, ours, our outputs, theirs, their outputs)] and the
     notes {key_error: why} of peers that failed."""
-    from jacgraph.passes import jvp, vjp
+    from jacgraph.passes import jvp
 
     x_name, y_name = source.graph.input[0].name, source.graph.output[0].name
     graphs, checks, notes, n_out = {"forward": (source, {x_name: x})}, [], {}, len(source.graph.output)
@@ -90,14 +90,13 @@ def _graphs(source, x, mode):
             checks.append(("onnx_ad_difference", bench_jvp.DEFAULT, [r.tangent_outputs[y_name]], "onnx_ad",
                            [graphs["onnx_ad"][0].graph.output[n_out].name]))
         return graphs, checks, notes
-    from jacgraph.runtime import run, session
+    from jacgraph.runtime import session
 
-    y = run(session(source, threads=1), {x_name: x}, [y_name])[y_name]
-    u = np.random.default_rng(0).standard_normal(y.shape).astype(y.dtype)
-    emitted = {"x": vjp.emit(source), "params": vjp.emit(source, wrt="params")}
-    for key, r in emitted.items():
+    ours, emitted, u = bench_vjp.vjp_graphs(source, x, session(source, threads=1))  # the CPU benchmark's graphs
+    for key in ("x", "params"):
+        r = emitted[f"vjp_{key}"]
         wrt = r.params if key == "params" else []
-        graphs[f"vjp_{key}"] = (r.model, {x_name: x, r.cotangent_inputs[y_name]: u})
+        graphs[f"vjp_{key}"] = ours[f"vjp_{key}"]
         if not _peer(graphs, notes, f"onnx_ad_{key}", lambda wrt=wrt: bench_vjp.onnx_ad_reverse(source, x, u, wrt)):
             continue
         theirs = dict(zip([x_name] + wrt, [o.name for o in graphs[f"onnx_ad_{key}"][0].graph.output][n_out:]))
