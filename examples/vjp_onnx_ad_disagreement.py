@@ -33,7 +33,8 @@ from jacgraph.testing import reference_session, relative_error, run_reference, t
 def cut(source, k):
     """source up to node k, whose first output becomes the only output."""
     nodes, out = list(source.graph.node), source.graph.node[k].output[0]
-    typed = {v.name: v for v in shape_inference.infer_shapes(source).graph.value_info}
+    inferred = shape_inference.infer_shapes(source).graph
+    typed = {v.name: v for v in [*inferred.value_info, *inferred.output]}  # a cut at the last node: the output
     needed, kept = {out}, []
     for node in reversed(nodes[:k + 1]):
         if any(o in needed for o in node.output):

@@ -355,3 +355,20 @@ def test_row_notes_a_nan_difference_from_onnx_ad():
     assert notes_cell({"onnx_ad_difference": 1e-5}) == ""
     assert "onnx_ad: differs from jacgraph's by nan" in notes_cell({"onnx_ad_difference": float("nan")})
     assert "onnx_ad_x: differs from jacgraph's by 2.0e-02" in notes_cell({"onnx_ad_x_difference": 2e-2})
+
+
+def test_disagreement_cut_keeps_the_nodes_up_to_k_and_works_at_the_last_node():
+    """examples/vjp_onnx_ad_disagreement.py's cut(source, k): the nodes k needs, k's first output the only output;
+    also for k = the last node, whose output is a graph output and not in value_info (a KeyError before)."""
+    from examples.vjp_onnx_ad_disagreement import cut
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["unused"]),
+             helper.make_node("Abs", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for k, kept, out in ((0, ["Relu"], "r"), (2, ["Relu", "Abs"], "y")):
+        piece = cut(model, k)
+        assert [n.op_type for n in piece.graph.node] == kept and [o.name for o in piece.graph.output] == [out]
+        assert [d.dim_value for d in piece.graph.output[0].type.tensor_type.shape.dim] == [2, 3]
+        onnx.checker.check_model(piece, full_check=True)
