@@ -227,6 +227,15 @@ def test_bench_vjp_profile_puts_each_graphs_op_times_side_by_side(capsys):
     assert gemm.count(" ms ") == 5, gemm  # every graph runs the last layer's Gemm: a time in each column
 
 
+def built_for_cuda(tmp_path, name, model, x, modes):
+    """bench_cuda.build of one archs source (model, x), saved into tmp_path as `bench_cuda.py prepare` saves it."""
+    from examples import bench_cuda
+
+    onnx.save(model, tmp_path / f"archs__{name}.onnx")
+    np.save(tmp_path / f"archs__{name}.npy", x)
+    return bench_cuda.build((str(tmp_path), "archs", name, modes))
+
+
 def test_bench_cuda_pipeline_on_the_cpu_provider(tmp_path, capsys):
     """examples/bench_cuda.py's prepare -> build -> bound timing, run with its cpu provider (no GPU in CI): both
     modes give every ratio and jacgraph's results agree with onnx-ad's (read back from the bound outputs)."""
@@ -235,9 +244,7 @@ def test_bench_cuda_pipeline_on_the_cpu_provider(tmp_path, capsys):
     from examples import bench_cuda, bench_suite
 
     model, x, _ = bench_suite.SUITES["archs"][1]("mlp", str(tmp_path))
-    onnx.save(model, tmp_path / "archs__mlp.onnx")
-    np.save(tmp_path / "archs__mlp.npy", x)
-    suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "mlp", ["jvp", "vjp"]))
+    suite, name, plans = built_for_cuda(tmp_path, "mlp", model, x, ["jvp", "vjp"])
     jvp_row = bench_cuda.time_model(ort, suite, name, "jvp", plans["jvp"], 2, "cpu")
     _positive_finite(jvp_row, ["forward_ms", "auto_ms", "auto_ratio", "onnx_ad_ms", "onnx_ad_over_jvp"])
     assert jvp_row["onnx_ad_difference"] < 1e-3
@@ -261,9 +268,7 @@ def test_bench_cuda_keeps_jacgraph_when_onnx_ad_refuses(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_jvp, "onnx_ad_forward", refuses)
     monkeypatch.setattr(bench_vjp, "onnx_ad_reverse", refuses)
     model, x, _ = bench_suite.SUITES["archs"][1]("mlp", str(tmp_path))
-    onnx.save(model, tmp_path / "archs__mlp.onnx")
-    np.save(tmp_path / "archs__mlp.npy", x)
-    suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "mlp", ["jvp", "vjp"]))
+    suite, name, plans = built_for_cuda(tmp_path, "mlp", model, x, ["jvp", "vjp"])
     jvp_row = bench_cuda.time_model(ort, suite, name, "jvp", plans["jvp"], 2, "cpu")
     _positive_finite(jvp_row, ["forward_ms", "auto_ms", "auto_ratio"])
     assert "not differentiated by the peer" in jvp_row["onnx_ad_error"] and "onnx_ad_ms" not in jvp_row
@@ -340,9 +345,7 @@ def test_bench_checks_against_onnx_ad_leave_batchnorm_running_statistics_out(tmp
     model, x = conv_batchnorm_net()
     row = bench_vjp.measure(model, x, None, 1, 1, time.thread_time, True, memory=False)
     assert row["onnx_ad_x_difference"] < 1e-5 and row["onnx_ad_params_difference"] < 1e-5, row
-    onnx.save(model, tmp_path / "archs__conv_bn.onnx")
-    np.save(tmp_path / "archs__conv_bn.npy", x)
-    suite, name, plans = bench_cuda.build((str(tmp_path), "archs", "conv_bn", ["vjp"]))
+    suite, name, plans = built_for_cuda(tmp_path, "conv_bn", model, x, ["vjp"])
     cuda_row = bench_cuda.time_model(ort, suite, name, "vjp", plans["vjp"], 1, "cpu")
     assert cuda_row["onnx_ad_x_difference"] < 1e-5 and cuda_row["onnx_ad_params_difference"] < 1e-5, cuda_row
 
