@@ -230,8 +230,7 @@ def run_all(args):
             print(f"[{mode} {suite}] {name}: {status}", flush=True)
         results[mode] = {"settings": settings(ort, mode, load_before, args.provider), "rows": rows}
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2, allow_nan=False)
+            bench_suite.save_json(args.json, results)
     return results
 
 

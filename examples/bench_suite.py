@@ -310,6 +310,15 @@ def table(rows, mode):
     return "\n".join(lines)
 
 
+def save_json(path, data):
+    """Write data to path whole or not at all (a temporary file, then a rename). A NaN or inf (a difference against
+    onnx-ad when one result is not finite) is written as JSON's NaN/Infinity, which json.load reads back; the tables
+    flag it in the notes."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def selected(args):
     """[(suite, name)] in suite order; an unknown suite or model name is an error naming the known ones."""
     suites = args.suite.split(",")
@@ -386,8 +395,7 @@ def main(argv=None):
                                                  if key in r)
             print(f"[{suite}] {name}: {status} ({r.get('runs', 0)} runs, {r['seconds']:.0f} s)", flush=True)
             if args.json:  # after every model: a long run stopped early keeps the rows it has
-                with open(args.json, "w") as f:
-                    json.dump({"settings": settings(), "rows": rows}, f, indent=2, allow_nan=False)
+                save_json(args.json, {"settings": settings(), "rows": rows})
     report(rows, settings())
 
 

@@ -375,3 +375,18 @@ def test_disagreement_cut_keeps_the_nodes_up_to_k_and_works_at_the_last_node():
         assert [n.op_type for n in piece.graph.node] == kept and [o.name for o in piece.graph.output] == [out]
         assert [d.dim_value for d in piece.graph.output[0].type.tensor_type.shape.dim] == [2, 3]
         onnx.checker.check_model(piece, full_check=True)
+
+
+def test_bench_suite_saves_a_nan_row_whole(tmp_path):
+    """A NaN difference (one tool's result not finite) used to raise inside json.dump(allow_nan=False), leaving a
+    truncated file and losing the rows saved before it: the row is saved, read back, and flagged in the table."""
+    from examples import bench_suite
+
+    path = str(tmp_path / "run.json")
+    bench_suite.save_json(path, {"rows": [{"name": "ok", "onnx_ad_difference": 1e-7}]})
+    rows = [{"name": "ok", "onnx_ad_difference": 1e-7}, {"name": "bad", "onnx_ad_difference": float("nan")}]
+    bench_suite.save_json(path, {"rows": rows})
+    saved = json.loads((tmp_path / "run.json").read_text())["rows"]
+    assert [r["name"] for r in saved] == ["ok", "bad"] and np.isnan(saved[1]["onnx_ad_difference"])
+    assert bench_suite.notes_cell(saved[1]) and not bench_suite.notes_cell(saved[0])
+    assert not (tmp_path / "run.json.tmp").exists()
