@@ -17,7 +17,7 @@ from onnx import helper
 
 from ..errors import JacgraphError, NeedsOpset
 from . import reductions
-from .jvp import JVP, inference_dropout, lp_norm_parts, pow_base_slope, pow_exponent_slope, reduce_axes, s, static, zeros_like
+from .jvp import JVP, inference_dropout, lp_norm_parts, pow_base_slope, pow_exponent_slope, s, static, zeros_like
 from .registry import ZERO_DERIVATIVE_OPS, RuleTable, window_geometry
 
 
