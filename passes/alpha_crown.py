@@ -145,7 +145,7 @@ def emit_slope_outputs(b, dag, slopes: SlopeInputs) -> str:
     """Outputs slope_<k> [batch, n_k] (the lower slopes used) and slope_objective [batch]; returns the
     metadata that describes every slope input (SlopeInputs.spec as JSON), which SlopeOptimiser reads back."""
     elem = helper.np_dtype_to_tensor_dtype(b.dtype)
-    spec = slope_spec(dag.g)
+    spec = slopes.spec()
     for k, name in slopes.items():
         b.nodes.append(helper.make_node("Identity", [b.Squeeze(dag.rel[k].aL, b.ints([1]))], [spec[name]["output"]]))
         b.add_output(spec[name]["output"], elem, ["batch", dag.nodes[k].n])
@@ -156,7 +156,7 @@ def emit_slope_outputs(b, dag, slopes: SlopeInputs) -> str:
         widths = [b.reduce("ReduceSum", b.Mul(dag.box[0][0], b.c(0.0)), [1], keepdims=0)]
     b.nodes.append(helper.make_node("Identity", [b.Sum(*widths) if len(widths) > 1 else widths[0]], [OBJECTIVE]))
     b.add_output(OBJECTIVE, elem, ["batch"])
-    return json.dumps(slopes.spec())
+    return json.dumps(spec)
 
 
 def per_neuron_bytes(graph: Graph, memory_limit=recurjac.MEMORY_LIMIT) -> float:
