@@ -800,3 +800,23 @@ def test_batched_gemm_adds_its_constant_bias_through_c():
     for K in (None, 2):
         ops = [n.op_type for n in jvp.build(case.model(), tangents=K, strategy="batched").graph.node]
         assert ops.count("Gemm") == 1 and "Add" not in ops, ops
+
+
+def test_residual_add_of_a_channel_broadcast_pooled_tangent():
+    """Conv (16 channels) + MaxPool of a 1-channel Conv: the pooled tangent [N, 1, H, W] broadcasts over y's channels,
+    so it cannot go through into_nchwc's 16-group identity Conv (onnxruntime failed: ReorderInput channels % 4);
+    values against float64 central differences of the source's float64 copy, as in the test above."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w1"], ["z"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["z"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c0", "p"], ["y0"])]
+    weights = [numpy_helper.from_array(rng.standard_normal([c, 3, 3, 3]).astype(np.float32), w)
+               for w, c in (("w0", 16), ("w1", 1))]
+    graph = helper.make_graph(nodes, "broadcast", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [1, 16, 8, 8])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x, v = rng.standard_normal([2, 1, 3, 8, 8])
+    got = runtime.run(runtime.session(jvp.build(model)), {"x": x.astype(np.float32), "x_dot": v.astype(np.float32)})
+    fd = central_difference(reference_session(to_float64(model)), {"x": x}, {"x": v}, H)["y0"]
+    assert relative_error(got["y0_dot"], fd) < 1e-5

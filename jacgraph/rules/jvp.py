@@ -316,7 +316,8 @@ def add_sub(b, node, ta, tb):
     tb = b.Neg(tb) if node.op_type == "Sub" else tb
     if ta is None:
         return [to_output(b, tb, c, y)]
-    if node.op_type == "Add" and nchwc_gate_fits(b, y) and _made_in_nchw(b, ta) != _made_in_nchw(b, tb):
+    if (node.op_type == "Add" and nchwc_gate_fits(b, y) and b.src.shape(a) == b.src.shape(c)  # no broadcast (into_nchwc)
+            and _made_in_nchw(b, ta) != _made_in_nchw(b, tb)):
         ta, tb = (into_nchwc(b, t, y) if _made_in_nchw(b, t) else t for t in (ta, tb))
     return [to_output(b, b.Add(align(b, ta, a, y), align(b, tb, c, y)), y, y)]
 
