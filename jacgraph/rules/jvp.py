@@ -336,9 +336,7 @@ def into_nchwc(b, t, y):
     Conv's tangent (NCHWc) and a max pool's (NCHW: Where/Gather) otherwise runs in NCHW, and so do the gate and the
     Adds after it along the residual path, each with reorders (resnet18's first stage: 4 ReorderOutput, 2
     ReorderInput and 2 NCHW Adds for this one Conv)."""
-    channels = b.src.shape(y)[1]
-    weight = b.const(np.ones([channels, 1, 1, 1], np.float32), hint="identity")
-    return b.Conv(t, weight, group=channels, kernel_shape=[1, 1])
+    return depthwise(b, t, b.src.shape(y)[1], 1.0, hint="identity")
 
 
 @rule("Sum", "Mean")
