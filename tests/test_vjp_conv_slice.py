@@ -265,3 +265,24 @@ def test_geometries_cover_groups_strides_pads_dilations():
     assert any(a.get("group", 1) == xs[1] for xs, a in transposes)
     assert any(a.get("output_padding") for _, a in transposes) and any(a.get("output_shape") for _, a in transposes)
     assert {s for c in SLICE_CASES for s in c.consts["steps"].tolist()} >= {2, -1, -2}
+
+
+def test_conv_transpose_same_with_output_padding_is_refused_not_misshaped():
+    """auto_pad SAME_UPPER with output_padding: onnx's shape inference declares 9x11 where onnxruntime (and the
+    spec: out = in·stride) computes 8x10; the VJP and Jacobian graphs were emitted with the declared shape and failed
+    at run time or gave a wrongly shaped Jacobian (review FR-C). Now a JacgraphError naming the fix."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jacgraph.errors import JacgraphError
+    from jacgraph.passes import jacobian as jacobian_pass
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal([2, 3, 3, 3]).astype(np.float32), "w")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], auto_pad="SAME_UPPER", kernel_shape=[3, 3],
+                            strides=[2, 2], output_padding=[1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [1, 3, 9, 11]
+    for build in (vjp.build, jacobian_pass.build):
+        with pytest.raises(JacgraphError, match="output_padding"):
+            build(model)

@@ -17,7 +17,7 @@ from onnx import helper
 from ..errors import JacgraphError
 from .jvp import reduce_axes
 from .reductions import REDUCE_OPS
-from .registry import ZERO_DERIVATIVE_OPS, RuleTable, resolve_window
+from .registry import ZERO_DERIVATIVE_OPS, RuleTable, resolve_window, window_geometry
 
 
 def run_node(src, node, feeds):
@@ -299,6 +299,8 @@ def conv(ctx, node, ids):
     kernel = attrs.get("kernel_shape") or list(w_shape[2:])
     strides, dilations = attrs.get("strides") or [1] * r, attrs.get("dilations") or [1] * r
     transpose = node.op_type == "ConvTranspose"
+    if transpose:
+        window_geometry(ctx.src, node)  # refuses a declared output size onnxruntime would not compute
     pb = resolve_window(attrs, kernel, in_shape[2:], out_shape[2:], transpose).begin
     return [window_connect(in_shape, out_shape, kernel, strides, dilations, pb, attrs.get("group", 1), ids[0],
                            transpose)]

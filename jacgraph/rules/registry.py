@@ -213,8 +213,21 @@ def window_geometry(src, node) -> WindowGeometry:
     if not kernel or not _static(kernel):
         raise JacgraphError(f"{node.op_type} '{node.name}': the kernel shape is unknown; give kernel_shape.")
     xs, ys = src.shape(node.input[0]), src.shape(node.output[0])
-    return resolve_window(attrs, kernel, None if xs is None else xs[2:], None if ys is None else ys[2:],
-                          transpose=node.op_type == "ConvTranspose")
+    geometry = resolve_window(attrs, kernel, None if xs is None else xs[2:], None if ys is None else ys[2:],
+                              transpose=node.op_type == "ConvTranspose")
+    extra = list(attrs.get("output_padding") or [0] * len(kernel))
+    if node.op_type == "ConvTranspose" and any(extra) and str(attrs.get("auto_pad", "")).startswith("SAME") \
+            and xs is not None and ys is not None and _static(xs[2:]) and _static(ys[2:]) \
+            and geometry.begin is not None:
+        out = [s * (n - 1) + e + dil * (k - 1) + 1 - lo - hi for s, n, e, dil, k, lo, hi in
+               zip(geometry.strides, xs[2:], extra, geometry.dilations, kernel, geometry.begin, geometry.end)]
+        if out != list(ys[2:]):  # e.g. SAME_* with output_padding: onnx's shape inference and onnxruntime differ
+            raise JacgraphError(
+                f"ConvTranspose '{node.name}': it computes a {out} output (as onnxruntime and the ONNX spec do) but "
+                f"the model declares {list(ys[2:])} (ONNX shape inference; auto_pad SAME_* with output_padding is "
+                "where they disagree), so a derivative graph would be shaped wrongly. Give explicit pads instead "
+                "of auto_pad, or drop output_padding.")
+    return geometry
 
 
 def _static(shape):
