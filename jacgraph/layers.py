@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from .errors import JacgraphError
 from .model import SourceModel, unsupported_error
 from .progress import stage
-from .rules.registry import resolve_window
+from .rules.registry import resolve_window, transpose_output_size
 
 # ONNX op -> activation name in Stage.activation
 ACTIVATIONS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "Tanh": "tanh", "Sigmoid": "sigmoid",
@@ -847,8 +847,7 @@ def _conv_transpose(src, node, a, x):
     ys = src.shape(node.output[0])
     g = resolve_window(a, kernel, isp, None if ys is None else ys[2:], transpose=True)
     extra = list(a.get("output_padding") or [0] * nd)
-    osp = tuple(g.strides[d] * (isp[d] - 1) + extra[d] + g.dilations[d] * (kernel[d] - 1) + 1 - g.pads[d] - g.pads[d + nd]
-                for d in range(nd))
+    osp = tuple(transpose_output_size(g, isp, extra, kernel))
     out_shape = (Wk.shape[1] * int(a.get("group", 1)),) + osp
     attrs = {"strides": g.strides, "dilations": g.dilations, "pads": g.pads, "group": int(a.get("group", 1))}
     Bc = src.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None

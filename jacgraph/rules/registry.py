@@ -219,8 +219,7 @@ def window_geometry(src, node) -> WindowGeometry:
     if node.op_type == "ConvTranspose" and any(extra) and str(attrs.get("auto_pad", "")).startswith("SAME") \
             and xs is not None and ys is not None and _static(xs[2:]) and _static(ys[2:]) \
             and geometry.begin is not None:
-        out = [s * (n - 1) + e + dil * (k - 1) + 1 - lo - hi for s, n, e, dil, k, lo, hi in
-               zip(geometry.strides, xs[2:], extra, geometry.dilations, kernel, geometry.begin, geometry.end)]
+        out = transpose_output_size(geometry, xs[2:], extra, kernel)
         if out != list(ys[2:]):  # e.g. SAME_* with output_padding: onnx's shape inference and onnxruntime differ
             raise JacgraphError(
                 f"ConvTranspose '{node.name}': it computes a {out} output (as onnxruntime and the ONNX spec do) but "
@@ -228,6 +227,12 @@ def window_geometry(src, node) -> WindowGeometry:
                 "where they disagree), so a derivative graph would be shaped wrongly. Give explicit pads instead "
                 "of auto_pad, or drop output_padding.")
     return geometry
+
+
+def transpose_output_size(geometry, in_spatial, output_padding, kernel) -> list:
+    """A ConvTranspose's output spatial size: s·(in-1) + output_padding + d·(k-1) + 1 - begin - end."""
+    return [s * (n - 1) + e + dil * (k - 1) + 1 - lo - hi for s, n, e, dil, k, lo, hi in
+            zip(geometry.strides, in_spatial, output_padding, geometry.dilations, kernel, geometry.begin, geometry.end)]
 
 
 def _static(shape):
